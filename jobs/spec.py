@@ -1,0 +1,244 @@
+"""The job spec: what to read, how to prompt, which model, how to sample, where to write.
+
+A spec is a YAML file validated once, here, into a `JobSpec`. Every problem is reported with its
+field path and a hint, before any data is touched (`load_spec` raises `SpecError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class SpecError(Exception):
+    """A spec the job can't run; the message lists every problem with its field path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Section):
+    path: list[str] = Field(description="glob, file, directory or URL (or a list of them)")
+    format: Literal["parquet", "jsonl"] | None = Field(None, description="inferred from the suffix")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    id_column: str | None = Field(None, description="an input column copied to the output as `id`")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, v: list[str]) -> list[str]:
+        if not v or any(not p.strip() for p in v):
+            raise ValueError("give at least one non-empty path or glob")
+        return v
+
+
+class PromptSpec(_Section):
+    column: str | None = Field(None, description="a column holding the prompt text")
+    template: str | None = Field(None, description="a Python format string over row fields: '{title}'")
+    messages_column: str | None = Field(None, description="a column of chat messages [{role, content}]")
+    chat_template: bool | None = Field(
+        None, description="apply the tokenizer's chat template (default: on for messages, off otherwise)"
+    )
+    system: str | None = Field(None, description="system prompt (chat template only)")
+    max_tokens: PositiveInt | None = Field(None, description="longest prompt in tokens (default: model)")
+    on_too_long: Literal["error", "skip", "truncate"] = "skip"
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> PromptSpec:
+        given = [k for k in ("column", "template", "messages_column") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of prompt.column, prompt.template, prompt.messages_column"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.messages_column and self.chat_template is False:
+            raise ValueError("prompt.messages_column needs chat_template: true")
+        if self.system and not self.uses_chat_template:
+            raise ValueError("prompt.system needs the chat template (set chat_template: true)")
+        return self
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return bool(self.messages_column) if self.chat_template is None else self.chat_template
+
+
+class ModelSpec(_Section):
+    path: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="local HF folder, .gguf file, hub id, or builtin:smollm2-135m-instruct",
+    )
+    revision: str | None = None
+
+
+class SamplingSpec(_Section):
+    max_new_tokens: PositiveInt = 256
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: NonNegInt = 0
+    min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    n: PositiveInt = 1
+    overrides_column: str | None = Field(
+        None, description="a column of per-row overrides, e.g. {max_new_tokens: 64, temperature: 0.5}"
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class OutputSpec(_Section):
+    path: str = Field(description="output directory or URL")
+    format: Literal["parquet", "jsonl"] = "parquet"
+    compression: Literal["gzip", "zstd"] | None = Field(None, description="jsonl only")
+    keep_columns: list[str] | Literal["all"] = Field(
+        default_factory=list, description="input columns copied to each output row"
+    )
+    flush_rows: PositiveInt = 1000
+    flush_seconds: Annotated[float, Field(gt=0)] = 60.0
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _compression_for_jsonl(self) -> OutputSpec:
+        if self.compression and self.format != "jsonl":
+            raise ValueError("output.compression applies to jsonl (parquet compresses internally)")
+        return self
+
+
+class EngineSpec(_Section):
+    backend: Literal["auto", "batchrun", "transformers"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    max_batch_tokens: PositiveInt = 8192
+    max_seqs: PositiveInt = 256
+    page_size: PositiveInt = 16
+    kv_memory_fraction: Annotated[float, Field(gt=0, le=0.95)] = 0.85
+    kv_cache_tokens: PositiveInt | None = None
+    async_mode: bool = Field(True, alias="async")
+    cuda_graphs: bool = True
+    max_inflight: PositiveInt | None = Field(
+        None, description="requests kept in the engine at once (default: 4 x max_seqs)"
+    )
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RuntimeSpec(_Section):
+    task_index: NonNegInt = 0
+    num_tasks: PositiveInt = 1
+    grace_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> RuntimeSpec:
+        if self.task_index >= self.num_tasks:
+            raise ValueError(f"runtime.task_index {self.task_index} must be < num_tasks {self.num_tasks}")
+        return self
+
+
+class JobSpec(_Section):
+    """A whole job, as written in spec.yaml."""
+
+    name: str | None = None
+    input: InputSpec
+    prompt: PromptSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    output: OutputSpec
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+
+
+_HINTS = {
+    "missing": "this field is required",
+    "int_parsing": "write a whole number",
+    "float_parsing": "write a number",
+    "bool_parsing": "write true or false",
+}
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys allowed beside an unknown key at `loc` (aliases as the user writes them)."""
+    model: type[BaseModel] = JobSpec
+    for part in loc[:-1]:
+        ann = model.model_fields[str(part)].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    """One line per problem: `<field.path>: <what is wrong> (got <value>) — <hint>`."""
+    lines = [f"{source}: {err.error_count()} problem(s) in the spec:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        hint = _HINTS.get(e["type"], "")
+        if e["type"] == "extra_forbidden":
+            hint = f"unknown key; known here: {', '.join(_known_keys(e['loc']))}"
+        msg = e["msg"].removeprefix("Value error, ")
+        shows_value = e["type"] not in ("missing", "extra_forbidden", "value_error")
+        got = f" (got {e['input']!r})" if shows_value else ""
+        lines.append(f"  {where}: {msg}{got}" + (f" — {hint}" if hint else ""))
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) -> JobSpec:
+    """Validate a spec mapping; relative local paths are taken from `base_dir` (the spec's folder)."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the spec must be a YAML mapping with sections input, prompt, output")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_errors(e, source)) from None
+    return _anchor_paths(spec, base_dir) if base_dir else spec
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    return parse_spec(data, str(path), path.resolve().parent)
+
+
+def _is_local_relative(p: str) -> bool:
+    return "://" not in p and not Path(p).is_absolute() and not p.startswith("~")
+
+
+def _anchor(p: str, base: Path) -> str:
+    return str(base / p) if _is_local_relative(p) else p
+
+
+def _anchor_paths(spec: JobSpec, base: Path) -> JobSpec:
+    """Relative paths in a spec file mean relative to that file, wherever batchrun is started."""
+    model_path = spec.model.path
+    if _is_local_relative(model_path) and (base / model_path).exists():
+        model_path = str(base / model_path)
+    return spec.model_copy(
+        update={
+            "input": spec.input.model_copy(update={"path": [_anchor(p, base) for p in spec.input.path]}),
+            "output": spec.output.model_copy(update={"path": _anchor(spec.output.path, base)}),
+            "model": spec.model.model_copy(update={"path": model_path}),
+        }
+    )

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from jobs.spec import SpecError, load_spec, parse_spec
+
+MINIMAL = {"input": {"path": "in/*.jsonl"}, "prompt": {"column": "text"}, "output": {"path": "out"}}
+
+
+def test_minimal_spec_fills_defaults_and_anchors_relative_paths(tmp_path: Path):
+    spec = parse_spec(MINIMAL, base_dir=tmp_path)
+    assert spec.input.path == [str(tmp_path / "in/*.jsonl")]
+    assert spec.output.path == str(tmp_path / "out")
+    assert spec.model.path == "builtin:smollm2-135m-instruct"
+    assert spec.sampling.temperature == 0.0 and spec.prompt.on_too_long == "skip"
+    assert spec.engine.async_mode is True
+
+
+def test_urls_and_absolute_paths_are_kept(tmp_path: Path):
+    data = {**MINIMAL, "input": {"path": ["s3://b/in/*.parquet", "/abs/x.jsonl"]}, "output": {"path": "s3://b/o"}}
+    spec = parse_spec(data, base_dir=tmp_path)
+    assert spec.input.path == ["s3://b/in/*.parquet", "/abs/x.jsonl"]
+    assert spec.output.path == "s3://b/o"
+
+
+def test_every_problem_is_listed_with_its_field_path(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "input: {path: x.jsonl, colour: red}\n"
+        "prompt: {column: text, template: '{a}'}\n"
+        "sampling: {temperature: -1, top_p: 2, max_new_tokens: lots}\n"
+        "engine: {backend: vllm}\n"
+    )
+    with pytest.raises(SpecError) as e:
+        load_spec(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"{bad}: 7 problem(s) in the spec:")
+    for line in [
+        "  input.colour: Extra inputs are not permitted — unknown key; known here: path, format, storage_options,"
+        " id_column",
+        "  prompt: set exactly one of prompt.column, prompt.template, prompt.messages_column (got column, template)",
+        "  sampling.temperature: Input should be greater than or equal to 0 (got -1)",
+        "  sampling.top_p: Input should be less than or equal to 1 (got 2)",
+        "  sampling.max_new_tokens: Input should be a valid integer, unable to parse string as an integer"
+        " (got 'lots') — write a whole number",
+        "  engine.backend: Input should be 'auto', 'batchrun' or 'transformers' (got 'vllm')",
+        "  output: Field required — this field is required",
+    ]:
+        assert line in msg.splitlines(), (line, msg)
+
+
+def test_yaml_syntax_and_missing_file_errors_name_the_file(tmp_path: Path):
+    with pytest.raises(SpecError, match=r"nope.yaml: cannot read the spec"):
+        load_spec(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("input: [unclosed\n")
+    with pytest.raises(SpecError, match=r"broken.yaml: not valid YAML"):
+        load_spec(broken)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match=r"must be a YAML mapping"):
+        load_spec(listy)
+
+
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        ({"prompt": {"column": "t", "system": "s"}}, "prompt.system needs the chat template"),
+        ({"output": {"path": "o", "compression": "gzip"}}, "output.compression applies to jsonl"),
+        ({"runtime": {"task_index": 3, "num_tasks": 2}}, "runtime.task_index 3 must be < num_tasks 2"),
+        ({"output": {"path": "o", "flush_rows": 0}}, "output.flush_rows: Input should be greater than 0"),
+    ],
+)
+def test_cross_field_rules(patch, expected):
+    with pytest.raises(SpecError, match=expected.replace(".", r"\.")):
+        parse_spec({**MINIMAL, **patch})
+
+
+def test_demo_spec_is_valid():
+    spec = load_spec(Path(__file__).parents[2] / "specs" / "demo.yaml")
+    assert spec.prompt.uses_chat_template and spec.model.path == "builtin:smollm2-135m-instruct"
