@@ -1,0 +1,337 @@
+"""The commit protocol: progress lives in the output itself, so any kill is resumable exactly once.
+
+Layout under the output root, for a shard with id `sub/a.jsonl` (stem `sub/a`):
+
+    sub/a.parquet                        final file: its existence means the shard is done
+    sub/a.parts/part-<n>-<attempt>.parquet   committed parts (a visible part is a commit)
+    _batchrun/run.json                   the run fingerprint
+    _batchrun/errors/sub/a.jsonl         the shard's error rows, with their reasons
+    _batchrun/quarantine/sub/a/<part>    torn or unreadable parts, set aside, never deleted
+
+Parts are always Parquet (typed, and their `_row` column is read alone on resume); the final file
+has the output format. Compaction writes the errors file, then the final file, then removes the
+parts, so a kill at any point leaves a state that the next scan/compact finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from runner.sinks import (
+    TEMP_PREFIX,
+    OutputFormat,
+    is_local,
+    output_suffix,
+    rows_to_table,
+    unify_tables,
+    write_bytes_atomic,
+    write_table_atomic,
+)
+from runner.sources import shard_stem
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = "_batchrun"
+_PART_RE = re.compile(r"part-(\d+)-([0-9a-z]+)\.parquet")
+_OUTPUT_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst")
+
+
+class FingerprintMismatch(Exception):
+    """The output holds progress of a different run (model, prompt, sampling, input ...)."""
+
+
+class CheckpointError(RuntimeError):
+    """The committed state of a shard does not allow the requested step."""
+
+
+@dataclass(slots=True)
+class ShardProgress:
+    """What the output already holds for one shard."""
+
+    done: bool  # the final file exists
+    rows: set[int] = field(default_factory=set)  # rows committed in parts (empty for a done shard)
+    parts: int = 0  # readable parts
+    error_rows: int = 0  # committed output rows with finish_reason "error"
+
+
+class OutputStore:
+    """One job's output root: parts, final shards, and the run's state under `_batchrun/`."""
+
+    def __init__(self, url: str, storage_options: dict, format: OutputFormat, compression: str | None):
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url, **storage_options)
+        self.root = self.root.rstrip("/")
+        self.format = format
+        self.compression = compression
+        self.suffix = output_suffix(format, compression)
+        self._attempt = f"{int(time.time()):x}{os.getpid():x}{secrets.token_hex(3)}"
+        self._next_part: dict[str, int] = {}
+
+    # ---- paths
+
+    def final_path(self, shard_id: str) -> str:
+        return self._path(shard_stem(shard_id) + self.suffix)
+
+    def parts_dir(self, shard_id: str) -> str:
+        return self._path(shard_stem(shard_id) + ".parts")
+
+    def _path(self, relpath: str) -> str:
+        return posixpath.join(self.root, relpath)
+
+    def _state(self, relpath: str) -> str:
+        return posixpath.join(self.root, STATE_DIR, relpath)
+
+    def _errors_path(self, shard_id: str) -> str:
+        return self._state(f"errors/{shard_stem(shard_id)}.jsonl")
+
+    # ---- run fingerprint and small state files
+
+    def check_fingerprint(self, fingerprint: dict, force_new_run: bool = False) -> None:
+        """Record the run's fingerprint on the first run; refuse to resume a different run.
+
+        With `force_new_run`, this output's previous progress (parts, final shards, state files;
+        not the quarantine) is removed first and the new fingerprint recorded.
+        """
+        fingerprint = json.loads(json.dumps(fingerprint, default=str))  # compare as stored
+        if force_new_run:
+            self._discard_progress()
+        previous = self.read_json("run.json")
+        if previous is None:
+            self.write_json("run.json", fingerprint)
+            return
+        diffs = _diff(previous, fingerprint)
+        if diffs:
+            raise FingerprintMismatch(
+                f"output {self.url} holds the progress of a different run:\n"
+                + "".join(f"  {d}\n" for d in diffs)
+                + "Use a new output path, or pass --force-new-run to discard this output's progress."
+            )
+
+    def write_json(self, relpath: str, obj: dict) -> None:
+        """Write `obj` atomically to `<out>/_batchrun/<relpath>`."""
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        write_bytes_atomic(self.fs, self._state(relpath), data)
+
+    def read_json(self, relpath: str) -> dict | None:
+        """The object in `<out>/_batchrun/<relpath>`, or None if there is none."""
+        path = self._state(relpath)
+        try:
+            with self.fs.open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise CheckpointError(f"{path} is not valid JSON ({e}); fix or remove it") from e
+
+    def _discard_progress(self) -> None:
+        self._invalidate(self.root)
+        if not self.fs.exists(self.root):
+            return
+        doomed = set()  # top-most paths only, so that no removal contains another
+        for path, info in self.fs.find(self.root, detail=True).items():
+            parts = path[len(self.root) :].strip("/").split("/")
+            in_parts = [i for i, p in enumerate(parts) if p.endswith(".parts")]
+            if parts[0] == STATE_DIR:
+                if len(parts) > 1 and parts[1] != "quarantine":
+                    doomed.add(self._state(parts[1]))
+            elif in_parts:
+                doomed.add(self._path("/".join(parts[: in_parts[0] + 1])))
+            elif info["type"] == "file" and path.endswith(_OUTPUT_SUFFIXES):
+                doomed.add(path)
+        for path in sorted(doomed):
+            self.fs.rm(path, recursive=True)
+        self._next_part.clear()
+        logger.warning("--force-new-run: removed the previous progress in %s", self.url)
+
+    # ---- per-shard progress
+
+    def scan(self, shard_id: str, repair: bool = True) -> ShardProgress:
+        """What is committed for `shard_id`.
+
+        With `repair` (the job's own resume), torn parts are quarantined, temp files of killed
+        writers removed, and parts left by a kill during compaction's cleanup deleted. Without it
+        (`batchrun status`, safe while a job runs), nothing is changed and torn parts are skipped.
+        """
+        final = self.final_path(shard_id)
+        self._invalidate(final)
+        if self.fs.exists(final):
+            if repair:
+                self._remove_parts(shard_id)
+            return ShardProgress(done=True)
+        progress = ShardProgress(done=False)
+        for path in self._part_paths(shard_id, repair):
+            try:
+                table = self._read_part(path, columns=["_row", "finish_reason"])
+            except CheckpointError as e:
+                if repair:
+                    self._quarantine(shard_id, path, str(e))
+                continue
+            progress.parts += 1
+            progress.rows.update(table.column("_row").to_pylist())
+            if "finish_reason" in table.column_names:
+                progress.error_rows += pc.sum(pc.equal(table.column("finish_reason"), "error")).as_py() or 0
+        return progress
+
+    def error_count(self, shard_id: str) -> int:
+        """Error rows of a done shard: the lines of its `_batchrun/errors/` file (none if absent)."""
+        try:
+            with self.fs.open(self._errors_path(shard_id), "rb") as f:
+                return sum(1 for line in f if line.strip())
+        except FileNotFoundError:
+            return 0
+
+    def commit_part(self, shard_id: str, rows: list[dict]) -> str:
+        """Commit `rows` (each with `_row`) as the shard's next part; returns the part's path."""
+        assert rows and all(isinstance(r.get("_row"), int) for r in rows), "every output row needs its _row"
+        if shard_id not in self._next_part:
+            self._next_part[shard_id] = self._next_index(shard_id)
+        n = self._next_part[shard_id]
+        self._next_part[shard_id] = n + 1
+        path = posixpath.join(self.parts_dir(shard_id), f"part-{n:06d}-{self._attempt}.parquet")
+        write_table_atomic(self.fs, path, rows_to_table(rows), "parquet")
+        return path
+
+    def compact(self, shard_id: str, num_rows: int) -> None:
+        """Write the shard's final file from its parts (rows 0..num_rows-1, input order, no duplicates).
+
+        Also writes its error rows to `_batchrun/errors/`, then removes the parts. Safe to rerun
+        after a kill at any point.
+        """
+        final = self.final_path(shard_id)
+        self._invalidate(final)
+        if self.fs.exists(final):
+            self._remove_parts(shard_id)
+            return
+        tables = []
+        for path in self._part_paths(shard_id):
+            try:
+                tables.append(self._read_part(path))
+            except CheckpointError as e:
+                self._quarantine(shard_id, path, str(e))
+        table = (
+            _dedup_sorted(unify_tables(tables)) if tables else pa.table({"_row": pa.array([], pa.int64())})
+        )
+        rows = pc.unique(table.column("_row"))  # sorted, as the table is
+        if len(rows) != num_rows or (num_rows and (rows[0].as_py(), rows[-1].as_py()) != (0, num_rows - 1)):
+            have = set(rows.to_pylist())
+            missing = sorted(set(range(num_rows)) - have)
+            extra = sorted(have - set(range(num_rows)))
+            raise CheckpointError(
+                f"shard {shard_id}: cannot compact, its parts hold {len(have) - len(extra)} of "
+                f"{num_rows} rows (missing {_preview(missing)}; unexpected {_preview(extra)}); "
+                "run the job again to process the missing rows"
+            )
+        if "finish_reason" in table.column_names:
+            errors = table.filter(pc.equal(table.column("finish_reason"), "error"))
+            if errors.num_rows:
+                write_table_atomic(self.fs, self._errors_path(shard_id), errors, "jsonl")
+        write_table_atomic(self.fs, final, table, self.format, self.compression)
+        self._remove_parts(shard_id)
+
+    # ---- helpers
+
+    def _part_paths(self, shard_id: str, repair: bool = True) -> list[str]:
+        """The shard's part files in commit order; with `repair`, removes temp files of killed writers."""
+        directory = self.parts_dir(shard_id)
+        self._invalidate(directory)
+        try:
+            names = self.fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return []
+        parts = []
+        for path in names:
+            name = posixpath.basename(path.rstrip("/"))
+            if name.startswith(TEMP_PREFIX):
+                if repair:
+                    self.fs.rm(path)  # never visible, never committed
+            elif match := _PART_RE.fullmatch(name):
+                parts.append((int(match[1]), match[2], path))
+            else:
+                logger.warning("ignoring %s: not a part file", path)
+        return [path for *_, path in sorted(parts)]
+
+    def _next_index(self, shard_id: str) -> int:
+        names = [posixpath.basename(p) for p in self._part_paths(shard_id)]
+        return 1 + max((int(_PART_RE.fullmatch(n)[1]) for n in names), default=-1)
+
+    def _read_part(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        try:
+            with self.fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                if columns is not None:
+                    columns = [c for c in columns if c in pf.schema_arrow.names]
+                table = pf.read(columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise CheckpointError(f"unreadable part ({e})") from e
+        if "_row" not in table.column_names or table.column("_row").null_count:
+            raise CheckpointError("part without a complete _row column")
+        return table
+
+    def _quarantine(self, shard_id: str, path: str, reason: str) -> None:
+        target = self._state(f"quarantine/{shard_stem(shard_id)}/{posixpath.basename(path)}")
+        logger.error("quarantined %s -> %s: %s; its rows will be processed again", path, target, reason)
+        if is_local(self.fs):
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        self.fs.mv(path, target)
+
+    def _remove_parts(self, shard_id: str) -> None:
+        directory = self.parts_dir(shard_id)
+        self._invalidate(directory)
+        if self.fs.exists(directory):
+            self.fs.rm(directory, recursive=True)
+
+    def _invalidate(self, path: str) -> None:
+        """Forget cached listings: another process (an earlier attempt) may have written here."""
+        self.fs.invalidate_cache(posixpath.dirname(path))
+        self.fs.invalidate_cache(path)
+
+
+def _dedup_sorted(table: pa.Table) -> pa.Table:
+    """Rows sorted by (_row, _sample), keeping the first of each key (sort_by is stable)."""
+    keys = ["_row", "_sample"] if "_sample" in table.column_names else ["_row"]
+    table = table.sort_by([(k, "ascending") for k in keys])
+    if table.num_rows == 0:
+        return table
+    starts = None  # starts[i]: row i + 1 has another key than row i
+    for k in keys:
+        column = table.column(k).combine_chunks().fill_null(0)
+        differs = pc.not_equal(column[1:], column[:-1])
+        starts = differs if starts is None else pc.or_(starts, differs)
+    return table.filter(pa.concat_arrays([pa.array([True]), starts]))
+
+
+def _preview(values: list[int], limit: int = 10) -> str:
+    if len(values) == 0:
+        return "none"
+    shown = ", ".join(str(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def _diff(old: object, new: object, prefix: str = "") -> list[str]:
+    """One 'path: old -> new' line per differing leaf of two JSON values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(old.keys() | new.keys(), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in new:
+                out.append(f"{path}: {json.dumps(old[key])} -> <absent>")
+            elif key not in old:
+                out.append(f"{path}: <absent> -> {json.dumps(new[key])}")
+            else:
+                out.extend(_diff(old[key], new[key], path))
+        return out
+    return [] if old == new else [f"{prefix or '<fingerprint>'}: {json.dumps(old)} -> {json.dumps(new)}"]

@@ -1,0 +1,206 @@
+"""Output tables: rows -> Arrow, permissive schema unification, and atomic writes on any filesystem.
+
+A file written here is visible only when complete. On the local disk it is written to a hidden
+`.tmp-` sibling, fsynced and renamed (fsspec's own local `autocommit=False` stages in the system
+temp dir, which may be another device and then is copied, not renamed). On object stores it is
+opened with `autocommit=False` and committed (one PUT or a completed multipart upload), or
+discarded on error — never published half-written.
+
+Columns whose values have no common Arrow type (JSONL input is free-form) are stored as JSON text
+and marked in the field metadata, so that later parts unify with them and JSONL output restores
+the original values.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import json
+import logging
+import os
+import posixpath
+import secrets
+from collections import defaultdict
+from collections.abc import Callable
+from typing import IO, Literal
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+from fsspec.spec import AbstractBufferedFile
+
+logger = logging.getLogger(__name__)
+
+OutputFormat = Literal["parquet", "jsonl"]
+TEMP_PREFIX = ".tmp-"  # local temp siblings; never a committed file
+_JSON_KEY = b"batchrun.json"  # field metadata marking a column of JSON-encoded values
+
+
+def output_suffix(format: OutputFormat, compression: str | None) -> str:
+    """File suffix of an output shard: `.parquet`, `.jsonl`, `.jsonl.gz` or `.jsonl.zst`."""
+    if format == "parquet":
+        assert compression is None, "Parquet output compresses internally"
+        return ".parquet"
+    return ".jsonl" + {None: "", "gzip": ".gz", "zstd": ".zst"}[compression]
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """An Arrow table of `rows`; columns in order of first appearance, missing keys as nulls.
+
+    A column whose values share no Arrow type (e.g. int in one row, str in another) is stored as
+    JSON text and marked as such, instead of failing the batch.
+    """
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    fields, arrays = [], []
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            array = pa.array(values)
+            fields.append(pa.field(name, array.type))
+        except (pa.ArrowException, OverflowError):
+            _log_stringified(name)
+            array = _json_array(values)
+            fields.append(_json_field(name))
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+@functools.cache
+def _log_stringified(name: str) -> None:
+    logger.warning("column %r has values of mixed types; it is stored as JSON text", name)
+
+
+def _json_array(values: list) -> pa.Array:
+    return pa.array([None if v is None else json.dumps(v, default=str) for v in values], pa.string())
+
+
+def _json_field(name: str) -> pa.Field:
+    return pa.field(name, pa.string(), metadata={_JSON_KEY: b"1"})
+
+
+def _is_json(field: pa.Field) -> bool:
+    return bool(field.metadata) and _JSON_KEY in field.metadata
+
+
+def unify_tables(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate tables whose schemas may differ: missing columns become nulls, types are promoted
+    (int -> float, null -> anything), and columns with irreconcilable types become JSON text."""
+    assert tables
+    types: dict[str, set[pa.DataType]] = defaultdict(set)
+    json_cols = set()
+    for table in tables:
+        for field in table.schema:
+            if _is_json(field):
+                json_cols.add(field.name)
+            elif field.type != pa.null():
+                types[field.name].add(field.type)
+    json_cols |= {name for name, ts in types.items() if len(ts) > 1 and not _promotable(ts)}
+    for name in sorted(json_cols):
+        _log_stringified(name)
+    tables = [_jsonify(table, json_cols) for table in tables]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _promotable(types: set[pa.DataType]) -> bool:
+    try:
+        pa.unify_schemas([pa.schema([("x", t)]) for t in types], promote_options="permissive")
+    except pa.ArrowException:
+        return False
+    return True
+
+
+def _jsonify(table: pa.Table, names: set[str]) -> pa.Table:
+    for i, field in enumerate(table.schema):
+        if field.name in names and not _is_json(field):
+            table = table.set_column(i, _json_field(field.name), _json_array(table.column(i).to_pylist()))
+    return table
+
+
+def write_table_atomic(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    table: pa.Table,
+    format: OutputFormat,
+    compression: str | None = None,
+) -> None:
+    """Write `table` to `path` so that the file is visible only once complete.
+
+    JSONL: one JSON object per line, UTF-8, gzip/zstd when `compression` says so; JSON-text
+    columns are decoded back to their values.
+    """
+    if format == "parquet":
+        assert compression is None, "Parquet output compresses internally"
+        write_atomic(fs, path, lambda f: pq.write_table(table, f))
+    else:
+        write_atomic(fs, path, lambda f: _write_jsonl(table, f, compression))
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` so that the file is visible only once complete."""
+    write_atomic(fs, path, lambda f: f.write(data))
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[bytes]], object]) -> None:
+    """Call `write(f)` on a binary file that becomes visible at `path` only if it returns."""
+    if is_local(fs):
+        _write_local(fs, path, write)
+        return
+    f = fs.open(path, "wb", autocommit=False)
+    try:
+        write(f)
+        f.close()
+        f.commit()
+    except BaseException:
+        f.discard()
+        if isinstance(f, AbstractBufferedFile):
+            f.closed = True  # skip the final upload that close() or __del__ would do
+        raise
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is the local disk (where rename is atomic)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols
+
+
+def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[bytes]], object]) -> None:
+    directory, name = posixpath.split(path)
+    fs.makedirs(directory, exist_ok=True)
+    temp = posixpath.join(directory, f"{TEMP_PREFIX}{name}-{secrets.token_hex(4)}")
+    try:
+        with open(temp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
+
+def _write_jsonl(table: pa.Table, f: IO[bytes], compression: str | None) -> None:
+    if compression == "gzip":
+        with gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as z:
+            _write_lines(table, z)
+    elif compression == "zstd":
+        with zstandard.ZstdCompressor().stream_writer(f, closefd=False) as z:
+            _write_lines(table, z)
+    else:
+        assert compression is None, compression
+        _write_lines(table, f)
+
+
+def _write_lines(table: pa.Table, f: IO[bytes]) -> None:
+    json_cols = {field.name for field in table.schema if _is_json(field)}
+    for batch in table.to_batches(max_chunksize=1024):
+        out = io.StringIO()
+        for row in batch.to_pylist():
+            for name in json_cols:
+                if row[name] is not None:
+                    row[name] = json.loads(row[name])
+            out.write(json.dumps(row, ensure_ascii=False, default=str))
+            out.write("\n")
+        f.write(out.getvalue().encode("utf-8"))
