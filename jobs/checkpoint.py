@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from runner.faults import kill_point
 from runner.sinks import (
     TEMP_PREFIX,
     OutputFormat,
@@ -110,6 +111,7 @@ class OutputStore:
         previous = self.read_json("run.json")
         if previous is None:
             self.write_json("run.json", fingerprint)
+            kill_point("fingerprint_written")
             return
         diffs = _diff(previous, fingerprint)
         if diffs:
@@ -203,6 +205,7 @@ class OutputStore:
         self._next_part[shard_id] = n + 1
         path = posixpath.join(self.parts_dir(shard_id), f"part-{n:06d}-{self._attempt}.parquet")
         write_table_atomic(self.fs, path, rows_to_table(rows), "parquet")
+        kill_point("part_committed")
         return path
 
     def compact(self, shard_id: str, num_rows: int) -> None:
@@ -239,7 +242,9 @@ class OutputStore:
             errors = table.filter(pc.equal(table.column("finish_reason"), "error"))
             if errors.num_rows:
                 write_table_atomic(self.fs, self._errors_path(shard_id), errors, "jsonl")
+        kill_point("compaction_started")
         write_table_atomic(self.fs, final, table, self.format, self.compression)
+        kill_point("compaction_final_written")
         self._remove_parts(shard_id)
 
     # ---- helpers

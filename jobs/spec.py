@@ -109,6 +109,7 @@ class OutputSpec(_Section):
     keep_columns: list[str] | Literal["all"] = Field(
         default_factory=list, description="input columns copied to each output row"
     )
+    include_token_ids: bool = Field(False, description="add a generated_token_ids column")
     flush_rows: PositiveInt = 1000
     flush_seconds: Annotated[float, Field(gt=0)] = 60.0
     storage_options: dict[str, Any] = Field(default_factory=dict)

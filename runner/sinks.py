@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 import zstandard
 from fsspec.spec import AbstractBufferedFile
 
+from runner.faults import kill_point
+
 logger = logging.getLogger(__name__)
 
 OutputFormat = Literal["parquet", "jsonl"]
@@ -151,6 +153,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[b
     try:
         write(f)
         f.close()
+        kill_point("before_publish")
         f.commit()
     except BaseException:
         f.discard()
@@ -174,6 +177,7 @@ def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[b
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        kill_point("before_publish")
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):

@@ -17,7 +17,11 @@ def test_minimal_spec_fills_defaults_and_anchors_relative_paths(tmp_path: Path):
 
 
 def test_urls_and_absolute_paths_are_kept(tmp_path: Path):
-    data = {**MINIMAL, "input": {"path": ["s3://b/in/*.parquet", "/abs/x.jsonl"]}, "output": {"path": "s3://b/o"}}
+    data = {
+        **MINIMAL,
+        "input": {"path": ["s3://b/in/*.parquet", "/abs/x.jsonl"]},
+        "output": {"path": "s3://b/o"},
+    }
     spec = parse_spec(data, base_dir=tmp_path)
     assert spec.input.path == ["s3://b/in/*.parquet", "/abs/x.jsonl"]
     assert spec.output.path == "s3://b/o"

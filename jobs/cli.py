@@ -1,0 +1,137 @@
+"""`batchrun`: a thin shell over jobs.spec, runner.pipeline and jobs.status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from jobs.spec import JobSpec, SpecError, load_spec
+
+EXIT_FAILED = 1
+EXIT_BAD_SPEC = 2
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early, everything finished is committed; run again
+
+
+def _load(path: str, task_index: int | None, num_tasks: int | None) -> JobSpec:
+    try:
+        spec = load_spec(path)
+    except SpecError as e:
+        click.echo(str(e), err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    if task_index is None and num_tasks is None:
+        return spec
+    runtime = spec.runtime.model_copy(
+        update={k: v for k, v in (("task_index", task_index), ("num_tasks", num_tasks)) if v is not None}
+    )
+    if runtime.task_index >= runtime.num_tasks:
+        click.echo(f"--task-index {runtime.task_index} must be < --num-tasks {runtime.num_tasks}", err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    return spec.model_copy(update={"runtime": runtime})
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-v info is the default, -vv debug).")
+def main(verbose: int) -> None:
+    """batchrun: offline batch inference over Parquet/JSONL shards, resumable, exactly once."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "botocore", "s3fs", "fsspec", "ContinuousBatchingLogger"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+def validate(spec_path: str) -> None:
+    """Check SPEC and print it with every default filled in; exit 2 on problems."""
+    spec = _load(spec_path, None, None)
+    click.echo(json.dumps(spec.model_dump(mode="json", by_alias=True), indent=2))
+    click.echo(f"{spec_path}: OK", err=True)
+
+
+def _run(
+    spec_path: str, task_index: int | None, num_tasks: int | None, force_new_run: bool, progress: bool
+) -> None:
+    from jobs.checkpoint import CheckpointError, FingerprintMismatch
+    from runner.models import ModelError
+    from runner.pipeline import JobFailed, JobInterrupted, run_job
+    from runner.prompts import PromptTooLong
+    from runner.sources import InputError
+
+    spec = _load(spec_path, task_index, num_tasks)
+    try:
+        summary = run_job(spec, force_new_run=force_new_run, show_progress=progress)
+    except JobInterrupted as e:
+        _echo_summary(e.summary.lines())
+        click.echo(
+            f"Stopped early; every finished row is committed. Run `batchrun submit {spec_path}` "
+            "again to finish the rest.",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    except JobFailed as e:
+        _echo_summary(e.summary.lines())
+        click.echo(
+            "Some shards could not be read (above); the others are done. Fix or remove them and run again.",
+            err=True,
+        )
+        sys.exit(EXIT_FAILED)
+    except (FingerprintMismatch, CheckpointError, InputError, ModelError, PromptTooLong) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FAILED)
+    _echo_summary(summary.lines())
+
+
+def _echo_summary(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(line, err=True)
+
+
+_task_opts = [
+    click.option("--task-index", type=int, default=None, help="This task's index (overrides runtime)."),
+    click.option("--num-tasks", type=int, default=None, help="Number of tasks (overrides runtime)."),
+    click.option(
+        "--force-new-run",
+        is_flag=True,
+        help="Discard this output's progress from an earlier, different run and start over.",
+    ),
+    click.option("--progress/--no-progress", default=True, help="Show the progress bar."),
+]
+
+
+def _with_task_opts(f):
+    for opt in reversed(_task_opts):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@_with_task_opts
+def submit(spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bool) -> None:
+    """Run the job described by SPEC here, in the foreground; run it again to resume."""
+    _run(spec_path, task_index, num_tasks, force_new_run, progress)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@_with_task_opts
+def run(spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bool) -> None:
+    """Run one task of SPEC in this process (what each task of a cluster job runs)."""
+    _run(spec_path, task_index, num_tasks, force_new_run, progress)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def status(spec_path: str, as_json: bool) -> None:
+    """Show each shard's state (done / partial / pending) and error rows, read from the output."""
+    from jobs.status import job_status
+
+    report = job_status(_load(spec_path, None, None))
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else "\n".join(report.lines()))

@@ -1,0 +1,287 @@
+"""The job: shards in, rows through the engine, committed parts out, shards compacted.
+
+    plan the work → feed prompts (thread) → step the engine → hand rows to the writer (thread)
+
+A stop signal ends admission; finished rows are committed within `runtime.grace_seconds` and the
+job exits with `JobInterrupted`; running the same command again finishes exactly what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from jobs.checkpoint import OutputStore
+from jobs.plan import assign_shards, run_fingerprint
+from jobs.spec import JobSpec
+from runner.backends import load_backend
+from runner.engine.types import Completion, Request
+from runner.faults import kill_point
+from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
+from runner.models import load_tokenizer, resolve_model
+from runner.progress import GpuBusy, ProgressBar, Summary
+from runner.prompts import PreparedRow, PromptBuilder
+from runner.signals import StopRequested
+from runner.sources import InputError, count_rows, list_shards
+from runner.writer import PartWriter
+
+log = logging.getLogger(__name__)
+
+DRAIN_SHARE = 0.5  # of the grace period spent finishing in-flight rows; the rest is for commits
+
+
+class JobInterrupted(Exception):
+    """A stop signal ended the job early; everything finished was committed."""
+
+    def __init__(self, signum: int, summary: Summary):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+        self.summary = summary
+
+
+class JobFailed(Exception):
+    """Some shards could not be read; the others were finished and committed."""
+
+    def __init__(self, summary: Summary):
+        super().__init__("; ".join(f"{s}: {why}" for s, why in summary.failed_shards.items()))
+        self.summary = summary
+
+
+@dataclass(slots=True)
+class _InFlight:
+    prep: PreparedRow
+    samples: dict[int, Completion] = field(default_factory=dict)
+
+
+def output_store(spec: JobSpec) -> OutputStore:
+    return OutputStore(
+        spec.output.path, spec.output.storage_options, spec.output.format, spec.output.compression
+    )
+
+
+def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True) -> Summary:
+    """Run (or resume) this task's share of the job; returns the summary, also in report.json.
+
+    Raises JobInterrupted after a stop signal, JobFailed if a shard could not be read,
+    FingerprintMismatch if the output belongs to a different run.
+    """
+    started = time.monotonic()
+    store = output_store(spec)
+    shards = assign_shards(
+        list_shards(spec.input.path, spec.input.storage_options, spec.input.format),
+        spec.runtime.task_index,
+        spec.runtime.num_tasks,
+    )
+    model = resolve_model(spec.model.path, spec.model.revision)
+    tokenizer = load_tokenizer(model.local_path, spec.model.revision)
+    store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
+    work, done_shards, failed = _plan(store, spec, shards)
+    if not work and not failed:
+        log.info("all %d shards of this task are done already; nothing to do", len(shards))
+        return _finish(store, spec, "finished", len(shards), len(shards), started, None, None, {}, {})
+
+    backend = load_backend(model.local_path, spec.engine)
+    job = _Job(spec, backend, work, started, failed)
+    try:
+        with StopRequested() as stop, GpuBusy() as busy:
+            job.run(store, stop, show_progress)
+    finally:
+        backend.close()
+    status = "interrupted" if stop.requested else "failed" if job.failed else "finished"
+    summary = _finish(
+        store,
+        spec,
+        status,
+        len(shards),
+        done_shards + job.writer.counts.shards_compacted,
+        started,
+        job,
+        busy.mean(),
+        job.failed,
+        backend.stats(),
+    )
+    if stop.requested:
+        raise JobInterrupted(stop.signum, summary)
+    if job.failed:
+        raise JobFailed(summary)
+    return summary
+
+
+def _plan(store: OutputStore, spec: JobSpec, shards) -> tuple[list[ShardWork], int, dict[str, str]]:
+    """The shards still to do with their committed rows; shards already done; unreadable shards."""
+    work, done, failed = [], 0, {}
+    for shard in shards:
+        progress = store.scan(shard.id)
+        if progress.done:
+            done += 1
+            continue
+        try:
+            total = count_rows(shard, spec.input.storage_options)
+        except InputError as e:
+            log.error("shard %s cannot be read: %s", shard.id, e)
+            failed[shard.id] = str(e)
+            continue
+        work.append(ShardWork(shard, progress.rows, total))
+    log.info(
+        "%d shards: %d done, %d to do (%d rows left)",
+        len(shards),
+        done,
+        len(work),
+        sum(w.total_rows - len(w.done_rows) for w in work),
+    )
+    return work, done, failed
+
+
+class _Job:
+    """The main loop's state: what is in flight in the engine, and where finished rows go."""
+
+    def __init__(self, spec: JobSpec, backend, work: list[ShardWork], started: float, failed: dict[str, str]):
+        self.spec = spec
+        self.backend = backend
+        self.work = work
+        self.started = started
+        self.inflight: dict[tuple[str, int], _InFlight] = {}
+        self.max_inflight = spec.engine.max_inflight or 4 * spec.engine.max_seqs
+        self.failed = failed
+        self.rows_left = sum(w.total_rows - len(w.done_rows) for w in work)
+        self.writer: PartWriter
+        self.bar: ProgressBar
+
+    def run(self, store: OutputStore, stop: StopRequested, show_progress: bool) -> None:
+        spec = self.spec
+        builder = PromptBuilder(
+            spec.prompt, spec.sampling, self.backend.tokenizer, self.backend.max_model_len
+        )
+        self.writer = PartWriter(store, spec.output.flush_rows, spec.output.flush_seconds)
+        for w in self.work:
+            self.writer.open_shard(w.shard.id, len(w.done_rows))
+        feeder = Feeder(self.work, builder, spec.input.storage_options, columns=None)
+        self.bar = ProgressBar(self.rows_left, show_progress)
+        try:
+            self._loop(feeder, stop)
+        finally:
+            feeder.stop()
+            self.bar.close()
+            self.writer.close()
+
+    def _loop(self, feeder: Feeder, stop: StopRequested) -> None:
+        drain_until = None
+        while True:
+            if stop.requested and drain_until is None:
+                feeder.stop()
+                drain_until = stop.at + DRAIN_SHARE * self.spec.runtime.grace_seconds
+            if drain_until is None:
+                self._admit(feeder)
+            if self.backend.has_unfinished():
+                for completion in self.backend.step():
+                    self._finish_sample(completion)
+            elif feeder.exhausted:
+                return
+            self.writer.poll()
+            if drain_until is not None and time.monotonic() > drain_until:
+                log.warning(
+                    "grace period: %d rows still generating are left for the next run", len(self.inflight)
+                )
+                return
+
+    def _admit(self, feeder: Feeder) -> None:
+        """Top up the engine to `max_inflight` requests; wait for input only when the engine is idle."""
+        while self.backend.num_unfinished < self.max_inflight:
+            item = feeder.get(timeout=0 if self.backend.has_unfinished() else 0.05)
+            if item is None:
+                return
+            if isinstance(item, ShardEnd):
+                self.writer.shard_total(item.shard, item.total_rows)
+            elif isinstance(item, ShardFailed):
+                self.failed[item.shard] = item.reason
+            elif item.error is not None:
+                self._emit(item, [self._row(item, error=item.error)], is_error=True)
+            else:
+                self.inflight[(item.shard, item.row)] = _InFlight(item)
+                self.backend.add(Request((item.shard, item.row), item.prompt_ids, item.sampling))
+
+    def _finish_sample(self, c: Completion) -> None:
+        entry = self.inflight[c.id]
+        entry.samples[c.sample_index] = c
+        if len(entry.samples) < entry.prep.sampling.n:
+            return
+        del self.inflight[c.id]
+        rows = [self._row(entry.prep, completion=entry.samples[i]) for i in range(entry.prep.sampling.n)]
+        self._emit(entry.prep, rows, is_error=False)
+
+    def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
+        self.writer.add(prep.shard, rows, is_error)
+        kill_point("row_finished")
+        self.rows_left -= 1
+        self.bar.update(
+            1, sum(r["prompt_tokens"] for r in rows[:1]), sum(r["generated_tokens"] for r in rows)
+        )
+
+    def _row(self, prep: PreparedRow, completion: Completion | None = None, error: str | None = None) -> dict:
+        values = prep.values or {}
+        keep = self.spec.output.keep_columns
+        kept = dict(values) if keep == "all" else {c: values.get(c) for c in keep}
+        if self.spec.input.id_column:
+            kept[self.spec.input.id_column] = values.get(self.spec.input.id_column)
+        row = {**kept, "_shard": prep.shard, "_row": prep.row}
+        if self.spec.sampling.n > 1:
+            row["_sample"] = completion.sample_index if completion else 0
+        if completion is None:
+            row |= {
+                "generated_text": None,
+                "finish_reason": "error",
+                "prompt_tokens": len(prep.prompt_ids or ()),
+                "generated_tokens": 0,
+                "error": error,
+            }
+            if self.spec.output.include_token_ids:
+                row["generated_token_ids"] = None
+            return row
+        row |= {
+            "generated_text": completion.text,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": completion.prompt_tokens,
+            "generated_tokens": completion.generated_tokens,
+            "error": None,
+        }
+        if self.spec.output.include_token_ids:
+            row["generated_token_ids"] = completion.token_ids
+        return row
+
+
+def _finish(
+    store: OutputStore,
+    spec: JobSpec,
+    status: str,
+    shards: int,
+    shards_done: int,
+    started: float,
+    job: _Job | None,
+    busy: float | None,
+    failed: dict[str, str],
+    engine_stats: dict,
+) -> Summary:
+    wall = time.monotonic() - started
+    generated = job.bar.generated_tokens if job else 0
+    counts = job.writer.counts if job else None
+    summary = Summary(
+        status=status,
+        shards=shards,
+        shards_done=shards_done,
+        rows_ok=(counts.rows_committed - counts.error_rows) if counts else 0,
+        rows_error=counts.error_rows if counts else 0,
+        rows_remaining=job.rows_left if job else 0,
+        prompt_tokens=job.bar.prompt_tokens if job else 0,
+        generated_tokens=generated,
+        wall_seconds=round(wall, 3),
+        generated_tokens_per_s=round(generated / max(wall, 1e-9), 1),
+        gpu_busy_percent=busy,
+        failed_shards=failed,
+        engine=engine_stats,
+    )
+    rt = spec.runtime
+    store.write_json(
+        "report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json", summary.as_dict()
+    )
+    return summary

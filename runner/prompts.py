@@ -1,0 +1,231 @@
+"""Rows to token ids: the prompt column, a template over row fields, or chat messages.
+
+A row that can't become a prompt (missing field, bad messages, template error, too long under
+`on_too_long: skip`) becomes a `PreparedRow` with an `error`, never an exception: one bad row must
+not stop a job of a million good ones. `on_too_long: error` is the exception: the user asked the job
+to stop, and `PromptTooLong` says which row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pydantic import ValidationError
+
+from jobs.spec import PromptSpec, SamplingSpec
+from runner.engine.types import SamplingParams
+
+CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
+OVERRIDABLE = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop"}
+
+
+class PromptTooLong(Exception):
+    """A prompt over the limit under `on_too_long: error`."""
+
+
+@dataclass(slots=True)
+class PreparedRow:
+    """One input row, ready for the engine (`prompt_ids`) or already failed (`error`)."""
+
+    shard: str
+    row: int
+    values: dict[str, Any] | None
+    prompt_ids: list[int] | None = None
+    sampling: SamplingParams | None = None
+    error: str | None = None
+
+
+class PromptBuilder:
+    """Turns batches of rows into token ids with one batched call of the fast tokenizer."""
+
+    def __init__(self, spec: PromptSpec, sampling: SamplingSpec, tokenizer, max_model_len: int):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.base_sampling = _base_sampling(sampling)
+        self.overrides_column = sampling.overrides_column
+        self.seed = sampling.seed
+        limit = max_model_len - sampling.max_new_tokens
+        if spec.max_tokens is not None:
+            limit = min(limit, spec.max_tokens)
+        if limit <= 0:
+            raise ValueError(
+                f"sampling.max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the "
+                f"model's context of {max_model_len} tokens; lower it"
+            )
+        self.max_prompt_tokens = limit
+        if spec.uses_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "prompt asks for the chat template but the model's tokenizer has none; set "
+                "prompt.chat_template: false (and use prompt.column or prompt.template)"
+            )
+
+    def build(
+        self, shard: str, rows: list[tuple[int, dict[str, Any] | None, str | None]]
+    ) -> list[PreparedRow]:
+        """rows: (row number, values or None, read error or None) → one PreparedRow each, in order."""
+        out: list[PreparedRow] = []
+        texts: list[str] = []
+        pending: list[PreparedRow] = []
+        for row, values, read_error in rows:
+            prep = PreparedRow(shard, row, values)
+            out.append(prep)
+            if read_error is not None:
+                prep.error = read_error
+                continue
+            try:
+                text = self._text(values)
+                prep.sampling = self._sampling(shard, row, values)
+            except _RowError as e:
+                prep.error = f"{shard} row {row}: {e}"
+                continue
+            texts.append(text)
+            pending.append(prep)
+        if texts:
+            # chat-templated text already carries its special tokens
+            add_special = not self.spec.uses_chat_template
+            encoded = self.tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+            for prep, ids in zip(pending, encoded, strict=True):
+                self._fit(prep, list(ids))
+        return out
+
+    def _text(self, values: dict[str, Any]) -> str:
+        spec = self.spec
+        if spec.column:
+            text = _field(values, spec.column)
+            if not isinstance(text, str):
+                raise _RowError(f"field '{spec.column}' must be text (got {type(text).__name__})")
+        elif spec.template:
+            try:
+                text = spec.template.format_map(values)
+            except KeyError as e:
+                raise _RowError(f"prompt.template needs field {e} which the row lacks") from None
+            except (ValueError, IndexError, AttributeError) as e:
+                raise _RowError(f"prompt.template failed on this row: {e}") from None
+        else:
+            return self._chat(_messages(_field(values, spec.messages_column), spec.messages_column))
+        if not text.strip():
+            raise _RowError("empty prompt")
+        return self._chat([{"role": "user", "content": text}]) if spec.uses_chat_template else text
+
+    def _chat(self, messages: list[dict[str, str]]) -> str:
+        if self.spec.system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.spec.system}, *messages]
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template is user code: any failure is this row's error
+            raise _RowError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+    def _sampling(self, shard: str, row: int, values: dict[str, Any]) -> SamplingParams:
+        # a per-row seed derived from (job seed, shard, row): same tokens on every resume, any batch mix
+        seed = _row_seed(self.seed, shard, row)
+        params = replace(self.base_sampling, seed=seed)
+        if not self.overrides_column or values.get(self.overrides_column) is None:
+            return params
+        over = values[self.overrides_column]
+        if not isinstance(over, dict):
+            raise _RowError(f"field '{self.overrides_column}' must be a mapping of sampling overrides")
+        unknown = set(over) - OVERRIDABLE
+        if unknown:
+            raise _RowError(
+                f"field '{self.overrides_column}': unknown sampling keys {sorted(unknown)} "
+                f"(allowed: {sorted(OVERRIDABLE)})"
+            )
+        try:
+            checked = SamplingSpec.model_validate({**self._spec_fields(params), **over})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise _RowError(f"field '{self.overrides_column}': {where}: {first['msg']}") from None
+        if checked.max_new_tokens > self.base_sampling.max_new_tokens:
+            raise _RowError(
+                f"field '{self.overrides_column}': max_new_tokens {checked.max_new_tokens} is over the "
+                f"job's sampling.max_new_tokens {self.base_sampling.max_new_tokens}"
+            )
+        stop = tuple(checked.stop)
+        return replace(
+            params,
+            max_new_tokens=checked.max_new_tokens,
+            temperature=checked.temperature,
+            top_p=checked.top_p,
+            top_k=checked.top_k,
+            min_p=checked.min_p,
+            seed=seed if "seed" not in over else checked.seed,
+            stop=stop,
+        )
+
+    @staticmethod
+    def _spec_fields(p: SamplingParams) -> dict[str, Any]:
+        return {
+            "max_new_tokens": p.max_new_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "min_p": p.min_p,
+            "stop": list(p.stop),
+        }
+
+    def _fit(self, prep: PreparedRow, ids: list[int]) -> None:
+        limit = self.max_prompt_tokens
+        if len(ids) <= limit:
+            prep.prompt_ids = ids
+            return
+        what = f"{prep.shard} row {prep.row}: prompt has {len(ids)} tokens, over the limit of {limit}"
+        policy = self.spec.on_too_long
+        if policy == "truncate":
+            prep.prompt_ids = ids[-limit:]  # keep the end, where the question usually is
+        elif policy == "skip":
+            prep.error = f"{what} (on_too_long: skip)"
+        else:
+            raise PromptTooLong(
+                f"{what}. The job stops because prompt.on_too_long is 'error'; set it to 'skip' "
+                "or 'truncate', or raise prompt.max_tokens"
+            )
+
+
+class _RowError(Exception):
+    pass
+
+
+def _field(values: dict[str, Any], name: str) -> Any:
+    if name not in values:
+        raise _RowError(f"row has no field '{name}' (fields: {', '.join(sorted(values)) or 'none'})")
+    if values[name] is None:
+        raise _RowError(f"field '{name}' is null")
+    return values[name]
+
+
+def _messages(value: Any, column: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise _RowError(f"field '{column}' must be a non-empty list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise _RowError(f"field '{column}' message {i}: needs a text 'content'")
+        if m.get("role") not in CHAT_ROLES:
+            raise _RowError(
+                f"field '{column}' message {i}: role {m.get('role')!r} is not one of {sorted(CHAT_ROLES)}"
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _base_sampling(s: SamplingSpec) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        min_p=s.min_p,
+        seed=s.seed,
+        stop_token_ids=tuple(s.stop_token_ids),
+        stop=tuple(s.stop),
+        ignore_eos=s.ignore_eos,
+        n=s.n,
+    )
+
+
+def _row_seed(seed: int, shard: str, row: int) -> int:
+    digest = hashlib.blake2b(f"{seed}\0{shard}\0{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
