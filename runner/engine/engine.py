@@ -1,0 +1,206 @@
+"""The engine: requests in, completions out, one scheduler step at a time."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from runner.engine.attention import reference_attention, sdpa_attention
+from runner.engine.config import EngineConfig
+from runner.engine.model import PagedLlama, model_shape
+from runner.engine.pages import PagePool
+from runner.engine.runner import ModelRunner
+from runner.engine.scheduler import Scheduler
+from runner.engine.sequence import Sequence
+from runner.engine.stops import StopChecker
+from runner.engine.types import Completion, Request
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_TOKENS = 32768
+
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache for Llama-family models.
+
+    `add` queues requests (cheap); each `step` runs one forward over decodes and prefill chunks and
+    returns the completions that finished in it; `generate` drives both for an iterable of requests.
+    """
+
+    def __init__(self, model, config: EngineConfig | None = None, tokenizer=None) -> None:
+        """`model`: a loaded transformers causal LM (its weights are copied to the engine's device/dtype)."""
+        self.config = config = config or EngineConfig()
+        shape = model_shape(model.config)  # raises UnsupportedModel first, before any copying
+        device = config.resolve_device()
+        dtype = config.resolve_dtype(device)
+        self.tokenizer = tokenizer
+        self.max_model_len = min(shape.max_model_len, config.max_model_len or shape.max_model_len)
+        self.model = PagedLlama(model, device, dtype)
+        num_pages = self._num_pages(shape, device, dtype)
+        attention = sdpa_attention if device.type == "cuda" else reference_attention
+        self.runner = ModelRunner(self.model, num_pages, config.page_size, attention)
+        self.pool = PagePool(num_pages, config.page_size)
+        stops = StopChecker(_eos_ids(model, tokenizer), tokenizer, self.max_model_len)
+        self.scheduler = Scheduler(self.pool, stops, config.max_batch_tokens, config.max_seqs)
+        self._num_added = 0
+        self._num_unfinished = 0
+        self._samples_left: dict[int, int] = {}  # request order -> samples not yet completed
+        self._host_wait_s = 0.0
+        self._rng = random.Random()
+        log.info(
+            "batchrun engine: %s on %s (%s), %d KV pages x %d tokens",
+            model.config.model_type,
+            device,
+            dtype,
+            num_pages,
+            config.page_size,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> Engine:
+        """Load a local Hugging Face folder (or hub id) with transformers and build the engine on it."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = config or EngineConfig()
+        model_shape(AutoConfig.from_pretrained(path))  # unsupported models fail before loading weights
+        dtype = config.resolve_dtype(config.resolve_device())
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            log.warning("no tokenizer in %s: completions will carry token ids only", path)
+            tokenizer = None
+        return cls(model, config, tokenizer)
+
+    def _num_pages(self, shape, device: torch.device, dtype: torch.dtype) -> int:
+        per_page = shape.num_layers * 2 * self.config.page_size * shape.num_kv_heads * shape.head_dim
+        per_page *= torch.tensor([], dtype=dtype).element_size()
+        if self.config.kv_cache_tokens is not None:
+            return self.config.kv_cache_tokens // self.config.page_size
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return max(1, int(free * self.config.kv_memory_fraction) // per_page)
+        return CPU_DEFAULT_KV_TOKENS // self.config.page_size
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests added and not yet completed (all their samples)."""
+        return self._num_unfinished
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def add(self, request: Request) -> None:
+        """Queue a request; raises ValueError when it can never run (too long, stop strings, no tokenizer)."""
+        sp = request.sampling
+        prompt_len = len(request.prompt_ids)
+        if prompt_len == 0:
+            raise ValueError(f"request {request.id!r}: empty prompt")
+        if prompt_len >= self.max_model_len:
+            raise ValueError(
+                f"request {request.id!r}: prompt of {prompt_len} tokens leaves no room to generate "
+                f"(max_model_len {self.max_model_len}); shorten or skip it"
+            )
+        if sp.stop and self.tokenizer is None:
+            raise ValueError(f"request {request.id!r}: stop strings need a tokenizer (pass tokenizer=...)")
+        if sp.n < 1 or sp.max_new_tokens < 1:
+            raise ValueError(f"request {request.id!r}: n and max_new_tokens must be >= 1")
+        ps = self.pool.page_size
+        pages = -(-min(prompt_len + sp.max_new_tokens, self.max_model_len) // ps)
+        if pages > self.pool.num_pages:
+            raise ValueError(
+                f"request {request.id!r} needs {pages} KV pages, the pool has {self.pool.num_pages}: raise "
+                f"engine.kv_cache_tokens (or kv_memory_fraction) or lower max_new_tokens"
+            )
+        seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
+        seqs = [
+            Sequence(
+                request_id=request.id,
+                sample_index=i,
+                params=sp,
+                prompt_len=prompt_len,
+                tokens=list(request.prompt_ids),
+                seed=seed,
+                order=self._num_added,
+                logprobs=[] if sp.logprobs else None,
+            )
+            for i in range(sp.n)
+        ]
+        seqs[0].siblings = seqs[1:]
+        self.scheduler.add(seqs[0])
+        self._num_added += 1
+        self._num_unfinished += 1
+        self._samples_left[seqs[0].order] = sp.n
+
+    def step(self) -> list[Completion]:
+        """Run one scheduler iteration; returns the samples that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        t0 = time.perf_counter()
+        tokens, logprobs = self.runner.run(batch)
+        self._host_wait_s += time.perf_counter() - t0
+        finished = self.scheduler.update(batch, tokens, logprobs)
+        return [self._complete(seq) for seq in finished]
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+        """Add every request, then step until all are done, yielding completions as they finish."""
+        for request in requests:
+            self.add(request)
+        while self.has_unfinished():
+            yield from self.step()
+
+    def stats(self) -> dict[str, float | int]:
+        """Plain counters since the engine was built."""
+        st = self.scheduler.stats
+        out: dict[str, float | int] = {name: getattr(st, name) for name in st.__slots__}
+        out.update(
+            kv_pages_total=self.pool.num_pages,
+            kv_page_size=self.pool.page_size,
+            host_wait_s=round(self._host_wait_s, 6),
+            requests_added=self._num_added,
+        )
+        return out
+
+    def close(self) -> None:
+        """Release the KV cache and model memory (the engine is unusable afterwards)."""
+        # (added by the lead for the pipeline; refine as needed)
+        self.__dict__.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _complete(self, seq: Sequence) -> Completion:
+        assert seq.finish_reason is not None
+        self._samples_left[seq.order] -= 1
+        if self._samples_left[seq.order] == 0:
+            del self._samples_left[seq.order]
+            self._num_unfinished -= 1
+        return Completion(
+            id=seq.request_id,
+            token_ids=seq.generated,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=seq.prompt_len,
+            text=None if self.tokenizer is None else self.scheduler.stops.text(seq),
+            sample_index=seq.sample_index,
+            logprobs=seq.logprobs,
+        )
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos is not None:
+        ids.update(eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

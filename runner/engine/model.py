@@ -1,0 +1,164 @@
+"""Our own forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM) over the paged KV cache.
+
+Weights are taken from a loaded Hugging Face model (q/k/v and gate/up fused into one matrix each);
+rotary tables come from the model's own rotary module, so every static rope scaling that
+transformers implements (llama3, linear, yarn, ...) is honoured. Anything else raises
+`UnsupportedModel`, and the caller falls back to the transformers backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runner.engine.attention import AttentionBatch, AttentionFn, write_kv
+from runner.engine.config import UnsupportedModel
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(slots=True, frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    max_model_len: int  # positions the model can take (capped by a sliding window)
+
+
+def model_shape(config) -> ModelShape:
+    """Check that our forward implements `config`'s architecture and read its shape."""
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        raise UnsupportedModel(f"model_type {kind!r} is not in the fast path ({', '.join(SUPPORTED_TYPES)})")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModel(f"hidden_act {config.hidden_act!r} (the fast path implements silu)")
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedModel("mlp_bias=True is not implemented in the fast path")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") in ("dynamic", "longrope"):
+        raise UnsupportedModel(f"rope_type {rope['rope_type']!r} changes with sequence length")
+    max_len = config.max_position_embeddings
+    if getattr(config, "sliding_window", None):
+        max_len = min(
+            max_len, config.sliding_window
+        )  # within the window, sliding attention is full attention
+    heads = config.num_attention_heads
+    return ModelShape(
+        num_layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab=config.vocab_size,
+        eps=config.rms_norm_eps,
+        max_model_len=max_len,
+    )
+
+
+@dataclass(slots=True)
+class _Layer:
+    ln_attn: torch.Tensor  # [hidden]
+    w_qkv: torch.Tensor  # [(H + 2 Hkv) D, hidden]
+    b_qkv: torch.Tensor | None
+    q_norm: torch.Tensor | None  # [D] (Qwen3)
+    k_norm: torch.Tensor | None
+    w_o: torch.Tensor  # [hidden, H D]
+    ln_mlp: torch.Tensor
+    w_gate_up: torch.Tensor  # [2 I, hidden]
+    w_down: torch.Tensor  # [hidden, I]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, as transformers' Llama does."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos, sin: [T, D] (halves repeated, as transformers lays them out)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class PagedLlama:
+    """Forward of a Llama-family decoder over a ragged batch, reading and writing the paged KV cache."""
+
+    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype) -> None:
+        config = hf_model.config
+        self.shape = model_shape(config)
+        s = self.shape
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype)
+
+        inner = hf_model.model
+        self.embed = w(inner.embed_tokens.weight)  # [V, hidden]
+        self.lm_head = w(hf_model.lm_head.weight) if not config.tie_word_embeddings else self.embed
+        self.norm = w(inner.norm.weight)
+        self.layers = []
+        for layer in inner.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            bias = [att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]
+            qk_norm = getattr(att, "q_norm", None) is not None
+            self.layers.append(
+                _Layer(
+                    ln_attn=w(layer.input_layernorm.weight),
+                    w_qkv=w(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
+                    b_qkv=w(torch.cat(bias)) if bias[0] is not None else None,
+                    q_norm=w(att.q_norm.weight) if qk_norm else None,
+                    k_norm=w(att.k_norm.weight) if qk_norm else None,
+                    w_o=w(att.o_proj.weight),
+                    ln_mlp=w(layer.post_attention_layernorm.weight),
+                    w_gate_up=w(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                    w_down=w(mlp.down_proj.weight),
+                )
+            )
+        rotary = inner.rotary_emb
+        positions = torch.arange(s.max_model_len, dtype=torch.float32)
+        freqs = positions[:, None] * rotary.inv_freq.detach().float().cpu()[None, :]  # [L, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * rotary.attention_scaling).to(device=device, dtype=dtype)  # [L, D]
+        self.sin = (emb.sin() * rotary.attention_scaling).to(device=device, dtype=dtype)
+        self.scale = s.head_dim**-0.5
+        self.device, self.dtype = device, dtype
+        self.weight_bytes = sum(p.numel() for p in hf_model.parameters()) * self.embed.element_size()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_cache: torch.Tensor,  # [layers, 2, pages, page_size, Hkv, D]
+        batch: AttentionBatch,
+        logits_rows: torch.Tensor,  # [S] int64: token rows whose next-token logits are wanted
+        attention: AttentionFn,
+    ) -> torch.Tensor:
+        """Run the decoder; returns fp32 logits [S, V] for `logits_rows`."""
+        s = self.shape
+        h = self.embed[input_ids]  # [T, hidden]
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        n_q, n_kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.ln_attn, s.eps)
+            qkv = F.linear(x, layer.w_qkv, layer.b_qkv)  # [T, (H + 2 Hkv) D]
+            q = qkv[:, :n_q].view(-1, s.num_heads, s.head_dim)
+            k = qkv[:, n_q : n_q + n_kv].view(-1, s.num_kv_heads, s.head_dim)
+            v = qkv[:, n_q + n_kv :].view(-1, s.num_kv_heads, s.head_dim)
+            if layer.q_norm is not None:
+                q, k = rms_norm(q, layer.q_norm, s.eps), rms_norm(k, layer.k_norm, s.eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            write_kv(kv_cache[i, 0], kv_cache[i, 1], k, v, batch.slot_mapping)
+            o = attention(q, kv_cache[i, 0], kv_cache[i, 1], batch, self.scale)  # [T, H, D]
+            h = h + F.linear(o.flatten(1), layer.w_o)
+            x = rms_norm(h, layer.ln_mlp, s.eps)
+            gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.w_down)
+        h = rms_norm(h[logits_rows], self.norm, s.eps)  # [S, hidden]
+        return F.linear(h, self.lm_head).float()

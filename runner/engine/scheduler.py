@@ -1,0 +1,176 @@
+"""Continuous-batching scheduler: which sequences compute how many tokens in the next forward.
+
+Each step packs, under `max_batch_tokens` and `max_seqs`: first one token for every decoding
+sequence, then the next prompt chunk of sequences still prefilling, then newly admitted ones.
+When a decode needs a page and none is free, the newest running sequence is preempted (its pages
+dropped, recomputed later). A waiting sequence is admitted only when its whole prompt fits and one
+page per running sequence stays free for decode growth, so admissions do not thrash the pool.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from runner.engine.pages import PagePool, page_hash
+from runner.engine.sequence import Sequence
+from runner.engine.stops import StopChecker
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One forward: `seqs[i]` computes `num_new[i]` tokens; decodes come first."""
+
+    seqs: list[Sequence]
+    num_new: list[int]
+    num_decodes: int
+    sample_rows: list[int]  # indices into seqs of those whose step ends at their last token
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    """Plain counters, exposed through `Engine.stats()`."""
+
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    prefill_chunks: int = 0
+    partial_prefill_chunks: int = 0  # chunks that stopped before the end of the prompt
+    preemptions: int = 0
+    prefix_hit_tokens: int = 0
+    max_running: int = 0
+    kv_pages_used_peak: int = 0
+
+
+@dataclass(slots=True)
+class Scheduler:
+    """Waiting and running queues over a `PagePool`."""
+
+    pool: PagePool
+    stops: StopChecker
+    max_batch_tokens: int
+    max_seqs: int
+    waiting: deque[Sequence] = field(default_factory=deque)
+    running: list[Sequence] = field(default_factory=list)
+    stats: SchedulerStats = field(default_factory=SchedulerStats)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        """Pick the next forward's sequences and token counts, allocating their pages."""
+        batch = ScheduledBatch([], [], 0, [])
+        budget = self.max_batch_tokens
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.pages and seq.is_decoding and self._grow(seq, batch):
+                self._put(batch, seq, 1)
+                budget -= 1
+        batch.num_decodes = len(batch.seqs)
+        scheduled = {id(s) for s in batch.seqs}
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if id(seq) not in scheduled and not seq.is_decoding:
+                budget -= self._put(batch, seq, min(seq.num_tokens - seq.num_computed, budget))
+        while (
+            self.waiting and budget > 0 and len(self.running) < self.max_seqs and self._admit(self.waiting[0])
+        ):
+            seq = self.waiting.popleft()
+            self.running.append(seq)
+            budget -= self._put(batch, seq, min(seq.num_tokens - seq.num_computed, budget))
+        assert batch.seqs or not self.has_work(), "scheduler stalled with work left"
+        st = self.stats
+        st.steps += 1
+        st.max_running = max(st.max_running, len(self.running))
+        st.kv_pages_used_peak = max(st.kv_pages_used_peak, self.pool.num_used)
+        return batch
+
+    def update(
+        self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float] | None
+    ) -> list[Sequence]:
+        """Record a finished forward and its sampled tokens; returns the sequences that finished."""
+        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
+            seq.num_computed += n
+            self._register_full_pages(seq)
+            if seq.siblings and seq.num_computed >= seq.prompt_len:
+                self.waiting.extendleft(reversed(seq.siblings))  # they find the prompt's pages cached
+                seq.siblings = []
+        finished = []
+        for j, row in enumerate(batch.sample_rows):
+            seq = batch.seqs[row]
+            seq.tokens.append(tokens[j])
+            if logprobs is not None and seq.logprobs is not None:
+                seq.logprobs.append(logprobs[j])
+            seq.finish_reason = self.stops.check(seq)
+            if seq.finish_reason is not None:
+                self.pool.release(seq.pages)
+                seq.pages = []
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished
+
+    def _put(self, batch: ScheduledBatch, seq: Sequence, n: int) -> int:
+        assert n > 0
+        if seq.num_computed + n == seq.num_tokens:
+            batch.sample_rows.append(len(batch.seqs))
+        batch.seqs.append(seq)
+        batch.num_new.append(n)
+        st = self.stats
+        if seq.is_decoding:
+            st.decode_tokens += n
+        else:
+            st.prefill_tokens += n
+            st.prefill_chunks += 1
+            st.partial_prefill_chunks += seq.num_computed + n < seq.num_tokens
+        return n
+
+    def _grow(self, seq: Sequence, batch: ScheduledBatch) -> bool:
+        """Give `seq` a page for one more token, preempting newer sequences; False if `seq` itself went."""
+        if seq.num_computed < len(seq.pages) * self.pool.page_size:
+            return True
+        while self.pool.num_free == 0:
+            scheduled = {id(s) for s in batch.seqs}
+            victims = [s for s in self.running if s is not seq and id(s) not in scheduled]
+            victim = max(victims, key=lambda s: (s.order, s.sample_index)) if victims else seq
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        seq.pages += self.pool.allocate(1)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.release(seq.pages)
+        seq.pages = []
+        seq.page_hashes = []
+        seq.num_computed = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Allocate pages for all of `seq`'s tokens (reusing cached prefix pages) if the pool allows."""
+        ps = self.pool.page_size
+        pages, hashes = self.pool.match_prefix(seq.tokens, (seq.num_tokens - 1) // ps)
+        need = -(-seq.num_tokens // ps) - len(pages)
+        if self.pool.num_free - need < len(self.running):
+            self.pool.release(pages)
+            return False
+        seq.pages = pages + self.pool.allocate(need)
+        seq.page_hashes = hashes
+        seq.num_computed = len(pages) * ps
+        self.stats.prefix_hit_tokens += seq.num_computed
+        return True
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        ps = self.pool.page_size
+        while len(seq.page_hashes) < seq.num_computed // ps:
+            i = len(seq.page_hashes)
+            chunk = tuple(seq.tokens[i * ps : (i + 1) * ps])
+            h = page_hash(seq.page_hashes[-1] if seq.page_hashes else -1, chunk)
+            self.pool.register(seq.pages[i], h, chunk)
+            seq.page_hashes.append(h)

@@ -1,0 +1,193 @@
+"""Throughput benchmark: DESIGN.md's workloads through batchrun and transformers' generate_batch.
+
+Random-weight Llama-shaped bf16 models, greedy, no EOS, every request generates exactly `new`
+tokens; prompt lengths uniform in [64, 768], token ids uniform, seed 0. All backends run in the
+same process on the same model. Prints one table and writes JSON (with the command line).
+
+    python scripts/bench.py --workloads W0 --backends batchrun,hf-sync,hf-async --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+WORKLOADS = {  # hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, prompts, new
+    "W0": (576, 1536, 30, 9, 3, 64, 49152, True, 512, 256),
+    "W1": (2048, 8192, 16, 32, 8, 64, 128256, True, 512, 256),
+    "W2": (4096, 14336, 32, 32, 8, 128, 128256, False, 256, 128),
+}
+FLOPS, BYTES_PER_S = 790e12, 3.0e12  # H100 bf16 matmul rate and memory bandwidth, measured (DEVICE_NOTES.md)
+
+
+@dataclass(slots=True)
+class Result:
+    workload: str
+    backend: str
+    generated_tokens: int
+    wall_s: float
+    tok_s: float
+    gpu_busy_pct: float | None
+    roofline_fraction: float
+    peak_mem_gib: float
+    stats: dict | None = None
+
+
+def build_model(name: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, head_dim, vocab, tied, _, _ = WORKLOADS[name]
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv, head_dim=head_dim, vocab_size=vocab, tie_word_embeddings=tied,
+        max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def make_prompts(name: str, num: int | None) -> list[list[int]]:
+    vocab, prompts = WORKLOADS[name][6], WORKLOADS[name][8]
+    rng = random.Random(0)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(64, 768))] for _ in range(num or prompts)]
+
+
+def t_min(name: str, prompts: list[list[int]], new: int) -> float:
+    """Roofline time: prefill FLOPs at the matmul rate + every decode step's weight and live-KV bytes."""
+    hidden, inter, layers, heads, kv, head_dim, vocab, tied, _, _ = WORKLOADS[name]
+    layer_params = hidden * (heads + 2 * kv) * head_dim + heads * head_dim * hidden + 3 * hidden * inter
+    weight_bytes = 2 * (layers * layer_params + vocab * hidden * (1 if tied else 2))
+    kv_bytes_per_token = layers * 2 * kv * head_dim * 2
+    prompt_tokens = sum(len(p) for p in prompts)
+    t = 2 * layers * layer_params * prompt_tokens / FLOPS
+    for step in range(new):
+        t += (weight_bytes + (prompt_tokens + step * len(prompts)) * kv_bytes_per_token) / BYTES_PER_S
+    return t
+
+
+class BusySampler:
+    """Mean GPU utilisation (NVML, through torch) sampled every 50 ms in a thread."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(torch.cuda.utilization())
+
+    def __enter__(self) -> BusySampler:
+        try:
+            torch.cuda.utilization()
+        except Exception:  # no pynvml: report None
+            self._stop.set()
+            return self
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+def run_batchrun(model, prompts: list[list[int]], new: int, async_mode: bool) -> tuple[int, dict]:
+    from runner.engine import Engine, EngineConfig, Request, SamplingParams
+
+    engine = Engine(model, EngineConfig(device="cuda", dtype="bfloat16", async_mode=async_mode))
+    sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    list(engine.generate(Request(i, p, sp) for i, p in enumerate(prompts[:8])))  # warm-up
+    del engine  # frees its KV pool before the measured engine sizes its own
+    torch.cuda.empty_cache()
+    engine = Engine(model, EngineConfig(device="cuda", dtype="bfloat16", async_mode=async_mode))
+    done = list(engine.generate(Request(i, p, sp) for i, p in enumerate(prompts)))
+    torch.cuda.synchronize()
+    return sum(len(c.token_ids) for c in done), engine.stats()
+
+
+def run_hf(model, prompts: list[list[int]], new: int, async_mode: bool) -> tuple[int, dict | None]:
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    gen = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cb = ContinuousBatchingConfig(use_async_batching=async_mode)
+    out = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb)
+    return sum(len(o.generated_tokens) for o in out.values()), None
+
+
+def bench(name: str, backend: str, model, prompts: list[list[int]], new: int) -> Result:
+    run = {
+        "batchrun": lambda: run_batchrun(model, prompts, new, True),
+        "batchrun-sync": lambda: run_batchrun(model, prompts, new, False),
+        "hf-sync": lambda: run_hf(model, prompts, new, False),
+        "hf-async": lambda: run_hf(model, prompts, new, True),
+    }[backend]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with BusySampler() as busy:
+        generated, stats = run()
+    wall = time.perf_counter() - t0
+    return Result(
+        workload=name, backend=backend, generated_tokens=generated, wall_s=round(wall, 3),
+        tok_s=round(generated / wall, 1), gpu_busy_pct=busy.mean,
+        roofline_fraction=round(t_min(name, prompts, new) / wall, 4),
+        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), stats=stats,
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default="W0")
+    ap.add_argument("--backends", default="batchrun,hf-sync,hf-async")
+    ap.add_argument("--prompts", type=int, default=None, help="override the workload's prompt count")
+    ap.add_argument("--new", type=int, default=None, help="override the workload's new tokens")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    results = []
+    for name in args.workloads.split(","):
+        model = build_model(name)
+        prompts = make_prompts(name, args.prompts)
+        new = args.new or WORKLOADS[name][9]
+        for backend in args.backends.split(","):
+            r = bench(name, backend, model, prompts, new)
+            print(json.dumps(asdict(r)), flush=True)
+            results.append(r)
+        del model
+    best_hf: dict[str, float] = {}
+    for r in results:
+        if r.backend.startswith("hf"):
+            best_hf[r.workload] = max(best_hf.get(r.workload, 0.0), r.tok_s)
+    cols = ("tok/s", "wall s", "busy %", "roofline", "vs hf")
+    print(f"\n{'workload':8} {'backend':14} " + " ".join(f"{c:>9}" for c in cols))
+    for r in results:
+        speedup = f"{r.tok_s / best_hf[r.workload]:.2f}x" if r.workload in best_hf else "-"
+        print(
+            f"{r.workload:8} {r.backend:14} {r.tok_s:9.0f} {r.wall_s:9.2f} {r.gpu_busy_pct or 0:9.1f} "
+            f"{r.roofline_fraction:9.3f} {speedup:>9}"
+        )
+    if args.out:
+        device = torch.cuda.get_device_name()
+        doc = {"command": " ".join(sys.argv), "device": device, "torch": torch.__version__,
+               "results": [asdict(r) for r in results]}  # fmt: skip
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Greedy outputs equal transformers' generate token for token (fp32, CPU), roomy and tiny KV pools."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from runner.engine import Engine, EngineConfig, Request, SamplingParams
+from tests.engine.conftest import hf_greedy, random_prompts, tiny_model
+
+NUM_PROMPTS = 36
+
+
+@pytest.fixture(scope="module")
+def case(arch):
+    """(model, prompts, max_new per prompt, transformers' tokens) for one architecture."""
+    model = tiny_model(arch)
+    prompts = random_prompts(NUM_PROMPTS, 1, 90, seed=1)
+    rng = random.Random(2)
+    max_new = [rng.randint(1, 24) for _ in prompts]
+    reference = [hf_greedy(model, p, n) for p, n in zip(prompts, max_new, strict=True)]
+    return model, prompts, max_new, reference
+
+
+def run_engine(model, prompts, max_new, config: EngineConfig) -> tuple[dict, dict]:
+    engine = Engine(model, config)
+    requests = [
+        Request(i, p, SamplingParams(max_new_tokens=n))
+        for i, (p, n) in enumerate(zip(prompts, max_new, strict=True))
+    ]
+    done = {c.id: c for c in engine.generate(requests)}
+    assert engine.num_unfinished == 0 and not engine.has_unfinished()
+    return done, engine.stats()
+
+
+def check(done: dict, prompts, max_new, reference) -> None:
+    assert sorted(done) == list(range(len(prompts)))
+    for i, ref in enumerate(reference):
+        c = done[i]
+        assert c.token_ids == ref, f"prompt {i}"
+        assert c.prompt_tokens == len(prompts[i])
+        assert c.finish_reason == ("length" if len(ref) == max_new[i] and ref[-1] != 2 else "stop")
+
+
+def test_roomy_pool(case):
+    model, prompts, max_new, reference = case
+    done, stats = run_engine(model, prompts, max_new, EngineConfig(device="cpu", kv_cache_tokens=8192))
+    check(done, prompts, max_new, reference)
+    assert stats["preemptions"] == 0 and stats["partial_prefill_chunks"] == 0
+    assert stats["max_running"] == NUM_PROMPTS
+
+
+def test_tiny_pool_chunks_and_preempts(case):
+    model, prompts, max_new, reference = case
+    config = EngineConfig(device="cpu", kv_cache_tokens=160, page_size=8, max_batch_tokens=24, max_seqs=8)
+    done, stats = run_engine(model, prompts, max_new, config)
+    check(done, prompts, max_new, reference)
+    assert stats["partial_prefill_chunks"] > 0, stats
+    assert stats["preemptions"] > 0, stats
+    assert stats["kv_pages_used_peak"] <= stats["kv_pages_total"] == 20
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_roomy_and_tiny(case):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, prompts, max_new, reference = case
+    for config in (
+        EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=8192),
+        EngineConfig(
+            device="cuda", dtype="float32", kv_cache_tokens=160, page_size=8, max_batch_tokens=24, max_seqs=8
+        ),
+    ):
+        done, stats = run_engine(model, prompts, max_new, config)
+        check(done, prompts, max_new, reference)
+    assert stats["preemptions"] > 0 and stats["partial_prefill_chunks"] > 0
