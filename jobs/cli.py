@@ -135,3 +135,7 @@ def status(spec_path: str, as_json: bool) -> None:
 
     report = job_status(_load(spec_path, None, None))
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else "\n".join(report.lines()))
+
+
+if __name__ == "__main__":
+    main()

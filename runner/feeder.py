@@ -131,4 +131,4 @@ class Feeder:
             batch_rows=self._batch_rows,
             columns=self._columns,
         ):
-            yield self._builder.build(w.shard.id, [(r.row, r.values, r.error) for r in rows])
+            yield self._builder.build(w.shard.id, [(r.row, r.values, r.error) for r in rows], w.shard.url)

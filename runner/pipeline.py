@@ -86,6 +86,7 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
     try:
         with StopRequested() as stop, GpuBusy() as busy:
             job.run(store, stop, show_progress)
+        engine_stats = backend.stats()
     finally:
         backend.close()
     status = "interrupted" if stop.requested else "failed" if job.failed else "finished"
@@ -99,7 +100,7 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
         job,
         busy.mean(),
         job.failed,
-        backend.stats(),
+        engine_stats,
     )
     if stop.requested:
         raise JobInterrupted(stop.signum, summary)

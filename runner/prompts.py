@@ -62,9 +62,13 @@ class PromptBuilder:
             )
 
     def build(
-        self, shard: str, rows: list[tuple[int, dict[str, Any] | None, str | None]]
+        self, shard: str, rows: list[tuple[int, dict[str, Any] | None, str | None]], source: str | None = None
     ) -> list[PreparedRow]:
-        """rows: (row number, values or None, read error or None) → one PreparedRow each, in order."""
+        """rows: (row number, values or None, read error or None) → one PreparedRow each, in order.
+
+        `source` names the file in error messages (default: the shard id).
+        """
+        where = source or shard
         out: list[PreparedRow] = []
         texts: list[str] = []
         pending: list[PreparedRow] = []
@@ -78,7 +82,7 @@ class PromptBuilder:
                 text = self._text(values)
                 prep.sampling = self._sampling(shard, row, values)
             except _RowError as e:
-                prep.error = f"{shard} row {row}: {e}"
+                prep.error = f"{where} row {row}: {e}"
                 continue
             texts.append(text)
             pending.append(prep)
@@ -87,7 +91,7 @@ class PromptBuilder:
             add_special = not self.spec.uses_chat_template
             encoded = self.tokenizer(texts, add_special_tokens=add_special)["input_ids"]
             for prep, ids in zip(pending, encoded, strict=True):
-                self._fit(prep, list(ids))
+                self._fit(prep, list(ids), where)
         return out
 
     def _text(self, values: dict[str, Any]) -> str:
@@ -166,12 +170,12 @@ class PromptBuilder:
             "stop": list(p.stop),
         }
 
-    def _fit(self, prep: PreparedRow, ids: list[int]) -> None:
+    def _fit(self, prep: PreparedRow, ids: list[int], where: str) -> None:
         limit = self.max_prompt_tokens
         if len(ids) <= limit:
             prep.prompt_ids = ids
             return
-        what = f"{prep.shard} row {prep.row}: prompt has {len(ids)} tokens, over the limit of {limit}"
+        what = f"{where} row {prep.row}: prompt has {len(ids)} tokens, over the limit of {limit}"
         policy = self.spec.on_too_long
         if policy == "truncate":
             prep.prompt_ids = ids[-limit:]  # keep the end, where the question usually is

@@ -1,0 +1,95 @@
+"""Fixtures shared across the suite: a tiny model saved as a local HF folder, and job builders."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.helpers import tiny_llama, tiny_tokenizer
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "batch",
+    "rows",
+    "shards",
+    "output",
+    "name",
+    "three",
+    "colors",
+    "red",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama and its tokenizer, saved as a local Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def prompt_text(shard: int, row: int) -> str:
+    """A deterministic prompt of varying length for (shard, row)."""
+    n = 3 + (shard * 7 + row * 5) % 17
+    return " ".join(WORDS[(shard + row * 3 + i) % len(WORDS)] for i in range(n))
+
+
+def write_inputs(root: Path, parquet: int = 3, jsonl: int = 2, rows: int = 6) -> dict[str, list[str]]:
+    """Parquet shards (2 row groups each) and JSONL shards (.jsonl.gz, then .jsonl.zst-free plain);
+    returns {shard id: [prompt per row]}."""
+    root.mkdir(parents=True, exist_ok=True)
+    prompts: dict[str, list[str]] = {}
+    for s in range(parquet):
+        texts = [prompt_text(s, r) for r in range(rows + s)]
+        table = pa.table({"id": [f"p{s}-{r}" for r in range(len(texts))], "text": texts})
+        pq.write_table(table, root / f"a{s}.parquet", row_group_size=max(1, len(texts) // 2))
+        prompts[f"a{s}.parquet"] = texts
+    for s in range(jsonl):
+        texts = [prompt_text(10 + s, r) for r in range(rows + s)]
+        lines = "".join(json.dumps({"id": f"j{s}-{r}", "text": t}) + "\n" for r, t in enumerate(texts))
+        name = f"b{s}.jsonl.gz" if s % 2 == 0 else f"b{s}.jsonl"
+        data = gzip.compress(lines.encode()) if name.endswith(".gz") else lines.encode()
+        (root / name).write_bytes(data)
+        prompts[name] = texts
+    return prompts
+
+
+def write_spec(path: Path, model_dir: Path, **sections) -> Path:
+    """A job spec over `<spec dir>/in/*` with the tiny model; keyword sections update the defaults."""
+    spec = {
+        "input": {"path": "in"},
+        "prompt": {"column": "text"},
+        "model": {"path": str(model_dir)},
+        "sampling": {"max_new_tokens": 8},
+        "output": {"path": "out", "flush_rows": 4, "keep_columns": ["id", "text"], "include_token_ids": True},
+        "engine": {"backend": "auto"},
+    }
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def read_output(out: Path, ext: str = ".parquet") -> dict[str, list[dict]]:
+    """{shard stem: rows} of every final output file under `out`."""
+    result = {}
+    for f in sorted(out.rglob(f"*{ext}")):
+        if "_batchrun" in f.parts:
+            continue
+        result[str(f.relative_to(out))[: -len(ext)]] = pq.read_table(f).to_pylist()
+    return result

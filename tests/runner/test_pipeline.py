@@ -1,0 +1,189 @@
+"""The whole job in-process: shards in, engine, committed parts, compacted output, error rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from jobs.checkpoint import FingerprintMismatch
+from jobs.spec import load_spec
+from runner.pipeline import run_job
+from runner.prompts import PromptTooLong
+from tests.conftest import read_output, write_inputs, write_spec
+
+
+def _reference_tokens(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """transformers `generate`, greedy, one prompt at a time (no padding effects)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for text in prompts:
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        out.append(gen[0, ids.shape[1] :].tolist())
+    return out
+
+
+@pytest.mark.parametrize("backend", ["auto", "transformers"])
+def test_job_output_equals_transformers_generate(tmp_path: Path, tiny_model_dir: Path, backend: str):
+    prompts = write_inputs(tmp_path / "in")
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir, engine={"backend": backend}))
+    summary = run_job(spec, show_progress=False)
+
+    total = sum(len(p) for p in prompts.values())
+    assert (summary.status, summary.rows_ok, summary.rows_error, summary.shards_done) == (
+        "finished",
+        total,
+        0,
+        5,
+    )
+    out = read_output(tmp_path / "out")
+    assert sorted(out) == ["a0", "a1", "a2", "b0", "b1"]
+    for shard_id, texts in prompts.items():
+        rows = out[shard_id.split(".")[0]]
+        assert [r["_row"] for r in rows] == list(range(len(texts)))
+        assert [r["text"] for r in rows] == texts and all(r["_shard"] == shard_id for r in rows)
+        expected = _reference_tokens(tiny_model_dir, texts, 8)
+        assert [r["generated_token_ids"] for r in rows] == expected
+        for r, ids in zip(rows, expected, strict=True):
+            assert r["generated_tokens"] == len(ids)
+            assert r["finish_reason"] == ("stop" if len(ids) < 8 else "length")
+    assert not list((tmp_path / "out").rglob("*.parts"))
+    report = json.loads((tmp_path / "out/_batchrun/report.json").read_text())
+    assert report["rows_ok"] == total and report["generated_tokens"] == summary.generated_tokens > 0
+
+
+def test_second_submit_of_a_finished_job_does_nothing(tmp_path: Path, tiny_model_dir: Path, caplog):
+    write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=3)
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir))
+    run_job(spec, show_progress=False)
+    before = (tmp_path / "out/a0.parquet").stat().st_mtime_ns
+    caplog.set_level("INFO")
+    again = run_job(spec, show_progress=False)
+    assert again.rows_ok == 0 and again.shards_done == 1
+    assert "all 1 shards of this task are done already; nothing to do" in caplog.text
+    assert (tmp_path / "out/a0.parquet").stat().st_mtime_ns == before
+
+
+def test_bad_rows_become_error_rows_and_the_rest_is_generated(tmp_path: Path, tiny_model_dir: Path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    long = " ".join(["fox"] * 300)
+    lines = [
+        b'{"text": "the quick brown fox"}',
+        b'{"text": "broken json',
+        b'["not", "an", "object"]',
+        b'{"text": "caf\xff bytes"}',
+        b'{"other": "no text field"}',
+        b'{"text": "   "}',
+        b'{"text": "' + long.encode() + b'"}',
+        b'{"text": 42}',
+        b'{"text": "red green blue"}',
+    ]
+    (inp / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (inp / "empty.jsonl").write_bytes(b"")
+    spec = load_spec(
+        write_spec(
+            tmp_path / "spec.yaml", tiny_model_dir, input={"path": "in/*.jsonl"}, output={"keep_columns": []}
+        )
+    )
+    summary = run_job(spec, show_progress=False)
+    assert (summary.rows_ok, summary.rows_error, summary.shards_done) == (2, 7, 2)
+
+    rows = read_output(tmp_path / "out")["bad"]
+    assert [r["_row"] for r in rows] == list(range(9))
+    errors = {r["_row"]: r["error"] for r in rows if r["finish_reason"] == "error"}
+    src = str(inp / "bad.jsonl")
+    assert errors[1].startswith(f"{src} row 1: invalid JSON")
+    assert errors[2] == f"{src} row 2: not a JSON object (got list)"
+    assert errors[3].startswith(f"{src} row 3: not valid UTF-8")
+    assert errors[4] == f"{src} row 4: row has no field 'text' (fields: other)"
+    assert errors[5] == f"{src} row 5: empty prompt"
+    assert errors[6] == f"{src} row 6: prompt has 900 tokens, over the limit of 248 (on_too_long: skip)"
+    assert errors[7] == f"{src} row 7: field 'text' must be text (got int)"
+    assert sorted(errors) == [1, 2, 3, 4, 5, 6, 7]
+    assert all(r["generated_tokens"] > 0 for r in rows if r["_row"] in (0, 8))
+    listed = [json.loads(x) for x in (tmp_path / "out/_batchrun/errors/bad.jsonl").read_text().splitlines()]
+    assert [x["_row"] for x in listed] == [1, 2, 3, 4, 5, 6, 7]
+    assert pq.read_table(tmp_path / "out/empty.parquet").num_rows == 0
+
+
+def test_too_long_prompt_policies(tmp_path: Path, tiny_model_dir: Path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "x.jsonl").write_text(
+        json.dumps({"text": "red green blue"}) + "\n" + json.dumps({"text": " ".join(["fox"] * 40)}) + "\n"
+    )
+    base = {"input": {"path": "in/*.jsonl"}}
+
+    spec = load_spec(
+        write_spec(
+            tmp_path / "t.yaml",
+            tiny_model_dir,
+            **base,
+            prompt={"max_tokens": 12, "on_too_long": "truncate"},
+            output={"path": "out-t"},
+        )
+    )
+    run_job(spec, show_progress=False)
+    rows = read_output(tmp_path / "out-t")["x"]
+    assert [r["prompt_tokens"] for r in rows][1] == 12 and rows[1]["finish_reason"] != "error"
+
+    spec = load_spec(
+        write_spec(
+            tmp_path / "e.yaml",
+            tiny_model_dir,
+            **base,
+            prompt={"max_tokens": 12, "on_too_long": "error"},
+            output={"path": "out-e"},
+        )
+    )
+    with pytest.raises(
+        PromptTooLong,
+        match=r"in/x.jsonl row 1: prompt has \d+ tokens, over the limit of 12\. "
+        r"The job stops because prompt.on_too_long is 'error'",
+    ):
+        run_job(spec, show_progress=False)
+
+
+def test_resume_with_a_changed_spec_is_refused_naming_the_field(tmp_path: Path, tiny_model_dir: Path):
+    write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=3)
+    run_job(load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir)), show_progress=False)
+    changed = load_spec(
+        write_spec(tmp_path / "spec.yaml", tiny_model_dir, sampling={"max_new_tokens": 8, "temperature": 0.7})
+    )
+    with pytest.raises(FingerprintMismatch) as e:
+        run_job(changed, show_progress=False)
+    assert "sampling.temperature: 0.0 -> 0.7" in str(e.value)
+    assert "--force-new-run" in str(e.value)
+    summary = run_job(changed, force_new_run=True, show_progress=False)
+    assert summary.rows_ok == 3
+
+
+def test_torn_part_is_quarantined_and_its_rows_redone(tmp_path: Path, tiny_model_dir: Path):
+    write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=4)
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir))
+    reference = run_job(spec, show_progress=False)
+    expected = read_output(tmp_path / "out")["a0"]
+    # Recreate the state of a killed run: one committed part, one torn part (a writer killed mid-write
+    # on a filesystem without atomic rename would leave such a thing).
+    rows = expected
+    (tmp_path / "out/a0.parquet").unlink()
+    parts = tmp_path / "out/a0.parts"
+    parts.mkdir()
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows[:2]), parts / "part-000000-aaaa.parquet")
+    good = parts / "part-000001-bbbb.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[2:]), good)
+    good.write_bytes(good.read_bytes()[:-20])
+    summary = run_job(spec, show_progress=False)
+    assert summary.rows_ok == 2 and reference.rows_ok == 4
+    assert read_output(tmp_path / "out")["a0"] == expected
+    assert (tmp_path / "out/_batchrun/quarantine/a0/part-000001-bbbb.parquet").exists()
