@@ -129,6 +129,8 @@ class Feeder:
             self._storage_options,
             skip=w.done_rows,
             batch_rows=self._batch_rows,
-            columns=self._columns,
+            # Parquet reads only the needed columns (and says which are missing); JSONL rows stay
+            # whole, so that a row's error can list the fields it does have
+            columns=self._columns if w.shard.format == "parquet" else None,
         ):
             yield self._builder.build(w.shard.id, [(r.row, r.values, r.error) for r in rows], w.shard.url)

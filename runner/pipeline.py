@@ -9,6 +9,7 @@ job exits with `JobInterrupted`; running the same command again finishes exactly
 from __future__ import annotations
 
 import logging
+import string
 import time
 from dataclasses import dataclass, field
 
@@ -109,6 +110,22 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
     return summary
 
 
+def input_columns(spec: JobSpec) -> list[str] | None:
+    """The input fields the job reads (None: all of them, for keep_columns: all)."""
+    if spec.output.keep_columns == "all":
+        return None
+    p = spec.prompt
+    names = [p.column, p.messages_column, spec.input.id_column, spec.sampling.overrides_column]
+    if p.template:
+        names += [
+            field.split(".")[0].split("[")[0]
+            for _, field, _, _ in string.Formatter().parse(p.template)
+            if field
+        ]
+    names += spec.output.keep_columns
+    return list(dict.fromkeys(n for n in names if n))
+
+
 def _plan(store: OutputStore, spec: JobSpec, shards) -> tuple[list[ShardWork], int, dict[str, str]]:
     """The shards still to do with their committed rows; shards already done; unreadable shards."""
     work, done, failed = [], 0, {}
@@ -157,7 +174,7 @@ class _Job:
         self.writer = PartWriter(store, spec.output.flush_rows, spec.output.flush_seconds)
         for w in self.work:
             self.writer.open_shard(w.shard.id, len(w.done_rows))
-        feeder = Feeder(self.work, builder, spec.input.storage_options, columns=None)
+        feeder = Feeder(self.work, builder, spec.input.storage_options, columns=input_columns(spec))
         self.bar = ProgressBar(self.rows_left, show_progress)
         try:
             self._loop(feeder, stop)

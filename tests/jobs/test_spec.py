@@ -40,9 +40,10 @@ def test_every_problem_is_listed_with_its_field_path(tmp_path: Path):
     msg = str(e.value)
     assert msg.startswith(f"{bad}: 7 problem(s) in the spec:")
     for line in [
-        "  input.colour: Extra inputs are not permitted — unknown key; known here: path, format, storage_options,"
-        " id_column",
-        "  prompt: set exactly one of prompt.column, prompt.template, prompt.messages_column (got column, template)",
+        "  input.colour: Extra inputs are not permitted — unknown key; known here: path, format, "
+        "storage_options, id_column",
+        "  prompt: set exactly one of prompt.column, prompt.template, prompt.messages_column "
+        "(got column, template)",
         "  sampling.temperature: Input should be greater than or equal to 0 (got -1)",
         "  sampling.top_p: Input should be less than or equal to 1 (got 2)",
         "  sampling.max_new_tokens: Input should be a valid integer, unable to parse string as an integer"

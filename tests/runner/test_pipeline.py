@@ -187,3 +187,45 @@ def test_torn_part_is_quarantined_and_its_rows_redone(tmp_path: Path, tiny_model
     assert summary.rows_ok == 2 and reference.rows_ok == 4
     assert read_output(tmp_path / "out")["a0"] == expected
     assert (tmp_path / "out/_batchrun/quarantine/a0/part-000001-bbbb.parquet").exists()
+
+
+def test_a_parquet_shard_without_the_prompt_column_fails_alone_with_a_clear_message(
+    tmp_path: Path, tiny_model_dir: Path
+):
+    import pyarrow as pa
+
+    from runner.pipeline import JobFailed
+
+    write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=3)
+    pq.write_table(pa.table({"id": ["x"], "prompt": ["hello"]}), tmp_path / "in/z.parquet")
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir))
+    with pytest.raises(JobFailed) as e:
+        run_job(spec, show_progress=False)
+    url = str(tmp_path / "in/z.parquet")
+    assert e.value.summary.failed_shards == {"z.parquet": f"{url}: no column 'text' (columns: id, prompt)"}
+    assert e.value.summary.rows_ok == 3 and e.value.summary.shards_done == 1
+    assert sorted(read_output(tmp_path / "out")) == ["a0"]
+
+
+def test_template_and_messages_prompts(tmp_path: Path, tiny_model_dir: Path):
+    from runner.pipeline import input_columns
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rows = [{"title": "red", "body": "green blue"}, {"title": "fox"}]
+    (inp / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = load_spec(
+        write_spec(
+            tmp_path / "spec.yaml",
+            tiny_model_dir,
+            prompt={"column": None, "template": "{title}: {body}"},
+            output={"keep_columns": ["title"]},
+        )
+    )
+    assert input_columns(spec) == ["title", "body"]
+    run_job(spec, show_progress=False)
+    out = read_output(tmp_path / "out")["t"]
+    assert out[0]["finish_reason"] != "error" and out[0]["title"] == "red"
+    assert (
+        out[1]["error"] == f"{inp / 't.jsonl'} row 1: prompt.template needs field 'body' which the row lacks"
+    )
