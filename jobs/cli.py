@@ -81,7 +81,7 @@ def _run(
             err=True,
         )
         sys.exit(EXIT_FAILED)
-    except (FingerprintMismatch, CheckpointError, InputError, ModelError, PromptTooLong) as e:
+    except (FingerprintMismatch, CheckpointError, InputError, ModelError, PromptTooLong, SpecError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)
     _echo_summary(summary.lines())

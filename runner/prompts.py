@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from jobs.spec import PromptSpec, SamplingSpec
+from jobs.spec import PromptSpec, SamplingSpec, SpecError
 from runner.engine.types import SamplingParams
 
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -50,13 +50,13 @@ class PromptBuilder:
         if spec.max_tokens is not None:
             limit = min(limit, spec.max_tokens)
         if limit <= 0:
-            raise ValueError(
+            raise SpecError(
                 f"sampling.max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the "
                 f"model's context of {max_model_len} tokens; lower it"
             )
         self.max_prompt_tokens = limit
         if spec.uses_chat_template and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise SpecError(
                 "prompt asks for the chat template but the model's tokenizer has none; set "
                 "prompt.chat_template: false (and use prompt.column or prompt.template)"
             )
