@@ -103,7 +103,7 @@ class OutputStore:
         """Record the run's fingerprint on the first run; refuse to resume a different run.
 
         With `force_new_run`, this output's previous progress (parts, final shards, state files;
-        not the quarantine) is removed first and the new fingerprint recorded.
+        not the quarantine nor the leases) is removed first and the new fingerprint recorded.
         """
         fingerprint = json.loads(json.dumps(fingerprint, default=str))  # compare as stored
         if force_new_run:
@@ -148,7 +148,7 @@ class OutputStore:
             parts = path[len(self.root) :].strip("/").split("/")
             in_parts = [i for i, p in enumerate(parts) if p.endswith(".parts")]
             if parts[0] == STATE_DIR:
-                if len(parts) > 1 and parts[1] != "quarantine":
+                if len(parts) > 1 and parts[1] not in ("quarantine", "leases"):
                     doomed.add(self._state(parts[1]))
             elif in_parts:
                 doomed.add(self._path("/".join(parts[: in_parts[0] + 1])))

@@ -58,6 +58,7 @@ def _run(
     spec_path: str, task_index: int | None, num_tasks: int | None, force_new_run: bool, progress: bool
 ) -> None:
     from jobs.checkpoint import CheckpointError, FingerprintMismatch
+    from jobs.lease import LeaseHeld
     from runner.models import ModelError
     from runner.pipeline import JobFailed, JobInterrupted, run_job
     from runner.prompts import PromptTooLong
@@ -81,7 +82,15 @@ def _run(
             err=True,
         )
         sys.exit(EXIT_FAILED)
-    except (FingerprintMismatch, CheckpointError, InputError, ModelError, PromptTooLong, SpecError) as e:
+    except (
+        FingerprintMismatch,
+        CheckpointError,
+        InputError,
+        LeaseHeld,
+        ModelError,
+        PromptTooLong,
+        SpecError,
+    ) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)
     _echo_summary(summary.lines())

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from jobs.checkpoint import OutputStore
+from jobs.lease import TaskLease
 from jobs.plan import assign_shards, run_fingerprint
 from jobs.spec import JobSpec
 from runner.backends import load_backend
@@ -65,10 +66,16 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
     """Run (or resume) this task's share of the job; returns the summary, also in report.json.
 
     Raises JobInterrupted after a stop signal, JobFailed if a shard could not be read,
-    FingerprintMismatch if the output belongs to a different run.
+    FingerprintMismatch if the output belongs to a different run, LeaseHeld if another live job
+    is running this task on the same output.
     """
-    started = time.monotonic()
     store = output_store(spec)
+    with TaskLease(store.fs, store.root, spec.runtime.task_index, spec.runtime.num_tasks):
+        return _run_leased(spec, store, force_new_run, show_progress)
+
+
+def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_progress: bool) -> Summary:
+    started = time.monotonic()
     shards = assign_shards(
         list_shards(spec.input.path, spec.input.storage_options, spec.input.format),
         spec.runtime.task_index,

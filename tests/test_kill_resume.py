@@ -169,3 +169,30 @@ def test_sigterm_drains_commits_finished_rows_and_exits_for_requeue(tmp_path: Pa
         "a0": list(range(60)),
         "a1": list(range(61)),
     }
+
+
+def test_a_second_submit_is_refused_while_the_first_runs_and_takes_over_after_a_kill(
+    tmp_path: Path, tiny_model_dir: Path
+):
+    write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=40)
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        tiny_model_dir,
+        sampling={"max_new_tokens": 32, "ignore_eos": True},
+        engine={"max_seqs": 2},
+    )
+    first = batchrun("submit", str(spec), "--no-progress", wait=False)
+    lease = tmp_path / "out/_batchrun/leases/task-0-of-1.json"
+    deadline = time.monotonic() + 120
+    while not lease.exists():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 1
+    assert f"error: another job is writing this output: pid {first.pid} on " in err
+    first.kill()
+    first.communicate()
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 0, err[-3000:]
+    assert "taking over the lease" in err and "(its process is gone)" in err
+    assert not lease.exists()
