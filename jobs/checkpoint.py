@@ -123,21 +123,41 @@ class OutputStore:
 
     def write_json(self, relpath: str, obj: dict) -> None:
         """Write `obj` atomically to `<out>/_batchrun/<relpath>`."""
-        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
-        write_bytes_atomic(self.fs, self._state(relpath), data)
+        self.write_state(relpath, json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n")
 
     def read_json(self, relpath: str) -> dict | None:
         """The object in `<out>/_batchrun/<relpath>`, or None if there is none."""
-        path = self._state(relpath)
-        try:
-            with self.fs.open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
+        data = self.read_state(relpath)
+        if data is None:
             return None
         try:
             return json.loads(data)
         except ValueError as e:
-            raise CheckpointError(f"{path} is not valid JSON ({e}); fix or remove it") from e
+            raise CheckpointError(f"{self._state(relpath)} is not valid JSON ({e}); fix or remove it") from e
+
+    def write_state(self, relpath: str, data: bytes) -> None:
+        """Write `data` atomically to `<out>/_batchrun/<relpath>`."""
+        write_bytes_atomic(self.fs, self._state(relpath), data)
+
+    def read_state(self, relpath: str) -> bytes | None:
+        """The bytes of `<out>/_batchrun/<relpath>`, or None if there is none."""
+        path = self._state(relpath)
+        self._invalidate(path)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def list_state(self, reldir: str) -> list[str]:
+        """File names in `<out>/_batchrun/<reldir>/` (temp files excluded), sorted."""
+        path = self._state(reldir)
+        self._invalidate(path + "/")
+        try:
+            names = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in map(posixpath.basename, names) if not n.startswith(TEMP_PREFIX))
 
     def _discard_progress(self) -> None:
         self._invalidate(self.root)
@@ -195,6 +215,24 @@ class OutputStore:
                 return sum(1 for line in f if line.strip())
         except FileNotFoundError:
             return 0
+
+    def error_reasons(self, shard_id: str) -> list[str]:
+        """The `error` of each committed error row of a shard (read only; for `batchrun status`)."""
+        try:
+            with self.fs.open(self._errors_path(shard_id), "rb") as f:
+                return [json.loads(line).get("error") or "" for line in f if line.strip()]
+        except FileNotFoundError:
+            pass
+        reasons = []
+        for path in self._part_paths(shard_id, repair=False):
+            try:
+                table = self._read_part(path, columns=["_row", "finish_reason", "error"])
+            except CheckpointError:
+                continue
+            if "error" in table.column_names:
+                errors = table.filter(pc.equal(table.column("finish_reason"), "error"))
+                reasons += [e or "" for e in errors.column("error").to_pylist()]
+        return reasons
 
     def commit_part(self, shard_id: str, rows: list[dict]) -> str:
         """Commit `rows` (each with `_row`) as the shard's next part; returns the part's path."""

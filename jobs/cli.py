@@ -146,5 +146,35 @@ def status(spec_path: str, as_json: bool) -> None:
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else "\n".join(report.lines()))
 
 
+@main.command()
+@click.argument("spec_path", metavar="SPEC")
+@click.option(
+    "-o",
+    "--out",
+    "out_path",
+    default=None,
+    help="Where to write the PNG (default: <output>/_batchrun/report.png).",
+)
+def report(spec_path: str, out_path: str | None) -> None:
+    """Plot throughput and GPU busy over time and rows per shard into a PNG (needs matplotlib)."""
+    from jobs.checkpoint import OutputStore
+    from jobs.report import ReportUnavailable, render_png
+
+    spec = _load(spec_path, None, None)
+    try:
+        png = render_png(spec)
+    except ReportUnavailable as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FAILED)
+    if out_path:
+        with open(out_path, "wb") as f:
+            f.write(png)
+    else:
+        o = spec.output
+        OutputStore(o.path, o.storage_options, o.format, o.compression).write_state("report.png", png)
+        out_path = f"{o.path.rstrip('/')}/_batchrun/report.png"
+    click.echo(out_path)
+
+
 if __name__ == "__main__":
     main()

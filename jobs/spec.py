@@ -143,6 +143,9 @@ class RuntimeSpec(_Section):
     task_index: NonNegInt = 0
     num_tasks: PositiveInt = 1
     grace_seconds: Annotated[float, Field(gt=0)] = 60.0
+    heartbeat_seconds: Annotated[float, Field(gt=0)] = Field(
+        5.0, description="how often progress and metrics are written to <out>/_batchrun/"
+    )
 
     @model_validator(mode="after")
     def _index_in_range(self) -> RuntimeSpec:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from jobs.checkpoint import OutputStore
@@ -19,10 +22,28 @@ class ShardStatus:
 
 
 @dataclass(slots=True)
+class TaskStatus:
+    task: str  # "task-<i>-of-<n>"
+    state: str  # "running" | "stale" (no heartbeat for 3 intervals) | "finished" | "interrupted" | "failed"
+    host: str
+    pid: int
+    heartbeat_age_s: float
+    rows_done: int
+    rows_total: int
+    rows_error: int
+    tokens_per_s: float
+    rows_per_s: float
+    gpu_busy_percent: float | None
+
+
+@dataclass(slots=True)
 class JobStatus:
     output: str
     fingerprint_recorded: bool
     shards: list[ShardStatus] = field(default_factory=list)
+    tasks: list[TaskStatus] = field(default_factory=list)
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    eta_seconds: float | None = None
     last_report: dict | None = None
 
     def as_dict(self) -> dict:
@@ -39,10 +60,20 @@ class JobStatus:
             if s.error_rows:
                 detail += f", {s.error_rows} error rows"
             out.append(f"  {s.state:<8} {s.shard}  {detail}")
+        for t in self.tasks:
+            busy = "" if t.gpu_busy_percent is None else f", GPU {t.gpu_busy_percent:.0f}%"
+            out.append(
+                f"  {t.task}: {t.state} on {t.host} (pid {t.pid}), heartbeat {t.heartbeat_age_s:.0f} s ago, "
+                f"{t.rows_done}/{t.rows_total} rows this attempt, {t.tokens_per_s:.0f} tok/s{busy}"
+            )
         out.append(
             f"{len(self.shards)} shards: {counts['done']} done, {counts['partial']} partial, "
             f"{counts['pending']} pending; {committed}/{total} rows committed, {errors} error rows"
         )
+        if self.eta_seconds is not None:
+            out.append(f"ETA {_duration(self.eta_seconds)} at the running tasks' current rate")
+        for reason, n in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
+            out.append(f"  {n} x {reason}")
         if self.last_report:
             r = self.last_report
             out.append(f"last run: {r.get('status')}, {r.get('generated_tokens_per_s')} generated tok/s")
@@ -50,19 +81,63 @@ class JobStatus:
 
 
 def job_status(spec: JobSpec) -> JobStatus:
-    """Each shard's state: done (final file), partial (committed parts), pending (nothing yet)."""
+    """Each shard's state (done / partial / pending), each task's heartbeat, errors by reason, ETA."""
     store = OutputStore(
         spec.output.path, spec.output.storage_options, spec.output.format, spec.output.compression
     )
     status = JobStatus(
         spec.output.path, store.read_json("run.json") is not None, last_report=store.read_json("report.json")
     )
+    reasons: Counter[str] = Counter()
     for shard in list_shards(spec.input.path, spec.input.storage_options, spec.input.format):
         progress = store.scan(shard.id, repair=False)
         total = count_rows(shard, spec.input.storage_options)
+        reasons.update(map(error_reason, store.error_reasons(shard.id)))
         if progress.done:
             status.shards.append(ShardStatus(shard.id, "done", total, total, store.error_count(shard.id)))
             continue
         state = "partial" if progress.rows else "pending"
         status.shards.append(ShardStatus(shard.id, state, total, len(progress.rows), progress.error_rows))
+    status.errors_by_reason = dict(reasons)
+    status.tasks = [_task_status(store, name) for name in store.list_state("progress")]
+    rate = sum(t.rows_per_s for t in status.tasks if t.state == "running")
+    remaining = sum(s.rows_total - s.rows_committed for s in status.shards)
+    if rate > 0 and remaining:
+        status.eta_seconds = round(remaining / rate, 1)
     return status
+
+
+def _task_status(store: OutputStore, name: str) -> TaskStatus:
+    beat = store.read_json(f"progress/{name}")
+    age = max(0.0, time.time() - beat["updated_at"])
+    state = beat["state"]
+    if state == "running" and age > 3 * beat["interval_s"]:
+        state = "stale"
+    c = beat["counters"]
+    return TaskStatus(
+        name.removesuffix(".json"),
+        state,
+        beat["host"],
+        beat["pid"],
+        round(age, 1),
+        c["rows_done"],
+        c["rows_total"],
+        c["rows_error"],
+        beat["tokens_per_s"],
+        beat["rows_per_s"],
+        beat["gpu_busy_percent"],
+    )
+
+
+_WHERE = re.compile(r"^.*? row \d+: ")
+
+
+def error_reason(error: str) -> str:
+    """An error row's reason without its place, numbers folded: groups alike errors together."""
+    return re.sub(r"\d+", "N", _WHERE.sub("", error, count=1))[:120]
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -22,7 +22,8 @@ from runner.engine.types import Completion, Request
 from runner.faults import kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
 from runner.models import load_tokenizer, resolve_model
-from runner.progress import GpuBusy, ProgressBar, Summary
+from runner.monitor import Counters, Monitor
+from runner.progress import ProgressBar, Summary
 from runner.prompts import PreparedRow, PromptBuilder
 from runner.signals import StopRequested
 from runner.sources import InputError, count_rows, list_shards
@@ -85,30 +86,30 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
     tokenizer = load_tokenizer(model.local_path, spec.model.revision)
     store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
     work, done_shards, failed = _plan(store, spec, shards)
+    counters = Counters(
+        shards_owned=len(shards),
+        shards_done=done_shards,
+        rows_total=sum(w.total_rows - len(w.done_rows) for w in work),
+    )
     if not work and not failed:
         log.info("all %d shards of this task are done already; nothing to do", len(shards))
-        return _finish(store, spec, "finished", len(shards), len(shards), started, None, None, {}, {})
+        return _summarize(store, spec, "finished", counters, started, None, {}, {})
 
     backend = load_backend(model.local_path, spec.engine)
-    job = _Job(spec, backend, work, started, failed)
+    job = _Job(spec, backend, work, failed, counters)
+    rt = spec.runtime
+    monitor = Monitor(store, rt.task_index, rt.num_tasks, counters, backend.stats, rt.heartbeat_seconds)
+    state = "failed"
     try:
-        with StopRequested() as stop, GpuBusy() as busy:
+        with StopRequested() as stop, monitor:
             job.run(store, stop, show_progress)
         engine_stats = backend.stats()
+        state = "interrupted" if stop.requested else "failed" if job.failed else "finished"
     finally:
+        monitor.finish(state)
         backend.close()
-    status = "interrupted" if stop.requested else "failed" if job.failed else "finished"
-    summary = _finish(
-        store,
-        spec,
-        status,
-        len(shards),
-        done_shards + job.writer.counts.shards_compacted,
-        started,
-        job,
-        busy.mean(),
-        job.failed,
-        engine_stats,
+    summary = _summarize(
+        store, spec, state, counters, started, monitor.gpu_busy_mean(), job.failed, engine_stats
     )
     if stop.requested:
         raise JobInterrupted(stop.signum, summary)
@@ -161,15 +162,16 @@ def _plan(store: OutputStore, spec: JobSpec, shards) -> tuple[list[ShardWork], i
 class _Job:
     """The main loop's state: what is in flight in the engine, and where finished rows go."""
 
-    def __init__(self, spec: JobSpec, backend, work: list[ShardWork], started: float, failed: dict[str, str]):
+    def __init__(
+        self, spec: JobSpec, backend, work: list[ShardWork], failed: dict[str, str], counters: Counters
+    ):
         self.spec = spec
         self.backend = backend
         self.work = work
-        self.started = started
         self.inflight: dict[tuple[str, int], _InFlight] = {}
         self.max_inflight = spec.engine.max_inflight or 4 * spec.engine.max_seqs
         self.failed = failed
-        self.rows_left = sum(w.total_rows - len(w.done_rows) for w in work)
+        self.counters = counters
         self.writer: PartWriter
         self.bar: ProgressBar
 
@@ -182,13 +184,14 @@ class _Job:
         for w in self.work:
             self.writer.open_shard(w.shard.id, len(w.done_rows))
         feeder = Feeder(self.work, builder, spec.input.storage_options, columns=input_columns(spec))
-        self.bar = ProgressBar(self.rows_left, show_progress)
+        self.bar = ProgressBar(self.counters, show_progress)
         try:
             self._loop(feeder, stop)
         finally:
             feeder.stop()
             self.bar.close()
             self.writer.close()
+            self.counters.shards_done += self.writer.counts.shards_compacted
 
     def _loop(self, feeder: Feeder, stop: StopRequested) -> None:
         drain_until = None
@@ -219,12 +222,14 @@ class _Job:
             if isinstance(item, ShardEnd):
                 self.writer.shard_total(item.shard, item.total_rows)
             elif isinstance(item, ShardFailed):
+                self.counters.rows_total -= self._rows_of(item.shard)
                 self.failed[item.shard] = item.reason
             elif item.error is not None:
                 self._emit(item, [self._row(item, error=item.error)], is_error=True)
             else:
                 self.inflight[(item.shard, item.row)] = _InFlight(item)
                 self.backend.add(Request((item.shard, item.row), item.prompt_ids, item.sampling))
+        self.counters.inflight = self.backend.num_unfinished
 
     def _finish_sample(self, c: Completion) -> None:
         entry = self.inflight[c.id]
@@ -238,10 +243,15 @@ class _Job:
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
         self.writer.add(prep.shard, rows, is_error)
         kill_point("row_finished")
-        self.rows_left -= 1
-        self.bar.update(
-            1, sum(r["prompt_tokens"] for r in rows[:1]), sum(r["generated_tokens"] for r in rows)
-        )
+        c = self.counters
+        c.rows_done += 1
+        c.rows_error += is_error
+        c.prompt_tokens += rows[0]["prompt_tokens"]
+        c.generated_tokens += sum(r["generated_tokens"] for r in rows)
+        self.bar.update()
+
+    def _rows_of(self, shard: str) -> int:
+        return next(w.total_rows - len(w.done_rows) for w in self.work if w.shard.id == shard)
 
     def _row(self, prep: PreparedRow, completion: Completion | None = None, error: str | None = None) -> dict:
         values = prep.values or {}
@@ -275,38 +285,33 @@ class _Job:
         return row
 
 
-def _finish(
+def _summarize(
     store: OutputStore,
     spec: JobSpec,
     status: str,
-    shards: int,
-    shards_done: int,
+    c: Counters,
     started: float,
-    job: _Job | None,
-    busy: float | None,
+    gpu_busy: float | None,
     failed: dict[str, str],
     engine_stats: dict,
 ) -> Summary:
     wall = time.monotonic() - started
-    generated = job.bar.generated_tokens if job else 0
-    counts = job.writer.counts if job else None
     summary = Summary(
         status=status,
-        shards=shards,
-        shards_done=shards_done,
-        rows_ok=(counts.rows_committed - counts.error_rows) if counts else 0,
-        rows_error=counts.error_rows if counts else 0,
-        rows_remaining=job.rows_left if job else 0,
-        prompt_tokens=job.bar.prompt_tokens if job else 0,
-        generated_tokens=generated,
+        shards=c.shards_owned,
+        shards_done=c.shards_done,
+        rows_ok=c.rows_done - c.rows_error,
+        rows_error=c.rows_error,
+        rows_remaining=c.rows_total - c.rows_done,
+        prompt_tokens=c.prompt_tokens,
+        generated_tokens=c.generated_tokens,
         wall_seconds=round(wall, 3),
-        generated_tokens_per_s=round(generated / max(wall, 1e-9), 1),
-        gpu_busy_percent=busy,
+        generated_tokens_per_s=round(c.generated_tokens / max(wall, 1e-9), 1),
+        gpu_busy_percent=gpu_busy,
         failed_shards=failed,
         engine=engine_stats,
     )
     rt = spec.runtime
-    store.write_json(
-        "report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json", summary.as_dict()
-    )
+    name = "report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json"
+    store.write_json(name, summary.as_dict())
     return summary

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
+
+from runner.monitor import Counters
 
 
 @dataclass(slots=True)
@@ -42,49 +43,14 @@ class Summary:
         return out
 
 
-class GpuBusy:
-    """Samples NVML's GPU utilisation every 0.5 s on a thread; `mean()` is None without a GPU."""
-
-    def __init__(self) -> None:
-        self._samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.utilization()  # raises without NVML
-                self._thread = threading.Thread(target=self._run, name="batchrun-nvml", daemon=True)
-        except Exception:
-            self._thread = None
-
-    def __enter__(self) -> GpuBusy:
-        if self._thread:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-
-    def mean(self) -> float | None:
-        return sum(self._samples) / len(self._samples) if self._samples else None
-
-    def _run(self) -> None:
-        import torch
-
-        while not self._stop.wait(0.5):
-            self._samples.append(float(torch.cuda.utilization()))
-
-
 class ProgressBar:
     """Rows done out of the rows this run has to do, with the generated tokens/s."""
 
-    def __init__(self, total_rows: int, enabled: bool):
+    def __init__(self, counters: Counters, enabled: bool):
+        self.counters = counters
         self.start = time.monotonic()
-        self.generated_tokens = 0
-        self.prompt_tokens = 0
         self._bar = tqdm(
-            total=total_rows,
+            total=counters.rows_total,
             unit="row",
             disable=not enabled,
             dynamic_ncols=True,
@@ -93,17 +59,14 @@ class ProgressBar:
         )
         self._last_postfix = 0.0
 
-    def update(self, rows: int, prompt_tokens: int, generated_tokens: int) -> None:
-        self.prompt_tokens += prompt_tokens
-        self.generated_tokens += generated_tokens
-        self._bar.update(rows)
+    def update(self) -> None:
+        """Catch up with the counters (one row finished, or more)."""
+        self._bar.update(self.counters.rows_done - self._bar.n)
         now = time.monotonic()
         if now - self._last_postfix > 1.0:
             self._last_postfix = now
-            self._bar.set_postfix_str(f"{self.tokens_per_s():.0f} tok/s", refresh=False)
-
-    def tokens_per_s(self) -> float:
-        return self.generated_tokens / max(time.monotonic() - self.start, 1e-9)
+            tok_s = self.counters.generated_tokens / max(now - self.start, 1e-9)
+            self._bar.set_postfix_str(f"{tok_s:.0f} tok/s, {self.counters.rows_error} errors", refresh=False)
 
     def close(self) -> None:
         self._bar.close()

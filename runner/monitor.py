@@ -1,0 +1,182 @@
+"""Heartbeats and metrics: what a running task tells the world, written into the output.
+
+A thread samples the GPU (NVML) twice a second and, every `interval` seconds, writes
+  `_batchrun/progress/task-<i>-of-<n>.json`   this task's latest state (atomic, one small object)
+  `_batchrun/metrics/task-<i>-of-<n>.jsonl`   one line per interval: tok/s, batch, KV use, GPU busy
+Both survive the task: `batchrun status` and `batchrun report` read them, also from a 64-task array.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from jobs.checkpoint import OutputStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the main loop knows; read by the monitor thread (plain ints: safe to read racily)."""
+
+    rows_total: int = 0  # rows this attempt has to do
+    rows_done: int = 0
+    rows_error: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    inflight: int = 0  # requests in the engine
+    shards_owned: int = 0
+    shards_done: int = 0
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    task_index: int
+    num_tasks: int
+    host: str
+    pid: int
+    state: str  # "running" | "finished" | "interrupted" | "failed"
+    interval_s: float
+    started_at: float
+    updated_at: float
+    counters: dict
+    tokens_per_s: float  # over the last interval
+    rows_per_s: float
+    gpu_busy_percent: float | None
+    gpu_memory_gb: float | None
+    engine: dict = field(default_factory=dict)
+
+
+def _gpu_sampler() -> Callable[[], tuple[float, float]] | None:
+    """(busy %, used GB) from NVML through torch, or None without a GPU."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        torch.cuda.utilization()  # raises without NVML
+
+        def sample() -> tuple[float, float]:
+            free, total = torch.cuda.mem_get_info()
+            return float(torch.cuda.utilization()), (total - free) / 1e9
+
+        return sample
+    except Exception:
+        return None
+
+
+class Monitor:
+    """Runs for the duration of a `with` block; `finish(state)` writes the last heartbeat."""
+
+    def __init__(
+        self,
+        store: OutputStore,
+        task_index: int,
+        num_tasks: int,
+        counters: Counters,
+        engine_stats: Callable[[], dict],
+        interval_s: float,
+    ):
+        self.store = store
+        self.counters = counters
+        self.engine_stats = engine_stats
+        self.interval_s = interval_s
+        self.name = f"task-{task_index}-of-{num_tasks}"
+        self.task = (task_index, num_tasks)
+        self.started = time.time()
+        self._gpu = _gpu_sampler()
+        self._busy: list[float] = []
+        self._memory: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="batchrun-monitor", daemon=True)
+        previous = store.read_state(f"metrics/{self.name}.jsonl") or b""
+        self._metrics = previous.decode().splitlines()  # earlier attempts' lines are kept
+        self._last = (time.monotonic(), 0, 0, {})  # (t, generated, rows, engine stats)
+        self._window: list[float] = []
+
+    def __enter__(self) -> Monitor:
+        self._write("running")  # visible to `batchrun status` from the start
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join()
+
+    def gpu_busy_mean(self) -> float | None:
+        return round(sum(self._busy) / len(self._busy), 1) if self._busy else None
+
+    def finish(self, state: str) -> None:
+        """Stop sampling and record the task's final state."""
+        self.__exit__()
+        self._write(state)
+
+    def _run(self) -> None:
+        next_write = time.monotonic() + self.interval_s
+        while not self._stop.wait(min(0.5, self.interval_s)):
+            if self._gpu:
+                busy, self._memory = self._gpu()
+                self._busy.append(busy)
+                self._window.append(busy)
+            if time.monotonic() >= next_write:
+                next_write += self.interval_s
+                try:
+                    self._write("running")
+                except Exception as e:  # a heartbeat must never stop the job
+                    log.warning("could not write the progress record: %s", e)
+
+    def _write(self, state: str) -> None:
+        now = time.monotonic()
+        c = self.counters
+        stats = self.engine_stats()
+        t0, gen0, rows0, stats0 = self._last
+        dt = max(now - t0, 1e-9)
+        tok_s, rows_s = (c.generated_tokens - gen0) / dt, (c.rows_done - rows0) / dt
+        self._last = (now, c.generated_tokens, c.rows_done, stats)
+        busy = round(sum(self._window) / len(self._window), 1) if self._window else None
+        self._window = []
+        beat = Heartbeat(
+            *self.task,
+            socket.gethostname(),
+            os.getpid(),
+            state,
+            self.interval_s,
+            self.started,
+            time.time(),
+            asdict(c),
+            round(tok_s, 1),
+            round(rows_s, 2),
+            busy,
+            None if self._memory is None else round(self._memory, 2),
+            stats,
+        )
+        self.store.write_json(f"progress/{self.name}.json", asdict(beat))
+        steps = stats.get("steps", 0) - stats0.get("steps", 0)
+        tokens = sum(stats.get(k, 0) - stats0.get(k, 0) for k in ("prefill_tokens", "decode_tokens"))
+        self._metrics.append(
+            json.dumps(
+                {
+                    "time": round(beat.updated_at, 2),
+                    "task": self.task[0],
+                    "state": state,
+                    "tokens_per_s": beat.tokens_per_s,
+                    "rows_done": c.rows_done,
+                    "generated_tokens": c.generated_tokens,
+                    "inflight": c.inflight,
+                    "mean_batch_tokens": round(tokens / steps, 1) if steps else None,
+                    "kv_pages_used": stats.get("kv_pages_used"),
+                    "kv_pages_total": stats.get("kv_pages_total"),
+                    "preemptions": stats.get("preemptions"),
+                    "gpu_busy_percent": busy,
+                }
+            )
+        )
+        self.store.write_state(f"metrics/{self.name}.jsonl", ("\n".join(self._metrics) + "\n").encode())

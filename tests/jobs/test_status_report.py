@@ -1,0 +1,124 @@
+"""What `batchrun status` and `batchrun report` show, from a real short run's output."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.spec import load_spec
+from jobs.status import error_reason, job_status
+from runner.pipeline import run_job
+from tests.conftest import write_inputs, write_spec
+from tests.test_kill_resume import batchrun, committed_rows
+
+
+def test_two_tasks_one_finished_one_stale_and_the_json_schema(tmp_path: Path, tiny_model_dir: Path):
+    write_inputs(tmp_path / "in", parquet=2, jsonl=2, rows=3)
+    (tmp_path / "in/b1.jsonl").write_text('{"text": "red green"}\nnot json\n')
+    spec_path = write_spec(
+        tmp_path / "spec.yaml", tiny_model_dir, runtime={"num_tasks": 2, "heartbeat_seconds": 0.2}
+    )
+    run_job(load_spec(spec_path), show_progress=False)  # task 0: a0, b0 (round-robin of a0 a1 b0 b1)
+    # task 1 is killed mid-run: its heartbeat stays "running" and goes stale
+    code, _, err = batchrun(
+        "run", str(spec_path), "--task-index", "1", "--no-progress", kill_at="part_committed:1"
+    )
+    assert code == -9, err[-2000:]
+    time.sleep(0.7)  # > 3 heartbeat intervals
+
+    code, out, err = batchrun("status", str(spec_path), "--json")
+    assert code == 0, err
+    status = json.loads(out)
+    assert set(status) == {
+        "output",
+        "fingerprint_recorded",
+        "shards",
+        "tasks",
+        "errors_by_reason",
+        "eta_seconds",
+        "last_report",
+    }
+    shards = {s["shard"]: s for s in status["shards"]}
+    assert {k: v["state"] for k, v in shards.items()} == {
+        "a0.parquet": "done",
+        "a1.parquet": "partial",
+        "b0.jsonl.gz": "done",
+        "b1.jsonl": "pending",
+    }
+    committed = committed_rows(tmp_path / "out")  # read from the parts directly
+    assert shards["a1.parquet"]["rows_committed"] == len(committed["a1"]) > 0
+    assert shards["a1.parquet"]["rows_total"] == 4
+    tasks = {t["task"]: t for t in status["tasks"]}
+    assert tasks["task-0-of-2"]["state"] == "finished"
+    assert tasks["task-1-of-2"]["state"] == "stale"
+    assert set(tasks["task-0-of-2"]) == {
+        "task",
+        "state",
+        "host",
+        "pid",
+        "heartbeat_age_s",
+        "rows_done",
+        "rows_total",
+        "rows_error",
+        "tokens_per_s",
+        "rows_per_s",
+        "gpu_busy_percent",
+    }
+    assert tasks["task-0-of-2"]["rows_done"] == 3 + 3 and tasks["task-0-of-2"]["rows_total"] == 6
+
+    code, text, _ = batchrun("status", str(spec_path))
+    assert "  task-1-of-2: stale on " in text and "  task-0-of-2: finished on " in text
+    assert "4 shards: 2 done, 1 partial, 1 pending;" in text
+
+
+def test_error_reasons_are_grouped_without_place_and_numbers():
+    assert error_reason("/d/a.jsonl row 17: invalid JSON (Expecting value: line 1 column 1 (char 0))") == (
+        "invalid JSON (Expecting value: line N column N (char N))"
+    )
+    assert error_reason(
+        "a.jsonl row 3: prompt has 900 tokens, over the limit of 248 (on_too_long: skip)"
+    ) == ("prompt has N tokens, over the limit of N (on_too_long: skip)")
+
+
+def test_status_of_a_killed_then_resumed_run_counts_errors_by_reason(tmp_path: Path, tiny_model_dir: Path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "x.jsonl").write_text('{"text": "red"}\nnope\n{"text": "blue"}\n{oops\n{"other": 1}\n')
+    spec_path = write_spec(tmp_path / "spec.yaml", tiny_model_dir, output={"flush_rows": 1})
+    code, _, _ = batchrun("submit", str(spec_path), "--no-progress", kill_at="part_committed:3")
+    assert code == -9
+    mid = job_status(load_spec(spec_path))
+    assert [(s.state, s.rows_committed) for s in mid.shards] == [("partial", 3)]
+    run_job(load_spec(spec_path), show_progress=False)
+    done = job_status(load_spec(spec_path))
+    assert [(s.state, s.rows_committed, s.error_rows) for s in done.shards] == [("done", 5, 3)]
+    assert done.errors_by_reason == {
+        "invalid JSON (Expecting value at column N)": 1,
+        "invalid JSON (Expecting property name enclosed in double quotes at column N)": 1,
+        "row has no field 'text' (fields: other)": 1,
+    }
+
+
+def test_report_png_from_a_real_run(tmp_path: Path, tiny_model_dir: Path):
+    pytest.importorskip("matplotlib")
+    write_inputs(tmp_path / "in", parquet=2, jsonl=1, rows=12)
+    spec_path = write_spec(
+        tmp_path / "spec.yaml",
+        tiny_model_dir,
+        runtime={"heartbeat_seconds": 0.2},
+        sampling={"max_new_tokens": 16, "ignore_eos": True},
+        engine={"max_seqs": 2},
+    )
+    run_job(load_spec(spec_path), show_progress=False)
+    metrics = (tmp_path / "out/_batchrun/metrics/task-0-of-1.jsonl").read_text().splitlines()
+    assert len(metrics) >= 3 and json.loads(metrics[-1])["state"] == "finished"
+    code, out, err = batchrun("report", str(spec_path), "-o", str(tmp_path / "r.png"))
+    assert code == 0, err
+    from PIL import Image
+
+    with Image.open(tmp_path / "r.png") as img:
+        assert img.size == (1000, 1000)
+        assert len(set(img.convert("L").getdata())) > 20  # drawn, not blank
