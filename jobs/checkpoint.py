@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.spec import OutputSpec
 from runner.faults import kill_point
 from runner.sinks import (
     TEMP_PREFIX,
@@ -79,6 +80,11 @@ class OutputStore:
         self.suffix = output_suffix(format, compression)
         self._attempt = f"{int(time.time()):x}{os.getpid():x}{secrets.token_hex(3)}"
         self._next_part: dict[str, int] = {}
+
+    @classmethod
+    def for_output(cls, output: OutputSpec) -> OutputStore:
+        """The store of a job spec's `output:` section."""
+        return cls(output.path, output.storage_options, output.format, output.compression)
 
     # ---- paths
 

@@ -170,9 +170,8 @@ def report(spec_path: str, out_path: str | None) -> None:
         with open(out_path, "wb") as f:
             f.write(png)
     else:
-        o = spec.output
-        OutputStore(o.path, o.storage_options, o.format, o.compression).write_state("report.png", png)
-        out_path = f"{o.path.rstrip('/')}/_batchrun/report.png"
+        OutputStore.for_output(spec.output).write_state("report.png", png)
+        out_path = f"{spec.output.path.rstrip('/')}/_batchrun/report.png"
     click.echo(out_path)
 
 

@@ -53,9 +53,7 @@ def render_png(spec: JobSpec) -> bytes:
         raise ReportUnavailable(
             "batchrun report needs matplotlib: pip install 'batchrun-llm[report]'"
         ) from None
-    store = OutputStore(
-        spec.output.path, spec.output.storage_options, spec.output.format, spec.output.compression
-    )
+    store = OutputStore.for_output(spec.output)
     series = load_series(store)
     if not series:
         raise ReportUnavailable(f"{spec.output.path} holds no metrics yet: run the job first")

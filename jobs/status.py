@@ -82,9 +82,7 @@ class JobStatus:
 
 def job_status(spec: JobSpec) -> JobStatus:
     """Each shard's state (done / partial / pending), each task's heartbeat, errors by reason, ETA."""
-    store = OutputStore(
-        spec.output.path, spec.output.storage_options, spec.output.format, spec.output.compression
-    )
+    store = OutputStore.for_output(spec.output)
     status = JobStatus(
         spec.output.path, store.read_json("run.json") is not None, last_report=store.read_json("report.json")
     )

@@ -57,12 +57,6 @@ class _InFlight:
     samples: dict[int, Completion] = field(default_factory=dict)
 
 
-def output_store(spec: JobSpec) -> OutputStore:
-    return OutputStore(
-        spec.output.path, spec.output.storage_options, spec.output.format, spec.output.compression
-    )
-
-
 def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True) -> Summary:
     """Run (or resume) this task's share of the job; returns the summary, also in report.json.
 
@@ -70,7 +64,7 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
     FingerprintMismatch if the output belongs to a different run, LeaseHeld if another live job
     is running this task on the same output.
     """
-    store = output_store(spec)
+    store = OutputStore.for_output(spec.output)
     with TaskLease(store.fs, store.root, spec.runtime.task_index, spec.runtime.num_tasks):
         return _run_leased(spec, store, force_new_run, show_progress)
 
