@@ -59,14 +59,15 @@ def _run(
 ) -> None:
     from jobs.checkpoint import CheckpointError, FingerprintMismatch
     from jobs.lease import LeaseHeld
+    from jobs.workers import run_node
     from runner.models import ModelError
-    from runner.pipeline import JobFailed, JobInterrupted, run_job
+    from runner.pipeline import JobFailed, JobInterrupted
     from runner.prompts import PromptTooLong
     from runner.sources import InputError
 
     spec = _load(spec_path, task_index, num_tasks)
     try:
-        summary = run_job(spec, force_new_run=force_new_run, show_progress=progress)
+        summary = run_node(spec, force_new_run=force_new_run, show_progress=progress)
     except JobInterrupted as e:
         _echo_summary(e.summary.lines())
         click.echo(
@@ -77,10 +78,17 @@ def _run(
         sys.exit(EXIT_INTERRUPTED)
     except JobFailed as e:
         _echo_summary(e.summary.lines())
-        click.echo(
-            "Some shards could not be read (above); the others are done. Fix or remove them and run again.",
-            err=True,
-        )
+        if e.summary.failed_shards:
+            click.echo(
+                "Some shards could not be read (above); the others are done. Fix or remove them "
+                "and run again.",
+                err=True,
+            )
+        if e.summary.failed_workers:
+            click.echo(
+                f"Some workers died (above); run `batchrun submit {spec_path}` again to finish their shards.",
+                err=True,
+            )
         sys.exit(EXIT_FAILED)
     except (
         FingerprintMismatch,

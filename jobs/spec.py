@@ -146,6 +146,11 @@ class RuntimeSpec(_Section):
     heartbeat_seconds: Annotated[float, Field(gt=0)] = Field(
         5.0, description="how often progress and metrics are written to <out>/_batchrun/"
     )
+    gpus: Literal["auto"] | PositiveInt | list[NonNegInt] = Field(
+        "auto",
+        description="worker processes on this node, one per GPU: auto (every visible GPU), N (the first N; "
+        "N CPU workers on a machine without GPUs) or a list of GPU ids",
+    )
 
     @model_validator(mode="after")
     def _index_in_range(self) -> RuntimeSpec:

@@ -47,6 +47,7 @@ class Heartbeat:
     started_at: float
     updated_at: float
     counters: dict
+    shards: list[str]  # the shards this task owns
     tokens_per_s: float  # over the last interval
     rows_per_s: float
     gpu_busy_percent: float | None
@@ -80,12 +81,14 @@ class Monitor:
         store: OutputStore,
         task_index: int,
         num_tasks: int,
+        shards: list[str],
         counters: Counters,
         engine_stats: Callable[[], dict],
         interval_s: float,
     ):
         self.store = store
         self.counters = counters
+        self.shards = shards
         self.engine_stats = engine_stats
         self.interval_s = interval_s
         self.name = f"task-{task_index}-of-{num_tasks}"
@@ -152,6 +155,7 @@ class Monitor:
             self.started,
             time.time(),
             asdict(c),
+            self.shards,
             round(tok_s, 1),
             round(rows_s, 2),
             busy,

@@ -21,7 +21,7 @@ from runner.backends import load_backend
 from runner.engine.types import Completion, Request
 from runner.faults import kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
-from runner.models import load_tokenizer, resolve_model
+from runner.models import ResolvedModel, load_tokenizer, resolve_model
 from runner.monitor import Counters, Monitor
 from runner.progress import ProgressBar, Summary
 from runner.prompts import PreparedRow, PromptBuilder
@@ -44,10 +44,11 @@ class JobInterrupted(Exception):
 
 
 class JobFailed(Exception):
-    """Some shards could not be read; the others were finished and committed."""
+    """Some shards could not be read (or a worker died); the rest was finished and committed."""
 
     def __init__(self, summary: Summary):
-        super().__init__("; ".join(f"{s}: {why}" for s, why in summary.failed_shards.items()))
+        failures = summary.failed_shards | summary.failed_workers
+        super().__init__("; ".join(f"{s}: {why}" for s, why in failures.items()))
         self.summary = summary
 
 
@@ -69,6 +70,14 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
         return _run_leased(spec, store, force_new_run, show_progress)
 
 
+def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> ResolvedModel:
+    """Resolve the model and record (or check) the run's fingerprint in the output."""
+    model = resolve_model(spec.model.path, spec.model.revision)
+    tokenizer = load_tokenizer(model.local_path, spec.model.revision)
+    store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
+    return model
+
+
 def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_progress: bool) -> Summary:
     started = time.monotonic()
     shards = assign_shards(
@@ -76,9 +85,7 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
         spec.runtime.task_index,
         spec.runtime.num_tasks,
     )
-    model = resolve_model(spec.model.path, spec.model.revision)
-    tokenizer = load_tokenizer(model.local_path, spec.model.revision)
-    store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
+    model = check_run(spec, store, force_new_run)
     work, done_shards, failed = _plan(store, spec, shards)
     counters = Counters(
         shards_owned=len(shards),
@@ -92,7 +99,15 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
     backend = load_backend(model.local_path, spec.engine)
     job = _Job(spec, backend, work, failed, counters)
     rt = spec.runtime
-    monitor = Monitor(store, rt.task_index, rt.num_tasks, counters, backend.stats, rt.heartbeat_seconds)
+    monitor = Monitor(
+        store,
+        rt.task_index,
+        rt.num_tasks,
+        [sh.id for sh in shards],
+        counters,
+        backend.stats,
+        rt.heartbeat_seconds,
+    )
     state = "failed"
     try:
         with StopRequested() as stop, monitor:

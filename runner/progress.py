@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
@@ -27,6 +27,7 @@ class Summary:
     gpu_busy_percent: float | None
     failed_shards: dict[str, str]
     engine: dict
+    failed_workers: dict[str, str] = field(default_factory=dict)  # worker processes that died
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -40,6 +41,7 @@ class Summary:
             f"{self.wall_seconds:.1f} s = {self.generated_tokens_per_s:.1f} generated tok/s; GPU busy {busy}",
         ]
         out += [f"shard {s} failed: {why}" for s, why in self.failed_shards.items()]
+        out += [f"{w} died: {why}" for w, why in self.failed_workers.items()]
         return out
 
 

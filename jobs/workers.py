@@ -1,0 +1,192 @@
+"""Every GPU of a node: one worker process per GPU, each running its own share of this task's shards.
+
+Worker w of W on task t of T runs as task `t*W + w` of `T*W`: the same round-robin that splits shards
+across Slurm tasks splits them across workers, so a shard has exactly one writer (each worker holds
+the lease of its share). The parent shows one progress bar fed by the workers' heartbeats, forwards
+SIGTERM/SIGUSR1 to them, and sums their summaries into one for the node. A worker that dies is
+reported; its shards stay resumable (its lease is taken over by the next run).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+
+from tqdm import tqdm
+
+from jobs.checkpoint import OutputStore
+from jobs.spec import JobSpec, SpecError
+from runner.pipeline import JobFailed, JobInterrupted, check_run, run_job
+from runner.progress import Summary
+
+log = logging.getLogger(__name__)
+
+
+def worker_devices(gpus: str | int | list[int], visible: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each worker ([None]: one worker, in this process, as it is)."""
+    if gpus == "auto":
+        return [None] if visible <= 1 else [str(i) for i in range(visible)]
+    if isinstance(gpus, int):
+        if not visible:
+            return [""] * gpus if gpus > 1 else [None]  # CPU workers: useful for small models and tests
+        ids = list(range(gpus))
+    else:
+        ids = gpus
+    too_high = [i for i in ids if i >= visible]
+    if too_high:
+        raise SpecError(f"runtime.gpus: GPU {too_high[0]} does not exist here ({visible} visible)")
+    return [str(i) for i in ids]
+
+
+def run_node(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True) -> Summary:
+    """Run this task on every worker of the node (see the module docstring); same errors as run_job."""
+    import torch
+
+    devices = worker_devices(spec.runtime.gpus, torch.cuda.device_count())
+    if len(devices) == 1:
+        if devices[0] is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]
+        return run_job(spec, force_new_run=force_new_run, show_progress=show_progress)
+    store = OutputStore.for_output(spec.output)
+    check_run(spec, store, force_new_run)  # once, before the workers: they must not discard each other
+    return _Node(spec, store, devices).run(show_progress)
+
+
+class _Node:
+    def __init__(self, spec: JobSpec, store: OutputStore, devices: list[str]):
+        self.spec = spec
+        self.store = store
+        self.devices = devices
+        rt = spec.runtime
+        self.total = rt.num_tasks * len(devices)
+        self.tasks = [rt.task_index * len(devices) + w for w in range(len(devices))]
+        self.results: mp.Queue
+        self.procs: list[mp.Process] = []
+
+    def run(self, show_progress: bool) -> Summary:
+        started = time.monotonic()
+        ctx = mp.get_context("spawn")  # CUDA and threads do not survive fork
+        self.results = ctx.Queue()
+        for device, task in zip(self.devices, self.tasks, strict=True):
+            sub = self.spec.model_copy(
+                update={
+                    "runtime": self.spec.runtime.model_copy(
+                        update={"task_index": task, "num_tasks": self.total, "gpus": 1}
+                    )
+                }
+            )
+            p = ctx.Process(
+                target=_worker,
+                args=(sub.model_dump(mode="json", by_alias=True), device, self.results),
+                name=f"batchrun-worker-{task}",
+            )
+            p.start()
+            self.procs.append(p)
+        log.info(
+            "started %d workers (tasks %s of %d) on devices %s",
+            len(self.procs),
+            self.tasks,
+            self.total,
+            self.devices,
+        )
+        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            self._watch(show_progress)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return self._summarize(started)
+
+    def _forward(self, signum: int, frame) -> None:
+        log.warning("%s: asking the workers to stop", signal.Signals(signum).name)
+        for p in self.procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    def _watch(self, show_progress: bool) -> None:
+        bar = tqdm(
+            unit="row", disable=not show_progress, desc=f"batchrun x{len(self.procs)}", dynamic_ncols=True
+        )
+        try:
+            while any(p.is_alive() for p in self.procs):
+                beats = [self.store.read_json(f"progress/task-{t}-of-{self.total}.json") for t in self.tasks]
+                counters = [b["counters"] for b in beats if b]
+                bar.total = sum(c["rows_total"] for c in counters) or None
+                bar.update(sum(c["rows_done"] for c in counters) - bar.n)
+                bar.set_postfix_str(f"{sum(b['tokens_per_s'] for b in beats if b):.0f} tok/s", refresh=True)
+                time.sleep(1.0)
+        finally:
+            bar.close()
+        for p in self.procs:
+            p.join()
+
+    def _summarize(self, started: float) -> Summary:
+        outcomes: dict[int, tuple[str, dict | str]] = {}
+        while not self.results.empty():
+            task, state, payload = self.results.get()
+            outcomes[task] = (state, payload)
+        self.results.close()
+        self.results.join_thread()
+        summaries = [payload for state, payload in outcomes.values() if isinstance(payload, dict)]
+        failed: dict[str, str] = {}
+        for s in summaries:
+            failed |= s["failed_shards"]
+        dead = {}
+        for task, p in zip(self.tasks, self.procs, strict=True):
+            state, payload = outcomes.get(task, ("crashed", f"exit code {p.exitcode}"))
+            if state in ("crashed", "error"):
+                dead[f"worker {task} of {self.total}"] = f"{state} ({payload}); its shards stay resumable"
+        wall = time.monotonic() - started
+        generated = sum(s["generated_tokens"] for s in summaries)
+        busy = [s["gpu_busy_percent"] for s in summaries if s["gpu_busy_percent"] is not None]
+        states = {state for state, _ in outcomes.values()}
+        status = "failed" if failed or dead else "interrupted" if "interrupted" in states else "finished"
+        summary = Summary(
+            status=status,
+            shards=sum(s["shards"] for s in summaries),
+            shards_done=sum(s["shards_done"] for s in summaries),
+            rows_ok=sum(s["rows_ok"] for s in summaries),
+            rows_error=sum(s["rows_error"] for s in summaries),
+            rows_remaining=sum(s["rows_remaining"] for s in summaries),
+            prompt_tokens=sum(s["prompt_tokens"] for s in summaries),
+            generated_tokens=generated,
+            wall_seconds=round(wall, 3),
+            generated_tokens_per_s=round(generated / max(wall, 1e-9), 1),
+            gpu_busy_percent=round(sum(busy) / len(busy), 1) if busy else None,
+            failed_shards=failed,
+            failed_workers=dead,
+            engine={
+                f"task-{t}": payload.get("engine", {})
+                for t, (_, payload) in outcomes.items()
+                if isinstance(payload, dict)
+            },
+        )
+        if self.spec.runtime.num_tasks == 1:
+            self.store.write_json("report.json", summary.as_dict())
+        if failed or dead:
+            raise JobFailed(summary)
+        if status == "interrupted":
+            raise JobInterrupted(signal.SIGTERM, summary)
+        return summary
+
+
+def _worker(spec_data: dict, device: str, results: mp.Queue) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = device
+    spec = JobSpec.model_validate(spec_data)
+    task = spec.runtime.task_index
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s worker {task}: %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        summary = run_job(spec, show_progress=False)
+        results.put((task, "finished", summary.as_dict()))
+    except JobInterrupted as e:
+        results.put((task, "interrupted", e.summary.as_dict()))
+    except JobFailed as e:
+        results.put((task, "failed", e.summary.as_dict()))
+    except Exception as e:
+        log.exception("worker %d failed", task)
+        results.put((task, "error", f"{type(e).__name__}: {e}"))

@@ -1,0 +1,69 @@
+"""Several workers on one node: the split, the node's output, a dead worker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jobs.spec import SpecError, load_spec
+from jobs.workers import worker_devices
+from runner.pipeline import run_job
+from tests.conftest import read_output, write_inputs, write_spec
+from tests.test_kill_resume import batchrun
+
+
+@pytest.mark.parametrize(
+    "gpus, visible, expected",
+    [
+        ("auto", 0, [None]),
+        ("auto", 1, [None]),
+        ("auto", 4, ["0", "1", "2", "3"]),
+        (2, 4, ["0", "1"]),
+        ([3, 1], 4, ["3", "1"]),
+        (3, 0, ["", "", ""]),  # CPU workers
+        (1, 0, [None]),
+    ],
+)
+def test_worker_devices(gpus, visible, expected):
+    assert worker_devices(gpus, visible) == expected
+
+
+def test_a_gpu_that_does_not_exist_is_refused():
+    with pytest.raises(SpecError, match=r"runtime.gpus: GPU 2 does not exist here \(2 visible\)"):
+        worker_devices([0, 2], 2)
+
+
+def test_three_cpu_workers_write_the_single_worker_output_each_shard_once(
+    tmp_path: Path, tiny_model_dir: Path
+):
+    write_inputs(tmp_path / "in", parquet=3, jsonl=2, rows=4)
+    reference = write_spec(tmp_path / "ref.yaml", tiny_model_dir, output={"path": "ref"})
+    run_job(load_spec(reference), show_progress=False)
+    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, runtime={"gpus": 3, "heartbeat_seconds": 0.5})
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 0, err[-3000:]
+    assert read_output(tmp_path / "out") == read_output(tmp_path / "ref")
+    owned = [
+        json.loads((tmp_path / f"out/_batchrun/progress/task-{t}-of-3.json").read_text())["shards"]
+        for t in range(3)
+    ]
+    assert owned == [["a0.parquet", "b0.jsonl.gz"], ["a1.parquet", "b1.jsonl"], ["a2.parquet"]]
+    report = json.loads((tmp_path / "out/_batchrun/report.json").read_text())
+    assert (report["status"], report["rows_ok"], report["shards_done"]) == ("finished", 4 + 5 + 6 + 4 + 5, 5)
+
+
+@pytest.mark.slow
+def test_dead_workers_are_reported_and_their_shards_resume(tmp_path: Path, tiny_model_dir: Path):
+    write_inputs(tmp_path / "in", parquet=2, jsonl=0, rows=6)
+    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, runtime={"gpus": 2})
+    code, _, err = batchrun("submit", str(spec), "--no-progress", kill_at="part_committed:1")  # every worker
+    assert code == 1
+    assert "worker 0 of 2 died: crashed (exit code -9); its shards stay resumable" in err
+    assert "worker 1 of 2 died: crashed (exit code -9); its shards stay resumable" in err
+    assert "Some workers died (above); run `batchrun submit" in err
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 0, err[-3000:]
+    out = read_output(tmp_path / "out")
+    assert {k: [r["_row"] for r in v] for k, v in out.items()} == {"a0": list(range(6)), "a1": list(range(7))}
