@@ -26,8 +26,8 @@ class EngineConfig:
     max_seqs: int = 512  # sequences running at once
     kv_memory_fraction: float = 0.85  # CUDA: share of free memory (after weights) given to the KV pool
     kv_cache_tokens: int | None = None  # explicit pool size in tokens (CPU default: 32768)
-    async_mode: bool = True  # overlap step N+1's scheduling with step N on the GPU (no-op on CPU)
-    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (no-op on CPU)
+    async_mode: bool = True  # launch step N+1 before waiting for step N (CPU: same order, no overlap)
+    cuda_graphs: bool = True  # replay decode-only steps from CUDA graphs (no-op on CPU)
     max_model_len: int | None = None  # cap on prompt + generated tokens (default: the model's)
 
     def __post_init__(self) -> None:

@@ -5,18 +5,20 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from runner.engine.attention import reference_attention, sdpa_attention
+from runner.engine.attention import reference_attention
 from runner.engine.config import EngineConfig
 from runner.engine.model import PagedLlama, model_shape
 from runner.engine.pages import PagePool
-from runner.engine.runner import ModelRunner
-from runner.engine.scheduler import Scheduler
+from runner.engine.runner import InFlight, ModelRunner
+from runner.engine.scheduler import ScheduledBatch, Scheduler
 from runner.engine.sequence import Sequence
+from runner.engine.slots import SlotTable
 from runner.engine.stops import StopChecker
 from runner.engine.types import Completion, Request
 
@@ -28,8 +30,10 @@ CPU_DEFAULT_KV_TOKENS = 32768
 class Engine:
     """Continuous-batching generation over a paged KV cache for Llama-family models.
 
-    `add` queues requests (cheap); each `step` runs one forward over decodes and prefill chunks and
-    returns the completions that finished in it; `generate` drives both for an iterable of requests.
+    `add` queues requests (cheap); each `step` launches one forward over decodes and prefill chunks
+    and returns the completions that finished; `generate` drives both for an iterable of requests.
+    With `async_mode` a step launches forward N+1 before it waits for forward N's tokens, so the
+    host schedules while the device computes; completions then come one step later.
     """
 
     def __init__(self, model, config: EngineConfig | None = None, tokenizer=None) -> None:
@@ -42,11 +46,21 @@ class Engine:
         self.max_model_len = min(shape.max_model_len, config.max_model_len or shape.max_model_len)
         self.model = PagedLlama(model, device, dtype)
         num_pages = self._num_pages(shape, device, dtype)
-        attention = sdpa_attention if device.type == "cuda" else reference_attention
-        self.runner = ModelRunner(self.model, num_pages, config.page_size, attention)
+        if device.type == "cuda":
+            from runner.engine.paged_attention import paged_attention as attention
+        else:
+            attention = reference_attention
+        slots = SlotTable(config.max_seqs, -(-self.max_model_len // config.page_size))
+        self.runner = ModelRunner(
+            self.model, slots, num_pages, config.page_size, attention, config.cuda_graphs
+        )
         self.pool = PagePool(num_pages, config.page_size)
         stops = StopChecker(_eos_ids(model, tokenizer), tokenizer, self.max_model_len)
-        self.scheduler = Scheduler(self.pool, stops, config.max_batch_tokens, config.max_seqs)
+        self.scheduler = Scheduler(self.pool, slots, stops, config.max_batch_tokens)
+        self._in_flight: deque[tuple[ScheduledBatch, InFlight]] = deque()
+        self._unreleased: list[Sequence] = []  # finished while a step that may use them is in flight
+        self._graph_steps = 0
+        self._page_bytes = self.runner.kv_cache[:, :, 0].numel() * self.runner.kv_cache.element_size()
         self._num_added = 0
         self._num_unfinished = 0
         self._samples_left: dict[int, int] = {}  # request order -> samples not yet completed
@@ -93,7 +107,7 @@ class Engine:
         return self._num_unfinished
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._in_flight)
 
     def add(self, request: Request) -> None:
         """Queue a request; raises ValueError when it can never run (too long, stop strings, no tokenizer)."""
@@ -138,14 +152,34 @@ class Engine:
         self._samples_left[seqs[0].order] = sp.n
 
     def step(self) -> list[Completion]:
-        """Run one scheduler iteration; returns the samples that finished in it."""
+        """Launch the next forward, take the tokens of the previous one; returns the samples that finished.
+
+        Synchronous mode takes the tokens of the forward it just launched.
+        """
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
+        if batch.seqs:
+            self._in_flight.append((batch, self.runner.launch(batch)))
+        else:
+            assert self._in_flight or not self.scheduler.has_work(), "scheduler stalled with work left"
+        keep = 1 if self.config.async_mode and batch.seqs else 0
+        done: list[Completion] = []
+        while len(self._in_flight) > keep:
+            done += self._collect(*self._in_flight.popleft())
+        return done
+
+    def _collect(self, batch: ScheduledBatch, launched: InFlight) -> list[Completion]:
+        """Wait for a launched step's tokens and apply them; frees what no step in flight uses."""
         t0 = time.perf_counter()
-        tokens, logprobs = self.runner.run(batch)
+        tokens, logprobs = self.runner.wait(launched)
         self._host_wait_s += time.perf_counter() - t0
+        self._graph_steps += launched.graphed
+        for seq in self._unreleased:  # finished while this step was in flight: it is done now
+            self.scheduler.release(seq)
         finished = self.scheduler.update(batch, tokens, logprobs)
+        self._unreleased = finished if self._in_flight else []
+        if not self._in_flight:
+            for seq in finished:
+                self.scheduler.release(seq)
         return [self._complete(seq) for seq in finished]
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
@@ -162,15 +196,26 @@ class Engine:
         out.update(
             kv_pages_total=self.pool.num_pages,
             kv_page_size=self.pool.page_size,
+            kv_page_bytes=self._page_bytes,
             host_wait_s=round(self._host_wait_s, 6),
+            graph_steps=self._graph_steps,
+            graphs_captured=len(self.runner.graphs or ()),
             requests_added=self._num_added,
         )
         return out
 
     def close(self) -> None:
-        """Release the KV cache and model memory (the engine is unusable afterwards)."""
-        # (added by the lead for the pipeline; refine as needed)
-        self.__dict__.clear()
+        """Free the KV cache, the CUDA graphs and the engine's copy of the weights; the engine is done.
+
+        Requests still queued or in flight are dropped.
+        """
+        if self.runner.cuda:
+            torch.cuda.synchronize(self.model.device)
+        self.runner.close()
+        self._in_flight.clear()
+        self.scheduler.waiting.clear()
+        self.scheduler.running.clear()
+        self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

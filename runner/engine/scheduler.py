@@ -5,6 +5,11 @@ sequence, then the next prompt chunk of sequences still prefilling, then newly a
 When a decode needs a page and none is free, the newest running sequence is preempted (its pages
 dropped, recomputed later). A waiting sequence is admitted only when its whole prompt fits and one
 page per running sequence stays free for decode growth, so admissions do not thrash the pool.
+
+Scheduling commits the step at once (`num_computed` advances, a sampled token becomes a
+placeholder), so the next step can be scheduled before this one's tokens reach the host
+(`update`). A sequence that already has all the tokens it may have is not scheduled again; one
+that finishes on a sampled token (EOS, stop) may have one wasted row in the step after.
 """
 
 from __future__ import annotations
@@ -14,15 +19,17 @@ from dataclasses import dataclass, field
 
 from runner.engine.pages import PagePool, page_hash
 from runner.engine.sequence import Sequence
+from runner.engine.slots import SlotTable
 from runner.engine.stops import StopChecker
 
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    """One forward: `seqs[i]` computes `num_new[i]` tokens; decodes come first."""
+    """One forward: `seqs[i]` computes `num_new[i]` tokens from position `starts[i]`; decodes come first."""
 
     seqs: list[Sequence]
     num_new: list[int]
+    starts: list[int]
     num_decodes: int
     sample_rows: list[int]  # indices into seqs of those whose step ends at their last token
 
@@ -44,12 +51,12 @@ class SchedulerStats:
 
 @dataclass(slots=True)
 class Scheduler:
-    """Waiting and running queues over a `PagePool`."""
+    """Waiting and running queues over a `PagePool` and a `SlotTable`."""
 
     pool: PagePool
+    slots: SlotTable
     stops: StopChecker
     max_batch_tokens: int
-    max_seqs: int
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
     stats: SchedulerStats = field(default_factory=SchedulerStats)
@@ -61,15 +68,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        """Pick the next forward's sequences and token counts, allocating their pages."""
-        batch = ScheduledBatch([], [], 0, [])
+        """Pick the next forward's sequences and token counts, allocating their pages; commits them."""
+        batch = ScheduledBatch([], [], [], 0, [])
         budget = self.max_batch_tokens
+        at_length = self.stops.at_length
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.pages and seq.is_decoding and self._grow(seq, batch):
-                self._put(batch, seq, 1)
-                budget -= 1
+            if seq.pages and seq.is_decoding and not at_length(seq) and self._grow(seq, batch):
+                budget -= self._put(batch, seq, 1)
         batch.num_decodes = len(batch.seqs)
         scheduled = {id(s) for s in batch.seqs}
         for seq in list(self.running):
@@ -77,49 +84,59 @@ class Scheduler:
                 break
             if id(seq) not in scheduled and not seq.is_decoding:
                 budget -= self._put(batch, seq, min(seq.num_tokens - seq.num_computed, budget))
-        while (
-            self.waiting and budget > 0 and len(self.running) < self.max_seqs and self._admit(self.waiting[0])
-        ):
+        while self.waiting and budget > 0 and self.slots.num_free and self._admit(self.waiting[0]):
             seq = self.waiting.popleft()
             self.running.append(seq)
             budget -= self._put(batch, seq, min(seq.num_tokens - seq.num_computed, budget))
-        assert batch.seqs or not self.has_work(), "scheduler stalled with work left"
-        st = self.stats
-        st.steps += 1
-        st.max_running = max(st.max_running, len(self.running))
-        st.kv_pages_used_peak = max(st.kv_pages_used_peak, self.pool.num_used)
+        if batch.seqs:
+            st = self.stats
+            st.steps += 1
+            st.max_running = max(st.max_running, len(self.running))
+            st.kv_pages_used_peak = max(st.kv_pages_used_peak, self.pool.num_used)
         return batch
 
     def update(
         self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float] | None
     ) -> list[Sequence]:
-        """Record a finished forward and its sampled tokens; returns the sequences that finished."""
-        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
-            seq.num_computed += n
-            self._register_full_pages(seq)
-            if seq.siblings and seq.num_computed >= seq.prompt_len:
-                self.waiting.extendleft(reversed(seq.siblings))  # they find the prompt's pages cached
-                seq.siblings = []
+        """Take a finished forward's sampled tokens; returns the sequences that finished.
+
+        Finished sequences leave the queues but keep their pages and slot until `release`
+        (a step already in flight may still use them).
+        """
         finished = []
         for j, row in enumerate(batch.sample_rows):
             seq = batch.seqs[row]
+            if seq.finish_reason is not None:
+                continue  # finished on an earlier step: this row was wasted
+            seq.num_pending -= 1
             seq.tokens.append(tokens[j])
             if logprobs is not None and seq.logprobs is not None:
                 seq.logprobs.append(logprobs[j])
             seq.finish_reason = self.stops.check(seq)
             if seq.finish_reason is not None:
-                self.pool.release(seq.pages)
-                seq.pages = []
-                self.running.remove(seq)
+                seq.num_pending = 0
+                if seq.slot >= 0:
+                    self.running.remove(seq)
+                else:  # preempted while its token was on the way
+                    self.waiting.remove(seq)
                 finished.append(seq)
+        for seq in batch.seqs:
+            if seq.pages:
+                self._register_full_pages(seq)
+            if seq.siblings and seq.num_computed >= seq.prompt_len:
+                self.waiting.extendleft(reversed(seq.siblings))  # they find the prompt's pages cached
+                seq.siblings = []
         return finished
+
+    def release(self, seq: Sequence) -> None:
+        """Free a finished sequence's pages and slot (once no step in flight uses them)."""
+        if seq.slot >= 0:
+            self.pool.release(seq.pages)
+            self.slots.give_back(seq.slot)
+            seq.pages, seq.slot = [], -1
 
     def _put(self, batch: ScheduledBatch, seq: Sequence, n: int) -> int:
         assert n > 0
-        if seq.num_computed + n == seq.num_tokens:
-            batch.sample_rows.append(len(batch.seqs))
-        batch.seqs.append(seq)
-        batch.num_new.append(n)
         st = self.stats
         if seq.is_decoding:
             st.decode_tokens += n
@@ -127,6 +144,13 @@ class Scheduler:
             st.prefill_tokens += n
             st.prefill_chunks += 1
             st.partial_prefill_chunks += seq.num_computed + n < seq.num_tokens
+        if seq.num_computed + n == seq.num_tokens:
+            batch.sample_rows.append(len(batch.seqs))
+            seq.num_pending += 1
+        batch.seqs.append(seq)
+        batch.num_new.append(n)
+        batch.starts.append(seq.num_computed)
+        seq.num_computed += n
         return n
 
     def _grow(self, seq: Sequence, batch: ScheduledBatch) -> bool:
@@ -141,12 +165,13 @@ class Scheduler:
             if victim is seq:
                 return False
         seq.pages += self.pool.allocate(1)
+        self.slots.set_page(seq.slot, len(seq.pages) - 1, seq.pages[-1])
         return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.pool.release(seq.pages)
-        seq.pages = []
-        seq.page_hashes = []
+        self.slots.give_back(seq.slot)
+        seq.pages, seq.page_hashes, seq.slot = [], [], -1
         seq.num_computed = 0
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -154,6 +179,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> bool:
         """Allocate pages for all of `seq`'s tokens (reusing cached prefix pages) if the pool allows."""
+        if seq.num_pending:
+            return False  # preempted while a token was on the way: recompute once it is known
         ps = self.pool.page_size
         pages, hashes = self.pool.match_prefix(seq.tokens, (seq.num_tokens - 1) // ps)
         need = -(-seq.num_tokens // ps) - len(pages)
@@ -163,12 +190,13 @@ class Scheduler:
         seq.pages = pages + self.pool.allocate(need)
         seq.page_hashes = hashes
         seq.num_computed = len(pages) * ps
+        seq.slot = self.slots.take(seq.pages)
         self.stats.prefix_hit_tokens += seq.num_computed
         return True
 
     def _register_full_pages(self, seq: Sequence) -> None:
         ps = self.pool.page_size
-        while len(seq.page_hashes) < seq.num_computed // ps:
+        while len(seq.page_hashes) < min(seq.num_computed, len(seq.tokens)) // ps:
             i = len(seq.page_hashes)
             chunk = tuple(seq.tokens[i * ps : (i + 1) * ps])
             h = page_hash(seq.page_hashes[-1] if seq.page_hashes else -1, chunk)

@@ -11,21 +11,26 @@ from runner.engine.types import FinishReason, SamplingParams
 class Sequence:
     """Prompt + generated tokens of one sample; `num_computed` of them have their K/V in the cache.
 
-    A sequence computes `tokens[num_computed:]` (the prompt in chunks, then one token per decode
-    step) and samples its next token when a step brings `num_computed` to `len(tokens)`. Preemption
-    drops its pages and sets `num_computed` back to 0: it is recomputed from its tokens later.
+    A sequence computes its tokens from `num_computed` on (the prompt in chunks, then one token per
+    decode step) and samples its next token when a step brings `num_computed` to `num_tokens`.
+    The scheduler advances `num_computed` when it schedules a step, and a sampled token exists
+    first as a placeholder (`num_pending`): its value is on the device, where the next step reads
+    it, and joins `tokens` when the host has it. Preemption drops the pages and sets
+    `num_computed` back to 0: the sequence is recomputed from its tokens later.
     """
 
     request_id: object
     sample_index: int
     params: SamplingParams
     prompt_len: int
-    tokens: list[int]
+    tokens: list[int]  # known tokens: the prompt, then the generated ones the host has seen
     seed: int
     order: int  # admission order of the request (smaller = older)
     pages: list[int] = field(default_factory=list)
     page_hashes: list[int] = field(default_factory=list)  # chained hashes of the registered full pages
     num_computed: int = 0
+    num_pending: int = 0  # sampled tokens still on their way to the host (they follow `tokens`)
+    slot: int = -1  # row in the slot table and the device token buffer while running
     logprobs: list[float] | None = None
     siblings: list[Sequence] = field(
         default_factory=list
@@ -35,14 +40,15 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.tokens)
+        return len(self.tokens) + self.num_pending
 
     @property
     def num_generated(self) -> int:
-        return len(self.tokens) - self.prompt_len
+        return self.num_tokens - self.prompt_len
 
     @property
     def generated(self) -> list[int]:
+        """The generated tokens the host knows."""
         return self.tokens[self.prompt_len :]
 
     @property

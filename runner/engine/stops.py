@@ -15,7 +15,7 @@ class StopChecker:
         self.max_model_len = max_model_len
 
     def check(self, seq: Sequence) -> FinishReason | None:
-        """The finish reason if `seq`'s last token ends it, else None (sets `stop_cut` on a stop string)."""
+        """The finish reason if `seq`'s last known token ends it, else None (may set `stop_cut`)."""
         params = seq.params
         last = seq.tokens[-1]
         if last in params.stop_token_ids or (not params.ignore_eos and last in self.eos_ids):
@@ -26,9 +26,13 @@ class StopChecker:
             if hits:
                 seq.stop_cut = min(hits)
                 return "stop"
-        if seq.num_generated >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+        if len(seq.tokens) - seq.prompt_len >= params.max_new_tokens or len(seq.tokens) >= self.max_model_len:
             return "length"
         return None
+
+    def at_length(self, seq: Sequence) -> bool:
+        """Whether `seq`, placeholders counted, has all the tokens it may have (no further step needed)."""
+        return seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len
 
     def text(self, seq: Sequence) -> str:
         """The decoded generated text, cut before a matched stop string."""

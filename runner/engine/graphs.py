@@ -1,0 +1,90 @@
+"""CUDA graphs of decode-only steps: captured on first use, replayed with one input copy.
+
+A decode step is padded to a row bucket (powers of two, then multiples of 128) and a page-table width
+bucket (powers of two); its packed inputs then have one fixed layout, which the graph reads from a
+static buffer. The graph holds the whole step: carry-over gather of the input tokens, forward,
+sampling (greedy or not, logprobs or not: part of the key, decided on the host) and the scatter of
+the sampled tokens into the device token buffer. Capture warms up on padding rows only, which
+touch nothing but the spare slot and the spare KV page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from runner.engine.inputs import Layout, unpack
+
+StepFn = Callable[[dict[str, torch.Tensor], int, bool, bool], tuple[torch.Tensor, torch.Tensor | None]]
+GraphKey = tuple[int, int, bool, bool]  # rows, table width, all greedy, logprobs
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """Batch sizes that get a graph: powers of two up to 128, then multiples of 128, up to the first
+    >= max_rows. Few buckets, since each first use costs a capture (a device sync and a warm-up
+    step); padding rows cost little (they attend to nothing)."""
+    buckets = [1]
+    while buckets[-1] < max_rows:
+        buckets.append(buckets[-1] * 2 if buckets[-1] < 128 else buckets[-1] + 128)
+    return buckets
+
+
+def width_bucket(width: int, max_width: int) -> int:
+    """The page-table width a graph is captured for: a power of two >= `width` (at least 8)."""
+    return min(max(8, 1 << (width - 1).bit_length()), max_width)
+
+
+@dataclass(slots=True)
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: torch.Tensor  # static packed inputs [words]
+    tokens: torch.Tensor  # static outputs [rows]
+    logprobs: torch.Tensor | None
+
+
+class DecodeGraphs:
+    """One graph per `GraphKey`, all in one memory pool."""
+
+    def __init__(self, step: StepFn, max_rows: int, max_width: int) -> None:
+        self.step = step
+        self.buckets = row_buckets(max_rows)
+        self.max_width = max_width
+        self._graphs: dict[GraphKey, _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def key(self, num_rows: int, width: int, all_greedy: bool, want_logprobs: bool) -> GraphKey | None:
+        """The graph for a decode step of `num_rows` rows and table `width`; None if too large."""
+        if num_rows > self.buckets[-1]:
+            return None
+        rows = next(b for b in self.buckets if b >= num_rows)
+        return rows, width_bucket(width, self.max_width), all_greedy, want_logprobs
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def replay(
+        self, key: GraphKey, inputs: torch.Tensor, layout: Layout, padding: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the step packed in `inputs`; `padding()` gives all-padding inputs for a first capture."""
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._capture(key, padding(), layout)
+        graph.inputs.copy_(inputs)
+        graph.graph.replay()
+        return graph.tokens, graph.logprobs
+
+    def _capture(self, key: GraphKey, padding: torch.Tensor, layout: Layout) -> _Graph:
+        rows, _, all_greedy, want_logprobs = key
+        static = padding.clone()
+        views = unpack(static, layout)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step(views, rows, all_greedy, want_logprobs)  # compiles kernels, sets up handles
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            tokens, logprobs = self.step(views, rows, all_greedy, want_logprobs)
+        return _Graph(graph, static, tokens, logprobs)

@@ -1,0 +1,197 @@
+"""A scheduled batch as flat arrays (numpy, no per-token Python), and their one copy to the device.
+
+`build_inputs` lays a step out as named int64 arrays (float arrays ride in int64 words); a decode
+step padded to a graph bucket has the same layout whatever its contents, so a CUDA graph can read
+its inputs from one static buffer. `Staging` packs the arrays into pinned host memory (two
+buffers, used in turn) and copies them to the device on a copy stream in one transfer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from runner.engine.scheduler import ScheduledBatch
+from runner.engine.slots import SlotTable
+
+PREFILL_BLOCK_Q = 16  # queries per prefill attention program (paged_attention.py)
+FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One step on the host: named arrays in packing order, and what the host must know of it."""
+
+    arrays: dict[str, np.ndarray]
+    num_decodes: int
+    num_samples: int  # real sample rows (the arrays may hold padding rows after them)
+    all_greedy: bool
+    want_logprobs: bool
+
+
+def build_inputs(
+    batch: ScheduledBatch, slots: SlotTable, page_size: int, spare_kv: int, pad_to: int = 0, width: int = 0
+) -> StepInputs:
+    """Flat inputs of `batch`. `pad_to` > 0 (decode-only batches) pads the rows to that many with
+    rows that attend to nothing, use the spare slot and write their K/V to cache slot `spare_kv`;
+    `width` > 0 fixes the page-table width."""
+    seqs = batch.seqs
+    nd = batch.num_decodes
+    q_lens = np.array(batch.num_new, dtype=np.int64)  # [B]
+    starts = np.array(batch.starts, dtype=np.int64)
+    row_slot = np.array([s.slot for s in seqs], dtype=np.int64)
+    kv_lens = starts + q_lens
+    num_rows = len(seqs)
+    if pad_to:
+        assert nd == num_rows <= pad_to
+        extra = pad_to - num_rows
+        q_lens = np.concatenate((q_lens, np.ones(extra, np.int64)))
+        starts = np.concatenate((starts, np.zeros(extra, np.int64)))
+        kv_lens = np.concatenate((kv_lens, np.zeros(extra, np.int64)))
+        row_slot = np.concatenate((row_slot, np.full(extra, slots.pad_slot, np.int64)))
+        nd = num_rows = pad_to
+    cu = np.zeros(num_rows + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=cu[1:])
+    num_tokens = int(cu[-1])
+    tok_row = np.repeat(np.arange(num_rows), q_lens)  # [T]
+    positions = starts[tok_row] + np.arange(num_tokens) - cu[tok_row]
+    width = width or -(-int(kv_lens.max()) // page_size)
+    table = slots.table[row_slot, :width]  # [B, W]
+    slot_mapping = table[tok_row, positions // page_size] * page_size + positions % page_size
+    if pad_to:
+        slot_mapping[len(seqs) :] = spare_kv
+    # a decode's input is its last sampled token: -1 when the host does not have it yet (the device
+    # then takes it from its token buffer), e.g. when the step before sampled it
+    ids = [s.tokens[st] if st < len(s.tokens) else -1 for s, st in zip(seqs[:nd], batch.starts, strict=False)]
+    ids += [0] * (num_rows - len(seqs))
+    ids += [t for s, st, n in zip(seqs[nd:], batch.starts[nd:], batch.num_new[nd:], strict=True)
+            for t in s.tokens[st : st + n]]  # fmt: skip
+    assert len(ids) == num_tokens, "a prefill chunk reached a token the host does not know yet"
+    blocks = -(-q_lens[nd:] // PREFILL_BLOCK_Q)  # [B - Bd] query blocks per prefill row
+    block_seq = np.repeat(np.arange(nd, num_rows), blocks)
+    block_first = np.repeat(np.cumsum(blocks) - blocks, blocks)
+    block_start = (np.arange(len(block_seq)) - block_first) * PREFILL_BLOCK_Q
+
+    rows = batch.sample_rows + list(range(len(seqs), num_rows))  # padding rows sample too
+    sample_seqs = [seqs[r] for r in batch.sample_rows]
+    params = [s.params for s in sample_seqs]
+    pad = num_rows - len(seqs)
+    sample_rows = np.array(rows, dtype=np.int64)
+    arrays = {
+        "ids": np.array(ids, dtype=np.int64),
+        "positions": positions,
+        "slot_mapping": slot_mapping,
+        "cu": cu,
+        "kv_lens": kv_lens,
+        "row_slot": row_slot,
+        "table": table,
+        "block_seq": block_seq,
+        "block_start": block_start,
+        "logits_rows": cu[sample_rows + 1] - 1,
+        "sample_slot": row_slot[sample_rows],
+        "top_k": np.array([p.top_k for p in params] + [0] * pad, dtype=np.int64),
+        "seed": np.array([s.seed for s in sample_seqs] + [0] * pad, dtype=np.int64),
+        "sample_index": np.array([s.sample_index for s in sample_seqs] + [0] * pad, dtype=np.int64),
+        "position": np.array(
+            [batch.starts[r] + batch.num_new[r] - seqs[r].prompt_len for r in batch.sample_rows] + [0] * pad,
+            dtype=np.int64,
+        ),  # index of the drawn token among the generated ones
+        "temperature": np.array([p.temperature for p in params] + [0.0] * pad, dtype=np.float32),
+        "top_p": np.array([p.top_p for p in params] + [1.0] * pad, dtype=np.float32),
+        "min_p": np.array([p.min_p for p in params] + [0.0] * pad, dtype=np.float32),
+    }
+    return StepInputs(
+        arrays=arrays,
+        num_decodes=nd,
+        num_samples=len(sample_seqs),
+        all_greedy=all(p.greedy for p in params),
+        want_logprobs=any(p.logprobs for p in params),
+    )
+
+
+def _words(a: np.ndarray) -> int:
+    """int64 words that `a` takes in the packed buffer."""
+    return a.size if a.dtype == np.int64 else -(-a.size // 2)
+
+
+Layout = tuple[tuple[str, int, tuple[int, ...], bool], ...]  # (name, offset, shape, is_float)
+
+
+def layout_of(arrays: dict[str, np.ndarray]) -> Layout:
+    """Where each array goes in the packed buffer: every one starts 16-byte aligned, so the kernels
+    see the same pointer alignment whatever the step (Triton compiles one variant per alignment)."""
+    out, off = [], 0
+    for name, a in arrays.items():
+        assert a.dtype in (np.int64, np.float32), (name, a.dtype)
+        out.append((name, off, a.shape, a.dtype == np.float32))
+        off += _words(a) + _words(a) % 2
+    return tuple(out)
+
+
+def layout_words(layout: Layout) -> int:
+    name, off, shape, is_float = layout[-1]
+    n = int(np.prod(shape))
+    return off + (-(-n // 2) if is_float else n)
+
+
+def fill(host: np.ndarray, layout: Layout, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` into the int64 buffer `host` at their layout offsets."""
+    for (_, off, _, is_float), a in zip(layout, arrays.values(), strict=True):
+        if is_float:
+            host[off : off + _words(a)].view(np.float32)[: a.size] = a.ravel()
+        else:
+            host[off : off + a.size] = a.ravel()
+
+
+def unpack(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+    """Views of the packed int64 buffer `flat`, one per array."""
+    views = {}
+    for name, off, shape, is_float in layout:
+        n = int(np.prod(shape))
+        if is_float:
+            views[name] = flat[off : off + -(-n // 2)].view(torch.float32)[:n].view(shape)
+        else:
+            views[name] = flat[off : off + n].view(shape)
+    return views
+
+
+class Staging:
+    """Two pinned host buffers and their device twins, used in turn; one host-to-device copy a step.
+
+    On CUDA the copy runs on its own stream and the compute stream waits for it with an event. A
+    buffer is reused two steps later, when the step that used it has completed (the engine waits
+    for each step before launching the one after next).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._host: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)] * 2
+        self._dev: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64, device=device)] * 2
+        self._turn = 0
+        if self.cuda:
+            self._stream = torch.cuda.Stream(device)
+            self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def pack(self, arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, Layout]:
+        """Copy `arrays` to the device; returns the packed device buffer [words] and its layout."""
+        layout = layout_of(arrays)
+        words = layout_words(layout)
+        turn = self._turn
+        self._turn ^= 1
+        if self._host[turn].numel() < words:
+            size = max(words, 2 * self._host[turn].numel())
+            self._host[turn] = torch.empty(size, dtype=torch.int64, pin_memory=self.cuda)
+            if self.cuda:
+                self._dev[turn] = torch.empty(size, dtype=torch.int64, device=self.device)
+        fill(self._host[turn].numpy(), layout, arrays)
+        if not self.cuda:
+            return self._host[turn][:words], layout
+        dev = self._dev[turn][:words]
+        with torch.cuda.stream(self._stream):
+            dev.copy_(self._host[turn][:words], non_blocking=True)
+            self._copied[turn].record(self._stream)
+        torch.cuda.current_stream(self.device).wait_event(self._copied[turn])
+        return dev, layout
