@@ -23,6 +23,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 
 import fsspec
 import pyarrow as pa
@@ -110,9 +111,11 @@ class OutputStore:
             self._discard_progress()
         previous = self.read_json("run.json")
         if previous is None:
-            self.write_json("run.json", fingerprint)
+            self._write_json(self._state("run.json"), fingerprint)
             kill_point("fingerprint_written")
             return
+        # only written while absent, so no other task is writing it now: its temps are a killed writer's
+        self._remove_temps(self._state("run.json"))
         diffs = _diff(previous, fingerprint)
         if diffs:
             raise FingerprintMismatch(
@@ -122,9 +125,17 @@ class OutputStore:
             )
 
     def write_json(self, relpath: str, obj: dict) -> None:
-        """Write `obj` atomically to `<out>/_batchrun/<relpath>`."""
+        """Write `obj` atomically to `<out>/_batchrun/<relpath>`, a file of this task alone (a report).
+
+        Temp files that a killed earlier writer of it left are removed first.
+        """
+        path = self._state(relpath)
+        self._remove_temps(path)
+        self._write_json(path, obj)
+
+    def _write_json(self, path: str, obj: dict) -> None:
         data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
-        write_bytes_atomic(self.fs, self._state(relpath), data)
+        write_bytes_atomic(self.fs, path, data)
 
     def read_json(self, relpath: str) -> dict | None:
         """The object in `<out>/_batchrun/<relpath>`, or None if there is none."""
@@ -170,6 +181,9 @@ class OutputStore:
         """
         final = self.final_path(shard_id)
         self._invalidate(final)
+        if repair:
+            self._remove_temps(final)
+            self._remove_temps(self._errors_path(shard_id))
         if self.fs.exists(final):
             if repair:
                 self._remove_parts(shard_id)
@@ -298,6 +312,16 @@ class OutputStore:
         self._invalidate(directory)
         if self.fs.exists(directory):
             self.fs.rm(directory, recursive=True)
+
+    def _remove_temps(self, path: str) -> None:
+        """Remove the temp siblings of `path` left by killed writers (local disks: object stores
+        publish a file whole or not at all, and leave none)."""
+        if not is_local(self.fs):
+            return
+        directory, name = posixpath.split(path)
+        for temp in self.fs.glob(posixpath.join(directory, f"{TEMP_PREFIX}{glob_escape(name)}-*")):
+            logger.info("removing %s, left by a killed writer", temp)
+            self.fs.rm(temp)
 
     def _invalidate(self, path: str) -> None:
         """Forget cached listings: another process (an earlier attempt) may have written here."""

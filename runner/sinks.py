@@ -151,6 +151,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[b
         return
     f = fs.open(path, "wb", autocommit=False)
     try:
+        kill_point("temp_opened")
         write(f)
         f.close()
         kill_point("before_publish")
@@ -174,6 +175,7 @@ def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[b
     temp = posixpath.join(directory, f"{TEMP_PREFIX}{name}-{secrets.token_hex(4)}")
     try:
         with open(temp, "wb") as f:
+            kill_point("temp_opened")
             write(f)
             f.flush()
             os.fsync(f.fileno())
