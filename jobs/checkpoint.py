@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from runner.faults import kill_point
+from runner.retry import StorageError, retry
 from runner.sinks import (
     TEMP_PREFIX,
     OutputFormat,
@@ -135,14 +136,13 @@ class OutputStore:
 
     def _write_json(self, path: str, obj: dict) -> None:
         data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
-        write_bytes_atomic(self.fs, path, data)
+        retry(f"writing {path}", lambda: write_bytes_atomic(self.fs, path, data))
 
     def read_json(self, relpath: str) -> dict | None:
         """The object in `<out>/_batchrun/<relpath>`, or None if there is none."""
         path = self._state(relpath)
         try:
-            with self.fs.open(path, "rb") as f:
-                data = f.read()
+            data = retry(f"reading {path}", lambda: self.fs.cat_file(path))
         except FileNotFoundError:
             return None
         try:
@@ -218,7 +218,8 @@ class OutputStore:
         n = self._next_part[shard_id]
         self._next_part[shard_id] = n + 1
         path = posixpath.join(self.parts_dir(shard_id), f"part-{n:06d}-{self._attempt}.parquet")
-        write_table_atomic(self.fs, path, rows_to_table(rows), "parquet")
+        table = rows_to_table(rows)
+        retry(f"writing part {path}", lambda: write_table_atomic(self.fs, path, table, "parquet"))
         kill_point("part_committed")
         return path
 
@@ -255,9 +256,13 @@ class OutputStore:
         if "finish_reason" in table.column_names:
             errors = table.filter(pc.equal(table.column("finish_reason"), "error"))
             if errors.num_rows:
-                write_table_atomic(self.fs, self._errors_path(shard_id), errors, "jsonl")
+                path = self._errors_path(shard_id)
+                retry(f"writing {path}", lambda: write_table_atomic(self.fs, path, errors, "jsonl"))
         kill_point("compaction_started")
-        write_table_atomic(self.fs, final, table, self.format, self.compression)
+        retry(
+            f"writing {final}",
+            lambda: write_table_atomic(self.fs, final, table, self.format, self.compression),
+        )
         kill_point("compaction_final_written")
         self._remove_parts(shard_id)
 
@@ -268,7 +273,7 @@ class OutputStore:
         directory = self.parts_dir(shard_id)
         self._invalidate(directory)
         try:
-            names = self.fs.ls(directory, detail=False)
+            names = retry(f"listing {directory}", lambda: self.fs.ls(directory, detail=False))
         except FileNotFoundError:
             return []
         parts = []
@@ -276,7 +281,7 @@ class OutputStore:
             name = posixpath.basename(path.rstrip("/"))
             if name.startswith(TEMP_PREFIX):
                 if repair:
-                    self.fs.rm(path)  # never visible, never committed
+                    retry(f"removing {path}", lambda p=path: self.fs.rm(p))  # never visible, never committed
             elif match := _PART_RE.fullmatch(name):
                 parts.append((int(match[1]), match[2], path))
             else:
@@ -289,11 +294,14 @@ class OutputStore:
 
     def _read_part(self, path: str, columns: list[str] | None = None) -> pa.Table:
         try:
-            with self.fs.open(path, "rb") as f:
+            # only the open is retried: a failure while parsing is a torn part, and quarantined
+            with retry(f"opening part {path}", lambda: self.fs.open(path, "rb")) as f:
                 pf = pq.ParquetFile(f)
                 if columns is not None:
                     columns = [c for c in columns if c in pf.schema_arrow.names]
                 table = pf.read(columns=columns)
+        except StorageError:
+            raise
         except (pa.ArrowException, OSError) as e:
             raise CheckpointError(f"unreadable part ({e})") from e
         if "_row" not in table.column_names or table.column("_row").null_count:
@@ -305,13 +313,17 @@ class OutputStore:
         logger.error("quarantined %s -> %s: %s; its rows will be processed again", path, target, reason)
         if is_local(self.fs):
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        self.fs.mv(path, target)
+        retry(f"moving {path} to {target}", lambda: self.fs.mv(path, target))
 
     def _remove_parts(self, shard_id: str) -> None:
         directory = self.parts_dir(shard_id)
         self._invalidate(directory)
-        if self.fs.exists(directory):
-            self.fs.rm(directory, recursive=True)
+
+        def remove() -> None:
+            if self.fs.exists(directory):  # a retry after a partial removal finds less, or nothing
+                self.fs.rm(directory, recursive=True)
+
+        retry(f"removing {directory}", remove)
 
     def _remove_temps(self, path: str) -> None:
         """Remove the temp siblings of `path` left by killed writers (local disks: object stores

@@ -62,6 +62,7 @@ def _run(
     from runner.models import ModelError
     from runner.pipeline import JobFailed, JobInterrupted, run_job
     from runner.prompts import PromptTooLong
+    from runner.retry import StorageError
     from runner.sources import InputError
 
     spec = _load(spec_path, task_index, num_tasks)
@@ -90,6 +91,7 @@ def _run(
         ModelError,
         PromptTooLong,
         SpecError,
+        StorageError,
     ) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)
