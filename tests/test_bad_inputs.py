@@ -127,7 +127,7 @@ CASES = [
          raises="InputError: <in>/x.txt: unknown file suffix; use .parquet/.pq or .jsonl/.json/.ndjson "
                 "(optionally + .gz/.zst), narrow the glob, or set the input format"),
     Case("unreadable_model_path", {"x.jsonl": jsonl(GOOD)}, model="missing",
-         raises="ModelError: <missing-model>"),
+         raises="ModelError: model.path: '<missing>' does not exist (expected a local Hugging Face folder, a .gguf file, a hub id like 'org/name', or 'builtin:smollm2-135m-instruct')"),
     Case("no_chat_template_when_asked", {"x.jsonl": jsonl(GOOD)}, spec={"prompt": {"chat_template": True}},
          model="no_chat_template",
          raises="SpecError: prompt asks for the chat template but the model's tokenizer has none; set "
@@ -144,8 +144,8 @@ CASES = [
          raises="LeaseHeld: another job is writing this output: pid <pid> on <host> holds "
                 "<out>/_batchrun/leases/task-0-of-1.json (heartbeat 0 s ago). Wait for it to finish or stop it; "
                 "if it is gone, its lease expires 60 s after its last heartbeat."),
-    Case("disk_full", {f"x{i:02d}.jsonl": jsonl(*[GOOD] * 30) for i in range(12)}, setup="tmpfs",
-         raises="StorageError: writing part <out>/<part> failed: OSError: No space left on device — the disk is "
+    Case("disk_full", {f"x{i}.jsonl": jsonl(*[GOOD] * 3) for i in range(8)}, setup="tmpfs",
+         raises="StorageError: writing <out>/<file> failed: OSError: No space left on device — the disk is "
                 "full: free some space, or point output.path at a larger disk"),
     # ---- the spec is refused before any data is touched
     Case("unknown_spec_key", spec={"output": {"colour": "red"}},
@@ -263,7 +263,8 @@ def _normalize(text: str, folder: Path, case: Case) -> str:
     text = text.replace(str(folder / "out"), "<out>").replace(str(folder / "no-such-model"), "<missing>")
     text = text.replace(f"pid {os.getpid()} on {socket.gethostname()}", "pid <pid> on <host>")
     if case.setup == "tmpfs":
-        text = re.sub(r"<out>/\S+/part-\d+-\w+\.parquet", "<out>/<part>", text)
+        # where the disk fills up (a part, or a compacted shard) depends on timing
+        text = re.sub(r"writing (part )?<out>/\S+ failed", "writing <out>/<file> failed", text)
     return text
 
 
@@ -294,17 +295,14 @@ def test_bad_input(case: Case, tmp_path: Path, models, request):
     if case.setup == "tmpfs":
         request.getfixturevalue("tmpfs")
     outcome = _normalize(_run(case, tmp_path, models), tmp_path, case)
-    if case.model == "missing":
-        assert outcome.startswith("ModelError: ") and "<missing>" in outcome, outcome
-        return
     if case.failed is not None:
         shard = next(n for n in case.files if n != "ok.jsonl")
         assert outcome == f"{shard}: {case.failed}"
         return
     assert outcome == case.raises
     if case.setup == "tmpfs":  # what was committed before the disk filled up is intact and readable
-        parts = list((tmp_path / "out").rglob("part-*.parquet"))
-        assert all(pq.read_table(p).num_rows > 0 for p in parts)
+        committed = [p for p in (tmp_path / "out").rglob("*.parquet") if not p.name.startswith(".tmp-")]
+        assert committed and all(pq.read_table(p).num_rows > 0 for p in committed)
 
 
 def test_the_catalogue_has_at_least_30_cases():
