@@ -23,7 +23,6 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from glob import escape as glob_escape
 
 import fsspec
 import pyarrow as pa
@@ -37,6 +36,7 @@ from runner.sinks import (
     OutputFormat,
     is_local,
     output_suffix,
+    remove_temps,
     rows_to_table,
     unify_tables,
     write_bytes_atomic,
@@ -326,14 +326,8 @@ class OutputStore:
         retry(f"removing {directory}", remove)
 
     def _remove_temps(self, path: str) -> None:
-        """Remove the temp siblings of `path` left by killed writers (local disks: object stores
-        publish a file whole or not at all, and leave none)."""
-        if not is_local(self.fs):
-            return
-        directory, name = posixpath.split(path)
-        for temp in self.fs.glob(posixpath.join(directory, f"{TEMP_PREFIX}{glob_escape(name)}-*")):
-            logger.info("removing %s, left by a killed writer", temp)
-            self.fs.rm(temp)
+        for temp in remove_temps(self.fs, path):
+            logger.info("removed %s, left by a killed writer", temp)
 
     def _invalidate(self, path: str) -> None:
         """Forget cached listings: another process (an earlier attempt) may have written here."""

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import fsspec
 
-from runner.sinks import write_bytes_atomic
+from runner.sinks import remove_temps, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class TaskLease:
 
     def __enter__(self) -> TaskLease:
         self._acquire()
+        remove_temps(self.fs, self.path)  # of heartbeats killed mid-write; ours now, no one else writes it
         self._thread.start()
         return self
 

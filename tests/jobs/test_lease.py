@@ -35,3 +35,15 @@ def test_a_lease_of_another_host_is_taken_over_only_after_its_ttl(tmp_path):
     path.write_text(json.dumps({**holder, "heartbeat": time.time() - 11}))
     with TaskLease(fs, str(tmp_path), 0, 1, ttl_s=10) as lease:
         assert json.loads(path.read_text())["token"] == lease.me.token
+
+
+def test_regression_a_heartbeat_killed_mid_write_leaves_its_temp_file_forever(tmp_path):
+    """Found by scripts/torture.py: a SIGKILL inside a heartbeat's atomic rewrite of the lease left
+    `_batchrun/leases/.tmp-task-0-of-1.json-<hex>` in the output for good."""
+    fs = fsspec.filesystem("file")
+    leases = tmp_path / "_batchrun/leases"
+    leases.mkdir(parents=True)
+    (leases / ".tmp-task-0-of-1.json-00aa").write_text('{"host": "h", "pi')
+    (leases / ".tmp-task-1-of-2.json-00bb").write_text("{}")  # another task's: not ours to remove
+    with TaskLease(fs, str(tmp_path), 0, 1):
+        assert sorted(p.name for p in leases.iterdir()) == [".tmp-task-1-of-2.json-00bb", "task-0-of-1.json"]
