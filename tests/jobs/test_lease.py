@@ -47,3 +47,28 @@ def test_regression_a_heartbeat_killed_mid_write_leaves_its_temp_file_forever(tm
     (leases / ".tmp-task-1-of-2.json-00bb").write_text("{}")  # another task's: not ours to remove
     with TaskLease(fs, str(tmp_path), 0, 1):
         assert sorted(p.name for p in leases.iterdir()) == [".tmp-task-1-of-2.json-00bb", "task-0-of-1.json"]
+
+
+def test_regression_heartbeat_thread_dies_with_a_traceback_on_a_storage_error(tmp_path, monkeypatch, caplog):
+    """Found by the catalogue's disk-full case: a heartbeat that hit ENOSPC killed its thread with an
+    unhandled exception (a traceback, and no word on what it means for the job)."""
+    import errno
+    import threading
+
+    import jobs.lease
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    crashes = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    monkeypatch.setattr(jobs.lease, "write_bytes_atomic", full)
+    fs = fsspec.filesystem("file")
+    with TaskLease(fs, str(tmp_path), 0, 1, ttl_s=0.03) as lease:
+        time.sleep(0.1)
+    assert crashes == []
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"renewing the lease {lease.path} failed: OSError: No space left on device — the disk is full: free "
+        "some space, or point output.path at a larger disk; no more heartbeats: another job may take this "
+        "task over in 0 s"
+    ]
