@@ -63,6 +63,7 @@ def _run(
     from runner.models import ModelError
     from runner.pipeline import JobFailed, JobInterrupted
     from runner.prompts import PromptTooLong
+    from runner.retry import StorageError
     from runner.sources import InputError
 
     spec = _load(spec_path, task_index, num_tasks)
@@ -98,6 +99,7 @@ def _run(
         ModelError,
         PromptTooLong,
         SpecError,
+        StorageError,
     ) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)

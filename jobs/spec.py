@@ -214,7 +214,24 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(format_errors(e, source)) from None
-    return _anchor_paths(spec, base_dir) if base_dir else spec
+    spec = _anchor_paths(spec, base_dir) if base_dir else spec
+    _check_output_outside_input(spec, source)
+    return spec
+
+
+def _check_output_outside_input(spec: JobSpec, source: str) -> None:
+    """An output inside an input directory would be read back as input by the next run."""
+    out = spec.output.path.rstrip("/")
+    for path in spec.input.path:
+        parts = path.rstrip("/").split("/")
+        root = "/".join(
+            p for p in parts[: next((i for i, p in enumerate(parts) if set(p) & set("*?[")), None)]
+        )
+        if out == root or out.startswith(root + "/"):
+            raise SpecError(
+                f"{source}: output.path {spec.output.path!r} is inside input.path {path!r}: the next run "
+                "would read the job's own output as input; write the output outside the input directory"
+            )
 
 
 def load_spec(path: str | Path) -> JobSpec:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from runner.retry import retry
 from runner.sinks import is_local
 
 Format = Literal["parquet", "jsonl"]
@@ -88,7 +89,7 @@ def list_shards(paths: list[str], storage_options: dict, format: Format | None =
     shards: dict[str, Shard] = {}
     for path in paths:
         fs, pattern = fsspec.core.url_to_fs(path, **storage_options)
-        root, files = _expand(fs, pattern, path)
+        root, files = retry(f"listing {path}", lambda fs=fs, p=pattern, u=path: _expand(fs, p, u))
         for file in files:
             shard_id = file[len(root) :].lstrip("/")
             shard = _make_shard(fs, file, shard_id, format)
@@ -182,7 +183,7 @@ def count_rows(shard: Shard, storage_options: dict) -> int:
 @contextmanager
 def _open_parquet(shard: Shard, storage_options: dict) -> Iterator[pq.ParquetFile]:
     fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
-    with fs.open(path, "rb") as f:
+    with retry(f"opening {shard.url}", lambda: fs.open(path, "rb")) as f:
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowException, OSError) as e:
@@ -224,7 +225,8 @@ def _jsonl_lines(shard: Shard, storage_options: dict) -> Iterator[bytes]:
     fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
     count = 0
     try:
-        with fs.open(path, "rb") as raw, _decompress(raw, shard.compression) as f:
+        raw = retry(f"opening {shard.url}", lambda: fs.open(path, "rb"))
+        with raw, _decompress(raw, shard.compression) as f:
             for line in f:
                 line = line.strip()
                 if count == 0:

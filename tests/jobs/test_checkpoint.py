@@ -309,3 +309,27 @@ class TestS3:
         assert store.scan("a.jsonl").rows == {0}
         assert fs.exists(f"{bucket}/out/_batchrun/quarantine/a/part-000001-zz.parquet")
         assert fs.ls(f"{bucket}/out/a.parts", detail=False) == [good]
+
+
+def test_regression_temp_files_of_writers_killed_outside_parts_are_left_forever(store, out):
+    """Found by scripts/torture.py: a SIGKILL inside the write of report.json, run.json, a final file
+    or an errors file left its `.tmp-` sibling in the output for good (only parts' temps were removed)."""
+    store.check_fingerprint(FP)
+    (out / "sub").mkdir()
+    (out / "_batchrun/errors/sub").mkdir(parents=True)
+    stale = [
+        out / "_batchrun/.tmp-run.json-00aa",
+        out / "_batchrun/.tmp-report.json-00bb",
+        out / "sub/.tmp-a.parquet-00cc",
+        out / "_batchrun/errors/sub/.tmp-a.jsonl-00dd",
+    ]
+    others = [out / "sub/.tmp-b.parquet-00ee", out / "_batchrun/.tmp-report-task1.json-00ff"]
+    for path in stale + others:
+        path.write_bytes(b"PAR1 torn")
+    store.scan("sub/a.jsonl", repair=False)  # `batchrun status` changes nothing
+    assert all(p.exists() for p in stale)
+    store.scan("sub/a.jsonl")
+    store.check_fingerprint(FP)
+    store.write_json("report.json", {"rows": 1})
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.exists() for p in others)  # another shard's, another task's: not ours to remove
