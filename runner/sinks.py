@@ -152,6 +152,8 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[b
     f = fs.open(path, "wb", autocommit=False)
     try:
         write(f)
+        if getattr(f, "offset", None):  # a large file: some multipart chunks are up, the rest buffered
+            kill_point("upload_unfinished")
         f.close()
         kill_point("before_publish")
         f.commit()
