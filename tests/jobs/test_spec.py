@@ -84,3 +84,9 @@ def test_cross_field_rules(patch, expected):
 def test_demo_spec_is_valid():
     spec = load_spec(Path(__file__).parents[2] / "specs" / "demo.yaml")
     assert spec.prompt.uses_chat_template and spec.model.path == "builtin:smollm2-135m-instruct"
+
+
+def test_s3_to_s3_spec_is_valid():
+    spec = load_spec(Path(__file__).parents[2] / "specs" / "s3-to-s3.yaml")
+    assert spec.input.path == ["s3://my-bucket/in/*.parquet"] and spec.output.path == "s3://my-bucket/out/"
+    assert spec.model.storage_options == spec.output.storage_options == {"profile": "default"}
