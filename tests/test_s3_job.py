@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import random
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +23,7 @@ import pytest
 from jobs.spec import load_spec
 from runner.pipeline import run_job
 from tests.conftest import prompt_text, read_output, write_inputs, write_spec
-from tests.test_kill_resume import batchrun
+from tests.test_kill_resume import REPO, batchrun
 
 _VISIBLE = re.compile(r"[^/]+\.parquet|[^/]+\.parts/part-\d{6}-[0-9a-z]+\.parquet|_batchrun/.+")
 
@@ -186,3 +189,96 @@ def _kill_and_resume(s3, tmp_path: Path, tiny_model_dir: Path, monkeypatch, kill
     assert not [p for p in fs.find(out) if ".parts/" in p]
     assert open_uploads(fs, bucket) == []  # the killed writers' uploads were swept
     assert "aborting the unfinished upload of s3://" in "".join(logs)
+
+
+def write_payload_shard(path: Path, rows: int, payload_bytes: int) -> int:
+    """A Parquet shard of short prompts beside an incompressible `payload` column; returns its size."""
+    rng = random.Random(1)
+    writer = None
+    for start in range(0, rows, 200):  # row groups of 200 rows, built one at a time
+        n = min(200, rows - start)
+        table = pa.table(
+            {
+                "id": [f"r{r}" for r in range(start, start + n)],
+                "text": [prompt_text(3, r) for r in range(start, start + n)],
+                "payload": [rng.randbytes(payload_bytes) for _ in range(n)],
+            }
+        )
+        writer = writer or pq.ParquetWriter(path, table.schema, compression="none")
+        writer.write_table(table)
+    writer.close()
+    return path.stat().st_size
+
+
+_MEASURE = """
+import sys
+import runner.pipeline
+from jobs.cli import main
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+run = runner.pipeline._Job.run
+
+def measured(self, *args, **kwargs):  # the streaming phase: shards in, engine, parts out
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident size
+    start = status("VmRSS")
+    try:
+        return run(self, *args, **kwargs)
+    finally:
+        print(f"rss_mb start {start:.0f} growth {status('VmHWM') - start:.0f}", file=sys.stderr)
+
+runner.pipeline._Job.run = measured
+main(sys.argv[1:])
+"""
+
+
+def streaming_rss_growth_mb(spec: Path) -> tuple[float, float]:
+    """Run `batchrun submit spec` in a fresh process: (resident MB when streaming starts, peak growth MB
+    while it streams), read from /proc (the peak is reset once the model and engine are loaded)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, "submit", str(spec), "--no-progress"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start, growth = re.search(r"rss_mb start (\d+) growth (\d+)", proc.stderr).groups()
+    return float(start), float(growth)
+
+
+@pytest.mark.parametrize(
+    "rows, payload_bytes",
+    [pytest.param(2000, 100_000, marks=pytest.mark.slow), (400, 125_000)],  # 200 MB (~130 s), 50 MB
+)
+def test_a_large_shard_streams_with_bounded_memory(
+    s3, tmp_path: Path, tiny_model_dir: Path, rows, payload_bytes
+):
+    """Resident memory grows by < 300 MB while a job streams a 200 MB shard from S3 and writes to S3.
+
+    Its prompts are a small column beside an incompressible payload column that the job doesn't keep:
+    ranged reads fetch the footer and the needed column chunks, one row group at a time.
+    """
+    fs, bucket, options = s3
+    assert write_payload_shard(tmp_path / "big.parquet", rows, payload_bytes) >= rows * payload_bytes
+    fs.put_file(str(tmp_path / "big.parquet"), f"{bucket}/in/big.parquet")
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        tiny_model_dir,
+        input={"path": f"s3://{bucket}/in/*", "storage_options": options},
+        sampling={"max_new_tokens": 1},
+        output={
+            "path": f"s3://{bucket}/out",
+            "storage_options": options,
+            "keep_columns": ["id"],
+            "flush_rows": 200,
+        },
+    )
+    start, growth = streaming_rss_growth_mb(spec)
+    with fs.open(f"{bucket}/out/big.parquet", "rb") as f:
+        assert pq.read_table(f, columns=["_row"]).column("_row").to_pylist() == list(range(rows))
+    print(f"resident {start:.0f} MB when streaming starts, + {growth:.0f} MB at the peak")
+    assert growth < 300
