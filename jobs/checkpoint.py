@@ -24,7 +24,6 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -44,6 +43,7 @@ from runner.sinks import (
     write_table_atomic,
 )
 from runner.sources import shard_stem
+from runner.storage import url_to_fs
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class OutputStore:
 
     def __init__(self, url: str, storage_options: dict, format: OutputFormat, compression: str | None):
         self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url, **storage_options)
+        self.fs, self.root = url_to_fs(url, storage_options)
         self.root = self.root.rstrip("/")
         self.format = format
         self.compression = compression
@@ -95,6 +95,10 @@ class OutputStore:
 
     def parts_dir(self, shard_id: str) -> str:
         return self._path(shard_stem(shard_id) + ".parts")
+
+    def shard_paths(self, shard_id: str) -> list[str]:
+        """What the shard's writer creates: its parts folder (ending in "/"), final and errors files."""
+        return [self.parts_dir(shard_id) + "/", self.final_path(shard_id), self._errors_path(shard_id)]
 
     def _path(self, relpath: str) -> str:
         return posixpath.join(self.root, relpath)

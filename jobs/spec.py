@@ -76,9 +76,11 @@ class PromptSpec(_Section):
 class ModelSpec(_Section):
     path: str = Field(
         "builtin:smollm2-135m-instruct",
-        description="local HF folder, .gguf file, hub id, or builtin:smollm2-135m-instruct",
+        description="local HF folder, .gguf file, hub id, builtin:smollm2-135m-instruct, or a folder URL "
+        "(s3://..., gs://...) downloaded once into the local cache",
     )
     revision: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="for a model URL")
 
 
 class SamplingSpec(_Section):

@@ -154,6 +154,8 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[b
     try:
         kill_point("temp_opened")
         write(f)
+        if getattr(f, "offset", None):  # a large file: some multipart chunks are up, the rest buffered
+            kill_point("upload_unfinished")
         f.close()
         kill_point("before_publish")
         f.commit()

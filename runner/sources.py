@@ -26,6 +26,7 @@ import zstandard
 
 from runner.retry import retry
 from runner.sinks import is_local
+from runner.storage import url_to_fs
 
 Format = Literal["parquet", "jsonl"]
 
@@ -88,7 +89,7 @@ def list_shards(paths: list[str], storage_options: dict, format: Format | None =
     assert not isinstance(paths, str), "paths is a list of paths"
     shards: dict[str, Shard] = {}
     for path in paths:
-        fs, pattern = fsspec.core.url_to_fs(path, **storage_options)
+        fs, pattern = url_to_fs(path, storage_options)
         root, files = retry(f"listing {path}", lambda fs=fs, p=pattern, u=path: _expand(fs, p, u))
         for file in files:
             shard_id = file[len(root) :].lstrip("/")
@@ -182,7 +183,7 @@ def count_rows(shard: Shard, storage_options: dict) -> int:
 
 @contextmanager
 def _open_parquet(shard: Shard, storage_options: dict) -> Iterator[pq.ParquetFile]:
-    fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
+    fs, path = url_to_fs(shard.url, storage_options)
     with retry(f"opening {shard.url}", lambda: fs.open(path, "rb")) as f:
         try:
             pf = pq.ParquetFile(f)
@@ -222,7 +223,7 @@ def _read_parquet(
 
 def _jsonl_lines(shard: Shard, storage_options: dict) -> Iterator[bytes]:
     """The non-blank lines of a JSONL shard, decompressed, without line endings."""
-    fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
+    fs, path = url_to_fs(shard.url, storage_options)
     count = 0
     try:
         raw = retry(f"opening {shard.url}", lambda: fs.open(path, "rb"))

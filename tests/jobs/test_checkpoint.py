@@ -2,7 +2,6 @@ import gzip
 import json
 import os
 
-import fsspec
 import pyarrow.parquet as pq
 import pytest
 
@@ -227,36 +226,8 @@ class TestCompact:
         assert len((out / "_batchrun/errors/a.jsonl").read_text().splitlines()) == 2
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 class TestS3:
     """The same flow on a real S3 API (moto over HTTP): a part is never visible half-written."""
-
-    @pytest.fixture
-    def s3(self, s3_server, monkeypatch):
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        options = {
-            "anon": False,
-            "client_kwargs": {"endpoint_url": s3_server},
-            "skip_instance_cache": True,
-            "use_listings_cache": False,
-            "default_block_size": 5 * 2**20,
-        }
-        fs = fsspec.filesystem("s3", **options)
-        bucket = f"b{os.getpid()}{os.urandom(3).hex()}"
-        fs.mkdir(bucket)
-        return fs, bucket, options
 
     def test_commit_scan_compact(self, s3):
         fs, bucket, options = s3

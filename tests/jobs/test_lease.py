@@ -72,3 +72,32 @@ def test_regression_heartbeat_thread_dies_with_a_traceback_on_a_storage_error(tm
         "some space, or point output.path at a larger disk; no more heartbeats: another job may take this "
         "task over in 0 s"
     ]
+
+
+def test_the_lease_is_exclusive_on_s3(s3):
+    """moto (as S3) enforces If-None-Match on exclusive create, which the lease is built on."""
+    fs, bucket, _ = s3
+    with fs.open(f"{bucket}/x", "xb") as f:
+        f.write(b"first")
+    with pytest.raises(FileExistsError), fs.open(f"{bucket}/x", "xb") as f:
+        f.write(b"second")
+    assert fs.cat(f"{bucket}/x") == b"first"
+
+    root = f"{bucket}/out"
+    with TaskLease(fs, root, 0, 2) as lease:
+        assert json.loads(fs.cat(lease.path))["token"] == lease.me.token
+        with pytest.raises(LeaseHeld, match=rf"pid \d+ on .* holds {root}/_batchrun/leases/task-0-of-2.json"):
+            TaskLease(fs, root, 0, 2).__enter__()
+        with TaskLease(fs, root, 1, 2):  # other tasks are independent
+            pass
+    assert not fs.exists(lease.path)
+
+    stale = {
+        "host": socket.gethostname() + "-elsewhere",
+        "pid": 1,
+        "token": "t",
+        "heartbeat": time.time() - 11,
+    }
+    fs.pipe(lease.path, json.dumps(stale).encode())
+    with TaskLease(fs, root, 0, 2, ttl_s=10) as lease:
+        assert json.loads(fs.cat(lease.path))["token"] == lease.me.token

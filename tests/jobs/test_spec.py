@@ -98,3 +98,9 @@ def test_regression_output_inside_input_is_read_back_as_input_on_the_next_run(tm
     parse_spec(
         {**MINIMAL, "input": {"path": "data/*.jsonl"}, "output": {"path": "data-out"}}, base_dir=tmp_path
     )
+
+
+def test_s3_to_s3_spec_is_valid():
+    spec = load_spec(Path(__file__).parents[2] / "specs" / "s3-to-s3.yaml")
+    assert spec.input.path == ["s3://my-bucket/in/*.parquet"] and spec.output.path == "s3://my-bucket/out/"
+    assert spec.model.storage_options == spec.output.storage_options == {"profile": "default"}
