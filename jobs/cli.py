@@ -133,8 +133,7 @@ def submit(
     spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bool, executor, dry_run: bool
 ) -> None:
     """Run the job described by SPEC: here in the foreground, or as a Slurm array; again to resume."""
-    from jobs.slurm import SlurmError, refuse_if_active
-    from runner.pipeline import output_store
+    from jobs.slurm import SlurmError, refuse_if_active, store_for
 
     spec = _load(spec_path, None, None)
     if (executor or spec.runtime.executor) == "slurm":
@@ -151,7 +150,7 @@ def submit(
         click.echo("--dry-run prints the sbatch script: add --executor slurm", err=True)
         sys.exit(EXIT_BAD_SPEC)
     try:
-        refuse_if_active(output_store(spec))
+        refuse_if_active(store_for(spec))
     except SlurmError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)
@@ -160,12 +159,11 @@ def submit(
 
 def _submit_slurm(spec: JobSpec, spec_path: str, dry_run: bool) -> None:
     from jobs import slurm
-    from runner.pipeline import output_store
 
     if dry_run:
         click.echo(slurm.render_script(spec, spec_path))
         return
-    store = output_store(spec)
+    store = slurm.store_for(spec)
     if slurm.all_done(spec, store):
         click.echo(f"nothing to do: every shard of {spec.output.path} is done", err=True)
         return

@@ -122,6 +122,12 @@ exit "$rc"
 """
 
 
+def store_for(spec: JobSpec) -> OutputStore:
+    """The job's output store (without importing the data plane: submit and status stay quick)."""
+    o = spec.output
+    return OutputStore(o.path, o.storage_options, o.format, o.compression)
+
+
 def job_record(store: OutputStore) -> dict | None:
     """The last Slurm submission recorded in this output: {job_id, tasks, submitted_at}."""
     return store.read_json(RECORD)
@@ -158,9 +164,7 @@ def _first_index(task: str) -> int:
 
 def slurm_status(spec: JobSpec) -> SlurmStatus | None:
     """The Slurm side of `batchrun status`; None if this output was never submitted to Slurm."""
-    from runner.pipeline import output_store
-
-    record = job_record(output_store(spec))
+    record = job_record(store_for(spec))
     if record is None:
         return None
     return SlurmStatus(record["job_id"], record["tasks"], array_state(record["job_id"]))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from jobs.slurm import RECORD, render_script
-from jobs.spec import load_spec
-from runner.pipeline import output_store
+from jobs.slurm import RECORD, render_script, store_for
+from jobs.spec import SpecError, load_spec
 from tests.test_kill_resume import batchrun
 
 
@@ -58,14 +58,15 @@ def test_script_asks_for_the_array_and_resources_and_requeues_only_on_exit_75(tm
         "--constraint=h100",
         "--exclusive",
     ]
-    assert f"-m jobs.cli run {path} --num-tasks 64 --no-progress --task-index \"$SLURM_ARRAY_TASK_ID\" &" in script
+    run = f'-m jobs.cli run {path} --num-tasks 64 --no-progress --task-index "$SLURM_ARRAY_TASK_ID" &'
+    assert run in script
     assert script.index("source /opt/venv/bin/activate") < script.index("-m jobs.cli run")
     assert 'if [ "$rc" -eq 75 ]; then' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 
 def _run_script(tmp_path: Path, exit_code: int, signal_after: float | None = None) -> tuple[int, str]:
-    """Run the rendered script with a fake task (exit `exit_code`, or 75 once signalled) and a fake scontrol."""
+    """The rendered script with a fake task (exits `exit_code`, or 75 once signalled), fake scontrol."""
     spec = load_spec(_spec(tmp_path))
     script = render_script(spec, tmp_path / "spec.yaml")
     fake_task = (
@@ -81,8 +82,6 @@ def _run_script(tmp_path: Path, exit_code: int, signal_after: float | None = Non
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "4", "SLURM_JOB_ID": "1234"}
     proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, text=True)
     if signal_after is not None:
-        import time
-
         time.sleep(signal_after)
         proc.send_signal(10)  # SIGUSR1, as `scancel --signal=USR1 --batch` sends it
     out, _ = proc.communicate(timeout=20)
@@ -117,8 +116,19 @@ def test_status_says_when_slurm_state_is_unknown(tmp_path: Path):
     path = _spec(tmp_path, tasks=3)
     (tmp_path / "in").mkdir()
     (tmp_path / "in/a.jsonl").write_text('{"text": "x"}\n')
-    store = output_store(load_spec(path))
+    store = store_for(load_spec(path))
     store.write_json(RECORD, {"job_id": "999999", "tasks": 3, "submitted_at": 0})
     code, out, err = batchrun("status", str(path))
     assert code == 0, err
     assert out.splitlines()[-1].startswith("slurm job 999999 (3 tasks)")
+
+
+def test_slurm_section_errors_name_the_field_and_the_known_keys(tmp_path: Path):
+    path = _spec(tmp_path, tasks=0, gpu=1)
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    lines = str(e.value).splitlines()[1:]
+    assert lines[0] == "  runtime.slurm.tasks: Input should be greater than 0 (got 0)"
+    assert lines[1].startswith(
+        "  runtime.slurm.gpu: Extra inputs are not permitted — unknown key; known here: tasks, partition,"
+    )
