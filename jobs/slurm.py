@@ -97,7 +97,8 @@ def render_script(spec: JobSpec, spec_path: str | Path) -> str:
     ]
     options += s.extra
     run = ["-m", "jobs.cli", "run", str(spec_file), "--num-tasks", str(s.tasks), "--no-progress"]
-    command = shlex.join([sys.executable, *run])
+    # the submitter's own interpreter, unless setup lines prepare an environment of the node's own
+    command = shlex.join(["python" if s.setup else sys.executable, *run])
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in options), "", *s.setup, _BODY.format(command=command)]
     return "\n".join(lines)
 
@@ -207,6 +208,7 @@ def submit(spec: JobSpec, spec_path: str | Path, store: OutputStore) -> str:
             "runtime.executor is slurm but `sbatch` is not on PATH: run `batchrun submit` on a Slurm "
             "login node, or pass --executor local to run here"
         )
+    Path(spec.runtime.slurm.log).parent.mkdir(parents=True, exist_ok=True)  # sbatch won't create it
     proc = subprocess.run(
         ["sbatch", "--parsable"], input=render_script(spec, spec_path), capture_output=True, text=True
     )

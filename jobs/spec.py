@@ -153,7 +153,9 @@ class SlurmSpec(_Section):
     job_name: str | None = Field(None, description="default: the spec's name, else batchrun")
     log: str = Field("slurm-%A_%a.log", description="each task's log (sbatch --output); %A job, %a task")
     setup: list[str] = Field(
-        default_factory=list, description="shell lines run before the task, e.g. source venv/bin/activate"
+        default_factory=list,
+        description="shell lines run before the task, e.g. source venv/bin/activate; with setup lines the "
+        "task runs the `python` they put on PATH, without them the interpreter that ran `batchrun submit`",
     )
     extra: list[str] = Field(
         default_factory=list, description="more sbatch options, e.g. --constraint=h100 or --exclusive"

@@ -58,7 +58,7 @@ def test_script_asks_for_the_array_and_resources_and_requeues_only_on_exit_75(tm
         "--constraint=h100",
         "--exclusive",
     ]
-    run = f'-m jobs.cli run {path} --num-tasks 64 --no-progress --task-index "$SLURM_ARRAY_TASK_ID" &'
+    run = f'python -m jobs.cli run {path} --num-tasks 64 --no-progress --task-index "$SLURM_ARRAY_TASK_ID" &'
     assert run in script
     assert script.index("source /opt/venv/bin/activate") < script.index("-m jobs.cli run")
     assert 'if [ "$rc" -eq 75 ]; then' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
