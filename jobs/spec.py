@@ -141,7 +141,31 @@ class EngineSpec(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class SlurmSpec(_Section):
+    """How `batchrun submit` asks Slurm for an array job (runtime.executor: slurm)."""
+
+    tasks: PositiveInt = Field(1, description="array tasks; shard i goes to task i % tasks")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = Field(None, description="wall-clock limit per task, e.g. 04:00:00")
+    gpus: NonNegInt = Field(0, description="GPUs per task")
+    cpus: PositiveInt | None = Field(None, description="CPUs per task")
+    mem: str | None = Field(None, description="memory per task, e.g. 64G")
+    job_name: str | None = Field(None, description="default: the spec's name, else batchrun")
+    log: str = Field("slurm-%A_%a.log", description="each task's log (sbatch --output); %A job, %a task")
+    setup: list[str] = Field(
+        default_factory=list,
+        description="shell lines run before the task, e.g. source venv/bin/activate; with setup lines the "
+        "task runs the `python` they put on PATH, without them the interpreter that ran `batchrun submit`",
+    )
+    extra: list[str] = Field(
+        default_factory=list, description="more sbatch options, e.g. --constraint=h100 or --exclusive"
+    )
+
+
 class RuntimeSpec(_Section):
+    executor: Literal["local", "slurm"] = Field("local", description="where `batchrun submit` runs the job")
     task_index: NonNegInt = 0
     num_tasks: PositiveInt = 1
     grace_seconds: Annotated[float, Field(gt=0)] = 60.0
@@ -153,6 +177,7 @@ class RuntimeSpec(_Section):
         description="worker processes on this node, one per GPU: auto (every visible GPU), N (the first N; "
         "N CPU workers on a machine without GPUs) or a list of GPU ids",
     )
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
     @model_validator(mode="after")
     def _index_in_range(self) -> RuntimeSpec:
@@ -263,10 +288,12 @@ def _anchor_paths(spec: JobSpec, base: Path) -> JobSpec:
     model_path = spec.model.path
     if _is_local_relative(model_path) and (base / model_path).exists():
         model_path = str(base / model_path)
+    slurm = spec.runtime.slurm.model_copy(update={"log": _anchor(spec.runtime.slurm.log, base)})
     return spec.model_copy(
         update={
             "input": spec.input.model_copy(update={"path": [_anchor(p, base) for p in spec.input.path]}),
             "output": spec.output.model_copy(update={"path": _anchor(spec.output.path, base)}),
             "model": spec.model.model_copy(update={"path": model_path}),
+            "runtime": spec.runtime.model_copy(update={"slurm": slurm}),
         }
     )
