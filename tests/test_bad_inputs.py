@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.checkpoint import FingerprintMismatch
+from jobs.checkpoint import FingerprintMismatch, OutputStore
 from jobs.lease import LeaseHeld, TaskLease
 from jobs.spec import SpecError, load_spec
 from runner.models import ModelError
-from runner.pipeline import JobFailed, output_store, run_job
+from runner.pipeline import JobFailed, run_job
 from runner.prompts import PromptTooLong
 from runner.retry import StorageError
 from runner.sources import InputError
@@ -232,7 +232,7 @@ def _run(case: Case, folder: Path, models: dict[str, Path]) -> str:
         if case.setup == "fingerprint":
             run_job(load_spec(_spec(folder, model, Case("first"), inputs)), show_progress=False)
         if case.setup == "lease":
-            store = output_store(spec)
+            store = OutputStore.for_output(spec.output)
             with TaskLease(store.fs, store.root, 0, 1):
                 run_job(spec, show_progress=False)
         else:
