@@ -5,7 +5,7 @@ PIP := $(PY) -m pip install -q
 # torch 2.13.0: the CPU build on the dev/CI machines; on a GPU box it is PyPI's CUDA build
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-all lint bench
+.PHONY: setup demo test test-all test-slurm lint bench
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q
+
+test-slurm: setup  # on a real single-node Slurm that the tests start (root; apt); -rs says why if skipped
+	$(PY) -m pytest -q -rs tests/test_slurm_cluster.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

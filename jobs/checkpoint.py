@@ -24,24 +24,26 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.spec import OutputSpec
 from runner.faults import kill_point
+from runner.retry import StorageError, retry
 from runner.sinks import (
     TEMP_PREFIX,
     OutputFormat,
     is_local,
     output_suffix,
+    remove_temps,
     rows_to_table,
     unify_tables,
     write_bytes_atomic,
     write_table_atomic,
 )
 from runner.sources import shard_stem
+from runner.storage import url_to_fs
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class OutputStore:
 
     def __init__(self, url: str, storage_options: dict, format: OutputFormat, compression: str | None):
         self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url, **storage_options)
+        self.fs, self.root = url_to_fs(url, storage_options)
         self.root = self.root.rstrip("/")
         self.format = format
         self.compression = compression
@@ -93,6 +95,10 @@ class OutputStore:
 
     def parts_dir(self, shard_id: str) -> str:
         return self._path(shard_stem(shard_id) + ".parts")
+
+    def shard_paths(self, shard_id: str) -> list[str]:
+        """What the shard's writer creates: its parts folder (ending in "/"), final and errors files."""
+        return [self.parts_dir(shard_id) + "/", self.final_path(shard_id), self._errors_path(shard_id)]
 
     def _path(self, relpath: str) -> str:
         return posixpath.join(self.root, relpath)
@@ -116,9 +122,11 @@ class OutputStore:
             self._discard_progress()
         previous = self.read_json("run.json")
         if previous is None:
-            self.write_json("run.json", fingerprint)
+            self._write_json(self._state("run.json"), fingerprint)
             kill_point("fingerprint_written")
             return
+        # only written while absent, so no other task is writing it now: its temps are a killed writer's
+        self._remove_temps(self._state("run.json"))
         diffs = _diff(previous, fingerprint)
         if diffs:
             raise FingerprintMismatch(
@@ -128,8 +136,12 @@ class OutputStore:
             )
 
     def write_json(self, relpath: str, obj: dict) -> None:
-        """Write `obj` atomically to `<out>/_batchrun/<relpath>`."""
+        """Write `obj` atomically to `<out>/_batchrun/<relpath>`, a file of this task alone (a report)."""
         self.write_state(relpath, json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n")
+
+    def _write_json(self, path: str, obj: dict) -> None:
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        retry(f"writing {path}", lambda: write_bytes_atomic(self.fs, path, data))
 
     def read_json(self, relpath: str) -> dict | None:
         """The object in `<out>/_batchrun/<relpath>`, or None if there is none."""
@@ -142,16 +154,20 @@ class OutputStore:
             raise CheckpointError(f"{self._state(relpath)} is not valid JSON ({e}); fix or remove it") from e
 
     def write_state(self, relpath: str, data: bytes) -> None:
-        """Write `data` atomically to `<out>/_batchrun/<relpath>`."""
-        write_bytes_atomic(self.fs, self._state(relpath), data)
+        """Write `data` atomically to `<out>/_batchrun/<relpath>`, a file of this task alone.
+
+        Temp files that a killed earlier writer of it left are removed first.
+        """
+        path = self._state(relpath)
+        self._remove_temps(path)
+        retry(f"writing {path}", lambda: write_bytes_atomic(self.fs, path, data))
 
     def read_state(self, relpath: str) -> bytes | None:
         """The bytes of `<out>/_batchrun/<relpath>`, or None if there is none."""
         path = self._state(relpath)
         self._invalidate(path)
         try:
-            with self.fs.open(path, "rb") as f:
-                return f.read()
+            return retry(f"reading {path}", lambda: self.fs.cat_file(path))
         except FileNotFoundError:
             return None
 
@@ -160,7 +176,7 @@ class OutputStore:
         path = self._state(reldir)
         self._invalidate(path + "/")
         try:
-            names = self.fs.ls(path, detail=False)
+            names = retry(f"listing {path}", lambda: self.fs.ls(path, detail=False))
         except FileNotFoundError:
             return []
         return sorted(n for n in map(posixpath.basename, names) if not n.startswith(TEMP_PREFIX))
@@ -196,6 +212,9 @@ class OutputStore:
         """
         final = self.final_path(shard_id)
         self._invalidate(final)
+        if repair:
+            self._remove_temps(final)
+            self._remove_temps(self._errors_path(shard_id))
         if self.fs.exists(final):
             if repair:
                 self._remove_parts(shard_id)
@@ -248,7 +267,8 @@ class OutputStore:
         n = self._next_part[shard_id]
         self._next_part[shard_id] = n + 1
         path = posixpath.join(self.parts_dir(shard_id), f"part-{n:06d}-{self._attempt}.parquet")
-        write_table_atomic(self.fs, path, rows_to_table(rows), "parquet")
+        table = rows_to_table(rows)
+        retry(f"writing part {path}", lambda: write_table_atomic(self.fs, path, table, "parquet"))
         kill_point("part_committed")
         return path
 
@@ -285,9 +305,13 @@ class OutputStore:
         if "finish_reason" in table.column_names:
             errors = table.filter(pc.equal(table.column("finish_reason"), "error"))
             if errors.num_rows:
-                write_table_atomic(self.fs, self._errors_path(shard_id), errors, "jsonl")
+                path = self._errors_path(shard_id)
+                retry(f"writing {path}", lambda: write_table_atomic(self.fs, path, errors, "jsonl"))
         kill_point("compaction_started")
-        write_table_atomic(self.fs, final, table, self.format, self.compression)
+        retry(
+            f"writing {final}",
+            lambda: write_table_atomic(self.fs, final, table, self.format, self.compression),
+        )
         kill_point("compaction_final_written")
         self._remove_parts(shard_id)
 
@@ -298,7 +322,7 @@ class OutputStore:
         directory = self.parts_dir(shard_id)
         self._invalidate(directory)
         try:
-            names = self.fs.ls(directory, detail=False)
+            names = retry(f"listing {directory}", lambda: self.fs.ls(directory, detail=False))
         except FileNotFoundError:
             return []
         parts = []
@@ -306,7 +330,7 @@ class OutputStore:
             name = posixpath.basename(path.rstrip("/"))
             if name.startswith(TEMP_PREFIX):
                 if repair:
-                    self.fs.rm(path)  # never visible, never committed
+                    retry(f"removing {path}", lambda p=path: self.fs.rm(p))  # never visible, never committed
             elif match := _PART_RE.fullmatch(name):
                 parts.append((int(match[1]), match[2], path))
             else:
@@ -319,11 +343,14 @@ class OutputStore:
 
     def _read_part(self, path: str, columns: list[str] | None = None) -> pa.Table:
         try:
-            with self.fs.open(path, "rb") as f:
+            # only the open is retried: a failure while parsing is a torn part, and quarantined
+            with retry(f"opening part {path}", lambda: self.fs.open(path, "rb")) as f:
                 pf = pq.ParquetFile(f)
                 if columns is not None:
                     columns = [c for c in columns if c in pf.schema_arrow.names]
                 table = pf.read(columns=columns)
+        except StorageError:
+            raise
         except (pa.ArrowException, OSError) as e:
             raise CheckpointError(f"unreadable part ({e})") from e
         if "_row" not in table.column_names or table.column("_row").null_count:
@@ -335,13 +362,21 @@ class OutputStore:
         logger.error("quarantined %s -> %s: %s; its rows will be processed again", path, target, reason)
         if is_local(self.fs):
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        self.fs.mv(path, target)
+        retry(f"moving {path} to {target}", lambda: self.fs.mv(path, target))
 
     def _remove_parts(self, shard_id: str) -> None:
         directory = self.parts_dir(shard_id)
         self._invalidate(directory)
-        if self.fs.exists(directory):
-            self.fs.rm(directory, recursive=True)
+
+        def remove() -> None:
+            if self.fs.exists(directory):  # a retry after a partial removal finds less, or nothing
+                self.fs.rm(directory, recursive=True)
+
+        retry(f"removing {directory}", remove)
+
+    def _remove_temps(self, path: str) -> None:
+        for temp in remove_temps(self.fs, path):
+            logger.info("removed %s, left by a killed writer", temp)
 
     def _invalidate(self, path: str) -> None:
         """Forget cached listings: another process (an earlier attempt) may have written here."""

@@ -63,6 +63,7 @@ def _run(
     from runner.models import ModelError
     from runner.pipeline import JobFailed, JobInterrupted
     from runner.prompts import PromptTooLong
+    from runner.retry import StorageError
     from runner.sources import InputError
 
     spec = _load(spec_path, task_index, num_tasks)
@@ -98,6 +99,7 @@ def _run(
         ModelError,
         PromptTooLong,
         SpecError,
+        StorageError,
     ) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)
@@ -130,9 +132,62 @@ def _with_task_opts(f):
 @main.command()
 @click.argument("spec_path", metavar="SPEC")
 @_with_task_opts
-def submit(spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bool) -> None:
-    """Run the job described by SPEC here, in the foreground; run it again to resume."""
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "slurm"]),
+    default=None,
+    help="Run here or as a Slurm array (overrides runtime.executor).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the sbatch script instead of submitting it.")
+def submit(
+    spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bool, executor, dry_run: bool
+) -> None:
+    """Run the job described by SPEC: here in the foreground, or as a Slurm array; again to resume."""
+    from jobs.slurm import SlurmError, refuse_if_active, store_for
+
+    spec = _load(spec_path, None, None)
+    if (executor or spec.runtime.executor) == "slurm":
+        if task_index is not None or num_tasks is not None or force_new_run:
+            click.echo(
+                "--task-index, --num-tasks and --force-new-run apply to local runs; for Slurm set "
+                "runtime.slurm.tasks (and use a new output.path to start over)",
+                err=True,
+            )
+            sys.exit(EXIT_BAD_SPEC)
+        _submit_slurm(spec, spec_path, dry_run)
+        return
+    if dry_run:
+        click.echo("--dry-run prints the sbatch script: add --executor slurm", err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    try:
+        refuse_if_active(store_for(spec))
+    except SlurmError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FAILED)
     _run(spec_path, task_index, num_tasks, force_new_run, progress)
+
+
+def _submit_slurm(spec: JobSpec, spec_path: str, dry_run: bool) -> None:
+    from jobs import slurm
+
+    if dry_run:
+        click.echo(slurm.render_script(spec, spec_path))
+        return
+    store = slurm.store_for(spec)
+    if slurm.all_done(spec, store):
+        click.echo(f"nothing to do: every shard of {spec.output.path} is done", err=True)
+        return
+    try:
+        job_id = slurm.submit(spec, spec_path, store)
+    except slurm.SlurmError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(job_id)
+    click.echo(
+        f"Submitted Slurm array job {job_id} ({spec.runtime.slurm.tasks} tasks). Watch it with "
+        f"`squeue -j {job_id}` and `batchrun status {spec_path}`; logs: {spec.runtime.slurm.log}",
+        err=True,
+    )
 
 
 @main.command()
@@ -148,10 +203,16 @@ def run(spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bo
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def status(spec_path: str, as_json: bool) -> None:
     """Show each shard's state (done / partial / pending) and error rows, read from the output."""
+    from jobs.slurm import slurm_status
     from jobs.status import job_status
 
-    report = job_status(_load(spec_path, None, None))
-    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else "\n".join(report.lines()))
+    spec = _load(spec_path, None, None)
+    report = job_status(spec)
+    slurm = slurm_status(spec)
+    if as_json:
+        click.echo(json.dumps({**report.as_dict(), "slurm": slurm and slurm.as_dict()}, indent=2))
+        return
+    click.echo("\n".join(report.lines() + (slurm.lines() if slurm else [])))
 
 
 @main.command()

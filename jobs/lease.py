@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 
 import fsspec
 
-from runner.sinks import write_bytes_atomic
+from runner.retry import retry
+from runner.sinks import remove_temps, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class TaskLease:
 
     def __enter__(self) -> TaskLease:
         self._acquire()
+        remove_temps(self.fs, self.path)  # of heartbeats killed mid-write; ours now, no one else writes it
         self._thread.start()
         return self
 
@@ -129,8 +131,18 @@ class TaskLease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            if self._read() != self.me.token:
-                log.error("lost the lease %s to another job; stopping heartbeats", self.path)
+            try:
+                if self._read() != self.me.token:
+                    log.error("lost the lease %s to another job; stopping heartbeats", self.path)
+                    return
+                self.me.heartbeat = time.time()
+                data = json.dumps(asdict(self.me)).encode()
+                retry(
+                    f"renewing the lease {self.path}",
+                    lambda d=data: write_bytes_atomic(self.fs, self.path, d),
+                )
+            except OSError as e:  # the job goes on; the storage's own failures stop it where they matter
+                log.error(
+                    "%s; no more heartbeats: another job may take this task over in %.0f s", e, self.ttl_s
+                )
                 return
-            self.me.heartbeat = time.time()
-            write_bytes_atomic(self.fs, self.path, json.dumps(asdict(self.me)).encode())

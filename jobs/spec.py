@@ -76,9 +76,11 @@ class PromptSpec(_Section):
 class ModelSpec(_Section):
     path: str = Field(
         "builtin:smollm2-135m-instruct",
-        description="local HF folder, .gguf file, hub id, or builtin:smollm2-135m-instruct",
+        description="local HF folder, .gguf file, hub id, builtin:smollm2-135m-instruct, or a folder URL "
+        "(s3://..., gs://...) downloaded once into the local cache",
     )
     revision: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="for a model URL")
 
 
 class SamplingSpec(_Section):
@@ -139,7 +141,31 @@ class EngineSpec(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class SlurmSpec(_Section):
+    """How `batchrun submit` asks Slurm for an array job (runtime.executor: slurm)."""
+
+    tasks: PositiveInt = Field(1, description="array tasks; shard i goes to task i % tasks")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = Field(None, description="wall-clock limit per task, e.g. 04:00:00")
+    gpus: NonNegInt = Field(0, description="GPUs per task")
+    cpus: PositiveInt | None = Field(None, description="CPUs per task")
+    mem: str | None = Field(None, description="memory per task, e.g. 64G")
+    job_name: str | None = Field(None, description="default: the spec's name, else batchrun")
+    log: str = Field("slurm-%A_%a.log", description="each task's log (sbatch --output); %A job, %a task")
+    setup: list[str] = Field(
+        default_factory=list,
+        description="shell lines run before the task, e.g. source venv/bin/activate; with setup lines the "
+        "task runs the `python` they put on PATH, without them the interpreter that ran `batchrun submit`",
+    )
+    extra: list[str] = Field(
+        default_factory=list, description="more sbatch options, e.g. --constraint=h100 or --exclusive"
+    )
+
+
 class RuntimeSpec(_Section):
+    executor: Literal["local", "slurm"] = Field("local", description="where `batchrun submit` runs the job")
     task_index: NonNegInt = 0
     num_tasks: PositiveInt = 1
     grace_seconds: Annotated[float, Field(gt=0)] = 60.0
@@ -151,6 +177,7 @@ class RuntimeSpec(_Section):
         description="worker processes on this node, one per GPU: auto (every visible GPU), N (the first N; "
         "N CPU workers on a machine without GPUs) or a list of GPU ids",
     )
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
     @model_validator(mode="after")
     def _index_in_range(self) -> RuntimeSpec:
@@ -214,7 +241,24 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(format_errors(e, source)) from None
-    return _anchor_paths(spec, base_dir) if base_dir else spec
+    spec = _anchor_paths(spec, base_dir) if base_dir else spec
+    _check_output_outside_input(spec, source)
+    return spec
+
+
+def _check_output_outside_input(spec: JobSpec, source: str) -> None:
+    """An output inside an input directory would be read back as input by the next run."""
+    out = spec.output.path.rstrip("/")
+    for path in spec.input.path:
+        parts = path.rstrip("/").split("/")
+        root = "/".join(
+            p for p in parts[: next((i for i, p in enumerate(parts) if set(p) & set("*?[")), None)]
+        )
+        if out == root or out.startswith(root + "/"):
+            raise SpecError(
+                f"{source}: output.path {spec.output.path!r} is inside input.path {path!r}: the next run "
+                "would read the job's own output as input; write the output outside the input directory"
+            )
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -244,10 +288,12 @@ def _anchor_paths(spec: JobSpec, base: Path) -> JobSpec:
     model_path = spec.model.path
     if _is_local_relative(model_path) and (base / model_path).exists():
         model_path = str(base / model_path)
+    slurm = spec.runtime.slurm.model_copy(update={"log": _anchor(spec.runtime.slurm.log, base)})
     return spec.model_copy(
         update={
             "input": spec.input.model_copy(update={"path": [_anchor(p, base) for p in spec.input.path]}),
             "output": spec.output.model_copy(update={"path": _anchor(spec.output.path, base)}),
             "model": spec.model.model_copy(update={"path": model_path}),
+            "runtime": spec.runtime.model_copy(update={"slurm": slurm}),
         }
     )

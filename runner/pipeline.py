@@ -17,6 +17,7 @@ from jobs.checkpoint import OutputStore
 from jobs.lease import TaskLease
 from jobs.plan import assign_shards, run_fingerprint
 from jobs.spec import JobSpec
+from jobs.uploads import sweep_stale_uploads
 from runner.backends import load_backend
 from runner.engine.types import Completion, Request
 from runner.faults import kill_point
@@ -72,7 +73,7 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
 
 def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> ResolvedModel:
     """Resolve the model and record (or check) the run's fingerprint in the output."""
-    model = resolve_model(spec.model.path, spec.model.revision)
+    model = resolve_model(spec.model.path, spec.model.revision, spec.model.storage_options)
     tokenizer = load_tokenizer(model.local_path, spec.model.revision)
     store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
     return model
@@ -85,6 +86,7 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
         spec.runtime.task_index,
         spec.runtime.num_tasks,
     )
+    sweep_stale_uploads(store, [s.id for s in shards], spec.runtime.task_index, spec.runtime.num_tasks)
     model = check_run(spec, store, force_new_run)
     work, done_shards, failed = _plan(store, spec, shards)
     counters = Counters(

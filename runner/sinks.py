@@ -14,6 +14,7 @@ the original values.
 from __future__ import annotations
 
 import functools
+import glob
 import gzip
 import io
 import json
@@ -151,7 +152,10 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[b
         return
     f = fs.open(path, "wb", autocommit=False)
     try:
+        kill_point("temp_opened")
         write(f)
+        if getattr(f, "offset", None):  # a large file: some multipart chunks are up, the rest buffered
+            kill_point("upload_unfinished")
         f.close()
         kill_point("before_publish")
         f.commit()
@@ -160,6 +164,21 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[b
         if isinstance(f, AbstractBufferedFile):
             f.closed = True  # skip the final upload that close() or __del__ would do
         raise
+
+
+def remove_temps(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Remove the temp siblings of `path` that killed writers left; returns them.
+
+    Only on the local disk: object stores publish a file whole or not at all, and leave none.
+    Call it only where no live writer of `path` can exist (under the task's lease, on resume).
+    """
+    if not is_local(fs):
+        return []
+    directory, name = posixpath.split(path)
+    temps = fs.glob(posixpath.join(directory, f"{TEMP_PREFIX}{glob.escape(name)}-*"))
+    for temp in temps:
+        fs.rm(temp)
+    return temps
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -174,6 +193,7 @@ def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[b
     temp = posixpath.join(directory, f"{TEMP_PREFIX}{name}-{secrets.token_hex(4)}")
     try:
         with open(temp, "wb") as f:
+            kill_point("temp_opened")
             write(f)
             f.flush()
             os.fsync(f.fileno())

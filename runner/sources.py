@@ -24,7 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from runner.retry import retry
 from runner.sinks import is_local
+from runner.storage import url_to_fs
 
 Format = Literal["parquet", "jsonl"]
 
@@ -87,8 +89,8 @@ def list_shards(paths: list[str], storage_options: dict, format: Format | None =
     assert not isinstance(paths, str), "paths is a list of paths"
     shards: dict[str, Shard] = {}
     for path in paths:
-        fs, pattern = fsspec.core.url_to_fs(path, **storage_options)
-        root, files = _expand(fs, pattern, path)
+        fs, pattern = url_to_fs(path, storage_options)
+        root, files = retry(f"listing {path}", lambda fs=fs, p=pattern, u=path: _expand(fs, p, u))
         for file in files:
             shard_id = file[len(root) :].lstrip("/")
             shard = _make_shard(fs, file, shard_id, format)
@@ -181,8 +183,8 @@ def count_rows(shard: Shard, storage_options: dict) -> int:
 
 @contextmanager
 def _open_parquet(shard: Shard, storage_options: dict) -> Iterator[pq.ParquetFile]:
-    fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
-    with fs.open(path, "rb") as f:
+    fs, path = url_to_fs(shard.url, storage_options)
+    with retry(f"opening {shard.url}", lambda: fs.open(path, "rb")) as f:
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowException, OSError) as e:
@@ -221,10 +223,11 @@ def _read_parquet(
 
 def _jsonl_lines(shard: Shard, storage_options: dict) -> Iterator[bytes]:
     """The non-blank lines of a JSONL shard, decompressed, without line endings."""
-    fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
+    fs, path = url_to_fs(shard.url, storage_options)
     count = 0
     try:
-        with fs.open(path, "rb") as raw, _decompress(raw, shard.compression) as f:
+        raw = retry(f"opening {shard.url}", lambda: fs.open(path, "rb"))
+        with raw, _decompress(raw, shard.compression) as f:
             for line in f:
                 line = line.strip()
                 if count == 0:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import urllib.request
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -93,3 +95,34 @@ def read_output(out: Path, ext: str = ".parquet") -> dict[str, list[dict]]:
             continue
         result[str(f.relative_to(out))[: -len(ext)]] = pq.read_table(f).to_pylist()
     return result
+
+
+S3_BUCKET = "batchrun-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> str:
+    """A real S3 API over HTTP on 127.0.0.1 (moto's server), shared by the session; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: str, monkeypatch) -> tuple[fsspec.AbstractFileSystem, str, dict]:
+    """An empty bucket on a freshly reset moto server: (filesystem, bucket, storage_options).
+
+    Credentials come from the standard AWS environment variables (subprocesses inherit them).
+    """
+    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST")).close()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    options = {"client_kwargs": {"endpoint_url": s3_server}, "default_block_size": 5 * 2**20}
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False, **options)
+    fs.mkdir(S3_BUCKET)
+    return fs, S3_BUCKET, options

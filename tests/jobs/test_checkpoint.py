@@ -2,7 +2,6 @@ import gzip
 import json
 import os
 
-import fsspec
 import pyarrow.parquet as pq
 import pytest
 
@@ -227,36 +226,8 @@ class TestCompact:
         assert len((out / "_batchrun/errors/a.jsonl").read_text().splitlines()) == 2
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 class TestS3:
     """The same flow on a real S3 API (moto over HTTP): a part is never visible half-written."""
-
-    @pytest.fixture
-    def s3(self, s3_server, monkeypatch):
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        options = {
-            "anon": False,
-            "client_kwargs": {"endpoint_url": s3_server},
-            "skip_instance_cache": True,
-            "use_listings_cache": False,
-            "default_block_size": 5 * 2**20,
-        }
-        fs = fsspec.filesystem("s3", **options)
-        bucket = f"b{os.getpid()}{os.urandom(3).hex()}"
-        fs.mkdir(bucket)
-        return fs, bucket, options
 
     def test_commit_scan_compact(self, s3):
         fs, bucket, options = s3
@@ -309,3 +280,27 @@ class TestS3:
         assert store.scan("a.jsonl").rows == {0}
         assert fs.exists(f"{bucket}/out/_batchrun/quarantine/a/part-000001-zz.parquet")
         assert fs.ls(f"{bucket}/out/a.parts", detail=False) == [good]
+
+
+def test_regression_temp_files_of_writers_killed_outside_parts_are_left_forever(store, out):
+    """Found by scripts/torture.py: a SIGKILL inside the write of report.json, run.json, a final file
+    or an errors file left its `.tmp-` sibling in the output for good (only parts' temps were removed)."""
+    store.check_fingerprint(FP)
+    (out / "sub").mkdir()
+    (out / "_batchrun/errors/sub").mkdir(parents=True)
+    stale = [
+        out / "_batchrun/.tmp-run.json-00aa",
+        out / "_batchrun/.tmp-report.json-00bb",
+        out / "sub/.tmp-a.parquet-00cc",
+        out / "_batchrun/errors/sub/.tmp-a.jsonl-00dd",
+    ]
+    others = [out / "sub/.tmp-b.parquet-00ee", out / "_batchrun/.tmp-report-task1.json-00ff"]
+    for path in stale + others:
+        path.write_bytes(b"PAR1 torn")
+    store.scan("sub/a.jsonl", repair=False)  # `batchrun status` changes nothing
+    assert all(p.exists() for p in stale)
+    store.scan("sub/a.jsonl")
+    store.check_fingerprint(FP)
+    store.write_json("report.json", {"rows": 1})
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.exists() for p in others)  # another shard's, another task's: not ours to remove

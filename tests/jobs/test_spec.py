@@ -84,3 +84,23 @@ def test_cross_field_rules(patch, expected):
 def test_demo_spec_is_valid():
     spec = load_spec(Path(__file__).parents[2] / "specs" / "demo.yaml")
     assert spec.prompt.uses_chat_template and spec.model.path == "builtin:smollm2-135m-instruct"
+
+
+def test_regression_output_inside_input_is_read_back_as_input_on_the_next_run(tmp_path: Path):
+    """Found by the bad-input catalogue: output.path under the input directory was accepted, and the
+    next run listed the job's own output files (and _batchrun/ state) as new input shards."""
+    with pytest.raises(SpecError) as e:
+        parse_spec({**MINIMAL, "input": {"path": "data"}, "output": {"path": "data/out/"}}, base_dir=tmp_path)
+    assert str(e.value) == (
+        f"<spec>: output.path '{tmp_path}/data/out' is inside input.path '{tmp_path}/data': the next run "
+        "would read the job's own output as input; write the output outside the input directory"
+    )
+    parse_spec(
+        {**MINIMAL, "input": {"path": "data/*.jsonl"}, "output": {"path": "data-out"}}, base_dir=tmp_path
+    )
+
+
+def test_s3_to_s3_spec_is_valid():
+    spec = load_spec(Path(__file__).parents[2] / "specs" / "s3-to-s3.yaml")
+    assert spec.input.path == ["s3://my-bucket/in/*.parquet"] and spec.output.path == "s3://my-bucket/out/"
+    assert spec.model.storage_options == spec.output.storage_options == {"profile": "default"}

@@ -71,49 +71,6 @@ def test_second_submit_of_a_finished_job_does_nothing(tmp_path: Path, tiny_model
     assert (tmp_path / "out/a0.parquet").stat().st_mtime_ns == before
 
 
-def test_bad_rows_become_error_rows_and_the_rest_is_generated(tmp_path: Path, tiny_model_dir: Path):
-    inp = tmp_path / "in"
-    inp.mkdir()
-    long = " ".join(["fox"] * 300)
-    lines = [
-        b'{"text": "the quick brown fox"}',
-        b'{"text": "broken json',
-        b'["not", "an", "object"]',
-        b'{"text": "caf\xff bytes"}',
-        b'{"other": "no text field"}',
-        b'{"text": "   "}',
-        b'{"text": "' + long.encode() + b'"}',
-        b'{"text": 42}',
-        b'{"text": "red green blue"}',
-    ]
-    (inp / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    (inp / "empty.jsonl").write_bytes(b"")
-    spec = load_spec(
-        write_spec(
-            tmp_path / "spec.yaml", tiny_model_dir, input={"path": "in/*.jsonl"}, output={"keep_columns": []}
-        )
-    )
-    summary = run_job(spec, show_progress=False)
-    assert (summary.rows_ok, summary.rows_error, summary.shards_done) == (2, 7, 2)
-
-    rows = read_output(tmp_path / "out")["bad"]
-    assert [r["_row"] for r in rows] == list(range(9))
-    errors = {r["_row"]: r["error"] for r in rows if r["finish_reason"] == "error"}
-    src = str(inp / "bad.jsonl")
-    assert errors[1].startswith(f"{src} row 1: invalid JSON")
-    assert errors[2] == f"{src} row 2: not a JSON object (got list)"
-    assert errors[3].startswith(f"{src} row 3: not valid UTF-8")
-    assert errors[4] == f"{src} row 4: row has no field 'text' (fields: other)"
-    assert errors[5] == f"{src} row 5: empty prompt"
-    assert errors[6] == f"{src} row 6: prompt has 900 tokens, over the limit of 248 (on_too_long: skip)"
-    assert errors[7] == f"{src} row 7: field 'text' must be text (got int)"
-    assert sorted(errors) == [1, 2, 3, 4, 5, 6, 7]
-    assert all(r["generated_tokens"] > 0 for r in rows if r["_row"] in (0, 8))
-    listed = [json.loads(x) for x in (tmp_path / "out/_batchrun/errors/bad.jsonl").read_text().splitlines()]
-    assert [x["_row"] for x in listed] == [1, 2, 3, 4, 5, 6, 7]
-    assert pq.read_table(tmp_path / "out/empty.parquet").num_rows == 0
-
-
 def test_too_long_prompt_policies(tmp_path: Path, tiny_model_dir: Path):
     inp = tmp_path / "in"
     inp.mkdir()
@@ -187,24 +144,6 @@ def test_torn_part_is_quarantined_and_its_rows_redone(tmp_path: Path, tiny_model
     assert summary.rows_ok == 2 and reference.rows_ok == 4
     assert read_output(tmp_path / "out")["a0"] == expected
     assert (tmp_path / "out/_batchrun/quarantine/a0/part-000001-bbbb.parquet").exists()
-
-
-def test_a_parquet_shard_without_the_prompt_column_fails_alone_with_a_clear_message(
-    tmp_path: Path, tiny_model_dir: Path
-):
-    import pyarrow as pa
-
-    from runner.pipeline import JobFailed
-
-    write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=3)
-    pq.write_table(pa.table({"id": ["x"], "prompt": ["hello"]}), tmp_path / "in/z.parquet")
-    spec = load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir))
-    with pytest.raises(JobFailed) as e:
-        run_job(spec, show_progress=False)
-    url = str(tmp_path / "in/z.parquet")
-    assert e.value.summary.failed_shards == {"z.parquet": f"{url}: no column 'text' (columns: id, prompt)"}
-    assert e.value.summary.rows_ok == 3 and e.value.summary.shards_done == 1
-    assert sorted(read_output(tmp_path / "out")) == ["a0"]
 
 
 def test_template_and_messages_prompts(tmp_path: Path, tiny_model_dir: Path):
