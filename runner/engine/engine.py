@@ -195,6 +195,9 @@ class Engine:
         out: dict[str, float | int] = {name: getattr(st, name) for name in st.__slots__}
         out.update(
             kv_pages_total=self.pool.num_pages,
+            kv_pages_used=self.pool.num_used,
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
             kv_page_size=self.pool.page_size,
             kv_page_bytes=self._page_bytes,
             host_wait_s=round(self._host_wait_s, 6),

@@ -40,7 +40,6 @@ def smollm2():
     return model, AutoTokenizer.from_pretrained(path), path
 
 
-@pytest.mark.slow  # ~1 min on an idle 2-core machine, over 15 min on a loaded one (16 HF generates)
 def test_smollm2_greedy_equals_transformers(smollm2):
     model, tokenizer, _ = smollm2
     chat = [[{"role": "user", "content": q}] for q in QUESTIONS]
