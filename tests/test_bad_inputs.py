@@ -270,11 +270,11 @@ def _normalize(text: str, folder: Path, case: Case) -> str:
 
 @pytest.fixture
 def tmpfs(tmp_path: Path):
-    """A 16 KiB tmpfs at tmp_path/out (skips where mounting is not allowed)."""
+    """A 32 KiB tmpfs at tmp_path/out (skips where mounting is not allowed)."""
     out = tmp_path / "out"
     out.mkdir()
     if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(out)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(out)], capture_output=True
     ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root); tests/test_storage_faults.py covers ENOSPC")
     yield out

@@ -99,6 +99,8 @@ def test_s3_to_s3_job_equals_the_local_run(s3, tmp_path: Path, tiny_model_dir: P
     assert summary.status == "finished" and summary.rows_ok == sum(map(len, prompts.values()))
     assert read_s3_output(fs, f"{bucket}/out") == read_output(tmp_path / "out")
     assert sorted(p[len(bucket) + 5 :] for p in fs.find(f"{bucket}/out")) == [
+        "_batchrun/metrics/task-0-of-1.jsonl",
+        "_batchrun/progress/task-0-of-1.json",
         "_batchrun/report.json",
         "_batchrun/run.json",
         *(f"{s}.parquet" for s in ("a0", "a1", "a2", "b0", "b1")),

@@ -40,6 +40,7 @@ def test_two_tasks_one_finished_one_stale_and_the_json_schema(tmp_path: Path, ti
         "errors_by_reason",
         "eta_seconds",
         "last_report",
+        "slurm",
     }
     shards = {s["shard"]: s for s in status["shards"]}
     assert {k: v["state"] for k, v in shards.items()} == {
