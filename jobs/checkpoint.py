@@ -162,6 +162,10 @@ class OutputStore:
         self._remove_temps(path)
         retry(f"writing {path}", lambda: write_bytes_atomic(self.fs, path, data))
 
+    def clear_state_temps(self, relpath: str) -> None:
+        """Remove temp files that a killed writer of `<out>/_batchrun/<relpath>` left behind."""
+        self._remove_temps(self._state(relpath))
+
     def read_state(self, relpath: str) -> bytes | None:
         """The bytes of `<out>/_batchrun/<relpath>`, or None if there is none."""
         path = self._state(relpath)

@@ -73,6 +73,18 @@ def _gpu_sampler() -> Callable[[], tuple[float, float]] | None:
         return None
 
 
+def task_name(task_index: int, num_tasks: int) -> str:
+    return f"task-{task_index}-of-{num_tasks}"
+
+
+def clear_heartbeat_temps(store: OutputStore, task_index: int, num_tasks: int) -> None:
+    """A kill during this task's last heartbeat leaves temp files that no later heartbeat replaces
+    when the rerun has nothing to do: remove them on every start."""
+    name = task_name(task_index, num_tasks)
+    for relpath in (f"progress/{name}.json", f"metrics/{name}.jsonl"):
+        store.clear_state_temps(relpath)
+
+
 class Monitor:
     """Runs for the duration of a `with` block; `finish(state)` writes the last heartbeat."""
 
@@ -91,7 +103,7 @@ class Monitor:
         self.shards = shards
         self.engine_stats = engine_stats
         self.interval_s = interval_s
-        self.name = f"task-{task_index}-of-{num_tasks}"
+        self.name = task_name(task_index, num_tasks)
         self.task = (task_index, num_tasks)
         self.started = time.time()
         self._gpu = _gpu_sampler()

@@ -23,7 +23,7 @@ from runner.engine.types import Completion, Request
 from runner.faults import kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
 from runner.models import ResolvedModel, load_tokenizer, resolve_model
-from runner.monitor import Counters, Monitor
+from runner.monitor import Counters, Monitor, clear_heartbeat_temps
 from runner.progress import ProgressBar, Summary
 from runner.prompts import PreparedRow, PromptBuilder
 from runner.signals import StopRequested
@@ -88,6 +88,7 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
     )
     sweep_stale_uploads(store, [s.id for s in shards], spec.runtime.task_index, spec.runtime.num_tasks)
     model = check_run(spec, store, force_new_run)
+    clear_heartbeat_temps(store, spec.runtime.task_index, spec.runtime.num_tasks)
     work, done_shards, failed = _plan(store, spec, shards)
     counters = Counters(
         shards_owned=len(shards),

@@ -123,3 +123,19 @@ def test_report_png_from_a_real_run(tmp_path: Path, tiny_model_dir: Path):
     with Image.open(tmp_path / "r.png") as img:
         assert img.size == (1000, 1000)
         assert len(set(img.convert("L").getdata())) > 20  # drawn, not blank
+
+
+def test_regression_a_kill_during_the_last_heartbeat_leaves_its_temp_file(
+    tmp_path: Path, tiny_model_dir: Path
+):
+    """Found by the torture fast tier: a SIGKILL inside the final heartbeat's write left
+    `_batchrun/progress/.tmp-task-0-of-1.json-<hex>`, and the rerun had nothing to do, so no heartbeat
+    ever replaced (and cleaned) it."""
+    write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=2)
+    spec_path = write_spec(tmp_path / "spec.yaml", tiny_model_dir)
+    run_job(load_spec(spec_path), show_progress=False)
+    progress = tmp_path / "out/_batchrun/progress"
+    (progress / ".tmp-task-0-of-1.json-0123abcd").write_text('{"half')
+    (tmp_path / "out/_batchrun/metrics/.tmp-task-0-of-1.jsonl-0123abcd").write_text("{")
+    assert run_job(load_spec(spec_path), show_progress=False).rows_ok == 0  # nothing to do
+    assert not list((tmp_path / "out").rglob(".tmp-*"))
