@@ -17,6 +17,7 @@ import posixpath
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from runner.storage import url_to_fs
@@ -81,20 +82,33 @@ def _listing(fs, root: str, url: str) -> dict[str, dict]:
 
 
 def _download_once(fs, root: str, url: str, listing: dict[str, dict], dest: Path) -> None:
+    def download(tmp: Path) -> None:
+        files = {rel: _download(fs, f"{root}/{rel}", tmp / rel, entry) for rel, entry in listing.items()}
+        (tmp / MANIFEST).write_text(json.dumps({"url": url, "files": files}, indent=2) + "\n")
+
+    build_folder_once(dest, MANIFEST, f"downloading {url}", download)
+
+
+def build_folder_once(dest: Path, marker: str, what: str, build: Callable[[Path], None]) -> None:
+    """Build the cache folder `dest` once, whatever other processes do at the same time.
+
+    Under a file lock, `build(tmp)` fills a temp folder that is renamed into place; `build` writes
+    `marker` last, so a `dest` without it (a killed build) is never trusted but rebuilt.
+    """
     from filelock import FileLock
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
-        if (dest / MANIFEST).is_file():  # another process finished it while we waited
+        if (dest / marker).is_file():  # another process finished it while we waited
             return
-        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # left by a killed download
+        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
-        shutil.rmtree(dest, ignore_errors=True)  # a folder without its manifest was never completed
+        if dest.exists():  # a folder without its marker was never completed
+            shutil.rmtree(dest)
         tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-        log.info("downloading %s into %s (once)", url, dest)
+        log.info("%s into %s (once)", what, dest)
         try:
-            files = {rel: _download(fs, f"{root}/{rel}", tmp / rel, entry) for rel, entry in listing.items()}
-            (tmp / MANIFEST).write_text(json.dumps({"url": url, "files": files}, indent=2) + "\n")
+            build(tmp)
             os.replace(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,12 +22,10 @@ import json
 import logging
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.model_fetch import ModelDownloadError, fetch_model, is_url
+from runner.model_fetch import ModelDownloadError, build_folder_once, fetch_model, is_url
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
@@ -176,25 +174,12 @@ def gguf_cache_folder(gguf_path: Path) -> Path:
 
 
 def _convert_once(gguf_path: Path, dest: Path) -> None:
-    from filelock import FileLock
+    def convert(tmp: Path) -> None:
+        write_hf_folder(gguf_path, tmp)
+        source = {"gguf": str(gguf_path), "size": gguf_path.stat().st_size, "sha256": _sha256(gguf_path)}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + ".lock"):
-        if (dest / SOURCE_FILE).is_file():  # another process finished it while we waited
-            return
-        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # left by a killed conversion
-            shutil.rmtree(stale, ignore_errors=True)
-        if dest.exists():  # a folder without its source file was never completed: never trust it
-            shutil.rmtree(dest)
-        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-        log.info("converting %s into %s (once)", gguf_path, dest)
-        try:
-            write_hf_folder(gguf_path, tmp)
-            source = {"gguf": str(gguf_path), "size": gguf_path.stat().st_size, "sha256": _sha256(gguf_path)}
-            (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-            os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_folder_once(dest, SOURCE_FILE, f"converting {gguf_path}", convert)
 
 
 def write_hf_folder(gguf_path: Path, out: Path) -> None:
