@@ -87,6 +87,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+class TorchOps:
+    """The small ops between the matmuls in plain torch (CPU; the oracle of `fused.py`'s kernels)."""
+
+    @staticmethod
+    def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+        """`h += delta` (in place, when given), then RMSNorm(h) * weight. [T, N] -> [T, N]."""
+        if delta is not None:
+            h += delta
+        return rms_norm(h, weight, eps)
+
+    @staticmethod
+    def rope_store(qkv, cos, sin, k_cache, v_cache, slot_mapping, heads, q_norm, k_norm, eps):
+        """(QK-norm and) RoPE of q and k from qkv [T, (H + 2 Hkv) D]; stores k, v in the cache; returns
+        q [T, H, D]."""
+        kv_heads, dim = k_cache.shape[2:]
+        q = qkv[:, : heads * dim].view(-1, heads, dim)
+        k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(-1, kv_heads, dim)
+        v = qkv[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
+        if q_norm is not None:
+            q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        write_kv(k_cache, v_cache, k, v, slot_mapping)
+        return q
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up. [T, 2 I] -> [T, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+def ops_for(device: torch.device):
+    """The fused Triton kernels on CUDA, plain torch elsewhere."""
+    if device.type == "cuda":
+        from runner.engine import fused
+
+        return fused
+    return TorchOps
+
+
 class PagedLlama:
     """Forward of a Llama-family decoder over a ragged batch, reading and writing the paged KV cache."""
 
@@ -128,6 +168,7 @@ class PagedLlama:
         self.sin = (emb.sin() * rotary.attention_scaling).to(device=device, dtype=dtype)
         self.scale = s.head_dim**-0.5
         self.device, self.dtype = device, dtype
+        self.ops = ops_for(device)
         self.weight_bytes = sum(p.numel() for p in hf_model.parameters()) * self.embed.element_size()
 
     @torch.inference_mode()
@@ -141,24 +182,19 @@ class PagedLlama:
         attention: AttentionFn,
     ) -> torch.Tensor:
         """Run the decoder; returns fp32 logits [S, V] for `logits_rows`."""
-        s = self.shape
-        h = self.embed[input_ids]  # [T, hidden]
+        s, ops = self.shape, self.ops
+        h = self.embed[input_ids]  # [T, hidden]: the residual stream, updated in place
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
-        n_q, n_kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        delta = None  # the last layer's MLP output, not yet added to h
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.ln_attn, s.eps)
+            x = ops.add_rms_norm(h, delta, layer.ln_attn, s.eps)
             qkv = F.linear(x, layer.w_qkv, layer.b_qkv)  # [T, (H + 2 Hkv) D]
-            q = qkv[:, :n_q].view(-1, s.num_heads, s.head_dim)
-            k = qkv[:, n_q : n_q + n_kv].view(-1, s.num_kv_heads, s.head_dim)
-            v = qkv[:, n_q + n_kv :].view(-1, s.num_kv_heads, s.head_dim)
-            if layer.q_norm is not None:
-                q, k = rms_norm(q, layer.q_norm, s.eps), rms_norm(k, layer.k_norm, s.eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            write_kv(kv_cache[i, 0], kv_cache[i, 1], k, v, batch.slot_mapping)
+            q = ops.rope_store(
+                qkv, cos, sin, kv_cache[i, 0], kv_cache[i, 1], batch.slot_mapping,
+                s.num_heads, layer.q_norm, layer.k_norm, s.eps,
+            )  # fmt: skip
             o = attention(q, kv_cache[i, 0], kv_cache[i, 1], batch, self.scale)  # [T, H, D]
-            h = h + F.linear(o.flatten(1), layer.w_o)
-            x = rms_norm(h, layer.ln_mlp, s.eps)
-            gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.w_down)
-        h = rms_norm(h[logits_rows], self.norm, s.eps)  # [S, hidden]
-        return F.linear(h, self.lm_head).float()
+            x = ops.add_rms_norm(h, F.linear(o.flatten(1), layer.w_o), layer.ln_mlp, s.eps)
+            delta = F.linear(ops.silu_mul(F.linear(x, layer.w_gate_up)), layer.w_down)
+        h = h[logits_rows] + delta[logits_rows]  # [S, hidden]
+        return F.linear(ops.add_rms_norm(h, None, self.norm, s.eps), self.lm_head).float()
