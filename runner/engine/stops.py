@@ -20,7 +20,7 @@ class StopChecker:
         last = seq.tokens[-1]
         if last in params.stop_token_ids or (not params.ignore_eos and last in self.eos_ids):
             return "stop"
-        if params.stop:
+        if params.stop and self._tail_has_stop(seq):
             text = self.text(seq)
             hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
             if hits:
@@ -29,6 +29,18 @@ class StopChecker:
         if len(seq.tokens) - seq.prompt_len >= params.max_new_tokens or len(seq.tokens) >= self.max_model_len:
             return "length"
         return None
+
+    def _tail_has_stop(self, seq: Sequence) -> bool:
+        """Whether a stop string shows in the text of the last few generated tokens.
+
+        A stop string first appears at the end of the text, within its own length in tokens (up to
+        four byte-level tokens a character, plus skipped specials), so decoding that tail each step
+        is enough to notice it; the whole text is decoded only on a hit, to place the cut. Without
+        this a sequence would decode its whole text every step.
+        """
+        window = 4 * max(map(len, seq.params.stop)) + 8
+        tail = self.tokenizer.decode(seq.generated[-window:], skip_special_tokens=True)
+        return any(s in tail for s in seq.params.stop)
 
     def at_length(self, seq: Sequence) -> bool:
         """Whether `seq`, placeholders counted, has all the tokens it may have (no further step needed)."""

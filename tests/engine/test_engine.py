@@ -84,6 +84,36 @@ def test_stop_string_cuts_text_and_tokens(model):
     assert c.token_ids == full_ids[: cut + len(stop)]  # up to the token that completed the stop string
 
 
+class CountingTokenizer(CharTokenizer):
+    """A CharTokenizer that counts the token ids it decodes."""
+
+    decoded = 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        self.decoded += len(ids)
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_a_late_stop_string_is_found_without_decoding_the_whole_text_each_step(model):
+    prompt = random_prompts(1, 10, 10, seed=12)[0]
+    free = run(
+        model,
+        [Request(0, prompt, SamplingParams(max_new_tokens=150, ignore_eos=True))],
+        tokenizer=CharTokenizer(),
+    )
+    full_ids, full_text = free[(0, 0)].token_ids, free[(0, 0)].text
+    stop = full_text[120:124]
+    cut = full_text.find(stop)
+    assert cut > 40  # beyond the tail that is decoded each step
+    tok = CountingTokenizer()
+    sp = SamplingParams(max_new_tokens=150, ignore_eos=True, stop=(stop,))
+    c = run(model, [Request(0, prompt, sp)], tokenizer=tok)[(0, 0)]
+    assert c.finish_reason == "stop" and c.text == full_text[:cut]
+    assert c.token_ids == full_ids[: cut + len(stop)]
+    steps = cut + len(stop)
+    assert tok.decoded <= steps * (4 * len(stop) + 8) + 3 * steps  # whole-text decodes each step: ~steps²/2
+
+
 def test_stop_token_ids_and_length(model):
     prompt = random_prompts(1, 10, 10, seed=12)[0]
     ref = hf_greedy(model, prompt, 10)
