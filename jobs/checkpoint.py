@@ -9,8 +9,9 @@ Layout under the output root, for a shard with id `sub/a.jsonl` (stem `sub/a`):
     _batchrun/quarantine/sub/a/<part>    torn or unreadable parts, set aside, never deleted
 
 Parts are always Parquet (typed, and their `_row` column is read alone on resume); the final file
-has the output format. Compaction writes the errors file, then the final file, then removes the
-parts, so a kill at any point leaves a state that the next scan/compact finishes.
+has the output format and is streamed from the parts (jobs/compaction.py). Compaction writes the
+errors file, then the final file, then removes the parts, so a kill at any point leaves a state
+that the next scan/compact finishes.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import IO
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.compaction import PartIndex, ShardCompaction, TornPart
 from jobs.spec import OutputSpec
 from runner.faults import kill_point
 from runner.retry import StorageError, retry
@@ -38,9 +41,9 @@ from runner.sinks import (
     output_suffix,
     remove_temps,
     rows_to_table,
-    unify_tables,
     write_bytes_atomic,
     write_table_atomic,
+    write_tables_atomic,
 )
 from runner.sources import shard_stem
 from runner.storage import url_to_fs
@@ -279,24 +282,46 @@ class OutputStore:
     def compact(self, shard_id: str, num_rows: int) -> None:
         """Write the shard's final file from its parts (rows 0..num_rows-1, input order, no duplicates).
 
-        Also writes its error rows to `_batchrun/errors/`, then removes the parts. Safe to rerun
-        after a kill at any point.
+        Also writes its error rows to `_batchrun/errors/`, then removes the parts. Both files are
+        streamed a window of rows at a time (jobs/compaction.py), so memory does not grow with the
+        shard. Safe to rerun after a kill at any point.
         """
         final = self.final_path(shard_id)
         self._invalidate(final)
         if self.fs.exists(final):
             self._remove_parts(shard_id)
             return
-        tables = []
+        parts = []
         for path in self._part_paths(shard_id):
             try:
-                tables.append(self._read_part(path))
+                parts.append(self._index_part(path))
             except CheckpointError as e:
                 self._quarantine(shard_id, path, str(e))
-        table = (
-            _dedup_sorted(unify_tables(tables)) if tables else pa.table({"_row": pa.array([], pa.int64())})
-        )
-        rows = pc.unique(table.column("_row"))  # sorted, as the table is
+        shard = ShardCompaction(parts, self._open_part)
+        self._check_complete(shard_id, shard.index, num_rows)
+        try:
+            if shard.error_rows:
+                path = self._errors_path(shard_id)
+                retry(
+                    f"writing {path}",
+                    lambda: write_tables_atomic(self.fs, path, shard.schema, shard.windows(True), "jsonl"),
+                )
+            kill_point("compaction_started")
+            retry(
+                f"writing {final}",
+                lambda: write_tables_atomic(
+                    self.fs, final, shard.schema, shard.windows(), self.format, self.compression
+                ),
+            )
+        except TornPart as e:
+            self._quarantine(shard_id, e.path, str(e))
+            return self.compact(shard_id, num_rows)  # its rows missing: says so, unless duplicates cover
+        kill_point("compaction_final_written")
+        self._remove_parts(shard_id)
+
+    @staticmethod
+    def _check_complete(shard_id: str, index: pa.Table, num_rows: int) -> None:
+        rows = pc.unique(index.column("_row"))  # sorted, as the index is
         if len(rows) != num_rows or (num_rows and (rows[0].as_py(), rows[-1].as_py()) != (0, num_rows - 1)):
             have = set(rows.to_pylist())
             missing = sorted(set(range(num_rows)) - have)
@@ -306,18 +331,6 @@ class OutputStore:
                 f"{num_rows} rows (missing {_preview(missing)}; unexpected {_preview(extra)}); "
                 "run the job again to process the missing rows"
             )
-        if "finish_reason" in table.column_names:
-            errors = table.filter(pc.equal(table.column("finish_reason"), "error"))
-            if errors.num_rows:
-                path = self._errors_path(shard_id)
-                retry(f"writing {path}", lambda: write_table_atomic(self.fs, path, errors, "jsonl"))
-        kill_point("compaction_started")
-        retry(
-            f"writing {final}",
-            lambda: write_table_atomic(self.fs, final, table, self.format, self.compression),
-        )
-        kill_point("compaction_final_written")
-        self._remove_parts(shard_id)
 
     # ---- helpers
 
@@ -345,21 +358,33 @@ class OutputStore:
         names = [posixpath.basename(p) for p in self._part_paths(shard_id)]
         return 1 + max((int(_PART_RE.fullmatch(n)[1]) for n in names), default=-1)
 
-    def _read_part(self, path: str, columns: list[str] | None = None) -> pa.Table:
+    def _open_part(self, path: str) -> IO[bytes]:
+        return retry(f"opening part {path}", lambda: self.fs.open(path, "rb"))
+
+    def _read_part(self, path: str, columns: list[str]) -> pa.Table:
         try:
             # only the open is retried: a failure while parsing is a torn part, and quarantined
-            with retry(f"opening part {path}", lambda: self.fs.open(path, "rb")) as f:
+            with self._open_part(path) as f:
                 pf = pq.ParquetFile(f)
-                if columns is not None:
-                    columns = [c for c in columns if c in pf.schema_arrow.names]
-                table = pf.read(columns=columns)
+                table = pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
         except StorageError:
             raise
         except (pa.ArrowException, OSError) as e:
             raise CheckpointError(f"unreadable part ({e})") from e
-        if "_row" not in table.column_names or table.column("_row").null_count:
-            raise CheckpointError("part without a complete _row column")
+        _check_rows(table)
         return table
+
+    def _index_part(self, path: str) -> PartIndex:
+        """The part's footer and key columns (compaction's first pass, values not read)."""
+        try:
+            with self._open_part(path) as f:
+                part = PartIndex.read(path, f)
+        except StorageError:
+            raise
+        except (pa.ArrowException, OSError) as e:
+            raise CheckpointError(f"unreadable part ({e})") from e
+        _check_rows(part.keys)
+        return part
 
     def _quarantine(self, shard_id: str, path: str, reason: str) -> None:
         target = self._state(f"quarantine/{shard_stem(shard_id)}/{posixpath.basename(path)}")
@@ -388,18 +413,9 @@ class OutputStore:
         self.fs.invalidate_cache(path)
 
 
-def _dedup_sorted(table: pa.Table) -> pa.Table:
-    """Rows sorted by (_row, _sample), keeping the first of each key (sort_by is stable)."""
-    keys = ["_row", "_sample"] if "_sample" in table.column_names else ["_row"]
-    table = table.sort_by([(k, "ascending") for k in keys])
-    if table.num_rows == 0:
-        return table
-    starts = None  # starts[i]: row i + 1 has another key than row i
-    for k in keys:
-        column = table.column(k).combine_chunks().fill_null(0)
-        differs = pc.not_equal(column[1:], column[:-1])
-        starts = differs if starts is None else pc.or_(starts, differs)
-    return table.filter(pa.concat_arrays([pa.array([True]), starts]))
+def _check_rows(table: pa.Table) -> None:
+    if "_row" not in table.column_names or table.column("_row").null_count:
+        raise CheckpointError("part without a complete _row column")
 
 
 def _preview(values: list[int], limit: int = 10) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -169,6 +169,11 @@ class RuntimeSpec(_Section):
     task_index: NonNegInt = 0
     num_tasks: PositiveInt = 1
     grace_seconds: Annotated[float, Field(gt=0)] = 60.0
+    max_held_bytes: Annotated[ByteSize, Field(gt=0)] = Field(
+        ByteSize(256 * 2**20),
+        description="input values held between reading and committing (queued, generating, waiting "
+        "for their part), e.g. 256MiB; reading pauses above it",
+    )
     heartbeat_seconds: Annotated[float, Field(gt=0)] = Field(
         5.0, description="how often progress and metrics are written to <out>/_batchrun/"
     )

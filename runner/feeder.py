@@ -2,7 +2,8 @@
 
 The feeder walks this task's unfinished shards, skips committed rows, turns row batches into
 `PreparedRow`s and hands them over through a bounded queue (back-pressure: it reads no further
-ahead than the queue holds). After a shard's last row it sends `ShardEnd`.
+ahead than the queue holds, nor while the job holds `HeldBytes.limit` bytes of row values). After a
+shard's last row it sends `ShardEnd`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from runner.budget import HeldBytes, value_bytes
 from runner.prompts import PreparedRow, PromptBuilder
 from runner.sources import InputError, Shard, read_shard
 
@@ -55,10 +57,12 @@ class Feeder:
         builder: PromptBuilder,
         storage_options: dict,
         columns: list[str] | None,
+        budget: HeldBytes,
         batch_rows: int = 256,
         max_batches: int = 8,
     ):
         self._work = work
+        self._budget = budget
         self._builder = builder
         self._storage_options = storage_options
         self._columns = columns
@@ -88,7 +92,8 @@ class Feeder:
         return self._pending.pop()
 
     def stop(self) -> None:
-        """Read no further (a stop signal came); items already queued are dropped."""
+        """Read no further (a stop signal came); items already queued are dropped (their bytes stay
+        counted as held: nothing acquires any more)."""
         self._stop.set()
         self.exhausted = True
         self._pending.clear()
@@ -116,6 +121,8 @@ class Feeder:
     def _feed_shard(self, w: ShardWork) -> bool:
         try:
             for batch in self._batches(w):
+                if not self._budget.acquire(sum(p.nbytes for p in batch), self._stop):
+                    return False
                 if not self._put(batch):
                     return False
         except InputError as e:
@@ -133,4 +140,7 @@ class Feeder:
             # whole, so that a row's error can list the fields it does have
             columns=self._columns if w.shard.format == "parquet" else None,
         ):
-            yield self._builder.build(w.shard.id, [(r.row, r.values, r.error) for r in rows], w.shard.url)
+            batch = self._builder.build(w.shard.id, [(r.row, r.values, r.error) for r in rows], w.shard.url)
+            for prep in batch:
+                prep.nbytes = value_bytes(prep.values)
+            yield batch

@@ -19,6 +19,7 @@ from jobs.plan import assign_shards, run_fingerprint
 from jobs.spec import JobSpec
 from jobs.uploads import sweep_stale_uploads
 from runner.backends import load_backend
+from runner.budget import HeldBytes
 from runner.engine.types import Completion, Request
 from runner.faults import kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
@@ -184,6 +185,7 @@ class _Job:
         self.max_inflight = spec.engine.max_inflight or 4 * spec.engine.max_seqs
         self.failed = failed
         self.counters = counters
+        self.budget = HeldBytes(spec.runtime.max_held_bytes)
         self.writer: PartWriter
         self.bar: ProgressBar
 
@@ -192,10 +194,10 @@ class _Job:
         builder = PromptBuilder(
             spec.prompt, spec.sampling, self.backend.tokenizer, self.backend.max_model_len
         )
-        self.writer = PartWriter(store, spec.output.flush_rows, spec.output.flush_seconds)
+        self.writer = PartWriter(store, spec.output.flush_rows, spec.output.flush_seconds, self.budget)
         for w in self.work:
             self.writer.open_shard(w.shard.id, len(w.done_rows))
-        feeder = Feeder(self.work, builder, spec.input.storage_options, columns=input_columns(spec))
+        feeder = Feeder(self.work, builder, spec.input.storage_options, input_columns(spec), self.budget)
         self.bar = ProgressBar(self.counters, show_progress)
         try:
             self._loop(feeder, stop)
@@ -218,6 +220,8 @@ class _Job:
                     self._finish_sample(completion)
             elif feeder.exhausted:
                 return
+            elif self.budget.waiting:
+                self.writer.flush()  # nothing generating and the reader waits for room: commit the rows
             self.writer.poll()
             if drain_until is not None and time.monotonic() > drain_until:
                 log.warning(
@@ -253,7 +257,7 @@ class _Job:
         self._emit(entry.prep, rows, is_error=False)
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
-        self.writer.add(prep.shard, rows, is_error)
+        self.writer.add(prep.shard, rows, is_error, prep.nbytes)
         kill_point("row_finished")
         c = self.counters
         c.rows_done += 1

@@ -87,7 +87,9 @@ def is_transient(error: BaseException) -> bool:
         return True
     if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
         return True
-    text = f" {type(error).__name__}: {error} ".lower()
+    # s3fs turns a botocore ClientError into an OSError with S3's message only ("We encountered an
+    # internal error. Please try again."); the error code (InternalError, 503) is in the cause
+    text = f" {type(error).__name__}: {error} {error.__cause__ or ''} ".lower()
     return isinstance(error, OSError) and any(word in text for word in _TRANSIENT_WORDS)
 
 

@@ -23,7 +23,7 @@ import os
 import posixpath
 import secrets
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import IO, Literal
 
 import fsspec
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 OutputFormat = Literal["parquet", "jsonl"]
 TEMP_PREFIX = ".tmp-"  # local temp siblings; never a committed file
 _JSON_KEY = b"batchrun.json"  # field metadata marking a column of JSON-encoded values
+ROW_GROUP_BYTES = 16 * 2**20  # Parquet row groups of about this many uncompressed bytes: a part's
+# or a final file's rows are read back one row group at a time (compaction, readers of the output)
 
 
 def output_suffix(format: OutputFormat, compression: str | None) -> str:
@@ -91,10 +93,18 @@ def unify_tables(tables: list[pa.Table]) -> pa.Table:
     """Concatenate tables whose schemas may differ: missing columns become nulls, types are promoted
     (int -> float, null -> anything), and columns with irreconcilable types become JSON text."""
     assert tables
+    schema, json_cols = unified_schema([table.schema for table in tables])
+    return pa.concat_tables([conform_table(table, schema, json_cols) for table in tables])
+
+
+def unified_schema(schemas: list[pa.Schema]) -> tuple[pa.Schema, set[str]]:
+    """The schema that tables of `schemas` unify to (see `unify_tables`), and the columns stored as
+    JSON text in it; from the schemas alone, so that tables can be unified one at a time."""
+    assert schemas
     types: dict[str, set[pa.DataType]] = defaultdict(set)
     json_cols = set()
-    for table in tables:
-        for field in table.schema:
+    for schema in schemas:
+        for field in schema:
             if _is_json(field):
                 json_cols.add(field.name)
             elif field.type != pa.null():
@@ -102,8 +112,21 @@ def unify_tables(tables: list[pa.Table]) -> pa.Table:
     json_cols |= {name for name, ts in types.items() if len(ts) > 1 and not _promotable(ts)}
     for name in sorted(json_cols):
         _log_stringified(name)
-    tables = [_jsonify(table, json_cols) for table in tables]
-    return pa.concat_tables(tables, promote_options="permissive")
+    schemas = [_json_schema(schema, json_cols) for schema in schemas]
+    return pa.unify_schemas(schemas, promote_options="permissive"), json_cols
+
+
+def conform_table(table: pa.Table, schema: pa.Schema, json_cols: set[str]) -> pa.Table:
+    """`table` in the unified `schema` from `unified_schema`: JSON text where it says, missing
+    columns as nulls, promoted types."""
+    table = _jsonify(table, json_cols)
+    columns = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _promotable(types: set[pa.DataType]) -> bool:
@@ -112,6 +135,12 @@ def _promotable(types: set[pa.DataType]) -> bool:
     except pa.ArrowException:
         return False
     return True
+
+
+def _json_schema(schema: pa.Schema, names: set[str]) -> pa.Schema:
+    return pa.schema(
+        [_json_field(f.name) if f.name in names else f for f in schema], metadata=schema.metadata
+    )
 
 
 def _jsonify(table: pa.Table, names: set[str]) -> pa.Table:
@@ -133,11 +162,24 @@ def write_table_atomic(
     JSONL: one JSON object per line, UTF-8, gzip/zstd when `compression` says so; JSON-text
     columns are decoded back to their values.
     """
+    write_tables_atomic(fs, path, table.schema, [table], format, compression)
+
+
+def write_tables_atomic(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    schema: pa.Schema,
+    tables: Iterable[pa.Table],
+    format: OutputFormat,
+    compression: str | None = None,
+) -> None:
+    """`write_table_atomic` for a stream of tables of `schema`, written one at a time: memory holds one
+    table (and an upload chunk), not the file. Parquet row groups are cut at about ROW_GROUP_BYTES."""
     if format == "parquet":
         assert compression is None, "Parquet output compresses internally"
-        write_atomic(fs, path, lambda f: pq.write_table(table, f))
+        write_atomic(fs, path, lambda f: _write_parquet(schema, tables, f))
     else:
-        write_atomic(fs, path, lambda f: _write_jsonl(table, f, compression))
+        write_atomic(fs, path, lambda f: _write_jsonl(tables, f, compression))
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -205,21 +247,34 @@ def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[b
         raise
 
 
-def _write_jsonl(table: pa.Table, f: IO[bytes], compression: str | None) -> None:
+def _write_parquet(schema: pa.Schema, tables: Iterable[pa.Table], f: IO[bytes]) -> None:
+    with pq.ParquetWriter(f, schema) as writer:
+        for table in tables:
+            rows_per_group = max(1, ROW_GROUP_BYTES * table.num_rows // max(table.nbytes, 1))
+            writer.write_table(table, row_group_size=rows_per_group)
+
+
+def _write_jsonl(tables: Iterable[pa.Table], f: IO[bytes], compression: str | None) -> None:
     if compression == "gzip":
         with gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as z:
-            _write_lines(table, z)
+            _write_lines(tables, z)
     elif compression == "zstd":
         with zstandard.ZstdCompressor().stream_writer(f, closefd=False) as z:
-            _write_lines(table, z)
+            _write_lines(tables, z)
     else:
         assert compression is None, compression
-        _write_lines(table, f)
+        _write_lines(tables, f)
 
 
-def _write_lines(table: pa.Table, f: IO[bytes]) -> None:
+def _write_lines(tables: Iterable[pa.Table], f: IO[bytes]) -> None:
+    for table in tables:
+        _write_table_lines(table, f)
+
+
+def _write_table_lines(table: pa.Table, f: IO[bytes]) -> None:
     json_cols = {field.name for field in table.schema if _is_json(field)}
-    for batch in table.to_batches(max_chunksize=1024):
+    rows_per_mib = 2**20 * table.num_rows // max(table.nbytes, 1)  # as Python objects, a batch is larger
+    for batch in table.to_batches(max_chunksize=min(1024, max(1, rows_per_mib))):
         out = io.StringIO()
         for row in batch.to_pylist():
             for name in json_cols:

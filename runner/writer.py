@@ -1,9 +1,10 @@
 """Finished rows to committed parts, on a background thread, so the engine never waits on storage.
 
 Rows are buffered per shard and committed as one part per shard every `flush_rows` rows or
-`flush_seconds`, whichever comes first. Once every row of a shard is committed, the shard is
-compacted into its final file. Commits and compactions run in submission order on one thread, so a
-compaction always sees every part committed before it.
+`flush_seconds`, whichever comes first, or once the buffer holds half of the job's `HeldBytes`
+budget of row values (the budget is given back as parts are committed). Once every row of a shard
+is committed, the shard is compacted into its final file. Commits and compactions run in
+submission order on one thread, so a compaction always sees every part committed before it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobs.checkpoint import OutputStore
+from runner.budget import HeldBytes
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ class _ShardLedger:
     produced: int = 0  # input rows handed over by this attempt
     total: int | None = None  # known once the reader reached the shard's end
     buffer: list[dict] = field(default_factory=list)
+    buffer_bytes: int = 0  # the HeldBytes of the buffered rows' inputs
     compaction_queued: bool = False
 
 
@@ -40,13 +43,15 @@ class WriterCounts:
 class PartWriter:
     """Buffers output rows per shard and commits them through an `OutputStore` off the main thread."""
 
-    def __init__(self, store: OutputStore, flush_rows: int, flush_seconds: float):
+    def __init__(self, store: OutputStore, flush_rows: int, flush_seconds: float, budget: HeldBytes):
         self.store = store
+        self.budget = budget
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self.counts = WriterCounts()
         self._ledgers: dict[str, _ShardLedger] = {}
         self._buffered_rows = 0
+        self._buffered_bytes = 0
         self._last_flush = time.monotonic()
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._error: BaseException | None = None
@@ -56,12 +61,15 @@ class PartWriter:
     def open_shard(self, shard: str, already_done: int) -> None:
         self._ledgers[shard] = _ShardLedger(already_done)
 
-    def add(self, shard: str, rows: list[dict], is_error: bool = False) -> None:
-        """The output rows of one input row (one per sample)."""
+    def add(self, shard: str, rows: list[dict], is_error: bool = False, nbytes: int = 0) -> None:
+        """The output rows of one input row (one per sample); `nbytes` of the budget are released
+        once they are committed."""
         ledger = self._ledgers[shard]
         ledger.buffer.extend(rows)
+        ledger.buffer_bytes += nbytes
         ledger.produced += 1
         self._buffered_rows += 1
+        self._buffered_bytes += nbytes
         if is_error:
             self.counts.error_rows += 1
         self._maybe_finish_shard(shard)
@@ -73,17 +81,20 @@ class PartWriter:
         self._maybe_finish_shard(shard)
 
     def poll(self) -> None:
-        """Flush on size or age; re-raise a failure of the writer thread here, on the main thread."""
+        """Flush on size (rows or bytes) or age; re-raise a failure of the writer thread here, on the
+        main thread."""
         if self._error is not None:
             raise self._error
         aged = time.monotonic() - self._last_flush >= self.flush_seconds
-        if self._buffered_rows >= self.flush_rows or (aged and self._buffered_rows):
+        big = self._buffered_bytes >= self.budget.limit // 2  # else a full budget would wait for age
+        if self._buffered_rows >= self.flush_rows or big or (aged and self._buffered_rows):
             self.flush()
 
     def flush(self) -> None:
         for shard, ledger in self._ledgers.items():
             self._flush_shard(shard, ledger)
         self._buffered_rows = 0
+        self._buffered_bytes = 0
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -104,6 +115,7 @@ class PartWriter:
         assert ledger.already_done + ledger.produced <= ledger.total, shard
         if ledger.already_done + ledger.produced == ledger.total:
             self._buffered_rows -= self._count_inputs(ledger.buffer)
+            self._buffered_bytes -= ledger.buffer_bytes
             self._flush_shard(shard, ledger)
             ledger.compaction_queued = True
             self._jobs.put(lambda: self._compact(shard, ledger.total))
@@ -111,15 +123,17 @@ class PartWriter:
     def _flush_shard(self, shard: str, ledger: _ShardLedger) -> None:
         if not ledger.buffer:
             return
-        rows, ledger.buffer = ledger.buffer, []
-        self._jobs.put(lambda: self._commit(shard, rows))
+        rows, nbytes = ledger.buffer, ledger.buffer_bytes
+        ledger.buffer, ledger.buffer_bytes = [], 0
+        self._jobs.put(lambda: self._commit(shard, rows, nbytes))
 
     @staticmethod
     def _count_inputs(rows: list[dict]) -> int:
         return sum(1 for r in rows if r.get("_sample", 0) == 0)
 
-    def _commit(self, shard: str, rows: list[dict]) -> None:
+    def _commit(self, shard: str, rows: list[dict], nbytes: int) -> None:
         name = self.store.commit_part(shard, rows)
+        self.budget.release(nbytes)
         self.counts.parts += 1
         self.counts.rows_committed += self._count_inputs(rows)
         log.debug("committed %s (%d rows)", name, len(rows))
@@ -138,3 +152,4 @@ class PartWriter:
             except BaseException as e:  # surfaced on the main thread by poll()/close()
                 log.error("writing output failed: %s", e)
                 self._error = e
+            job = None  # its rows, while waiting for the next job

@@ -214,7 +214,7 @@ class TestCompact:
             raise KeyboardInterrupt
 
         monkeypatch.setattr(
-            "jobs.checkpoint.write_table_atomic", lambda fs, path, *a: path.endswith(".jsonl") or killed()
+            "jobs.checkpoint.write_tables_atomic", lambda fs, path, *a: path.endswith(".jsonl") or killed()
         )
         with pytest.raises(KeyboardInterrupt):
             store.compact("a.jsonl", 2)
@@ -260,11 +260,11 @@ class TestS3:
         with pytest.raises(RuntimeError, match="preempted"):
             write_atomic(store.fs, f"{bucket}/out/a.parts/part-000000-x.parquet", fail_after_uploading_parts)
 
-        def broken_writer(table, where, **kw):
-            where.write(b"PAR1 half a parquet file")
+        def broken_writer(schema, tables, f):
+            f.write(b"PAR1 half a parquet file")
             raise OSError("connection reset")
 
-        monkeypatch.setattr("runner.sinks.pq.write_table", broken_writer)
+        monkeypatch.setattr("runner.sinks._write_parquet", broken_writer)
         with pytest.raises(OSError, match="connection reset"):
             store.commit_part("a.jsonl", out_rows("a.jsonl", [0]))
         monkeypatch.undo()
