@@ -23,6 +23,7 @@ from runner.budget import HeldBytes
 from runner.engine.types import Completion, Request
 from runner.faults import kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
+from runner.memory import return_freed_buffers_to_os
 from runner.models import ResolvedModel, load_tokenizer, resolve_model
 from runner.monitor import Counters, Monitor, clear_heartbeat_temps
 from runner.progress import ProgressBar, Summary
@@ -67,6 +68,7 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
     FingerprintMismatch if the output belongs to a different run, LeaseHeld if another live job
     is running this task on the same output.
     """
+    return_freed_buffers_to_os()
     store = OutputStore.for_output(spec.output)
     with TaskLease(store.fs, store.root, spec.runtime.task_index, spec.runtime.num_tasks):
         return _run_leased(spec, store, force_new_run, show_progress)

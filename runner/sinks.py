@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 OutputFormat = Literal["parquet", "jsonl"]
 TEMP_PREFIX = ".tmp-"  # local temp siblings; never a committed file
 _JSON_KEY = b"batchrun.json"  # field metadata marking a column of JSON-encoded values
-ROW_GROUP_BYTES = 16 * 2**20  # Parquet row groups of about this many uncompressed bytes: a part's
+ROW_GROUP_BYTES = 4 * 2**20  # Parquet row groups of about this many uncompressed bytes: a part's
 # or a final file's rows are read back one row group at a time (compaction, readers of the output)
 
 

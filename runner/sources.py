@@ -29,6 +29,8 @@ from runner.sinks import is_local
 from runner.storage import url_to_fs
 
 Format = Literal["parquet", "jsonl"]
+PARQUET_READ_BUFFER = 2**20  # Parquet column chunks are read through buffers of this size, page by page
+PARQUET_BATCH_BYTES = 4 * 2**20  # and decoded in batches of about this many bytes (fewer rows if wide)
 
 _FORMAT_SUFFIXES: dict[str, Format] = {
     ".parquet": "parquet",
@@ -186,7 +188,7 @@ def _open_parquet(shard: Shard, storage_options: dict) -> Iterator[pq.ParquetFil
     fs, path = url_to_fs(shard.url, storage_options)
     with retry(f"opening {shard.url}", lambda: fs.open(path, "rb")) as f:
         try:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, buffer_size=PARQUET_READ_BUFFER, pre_buffer=False)  # pages as needed
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{shard.url}: not a readable Parquet file ({e})") from e
         yield pf
@@ -206,19 +208,41 @@ def _read_parquet(
         start = 0
         for group in range(pf.num_row_groups):
             n = pf.metadata.row_group(group).num_rows
-            wanted = [r for r in range(start, start + n) if r not in skip]
-            if wanted:
-                try:
-                    table = pf.read_row_group(group, columns=columns)  # one row group in memory
-                except (pa.ArrowException, OSError) as e:
-                    raise InputError(
-                        f"{shard.url}: row group {group} (rows {start}..{start + n - 1}) is unreadable ({e})"
-                    ) from e
-                records = table.to_pylist()
-                rows = [SourceRow(row=r, values=records[r - start], error=None) for r in wanted]
-                for i in range(0, len(rows), batch_rows):
-                    yield rows[i : i + batch_rows]
+            if any(r not in skip for r in range(start, start + n)):
+                yield from _read_row_group(shard, pf, group, start, skip, batch_rows, columns)
             start += n
+
+
+def _read_row_group(
+    shard: Shard,
+    pf: pq.ParquetFile,
+    group: int,
+    start: int,
+    skip: Container[int],
+    batch_rows: int,
+    columns: list[str] | None,
+) -> Iterator[list[SourceRow]]:
+    """The wanted rows of one row group (its first row is number `start`), at most `batch_rows` and
+    about PARQUET_BATCH_BYTES at a time: pages are decoded as the batches are taken, so memory holds
+    a batch, not the row group."""
+    meta = pf.metadata.row_group(group)
+    row_bytes = max(1, meta.total_byte_size // max(1, meta.num_rows))
+    size = max(1, min(batch_rows, PARQUET_BATCH_BYTES // row_bytes))
+    row, rows = start, []
+    try:
+        for batch in pf.iter_batches(batch_size=size, row_groups=[group], columns=columns):
+            for values in batch.to_pylist():
+                if row not in skip:
+                    rows.append(SourceRow(row=row, values=values, error=None))
+                row += 1
+            if len(rows) >= size:
+                yield rows[:size]
+                rows = rows[size:]
+        if rows:
+            yield rows
+    except (pa.ArrowException, OSError) as e:
+        end = start + meta.num_rows - 1
+        raise InputError(f"{shard.url}: row group {group} (rows {start}..{end}) is unreadable ({e})") from e
 
 
 def _jsonl_lines(shard: Shard, storage_options: dict) -> Iterator[bytes]:

@@ -163,9 +163,13 @@ class TestParquet:
     def test_skipped_groups_are_not_read(self, tmp_path, monkeypatch):
         shard = self._write(tmp_path / "p.parquet", 10, row_group_size=4)
         read = []
-        original = pq.ParquetFile.read_row_group
+        original = pq.ParquetFile.iter_batches
         monkeypatch.setattr(
-            pq.ParquetFile, "read_row_group", lambda self, g, **kw: read.append(g) or original(self, g, **kw)
+            pq.ParquetFile,
+            "iter_batches",
+            lambda self, row_groups, **kw: (
+                read.extend(row_groups) or original(self, row_groups=row_groups, **kw)
+            ),
         )
         assert [r.row for r in _rows(shard, skip=set(range(8)))] == [8, 9]
         assert read == [2]
