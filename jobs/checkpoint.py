@@ -106,6 +106,10 @@ class OutputStore:
     def _path(self, relpath: str) -> str:
         return posixpath.join(self.root, relpath)
 
+    def _name(self, path: str) -> str:
+        """`path` as messages show it: with its scheme on object stores (s3://bucket/key)."""
+        return path if is_local(self.fs) else self.fs.unstrip_protocol(path)
+
     def _state(self, relpath: str) -> str:
         return posixpath.join(self.root, STATE_DIR, relpath)
 
@@ -144,7 +148,7 @@ class OutputStore:
 
     def _write_json(self, path: str, obj: dict) -> None:
         data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
-        retry(f"writing {path}", lambda: write_bytes_atomic(self.fs, path, data))
+        retry(f"writing {self._name(path)}", lambda: write_bytes_atomic(self.fs, path, data))
 
     def read_json(self, relpath: str) -> dict | None:
         """The object in `<out>/_batchrun/<relpath>`, or None if there is none."""
@@ -163,7 +167,7 @@ class OutputStore:
         """
         path = self._state(relpath)
         self._remove_temps(path)
-        retry(f"writing {path}", lambda: write_bytes_atomic(self.fs, path, data))
+        retry(f"writing {self._name(path)}", lambda: write_bytes_atomic(self.fs, path, data))
 
     def clear_state_temps(self, relpath: str) -> None:
         """Remove temp files that a killed writer of `<out>/_batchrun/<relpath>` left behind."""
@@ -174,7 +178,7 @@ class OutputStore:
         path = self._state(relpath)
         self._invalidate(path)
         try:
-            return retry(f"reading {path}", lambda: self.fs.cat_file(path))
+            return retry(f"reading {self._name(path)}", lambda: self.fs.cat_file(path))
         except FileNotFoundError:
             return None
 
@@ -183,7 +187,7 @@ class OutputStore:
         path = self._state(reldir)
         self._invalidate(path + "/")
         try:
-            names = retry(f"listing {path}", lambda: self.fs.ls(path, detail=False))
+            names = retry(f"listing {self._name(path)}", lambda: self.fs.ls(path, detail=False))
         except FileNotFoundError:
             return []
         return sorted(n for n in map(posixpath.basename, names) if not n.startswith(TEMP_PREFIX))
@@ -275,7 +279,7 @@ class OutputStore:
         self._next_part[shard_id] = n + 1
         path = posixpath.join(self.parts_dir(shard_id), f"part-{n:06d}-{self._attempt}.parquet")
         table = rows_to_table(rows)
-        retry(f"writing part {path}", lambda: write_table_atomic(self.fs, path, table, "parquet"))
+        retry(f"writing part {self._name(path)}", lambda: write_table_atomic(self.fs, path, table, "parquet"))
         kill_point("part_committed")
         return path
 
@@ -303,12 +307,12 @@ class OutputStore:
             if shard.error_rows:
                 path = self._errors_path(shard_id)
                 retry(
-                    f"writing {path}",
+                    f"writing {self._name(path)}",
                     lambda: write_tables_atomic(self.fs, path, shard.schema, shard.windows(True), "jsonl"),
                 )
             kill_point("compaction_started")
             retry(
-                f"writing {final}",
+                f"writing {self._name(final)}",
                 lambda: write_tables_atomic(
                     self.fs, final, shard.schema, shard.windows(), self.format, self.compression
                 ),
@@ -339,7 +343,7 @@ class OutputStore:
         directory = self.parts_dir(shard_id)
         self._invalidate(directory)
         try:
-            names = retry(f"listing {directory}", lambda: self.fs.ls(directory, detail=False))
+            names = retry(f"listing {self._name(directory)}", lambda: self.fs.ls(directory, detail=False))
         except FileNotFoundError:
             return []
         parts = []
@@ -347,7 +351,9 @@ class OutputStore:
             name = posixpath.basename(path.rstrip("/"))
             if name.startswith(TEMP_PREFIX):
                 if repair:
-                    retry(f"removing {path}", lambda p=path: self.fs.rm(p))  # never visible, never committed
+                    retry(
+                        f"removing {self._name(path)}", lambda p=path: self.fs.rm(p)
+                    )  # never visible, never committed
             elif match := _PART_RE.fullmatch(name):
                 parts.append((int(match[1]), match[2], path))
             else:
@@ -359,7 +365,7 @@ class OutputStore:
         return 1 + max((int(_PART_RE.fullmatch(n)[1]) for n in names), default=-1)
 
     def _open_part(self, path: str) -> IO[bytes]:
-        return retry(f"opening part {path}", lambda: self.fs.open(path, "rb"))
+        return retry(f"opening part {self._name(path)}", lambda: self.fs.open(path, "rb"))
 
     def _read_part(self, path: str, columns: list[str]) -> pa.Table:
         try:
@@ -391,7 +397,7 @@ class OutputStore:
         logger.error("quarantined %s -> %s: %s; its rows will be processed again", path, target, reason)
         if is_local(self.fs):
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        retry(f"moving {path} to {target}", lambda: self.fs.mv(path, target))
+        retry(f"moving {self._name(path)} to {self._name(target)}", lambda: self.fs.mv(path, target))
 
     def _remove_parts(self, shard_id: str) -> None:
         directory = self.parts_dir(shard_id)
@@ -401,7 +407,7 @@ class OutputStore:
             if self.fs.exists(directory):  # a retry after a partial removal finds less, or nothing
                 self.fs.rm(directory, recursive=True)
 
-        retry(f"removing {directory}", remove)
+        retry(f"removing {self._name(directory)}", remove)
 
     def _remove_temps(self, path: str) -> None:
         for temp in remove_temps(self.fs, path):

@@ -60,8 +60,8 @@ def test_throttling_and_server_errors_are_retried_and_the_output_is_exact(proxie
     assert len(retried) == 2, retried
     part = r"\w+\.parquet failed \(OSError: "
     retrying = r"\); retrying in [\d.]+ s \(attempt 2 of 6\)"
-    a0 = re.escape(f"writing part {bucket}/out/a0.parts/part-000001-")
-    a1 = re.escape(f"writing part {bucket}/out/a1.parts/part-000000-")
+    a0 = re.escape(f"writing part s3://{bucket}/out/a0.parts/part-000001-")
+    a1 = re.escape(f"writing part s3://{bucket}/out/a1.parts/part-000000-")
     assert re.fullmatch(a0 + part + r"Please reduce your request rate\." + retrying, retried[0])
     internal = r"We encountered an internal error\. Please try again\."
     assert re.fullmatch(a1 + part + internal + retrying, retried[1])
@@ -77,8 +77,8 @@ def test_access_denied_stops_the_job_naming_the_object_and_a_rerun_finishes_the_
     assert len(denied.hits) == 1  # permanent: not retried
     (key,) = re.findall(r"/(out/a0\.parts/part-000001-\w+\.parquet)\?uploads", denied.hits[0])
     assert err.splitlines()[-1] == (
-        f"error: writing part {bucket}/{key} failed: PermissionError: Access Denied — check the path and "
-        "the storage options"
+        f"error: writing part s3://{bucket}/{key} failed: PermissionError: Access Denied — check the "
+        "path and the storage options"
     )
     committed = [p.rsplit("/", 1)[1][:12] for p in fs.find(f"{bucket}/out/a0.parts")]
     assert committed == ["part-000000-"]  # committed before the denial: kept

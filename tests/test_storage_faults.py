@@ -67,8 +67,8 @@ def test_a_permanent_fault_stops_the_job_clearly_and_loses_nothing_committed(fau
     with pytest.raises(StorageError) as e:
         run_job(spec, show_progress=False)
     assert str(e.value) == (
-        f"writing part {full.hits[0]} failed: OSError: No space left on device — the disk is full: free "
-        "some space, or point output.path at a larger disk"
+        f"writing part faulty://{full.hits[0]} failed: OSError: No space left on device — the disk is "
+        "full: free some space, or point output.path at a larger disk"
     )
     committed = sorted(p.name for p in (tmp_path / "out/a0.parts").glob("part-*.parquet"))
     assert [p[:12] for p in committed] == ["part-000000-"]  # committed before the disk filled up: kept
