@@ -43,7 +43,7 @@ class Result:
     stats: dict | None = None
 
 
-def build_model(name: str):
+def build_model(name: str, device: str = "cuda"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, inter, layers, heads, kv, head_dim, vocab, tied, _, _ = WORKLOADS[name]
@@ -53,7 +53,7 @@ def build_model(name: str):
         max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )  # fmt: skip
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.generation_config.eos_token_id = None
     return model.eval()

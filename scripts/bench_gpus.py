@@ -1,0 +1,144 @@
+"""Node scaling: one DESIGN.md workload through the whole runner (Parquet in, Parquet out) on 1, 2, ... GPUs.
+
+Builds the workload's random-weight model as a local Hugging Face folder with a word-level tokenizer
+over its whole vocabulary (token i is the word "w<i>", no EOS: every row generates exactly `new`
+tokens), writes `--shards` Parquet shards of `--rows` prompts in all (lengths uniform in [64, 768]
+words, seed 0), then runs `batchrun submit` once per `--gpus` value into a fresh output. For each run
+it reports the end-to-end rate (generated tokens / wall time of the command, model load and engine
+build included) and the generation rate (generated tokens / time from the first heartbeat that saw
+a generated token, less one heartbeat interval, to the last heartbeat), and checks that every run's
+output holds the same rows as the first one's. Writes JSON.
+
+    python scripts/bench_gpus.py --workload W1 --rows 8192 --shards 16 --gpus 1,2 --out gpus.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scripts.bench import WORKLOADS, build_model  # noqa: E402
+
+HEARTBEAT_S = 1.0
+
+
+def save_model(name: str, folder: Path) -> None:
+    """The workload's random model (bf16) and a word-level tokenizer of its vocabulary, in `folder`."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = build_model(name, "cuda" if torch.cuda.is_available() else "cpu")
+    model.save_pretrained(folder)
+    vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0").save_pretrained(folder)
+
+
+def write_shards(folder: Path, vocab: int, rows: int, shards: int) -> None:
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        n = rows // shards + (s < rows % shards)
+        texts = [" ".join(f"w{rng.randrange(vocab)}" for _ in range(rng.randint(64, 768))) for _ in range(n)]
+        pq.write_table(pa.table({"text": texts}), folder / f"part-{s:03d}.parquet", row_group_size=256)
+
+
+def run(work: Path, model: Path, gpus: int, new: int) -> dict:
+    """`batchrun submit` on `gpus` GPUs into a fresh output; its rates and its output's row set."""
+    out = work / f"out-{gpus}gpu"
+    spec = {
+        "input": {"path": str(work / "in" / "*.parquet")},
+        "prompt": {"column": "text"},
+        "model": {"path": str(model)},
+        "sampling": {"max_new_tokens": new, "ignore_eos": True},
+        "output": {"path": str(out)},
+        "runtime": {"gpus": gpus, "heartbeat_seconds": HEARTBEAT_S},
+    }
+    path = work / f"spec-{gpus}gpu.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", str(path), "--no-progress"],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{gpus} GPU run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    lines = [
+        json.loads(x)
+        for f in (out / "_batchrun" / "metrics").glob("*.jsonl")
+        for x in f.read_text().splitlines()
+    ]
+    generated = sum(
+        max(x["generated_tokens"] for x in lines if x["task"] == t) for t in {x["task"] for x in lines}
+    )
+    first = min(x["time"] for x in lines if x["generated_tokens"] > 0) - HEARTBEAT_S
+    last = max(x["time"] for x in lines)
+    rows = sorted(
+        (f.name, r)
+        for f in out.glob("*.parquet")
+        for r in pq.read_table(f, columns=["_row"])["_row"].to_pylist()
+    )
+    return {
+        "gpus": gpus,
+        "generated_tokens": generated,
+        "wall_s": round(wall, 2),
+        "end_to_end_tok_s": round(generated / wall, 1),
+        "generation_s": round(last - first, 2),
+        "generation_tok_s": round(generated / (last - first), 1),
+        "rows": len(rows),
+        "row_set": rows,
+        "summary": [x for x in (proc.stdout + proc.stderr).splitlines() if "generated tok/s" in x],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", default="W1")
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--new", type=int, default=None, help="tokens per row (default: the workload's)")
+    ap.add_argument("--gpus", default="1,2")
+    ap.add_argument("--work", default="bench-gpus", help="folder for the model, the shards and the outputs")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    work = Path(args.work).resolve()
+    model = work / "model"
+    if not (model / "config.json").exists():
+        save_model(args.workload, model)
+    write_shards(work / "in", WORKLOADS[args.workload][6], args.rows, args.shards)
+    new = args.new or WORKLOADS[args.workload][9]
+    runs = [run(work, model, int(g), new) for g in args.gpus.split(",")]
+    base, base_rows = runs[0], runs[0]["row_set"]
+    for r in runs:
+        r["same_rows_as_first"] = r.pop("row_set") == base_rows
+        r["speedup_generation"] = round(r["generation_tok_s"] / base["generation_tok_s"], 3)
+        r["speedup_end_to_end"] = round(r["end_to_end_tok_s"] / base["end_to_end_tok_s"], 3)
+        print(json.dumps(r), flush=True)
+    doc = {
+        "command": " ".join(sys.argv),
+        "workload": args.workload,
+        "rows": args.rows,
+        "new": new,
+        "runs": runs,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
