@@ -91,14 +91,27 @@ class TorchOps:
     """The small ops between the matmuls in plain torch (CPU; the oracle of `fused.py`'s kernels)."""
 
     @staticmethod
-    def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    def add_rms_norm(
+        h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
         """`h += delta` (in place, when given), then RMSNorm(h) * weight. [T, N] -> [T, N]."""
         if delta is not None:
             h += delta
         return rms_norm(h, weight, eps)
 
     @staticmethod
-    def rope_store(qkv, cos, sin, k_cache, v_cache, slot_mapping, heads, q_norm, k_norm, eps):
+    def rope_store(
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        heads: int,
+        q_norm: torch.Tensor | None,
+        k_norm: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
         """(QK-norm and) RoPE of q and k from qkv [T, (H + 2 Hkv) D]; stores k, v in the cache; returns
         q [T, H, D]."""
         kv_heads, dim = k_cache.shape[2:]
@@ -119,7 +132,8 @@ class TorchOps:
 
 
 def ops_for(device: torch.device):
-    """The fused Triton kernels on CUDA, plain torch elsewhere."""
+    """The fused Triton kernels on CUDA (the `fused` module), plain torch elsewhere (`TorchOps`): both
+    offer add_rms_norm, rope_store and silu_mul with the same signatures."""
     if device.type == "cuda":
         from runner.engine import fused
 
