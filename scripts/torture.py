@@ -31,8 +31,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -43,7 +41,7 @@ import jobs.cli  # noqa: E402
 import runner.engine  # noqa: E402, F401
 import runner.pipeline  # noqa: E402, F401
 from runner import faults  # noqa: E402
-from tests.conftest import read_output, write_inputs, write_spec  # noqa: E402
+from tests.conftest import committed_rows, read_output, write_inputs, write_spec  # noqa: E402
 
 BAD_SHARD = b'{"id": "c-0", "text": "red green blue"}\n{"id": "c-1", "text": broken\n[1, 2]\n{"id": "c-3"}\n'
 
@@ -111,21 +109,6 @@ def run_attempt(
             _, status = os.waitpid(pid, 0)
             return os.waitstatus_to_exitcode(status), time.monotonic() - started
         time.sleep(0.005)
-
-
-def committed_rows(out: Path) -> dict[str, list[int]]:
-    """{shard stem: _row of every visible part, or of the final file where it exists} (sorted)."""
-    rows: dict[str, list[int]] = {}
-    for f in out.rglob("*.parquet"):
-        rel = f.relative_to(out)
-        if rel.parts[0] == "_batchrun" or f.name.startswith(".tmp-"):
-            continue
-        in_parts = f.parent.name.endswith(".parts")
-        stem = str(rel.parent)[: -len(".parts")] if in_parts else str(rel)[: -len(".parquet")]
-        if in_parts and (out / f"{stem}.parquet").exists():
-            continue  # parts left by a kill after the final file was written: the final file rules
-        rows.setdefault(stem, []).extend(pq.read_table(f, columns=["_row"]).column("_row").to_pylist())
-    return {k: sorted(v) for k, v in rows.items()}
 
 
 def leftovers(out: Path) -> list[str]:

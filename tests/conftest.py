@@ -97,6 +97,22 @@ def read_output(out: Path, ext: str = ".parquet") -> dict[str, list[dict]]:
     return result
 
 
+def committed_rows(out: Path) -> dict[str, list[int]]:
+    """{shard stem: sorted _row of every visible part, or of the final file where it exists}, read from
+    the files directly, not through batchrun."""
+    rows: dict[str, list[int]] = {}
+    for f in out.rglob("*.parquet"):
+        rel = f.relative_to(out)
+        if rel.parts[0] == "_batchrun" or f.name.startswith(".tmp-"):
+            continue
+        in_parts = f.parent.name.endswith(".parts")
+        stem = str(rel.parent)[: -len(".parts")] if in_parts else str(rel)[: -len(".parquet")]
+        if in_parts and (out / f"{stem}.parquet").exists():
+            continue  # parts left by a kill after the final file was written: the final file rules
+        rows.setdefault(stem, []).extend(pq.read_table(f, columns=["_row"]).column("_row").to_pylist())
+    return {k: sorted(v) for k, v in rows.items()}
+
+
 S3_BUCKET = "batchrun-test"
 
 

@@ -14,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from jobs.spec import load_spec
 from runner.pipeline import run_job
-from tests.conftest import read_output, write_inputs, write_spec
+from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,22 +34,6 @@ def batchrun(*args: str, kill_at: str | None = None, wait: bool = True, cwd: Pat
         return proc
     out, err = proc.communicate(timeout=300)
     return proc.returncode, out, err
-
-
-def committed_rows(out: Path) -> dict[str, list[int]]:
-    """{shard stem: sorted _row of every visible part and final file} — read directly, not via batchrun."""
-    rows: dict[str, list[int]] = {}
-    finals = {str(f.relative_to(out))[: -len(".parquet")] for f in out.glob("*.parquet")}
-    for f in out.rglob("*.parquet"):
-        rel = f.relative_to(out)
-        if rel.parts[0] == "_batchrun" or f.name.startswith(".tmp-"):
-            continue
-        in_parts = f.parent.name.endswith(".parts")
-        stem = str(rel.parent)[: -len(".parts")] if in_parts else str(rel)[: -len(".parquet")]
-        if in_parts and stem in finals:
-            continue  # parts left by a kill after the final file was written: the final file rules
-        rows.setdefault(stem, []).extend(pq.read_table(f, columns=["_row"]).column("_row").to_pylist())
-    return {k: sorted(v) for k, v in rows.items()}
 
 
 def _visible_count(out: Path) -> int:

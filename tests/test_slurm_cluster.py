@@ -17,8 +17,8 @@ import pytest
 from jobs.slurm import ACTIVE_STATES, TaskState, array_state
 from jobs.spec import load_spec
 from runner.pipeline import run_job
-from tests.conftest import read_output, write_inputs, write_spec
-from tests.test_kill_resume import REPO, batchrun, committed_rows
+from tests.conftest import committed_rows, read_output, write_inputs, write_spec
+from tests.test_kill_resume import REPO, batchrun
 
 SCRIPTS = REPO / "scripts/slurm"
 

@@ -11,8 +11,8 @@ import pytest
 from jobs.spec import load_spec
 from jobs.status import error_reason, job_status
 from runner.pipeline import run_job
-from tests.conftest import write_inputs, write_spec
-from tests.test_kill_resume import batchrun, committed_rows
+from tests.conftest import committed_rows, write_inputs, write_spec
+from tests.test_kill_resume import batchrun
 
 
 def test_two_tasks_one_finished_one_stale_and_the_json_schema(tmp_path: Path, tiny_model_dir: Path):
