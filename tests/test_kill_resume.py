@@ -36,6 +36,14 @@ def batchrun(*args: str, kill_at: str | None = None, wait: bool = True, cwd: Pat
     return proc.returncode, out, err
 
 
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until `path` exists, failing if `proc` exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def _visible_count(out: Path) -> int:
     """Committed rows, while a job runs beside us (a part may vanish into compaction mid-listing)."""
     while True:
@@ -118,11 +126,7 @@ def test_sigterm_drains_commits_finished_rows_and_exits_for_requeue(tmp_path: Pa
         runtime={"grace_seconds": 20},
     )
     proc = batchrun("submit", str(spec), "--no-progress", wait=False)
-    run_json = tmp_path / "out/_batchrun/run.json"
-    deadline = time.monotonic() + 120
-    while not run_json.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_file(tmp_path / "out/_batchrun/run.json", proc)
     time.sleep(4)  # some rows finish meanwhile
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -166,10 +170,7 @@ def test_a_second_submit_is_refused_while_the_first_runs_and_takes_over_after_a_
     )
     first = batchrun("submit", str(spec), "--no-progress", wait=False)
     lease = tmp_path / "out/_batchrun/leases/task-0-of-1.json"
-    deadline = time.monotonic() + 120
-    while not lease.exists():
-        assert first.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_file(lease, first)
     code, _, err = batchrun("submit", str(spec), "--no-progress")
     assert code == 1
     assert f"error: another job is writing this output: pid {first.pid} on " in err
