@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +49,18 @@ CONFIGS = {
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=False),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
 }
+
+
+def run_in_triton_interpreter(module: str) -> str:
+    """Run `python -m module` with Triton's CPU interpreter (it must be chosen before Triton is first
+    imported, which the suite has done by then, hence the subprocess); returns its stdout, failing
+    the test if it fails. Skips when Triton is not installed."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-m", module], cwd=Path(__file__).resolve().parents[2], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
 
 
 def tiny_model(kind: str, seed: int = 0):

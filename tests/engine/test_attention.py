@@ -6,27 +6,16 @@ test skips when Triton is not installed.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from runner.engine.attention import reference_attention, write_kv
+from tests.engine.conftest import run_in_triton_interpreter
 from tests.engine.paged_cases import CASES, random_batch, relative_error
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_paged_attention_matches_reference_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-m", "tests.engine.paged_cases"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("relative error") == len(CASES)
+    assert run_in_triton_interpreter("tests.engine.paged_cases").count("relative error") == len(CASES)
 
 
 @pytest.mark.gpu

@@ -6,26 +6,15 @@ test skips when Triton is not installed.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.engine.conftest import run_in_triton_interpreter
 from tests.engine.fused_cases import CASES, max_errors
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fused_kernels_match_torch_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-m", "tests.engine.fused_cases"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("max errors") == len(CASES)
+    assert run_in_triton_interpreter("tests.engine.fused_cases").count("max errors") == len(CASES)
 
 
 @pytest.mark.gpu
