@@ -83,6 +83,19 @@ def _head_norm(x1, x2, w_ptr, eps, HALF: tl.constexpr, HALF_PAD: tl.constexpr, D
 
 
 @triton.jit
+def _load_norm_rotate(
+    at, ok, norm_ptr, eps, c1, c2, s1, s2,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr, DTYPE: tl.constexpr,
+):  # fmt: skip
+    """The heads whose first halves `at` points to ([heads, D/2]), (QK-normed and) rotated: two halves."""
+    x1 = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(at + HALF, mask=ok, other=0.0).to(tl.float32)
+    if QK_NORM:
+        x1, x2 = _head_norm(x1, x2, norm_ptr, eps, HALF, HALF_PAD, DTYPE)
+    return _rotate(x1, x2, c1, c2, s1, s2, DTYPE)
+
+
+@triton.jit
 def _rope_store_kernel(
     qkv_ptr,  # [T, (H + 2 Hkv) D]: q is rotated in place
     cos_ptr,  # [T, D]
@@ -110,22 +123,14 @@ def _rope_store_kernel(
     hq = tl.arange(0, H_PAD)[:, None]
     q_at = row + hq * (2 * HALF) + d[None, :]
     q_ok = (hq < H) & d_ok[None, :]
-    q1 = tl.load(q_at, mask=q_ok, other=0.0).to(tl.float32)
-    q2 = tl.load(q_at + HALF, mask=q_ok, other=0.0).to(tl.float32)
-    if QK_NORM:
-        q1, q2 = _head_norm(q1, q2, q_norm_ptr, eps, HALF, HALF_PAD, dtype)
-    q1, q2 = _rotate(q1, q2, c1, c2, s1, s2, dtype)
+    q1, q2 = _load_norm_rotate(q_at, q_ok, q_norm_ptr, eps, c1, c2, s1, s2, HALF, HALF_PAD, QK_NORM, dtype)
     tl.store(q_at, q1, mask=q_ok)
     tl.store(q_at + HALF, q2, mask=q_ok)
 
     hk = tl.arange(0, HKV_PAD)[:, None]
     k_at = row + H * 2 * HALF + hk * (2 * HALF) + d[None, :]
     k_ok = (hk < HKV) & d_ok[None, :]
-    k1 = tl.load(k_at, mask=k_ok, other=0.0).to(tl.float32)
-    k2 = tl.load(k_at + HALF, mask=k_ok, other=0.0).to(tl.float32)
-    if QK_NORM:
-        k1, k2 = _head_norm(k1, k2, k_norm_ptr, eps, HALF, HALF_PAD, dtype)
-    k1, k2 = _rotate(k1, k2, c1, c2, s1, s2, dtype)
+    k1, k2 = _load_norm_rotate(k_at, k_ok, k_norm_ptr, eps, c1, c2, s1, s2, HALF, HALF_PAD, QK_NORM, dtype)
     slot = tl.load(slot_ptr + t)
     cache_at = slot * stride_slot + hk * (2 * HALF) + d[None, :]
     tl.store(k_cache_ptr + cache_at, k1, mask=k_ok)
