@@ -74,12 +74,13 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
         return _run_leased(spec, store, force_new_run, show_progress)
 
 
-def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> ResolvedModel:
-    """Resolve the model and record (or check) the run's fingerprint in the output."""
+def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> tuple[ResolvedModel, object]:
+    """Resolve the model and record (or check) the run's fingerprint in the output; returns the model
+    and its tokenizer (loaded once, at `model.revision`, for the fingerprint and the backend)."""
     model = resolve_model(spec.model.path, spec.model.revision, spec.model.storage_options)
     tokenizer = load_tokenizer(model.local_path, spec.model.revision)
     store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
-    return model
+    return model, tokenizer
 
 
 def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_progress: bool) -> Summary:
@@ -90,7 +91,7 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
         spec.runtime.num_tasks,
     )
     sweep_stale_uploads(store, [s.id for s in shards], spec.runtime.task_index, spec.runtime.num_tasks)
-    model = check_run(spec, store, force_new_run)
+    model, tokenizer = check_run(spec, store, force_new_run)
     clear_heartbeat_temps(store, spec.runtime.task_index, spec.runtime.num_tasks)
     work, done_shards, failed = _plan(store, spec, shards)
     counters = Counters(
@@ -102,7 +103,7 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
         log.info("all %d shards of this task are done already; nothing to do", len(shards))
         return _summarize(store, spec, "finished", counters, started, None, {}, {})
 
-    backend = load_backend(model.local_path, spec.engine)
+    backend = load_backend(model.local_path, spec.engine, spec.model.revision, tokenizer)
     job = _Job(spec, backend, work, failed, counters)
     rt = spec.runtime
     monitor = Monitor(
