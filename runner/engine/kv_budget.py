@@ -44,13 +44,17 @@ def step_workspace_bytes(
     return activations + sampling * (2 if cuda_graphs else 1)
 
 
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
+
+
 def check_weights_fit(weights: int, free: int, total: int, device: str, dtype: str) -> None:
     """Raise DeviceMemoryError when `weights` bytes can't be copied to a device with `free` bytes free."""
     if weights <= free:
         return
     raise DeviceMemoryError(
-        f"engine: the model's weights need {weights / GIB:.2f} GiB in {dtype}, {device} has "
-        f"{free / GIB:.2f} GiB free of {total / GIB:.2f} GiB. Ways out: fp8 weights or tensor "
+        f"engine: the model's weights need {_size(weights)} in {dtype}, {device} has "
+        f"{_size(free)} free of {_size(total)}. Ways out: fp8 weights or tensor "
         "parallelism (weights split over GPUs), a GPU with more free memory, or a smaller model."
     )
 
@@ -69,9 +73,9 @@ def kv_pool_pages(plan: MemoryPlan, kv_memory_fraction: float, max_model_len: in
     need = need_pages * plan.page_bytes
     raise DeviceMemoryError(
         f"engine: the KV cache does not fit: one sequence of max_model_len {max_model_len} tokens needs "
-        f"{need / GIB:.2f} GiB of KV, and {max(0, pool) / GIB:.2f} GiB are left for it "
-        f"({plan.free / GIB:.2f} GiB free of {plan.total / GIB:.2f} GiB after {plan.weights / GIB:.2f} GiB "
-        f"of weights, x kv_memory_fraction {kv_memory_fraction}, less {plan.workspace / GIB:.2f} GiB of "
+        f"{_size(need)} of KV, and {_size(max(0, pool))} are left for it "
+        f"({_size(plan.free)} free of {_size(plan.total)} after {_size(plan.weights)} "
+        f"of weights, x kv_memory_fraction {kv_memory_fraction}, less {_size(plan.workspace)} of "
         f"step workspace for max_seqs {max_seqs} and max_batch_tokens {max_batch_tokens}). Ways out: "
         "lower engine.max_seqs or engine.max_batch_tokens, raise engine.kv_memory_fraction, fp8 weights "
         "or tensor parallelism, or a GPU with more free memory."
