@@ -61,7 +61,7 @@ def _run(
     from jobs.lease import LeaseHeld
     from jobs.workers import run_node
     from runner.models import ModelError
-    from runner.pipeline import JobFailed, JobInterrupted
+    from runner.pipeline import EngineFailed, JobFailed, JobInterrupted
     from runner.prompts import PromptTooLong
     from runner.retry import StorageError
     from runner.sources import InputError
@@ -79,6 +79,12 @@ def _run(
         sys.exit(EXIT_INTERRUPTED)
     except JobFailed as e:
         _echo_summary(e.summary.lines())
+        if isinstance(e, EngineFailed):
+            click.echo(
+                f"The engine failed: {e.reason}. Every finished row is committed; run `batchrun submit "
+                f"{spec_path}` again to finish the rest.",
+                err=True,
+            )
         if e.summary.failed_shards:
             click.echo(
                 "Some shards could not be read (above); the others are done. Fix or remove them "

@@ -21,7 +21,7 @@ from jobs.uploads import sweep_stale_uploads
 from runner.backends import load_backend
 from runner.budget import HeldBytes
 from runner.engine.types import Completion, Request
-from runner.faults import kill_point
+from runner.faults import fault_point, kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
 from runner.memory import return_freed_buffers_to_os
 from runner.models import ResolvedModel, load_tokenizer, resolve_model
@@ -53,6 +53,16 @@ class JobFailed(Exception):
         failures = summary.failed_shards | summary.failed_workers
         super().__init__("; ".join(f"{s}: {why}" for s, why in failures.items()))
         self.summary = summary
+
+
+class EngineFailed(JobFailed):
+    """The engine raised mid-run (a GPU fault such as an illegal memory access, or a bug): the job stopped
+    at once, every row finished before it is committed, and a rerun finishes the rest."""
+
+    def __init__(self, summary: Summary, reason: str):
+        Exception.__init__(self, reason)
+        self.summary = summary
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -120,18 +130,32 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
         with StopRequested() as stop, monitor:
             job.run(store, stop, show_progress)
         engine_stats = backend.stats()
-        state = "interrupted" if stop.requested else "failed" if job.failed else "finished"
+        state = (
+            "interrupted" if stop.requested else "failed" if job.failed or job.engine_error else "finished"
+        )
     finally:
         monitor.finish(state)
-        backend.close()
+        _close_backend(backend, job.engine_error)
     summary = _summarize(
         store, spec, state, counters, started, monitor.gpu_busy_mean(), job.failed, engine_stats
     )
+    if job.engine_error:
+        raise EngineFailed(summary, job.engine_error)
     if stop.requested:
         raise JobInterrupted(stop.signum, summary)
     if job.failed:
         raise JobFailed(summary)
     return summary
+
+
+def _close_backend(backend, engine_error: str | None) -> None:
+    """Close the backend; after an engine failure a device error may raise again here: log it only."""
+    try:
+        backend.close()
+    except Exception as e:
+        if engine_error is None:
+            raise
+        log.warning("closing the engine after its failure: %s: %s", type(e).__name__, e)
 
 
 def input_columns(spec: JobSpec) -> list[str] | None:
@@ -189,6 +213,7 @@ class _Job:
         self.failed = failed
         self.counters = counters
         self.budget = HeldBytes(spec.runtime.max_held_bytes)
+        self.engine_error: str | None = None  # what the engine raised; the job stopped there
         self.writer: PartWriter
         self.bar: ProgressBar
 
@@ -219,7 +244,14 @@ class _Job:
             if drain_until is None:
                 self._admit(feeder)
             if self.backend.has_unfinished():
-                for completion in self.backend.step():
+                try:
+                    done = self._step()
+                except Exception as e:  # a GPU fault leaves nothing of the engine usable: stop, commit
+                    self.engine_error = f"{type(e).__name__}: {e}"
+                    log.error("the engine failed (%s); committing the %d rows finished so far",
+                              self.engine_error, self.counters.rows_done)  # fmt: skip
+                    return
+                for completion in done:
                     self._finish_sample(completion)
             elif feeder.exhausted:
                 return
@@ -231,6 +263,10 @@ class _Job:
                     "grace period: %d rows still generating are left for the next run", len(self.inflight)
                 )
                 return
+
+    def _step(self) -> list[Completion]:
+        fault_point("engine_step")
+        return self.backend.step()
 
     def _admit(self, feeder: Feeder) -> None:
         """Top up the engine to `max_inflight` requests; wait for input only when the engine is idle."""
