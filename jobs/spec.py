@@ -132,6 +132,9 @@ class EngineSpec(_Section):
     page_size: PositiveInt = 16
     kv_memory_fraction: Annotated[float, Field(gt=0, le=0.95)] = 0.85
     kv_cache_tokens: PositiveInt | None = None
+    max_model_len: PositiveInt | None = Field(
+        None, description="cap on prompt + generated tokens (default: the model's); a smaller KV cache fits"
+    )
     async_mode: bool = Field(True, alias="async")
     cuda_graphs: bool = True
     max_inflight: PositiveInt | None = Field(

@@ -27,6 +27,7 @@ def load_backend(model_path: str, spec: EngineSpec, revision: str | None = None,
             max_seqs=spec.max_seqs,
             kv_memory_fraction=spec.kv_memory_fraction,
             kv_cache_tokens=spec.kv_cache_tokens,
+            max_model_len=spec.max_model_len,
             async_mode=spec.async_mode,
             cuda_graphs=spec.cuda_graphs,
         )

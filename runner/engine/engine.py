@@ -49,7 +49,10 @@ class Engine:
         weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
         memory = _device_memory(device)
         if memory is not None:
-            check_weights_fit(weights, *memory, str(device), str(dtype).removeprefix("torch."))
+            to_copy = sum(p.numel() for p in model.parameters() if not _already_on(p, device, dtype))
+            check_weights_fit(
+                to_copy * dtype.itemsize, *memory, str(device), str(dtype).removeprefix("torch.")
+            )
         self.model = PagedLlama(model, device, dtype)
         num_pages = self._num_pages(shape, device, dtype, weights)
         if device.type == "cuda":
@@ -268,3 +271,9 @@ class Engine:
 def _device_memory(device: torch.device) -> tuple[int, int] | None:
     """(free, total) bytes of a CUDA device; None elsewhere (the CPU pool has a fixed default size)."""
     return torch.cuda.mem_get_info(device) if device.type == "cuda" else None
+
+
+def _already_on(p: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `p` is on `device` in `dtype` already (the engine then uses it without a copy)."""
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    return p.dtype == dtype and p.device.type == device.type and p.device.index == index

@@ -23,9 +23,9 @@ def engine_with_free_memory(monkeypatch, model, free: int, **config) -> Engine:
 
 def test_weights_that_do_not_fit_name_their_size_and_the_ways_out(monkeypatch, model):
     with pytest.raises(DeviceMemoryError) as e:
-        engine_with_free_memory(monkeypatch, model, free=100_000)
+        engine_with_free_memory(monkeypatch, model, free=100_000, dtype="bfloat16")  # fp32 -> bf16 is a copy
     assert str(e.value) == (
-        "engine: the model's weights need 0.3 MiB in float32, cpu has 0.1 MiB free of 80.00 GiB. "
+        "engine: the model's weights need 0.2 MiB in bfloat16, cpu has 0.1 MiB free of 80.00 GiB. "
         "Ways out: fp8 weights or tensor parallelism (weights split over GPUs), a GPU with more free "
         "memory, or a smaller model."
     )
@@ -39,7 +39,8 @@ def test_a_kv_cache_too_small_for_one_sequence_is_refused_with_the_numbers(monke
         "and 0.0 MiB are left for it (100.0 MiB free of 80.00 GiB after 0.3 MiB of weights, x "
         "kv_memory_fraction 0.85, less 92.0 MiB of step workspace for max_seqs 2048 and max_batch_tokens "
         "8192). Ways out: lower engine.max_seqs or engine.max_batch_tokens, raise "
-        "engine.kv_memory_fraction, fp8 weights or tensor parallelism, or a GPU with more free memory."
+        "engine.kv_memory_fraction, lower engine.max_model_len, fp8 weights or tensor parallelism, or a GPU "
+        "with more free memory."
     )
     # the same memory takes a smaller max_seqs: the workspace, not a constant share, sets the pool
     engine = engine_with_free_memory(monkeypatch, model, free=100 * 2**20, max_seqs=64)
