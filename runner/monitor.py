@@ -32,6 +32,8 @@ class Counters:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     inflight: int = 0  # requests in the engine
+    rows_committed: int = 0  # of rows_done, those in visible parts (error rows included)
+    errors_committed: int = 0
     shards_owned: int = 0
     shards_done: int = 0
 
@@ -184,6 +186,8 @@ class Monitor:
                     "task": self.task[0],
                     "state": state,
                     "tokens_per_s": beat.tokens_per_s,
+                    "interval_s": round(dt, 3),  # what tokens_per_s is measured over
+                    "heartbeat_s": self.interval_s,
                     "rows_done": c.rows_done,
                     "generated_tokens": c.generated_tokens,
                     "inflight": c.inflight,

@@ -18,17 +18,21 @@ from jobs.lease import TaskLease
 from jobs.plan import assign_shards, run_fingerprint
 from jobs.spec import JobSpec
 from jobs.uploads import sweep_stale_uploads
+from runner.attempts import attempt_of, killed_attempt, summary_from_report, with_history
 from runner.backends import load_backend
 from runner.budget import HeldBytes
+from runner.cpu_threads import configure_cpu_threads, cuda_available
 from runner.engine.types import Completion, Request
+from runner.error_budget import ErrorBudget, ErrorBudgetExceeded
 from runner.faults import kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
 from runner.memory import return_freed_buffers_to_os
 from runner.models import ResolvedModel, load_tokenizer, resolve_model
-from runner.monitor import Counters, Monitor, clear_heartbeat_temps
+from runner.monitor import Counters, Monitor, clear_heartbeat_temps, task_name
 from runner.progress import ProgressBar, Summary
 from runner.prompts import PreparedRow, PromptBuilder
 from runner.signals import StopRequested
+from runner.sinks import is_local
 from runner.sources import InputError, count_rows, list_shards
 from runner.writer import PartWriter
 
@@ -47,11 +51,13 @@ class JobInterrupted(Exception):
 
 
 class JobFailed(Exception):
-    """Some shards could not be read (or a worker died); the rest was finished and committed."""
+    """Some shards could not be read, a worker died, or the error budget was spent; what finished is
+    committed."""
 
     def __init__(self, summary: Summary):
         failures = summary.failed_shards | summary.failed_workers
-        super().__init__("; ".join(f"{s}: {why}" for s, why in failures.items()))
+        reasons = [f"{s}: {why}" for s, why in failures.items()]
+        super().__init__("; ".join(reasons + ([summary.stopped] if summary.stopped else [])))
         self.summary = summary
 
 
@@ -69,6 +75,8 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
     is running this task on the same output.
     """
     return_freed_buffers_to_os()
+    if spec.engine.device == "cpu" or not cuda_available():
+        configure_cpu_threads()
     store = OutputStore.for_output(spec.output)
     with TaskLease(store.fs, store.root, spec.runtime.task_index, spec.runtime.num_tasks):
         return _run_leased(spec, store, force_new_run, show_progress)
@@ -91,7 +99,9 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
     )
     sweep_stale_uploads(store, [s.id for s in shards], spec.runtime.task_index, spec.runtime.num_tasks)
     model = check_run(spec, store, force_new_run)
-    clear_heartbeat_temps(store, spec.runtime.task_index, spec.runtime.num_tasks)
+    rt = spec.runtime
+    clear_heartbeat_temps(store, rt.task_index, rt.num_tasks)
+    history = _History(store, rt.task_index, rt.num_tasks)
     work, done_shards, failed = _plan(store, spec, shards)
     counters = Counters(
         shards_owned=len(shards),
@@ -100,11 +110,12 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
     )
     if not work and not failed:
         log.info("all %d shards of this task are done already; nothing to do", len(shards))
-        return _summarize(store, spec, "finished", counters, started, None, {}, {})
+        if history.previous:  # the report of the runs that did the work stays as it is
+            return summary_from_report(history.previous)
+        return _summarize(store, spec, "finished", counters, started, None, {}, {}, history=None)
 
     backend = load_backend(model.local_path, spec.engine)
     job = _Job(spec, backend, work, failed, counters)
-    rt = spec.runtime
     monitor = Monitor(
         store,
         rt.task_index,
@@ -114,18 +125,25 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
         backend.stats,
         rt.heartbeat_seconds,
     )
-    state = "failed"
+    state, over_budget = "failed", None
     try:
         with StopRequested() as stop, monitor:
-            job.run(store, stop, show_progress)
+            try:
+                job.run(store, stop, show_progress)
+            except ErrorBudgetExceeded as e:
+                over_budget = str(e)
         engine_stats = backend.stats()
         state = "interrupted" if stop.requested else "failed" if job.failed else "finished"
+        state = "failed" if over_budget else state
     finally:
         monitor.finish(state)
         backend.close()
     summary = _summarize(
-        store, spec, state, counters, started, monitor.gpu_busy_mean(), job.failed, engine_stats
-    )
+        store, spec, state, counters, started, monitor.gpu_busy_mean(), job.failed, engine_stats,
+        history=history, started_at=monitor.started, stopped=over_budget, error_shards=job.error_shards,
+    )  # fmt: skip
+    if over_budget:
+        raise JobFailed(summary)
     if stop.requested:
         raise JobInterrupted(stop.signum, summary)
     if job.failed:
@@ -188,6 +206,9 @@ class _Job:
         self.failed = failed
         self.counters = counters
         self.budget = HeldBytes(spec.runtime.max_held_bytes)
+        rt = spec.runtime
+        self.errors = ErrorBudget(rt.max_error_fraction, min(rt.error_window_rows, counters.rows_total))
+        self.error_shards: set[str] = set()
         self.writer: PartWriter
         self.bar: ProgressBar
 
@@ -225,6 +246,8 @@ class _Job:
             elif self.budget.waiting:
                 self.writer.flush()  # nothing generating and the reader waits for room: commit the rows
             self.writer.poll()
+            self.counters.rows_committed = self.writer.counts.rows_committed
+            self.counters.errors_committed = self.writer.counts.error_rows_committed
             if drain_until is not None and time.monotonic() > drain_until:
                 log.warning(
                     "grace period: %d rows still generating are left for the next run", len(self.inflight)
@@ -236,7 +259,7 @@ class _Job:
         while self.backend.num_unfinished < self.max_inflight:
             item = feeder.get(timeout=0 if self.backend.has_unfinished() else 0.05)
             if item is None:
-                return
+                break
             if isinstance(item, ShardEnd):
                 self.writer.shard_total(item.shard, item.total_rows)
             elif isinstance(item, ShardFailed):
@@ -259,6 +282,9 @@ class _Job:
         self._emit(entry.prep, rows, is_error=False)
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
+        self.errors.add(prep.shard, rows[0]["error"] if is_error else None)  # raises before a commit
+        if is_error:
+            self.error_shards.add(prep.shard)
         self.writer.add(prep.shard, rows, is_error, prep.nbytes)
         kill_point("row_finished")
         c = self.counters
@@ -312,7 +338,14 @@ def _summarize(
     gpu_busy: float | None,
     failed: dict[str, str],
     engine_stats: dict,
+    *,
+    history: _History | None,
+    started_at: float = 0.0,
+    stopped: str | None = None,
+    error_shards: set[str] = frozenset(),
 ) -> Summary:
+    """This attempt's summary with every earlier attempt added in, written to report.json (not for a
+    run with nothing to do: `history` None)."""
     wall = time.monotonic() - started
     summary = Summary(
         status=status,
@@ -328,8 +361,33 @@ def _summarize(
         gpu_busy_percent=gpu_busy,
         failed_shards=failed,
         engine=engine_stats,
+        stopped=stopped,
     )
-    rt = spec.runtime
-    name = "report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json"
-    store.write_json(name, summary.as_dict())
+    if history is None:
+        return summary
+    previous = history.previous or {}
+    shards = set(previous.get("error_files", {})) | error_shards
+    summary = with_history(summary, attempt_of(summary, started_at), previous, history.killed)
+    summary.error_files = {s: error_location(store, s) for s in sorted(shards)}
+    store.write_json(history.name, summary.as_dict())
     return summary
+
+
+class _History:
+    """This task's report of earlier attempts, and its heartbeat if the last attempt was killed; read
+    before this attempt's monitor replaces the heartbeat."""
+
+    def __init__(self, store: OutputStore, task_index: int, num_tasks: int):
+        self.name = "report.json" if num_tasks == 1 else f"report-task{task_index}.json"
+        self.previous = store.read_json(self.name)
+        beat = store.read_json(f"progress/{task_name(task_index, num_tasks)}.json")
+        self.killed = killed_attempt(beat, (self.previous or {}).get("attempts", []))
+
+
+def error_location(store: OutputStore, shard_id: str) -> str:
+    """Where a shard's error rows are: its errors file once done, else its parts."""
+    parts, _, errors = store.shard_paths(shard_id)
+    if store.fs.exists(errors):
+        return errors if is_local(store.fs) else store.fs.unstrip_protocol(errors)
+    parts = parts if is_local(store.fs) else store.fs.unstrip_protocol(parts)
+    return f"{parts} (rows with finish_reason 'error')"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from runner.engine.attention import reference_attention
 from runner.engine.config import EngineConfig
+from runner.engine.cpu_attention import batched_attention
 from runner.engine.model import PagedLlama, model_shape
 from runner.engine.pages import PagePool
 from runner.engine.runner import InFlight, ModelRunner
@@ -49,7 +49,7 @@ class Engine:
         if device.type == "cuda":
             from runner.engine.paged_attention import paged_attention as attention
         else:
-            attention = reference_attention
+            attention = batched_attention
         slots = SlotTable(config.max_seqs, -(-self.max_model_len // config.page_size))
         self.runner = ModelRunner(
             self.model, slots, num_pages, config.page_size, attention, config.cuda_graphs
