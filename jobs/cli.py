@@ -58,6 +58,7 @@ def main(verbose: int, quiet: int) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger().setLevel(level)  # also where logging was configured before (an embedding app)
     for noisy in ("httpx", "urllib3", "botocore", "s3fs", "fsspec", "ContinuousBatchingLogger"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

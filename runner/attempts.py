@@ -8,6 +8,7 @@ adds nothing and writes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
 from runner.progress import Summary
@@ -43,10 +44,13 @@ def attempt_of(summary: Summary, started_at: float) -> Attempt:
     )
 
 
-def killed_attempt(heartbeat: dict | None, known: list[dict]) -> Attempt | None:
+def killed_attempt(
+    heartbeat: dict | None, known: list[dict], committed: Callable[[], tuple[int, int]]
+) -> Attempt | None:
     """The attempt behind a heartbeat still saying "running" that no report records: it was killed.
 
-    Its rows are those committed by its last heartbeat (rows finished after it are done again).
+    Its rows are the committed rows (and error rows) that no recorded attempt accounts for:
+    `committed()` gives the output's totals now. Its tokens and time are its last heartbeat's.
     """
     if not heartbeat or heartbeat.get("state") != "running":
         return None
@@ -54,11 +58,13 @@ def killed_attempt(heartbeat: dict | None, known: list[dict]) -> Attempt | None:
         return None
     c = heartbeat["counters"]
     wall = max(0.0, heartbeat["updated_at"] - heartbeat["started_at"])
-    committed, errors = c.get("rows_committed", 0), c.get("errors_committed", 0)
+    rows, errors = committed()
+    errors -= sum(a["rows_error"] for a in known)
+    rows -= sum(a["rows_ok"] + a["rows_error"] for a in known)
     return Attempt(
         heartbeat["started_at"],
         "killed",
-        committed - errors,
+        rows - errors,
         errors,
         c["prompt_tokens"],
         c["generated_tokens"],

@@ -32,8 +32,6 @@ class Counters:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     inflight: int = 0  # requests in the engine
-    rows_committed: int = 0  # of rows_done, those in visible parts (error rows included)
-    errors_committed: int = 0
     shards_owned: int = 0
     shards_done: int = 0
 

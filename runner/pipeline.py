@@ -33,7 +33,7 @@ from runner.progress import ProgressBar, Summary
 from runner.prompts import PreparedRow, PromptBuilder
 from runner.signals import StopRequested
 from runner.sinks import is_local
-from runner.sources import InputError, count_rows, list_shards
+from runner.sources import InputError, Shard, count_rows, list_shards
 from runner.writer import PartWriter
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
     model = check_run(spec, store, force_new_run)
     rt = spec.runtime
     clear_heartbeat_temps(store, rt.task_index, rt.num_tasks)
-    history = _History(store, rt.task_index, rt.num_tasks)
     work, done_shards, failed = _plan(store, spec, shards)
+    history = _History(store, spec, shards)
     counters = Counters(
         shards_owned=len(shards),
         shards_done=done_shards,
@@ -246,8 +246,6 @@ class _Job:
             elif self.budget.waiting:
                 self.writer.flush()  # nothing generating and the reader waits for room: commit the rows
             self.writer.poll()
-            self.counters.rows_committed = self.writer.counts.rows_committed
-            self.counters.errors_committed = self.writer.counts.error_rows_committed
             if drain_until is not None and time.monotonic() > drain_until:
                 log.warning(
                     "grace period: %d rows still generating are left for the next run", len(self.inflight)
@@ -377,11 +375,24 @@ class _History:
     """This task's report of earlier attempts, and its heartbeat if the last attempt was killed; read
     before this attempt's monitor replaces the heartbeat."""
 
-    def __init__(self, store: OutputStore, task_index: int, num_tasks: int):
-        self.name = "report.json" if num_tasks == 1 else f"report-task{task_index}.json"
+    def __init__(self, store: OutputStore, spec: JobSpec, shards: list[Shard]):
+        rt = spec.runtime
+        self.name = "report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json"
         self.previous = store.read_json(self.name)
-        beat = store.read_json(f"progress/{task_name(task_index, num_tasks)}.json")
-        self.killed = killed_attempt(beat, (self.previous or {}).get("attempts", []))
+        beat = store.read_json(f"progress/{task_name(rt.task_index, rt.num_tasks)}.json")
+
+        def committed() -> tuple[int, int]:  # (rows, error rows) in the output now
+            rows = errors = 0
+            for shard in shards:
+                progress = store.scan(shard.id, repair=False)
+                if progress.done:
+                    rows += count_rows(shard, spec.input.storage_options)
+                    errors += store.error_count(shard.id)
+                else:
+                    rows, errors = rows + len(progress.rows), errors + progress.error_rows
+            return rows, errors
+
+        self.killed = killed_attempt(beat, (self.previous or {}).get("attempts", []), committed)
 
 
 def error_location(store: OutputStore, shard_id: str) -> str:

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobs.checkpoint import OutputStore
@@ -35,7 +35,6 @@ class _ShardLedger:
 @dataclass(slots=True)
 class WriterCounts:
     rows_committed: int = 0  # input rows (not samples) whose outputs are in visible parts
-    error_rows_committed: int = 0  # of those, error rows
     error_rows: int = 0
     parts: int = 0
     shards_compacted: int = 0
@@ -129,7 +128,7 @@ class PartWriter:
         self._jobs.put(lambda: self._commit(shard, rows, nbytes))
 
     @staticmethod
-    def _count_inputs(rows: Iterable[dict]) -> int:
+    def _count_inputs(rows: list[dict]) -> int:
         return sum(1 for r in rows if r.get("_sample", 0) == 0)
 
     def _commit(self, shard: str, rows: list[dict], nbytes: int) -> None:
@@ -137,8 +136,6 @@ class PartWriter:
         self.budget.release(nbytes)
         self.counts.parts += 1
         self.counts.rows_committed += self._count_inputs(rows)
-        errors = (r for r in rows if r["finish_reason"] == "error")
-        self.counts.error_rows_committed += self._count_inputs(errors)
         log.debug("committed %s (%d rows)", name, len(rows))
 
     def _compact(self, shard: str, total: int) -> None:
