@@ -187,7 +187,7 @@ class RuntimeSpec(_Section):
         0.1,
         description="the job stops (exit 1, nothing committed lost, not marked done) once more than this "
         "fraction of its rows are error rows, over the first `error_window_rows` rows and over all rows "
-        "since; 1 never stops",
+        "since, or when a job shorter than that window has only error rows; 1 never stops",
     )
     error_window_rows: PositiveInt = Field(100, description="rows judged together at the start")
 

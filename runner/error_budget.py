@@ -2,12 +2,14 @@
 
 One bad row must not stop a job of a million good ones, and a job of only bad rows must never report
 success. The budget allows `max_fraction` of the rows to be error rows, judged over the first
-`window` rows (or all of them, when the job has fewer) and over every row since:
+`window` rows and over every row since:
 
     stop once  errors > max_fraction * max(rows, window)
+           or  every row so far is an error and they are the whole window (a job shorter than it)
 
 so a run of errors at the start stops the job after a few rows (the window can no longer come back
-under the limit), long before a shard of them is complete and compacted.
+under the limit), long before a shard of them is complete and compacted; and a small job of only
+errors stops before its last row is committed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class ErrorBudget:
     """Counts rows as they finish; `add` raises ErrorBudgetExceeded when the budget is spent."""
 
     max_fraction: float
-    window: int  # rows judged together at the start: min(error_window_rows, rows this attempt does)
+    window: int  # rows judged together at the start
+    rows_total: int  # rows this attempt has to do
     rows: int = 0
     errors: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
@@ -42,7 +45,10 @@ class ErrorBudget:
         reason = error_reason(error)
         self.reasons[reason] += 1
         self.examples.setdefault(reason, (shard, error))
-        if self.max_fraction < 1 and self.errors > self.max_fraction * max(self.rows, self.window):
+        if self.max_fraction >= 1:
+            return
+        only_errors = self.errors == self.rows == min(self.window, self.rows_total)
+        if only_errors or self.errors > self.max_fraction * max(self.rows, self.window):
             raise ErrorBudgetExceeded(self.message())
 
     def message(self) -> str:

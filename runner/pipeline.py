@@ -207,7 +207,7 @@ class _Job:
         self.counters = counters
         self.budget = HeldBytes(spec.runtime.max_held_bytes)
         rt = spec.runtime
-        self.errors = ErrorBudget(rt.max_error_fraction, min(rt.error_window_rows, counters.rows_total))
+        self.errors = ErrorBudget(rt.max_error_fraction, rt.error_window_rows, counters.rows_total)
         self.error_shards: set[str] = set()
         self.writer: PartWriter
         self.bar: ProgressBar

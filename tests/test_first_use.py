@@ -150,16 +150,16 @@ def error_budget_stops_a_job_of_errors(tmp: Path, model: Path) -> None:
     code, _, err = batchrun("submit", str(spec), "--no-progress")
     assert code == 1, err[-2000:]
     lines = err.splitlines()
-    assert "failed: 0/1 shards done, 0 rows ok, 4 error rows, 36 rows remaining" in lines
+    assert "failed: 0/1 shards done, 0 rows ok, 10 error rows, 30 rows remaining" in lines
     assert (
-        "stopped: 5 of the 5 rows finished are error rows, over runtime.max_error_fraction 0.1 (judged over "
-        "the first 40 rows and all rows since). Most common (5 rows): row has no field 'text' (fields: id, txt); "
+        "stopped: 11 of the 11 rows finished are error rows, over runtime.max_error_fraction 0.1 (judged over "
+        "the first 100 rows and all rows since). Most common (11 rows): row has no field 'text' (fields: id, txt); "
         f"e.g. shard x.jsonl: {tmp}/in/x.jsonl line 2: row has no field 'text' (fields: id, txt). {ADVICE}"
     ) in lines
-    assert committed_rows(tmp / "out") == {"x": [1, 2, 3, 4]}  # committed and kept; the shard is not done
+    assert committed_rows(tmp / "out") == {"x": list(range(1, 11))}  # committed and kept; not done
     assert not (tmp / "out/x.parquet").exists()
     report = json.loads((tmp / "out/_batchrun/report.json").read_text())
-    assert (report["status"], report["rows_ok"], report["rows_error"]) == ("failed", 0, 4)
+    assert (report["status"], report["rows_ok"], report["rows_error"]) == ("failed", 0, 10)
     # raising the budget (not part of the run's fingerprint) finishes the rest, every row exactly once
     write_spec(tmp / "spec.yaml", model, runtime={"max_error_fraction": 1})
     code, _, err = batchrun("submit", str(spec), "--no-progress")
