@@ -14,11 +14,12 @@ import time
 from dataclasses import dataclass, field
 
 from jobs.checkpoint import OutputStore
+from jobs.history import TaskHistory, error_location
 from jobs.lease import TaskLease
 from jobs.plan import assign_shards, run_fingerprint
 from jobs.spec import JobSpec
 from jobs.uploads import sweep_stale_uploads
-from runner.attempts import attempt_of, killed_attempt, summary_from_report, with_history
+from runner.attempts import attempt_of, summary_from_report, with_history
 from runner.backends import load_backend
 from runner.budget import HeldBytes
 from runner.cpu_threads import configure_cpu_threads, cuda_available
@@ -28,12 +29,11 @@ from runner.faults import kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
 from runner.memory import return_freed_buffers_to_os
 from runner.models import ResolvedModel, load_tokenizer, resolve_model
-from runner.monitor import Counters, Monitor, clear_heartbeat_temps, task_name
+from runner.monitor import Counters, Monitor, clear_heartbeat_temps
 from runner.progress import ProgressBar, Summary
 from runner.prompts import PreparedRow, PromptBuilder
 from runner.signals import StopRequested
-from runner.sinks import is_local
-from runner.sources import InputError, Shard, count_rows, list_shards
+from runner.sources import InputError, count_rows, list_shards
 from runner.writer import PartWriter
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
     rt = spec.runtime
     clear_heartbeat_temps(store, rt.task_index, rt.num_tasks)
     work, done_shards, failed = _plan(store, spec, shards)
-    history = _History(store, spec, shards)
+    history = TaskHistory(store, spec, shards)
     counters = Counters(
         shards_owned=len(shards),
         shards_done=done_shards,
@@ -337,10 +337,10 @@ def _summarize(
     failed: dict[str, str],
     engine_stats: dict,
     *,
-    history: _History | None,
+    history: TaskHistory | None,
     started_at: float = 0.0,
     stopped: str | None = None,
-    error_shards: set[str] = frozenset(),
+    error_shards: set[str] | None = None,
 ) -> Summary:
     """This attempt's summary with every earlier attempt added in, written to report.json (not for a
     run with nothing to do: `history` None)."""
@@ -364,41 +364,8 @@ def _summarize(
     if history is None:
         return summary
     previous = history.previous or {}
-    shards = set(previous.get("error_files", {})) | error_shards
+    shards = set(previous.get("error_files", {})) | (error_shards or set())
     summary = with_history(summary, attempt_of(summary, started_at), previous, history.killed)
     summary.error_files = {s: error_location(store, s) for s in sorted(shards)}
     store.write_json(history.name, summary.as_dict())
     return summary
-
-
-class _History:
-    """This task's report of earlier attempts, and its heartbeat if the last attempt was killed; read
-    before this attempt's monitor replaces the heartbeat."""
-
-    def __init__(self, store: OutputStore, spec: JobSpec, shards: list[Shard]):
-        rt = spec.runtime
-        self.name = "report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json"
-        self.previous = store.read_json(self.name)
-        beat = store.read_json(f"progress/{task_name(rt.task_index, rt.num_tasks)}.json")
-
-        def committed() -> tuple[int, int]:  # (rows, error rows) in the output now
-            rows = errors = 0
-            for shard in shards:
-                progress = store.scan(shard.id, repair=False)
-                if progress.done:
-                    rows += count_rows(shard, spec.input.storage_options)
-                    errors += store.error_count(shard.id)
-                else:
-                    rows, errors = rows + len(progress.rows), errors + progress.error_rows
-            return rows, errors
-
-        self.killed = killed_attempt(beat, (self.previous or {}).get("attempts", []), committed)
-
-
-def error_location(store: OutputStore, shard_id: str) -> str:
-    """Where a shard's error rows are: its errors file once done, else its parts."""
-    parts, _, errors = store.shard_paths(shard_id)
-    if store.fs.exists(errors):
-        return errors if is_local(store.fs) else store.fs.unstrip_protocol(errors)
-    parts = parts if is_local(store.fs) else store.fs.unstrip_protocol(parts)
-    return f"{parts} (rows with finish_reason 'error')"
