@@ -194,7 +194,8 @@ def submit(
                 err=True,
             )
             sys.exit(EXIT_BAD_SPEC)
-        _preflight(spec, spec_path)
+        if not dry_run:
+            _preflight(spec, spec_path)
         _submit_slurm(spec, spec_path, dry_run)
         return
     if dry_run:

@@ -1,9 +1,10 @@
 """Preflight: the mistakes a spec's schema can't see, found before any model is loaded.
 
 `batchrun validate` and `batchrun submit` run it: it lists the input shards, reads the first rows of
-one shard of each kind (format and compression) and checks that the prompt's fields are there; checks
-that `output.path` is a directory (or prefix) it can write, with a probe it creates and removes; and
-that a local-looking `model.path` exists, without the network. Every problem is reported at once.
+one shard of each kind (format and compression) and checks that the prompt's fields are there (and,
+in Parquet, the columns the output keeps); checks that `output.path` is a directory (or prefix) it
+can write, with a probe it creates and removes; and that a local-looking `model.path` exists,
+without the network. Every problem is reported at once.
 """
 
 from __future__ import annotations
@@ -112,10 +113,11 @@ def _check_rows(spec: JobSpec, shard: Shard, rows: list[dict]) -> list[Problem]:
                     f"field {p.messages_column!r} is not a list of {{role, content}} messages in {where}",
                 )
             )
-    if spec.input.id_column:
-        found.append(missing("input.id_column", spec.input.id_column))
-    if isinstance(spec.output.keep_columns, list):
-        found += [missing("output.keep_columns", c) for c in spec.output.keep_columns]
+    if shard.format == "parquet":  # a Parquet shard without a column fails; a JSONL row without it keeps null
+        if spec.input.id_column:
+            found.append(missing("input.id_column", spec.input.id_column))
+        if isinstance(spec.output.keep_columns, list):
+            found += [missing("output.keep_columns", c) for c in spec.output.keep_columns]
     return [x for x in found if x is not None]
 
 

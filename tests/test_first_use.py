@@ -63,7 +63,6 @@ def validate_lists_every_problem(tmp: Path, model: Path) -> None:
         model,
         prompt={"column": "questoin"},
         model={"path": "models/my-llama"},
-        output={"keep_columns": ["id"]},
     )
     code, out, err = cli("validate", str(spec))
     assert (code, out) == (2, "")
@@ -82,8 +81,6 @@ def validate_checks_template_fields_and_messages(tmp: Path, model: Path) -> None
     assert code == 2
     assert err.splitlines()[1:] == [
         f"  prompt.template: no field 'body' in the first row of {tmp}/in/a.jsonl (they have: messages, title)",
-        f"  output.keep_columns: no field 'id' in the first row of {tmp}/in/a.jsonl (they have: messages, title)",
-        f"  output.keep_columns: no field 'text' in the first row of {tmp}/in/a.jsonl (they have: messages, title)",
     ]
     spec = write_spec(
         tmp / "spec.yaml",

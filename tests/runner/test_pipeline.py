@@ -141,7 +141,7 @@ def test_torn_part_is_quarantined_and_its_rows_redone(tmp_path: Path, tiny_model
     pq.write_table(pa.Table.from_pylist(rows[2:]), good)
     good.write_bytes(good.read_bytes()[:-20])
     summary = run_job(spec, show_progress=False)
-    assert summary.rows_ok == 2 and reference.rows_ok == 4
+    assert summary.attempts[-1]["rows_ok"] == 2 and reference.rows_ok == 4
     assert read_output(tmp_path / "out")["a0"] == expected
     assert (tmp_path / "out/_batchrun/quarantine/a0/part-000001-bbbb.parquet").exists()
 
