@@ -185,6 +185,8 @@ class Monitor:
                     "task": self.task[0],
                     "state": state,
                     "tokens_per_s": beat.tokens_per_s,
+                    "interval_s": round(dt, 3),  # what tokens_per_s is measured over
+                    "heartbeat_s": self.interval_s,
                     "rows_done": c.rows_done,
                     "generated_tokens": c.generated_tokens,
                     "inflight": c.inflight,

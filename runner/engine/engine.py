@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from runner.engine.attention import reference_attention
 from runner.engine.config import EngineConfig
+from runner.engine.cpu_attention import batched_attention
 from runner.engine.eos import eos_token_ids
 from runner.engine.kv_budget import MemoryPlan, check_weights_fit, kv_pool_pages, step_workspace_bytes
 from runner.engine.model import PagedLlama, model_shape
@@ -58,7 +58,7 @@ class Engine:
         if device.type == "cuda":
             from runner.engine.paged_attention import paged_attention as attention
         else:
-            attention = reference_attention
+            attention = batched_attention
         slots = SlotTable(config.max_seqs, -(-self.max_model_len // config.page_size))
         self.runner = ModelRunner(
             self.model, slots, num_pages, config.page_size, attention, config.cuda_graphs
