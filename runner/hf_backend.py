@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runner.engine.stops import find_stop
 from runner.engine.types import Completion, Request, SamplingParams
 
 _POLL_S = 0.05  # how long step() waits for the first finished request before returning []
@@ -240,7 +241,7 @@ class TransformersBackend:
             return []
         tokens = list(output.generated_tokens)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = _find_stop(text, sample.request.sampling.stop)
+        cut = find_stop(text, sample.request.sampling.stop)
         if cut is None and not output.is_finished():
             return []
         if cut is not None:
@@ -302,12 +303,6 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
         if value is not None:
             ids.update([value] if isinstance(value, int) else value)
     return frozenset(i for i in ids if i >= 0)
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
 
 
 def _raise_if_dead(manager) -> None:
