@@ -15,10 +15,37 @@ import torch.nn.functional as F
 
 from runner.engine.config import UnsupportedModel
 from runner.engine.layers.attention import AttentionBatch, AttentionFn
-from runner.engine.layers.linear import GatedMLP, fused_rows, load
+from runner.engine.layers.linear import GatedMLP, load
 from runner.engine.layers.ops import ops_for
 from runner.engine.layers.rope import rope_tables
 from runner.engine.models.base import ModelShape
+
+
+def llama_shape(config) -> ModelShape:
+    """Check that our forward implements `config`'s architecture and read its shape."""
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModel(f"hidden_act {config.hidden_act!r} (the fast path implements silu)")
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedModel("mlp_bias=True is not implemented in the fast path")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") in ("dynamic", "longrope"):
+        raise UnsupportedModel(f"rope_type {rope['rope_type']!r} changes with sequence length")
+    max_len = config.max_position_embeddings
+    if getattr(config, "sliding_window", None):
+        max_len = min(
+            max_len, config.sliding_window
+        )  # within the window, sliding attention is full attention
+    heads = config.num_attention_heads
+    return ModelShape(
+        num_layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab=config.vocab_size,
+        eps=config.rms_norm_eps,
+        max_model_len=max_len,
+    )
 
 
 @dataclass(slots=True)
@@ -36,35 +63,12 @@ class _Layer:
 class PagedLlama:
     """Forward of a Llama-family decoder over a ragged batch, reading and writing the paged KV cache."""
 
-    @staticmethod
-    def shape_of(config) -> ModelShape:
-        """Check that this forward implements `config` and read its shape."""
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise UnsupportedModel(f"hidden_act {config.hidden_act!r} (the fast path implements silu)")
-        if getattr(config, "mlp_bias", False):
-            raise UnsupportedModel("mlp_bias=True is not implemented in the fast path")
-        rope = getattr(config, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") in ("dynamic", "longrope"):
-            raise UnsupportedModel(f"rope_type {rope['rope_type']!r} changes with sequence length")
-        max_len = config.max_position_embeddings
-        if getattr(config, "sliding_window", None):
-            # within the window, sliding attention is full attention
-            max_len = min(max_len, config.sliding_window)
-        heads = config.num_attention_heads
-        return ModelShape(
-            num_layers=config.num_hidden_layers,
-            hidden=config.hidden_size,
-            num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            vocab=config.vocab_size,
-            eps=config.rms_norm_eps,
-            max_model_len=max_len,
-        )
+    shape_of = staticmethod(llama_shape)
 
     def __init__(self, hf_model, device: torch.device, dtype: torch.dtype) -> None:
         config = hf_model.config
-        self.shape = s = self.shape_of(config)
+        self.shape = llama_shape(config)
+        s = self.shape
 
         def w(t: torch.Tensor) -> torch.Tensor:
             return load(t, device, dtype)
@@ -76,13 +80,13 @@ class PagedLlama:
         self.layers = []
         for layer in inner.layers:
             att = layer.self_attn
-            qkv = [att.q_proj, att.k_proj, att.v_proj]
+            bias = [att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]
             qk_norm = getattr(att, "q_norm", None) is not None
             self.layers.append(
                 _Layer(
                     ln_attn=w(layer.input_layernorm.weight),
-                    w_qkv=fused_rows([p.weight for p in qkv], device, dtype),
-                    b_qkv=fused_rows([p.bias for p in qkv], device, dtype),
+                    w_qkv=w(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
+                    b_qkv=w(torch.cat(bias)) if bias[0] is not None else None,
                     q_norm=w(att.q_norm.weight) if qk_norm else None,
                     k_norm=w(att.k_norm.weight) if qk_norm else None,
                     w_o=w(att.o_proj.weight),
