@@ -14,6 +14,7 @@ from runner.engine.layers.attention import AttentionBatch, AttentionFn
 class ModelShape:
     num_layers: int
     hidden: int
+    intermediate: int  # MLP width (per expert for an MoE)
     num_heads: int
     num_kv_heads: int
     head_dim: int

@@ -39,6 +39,7 @@ def llama_shape(config) -> ModelShape:
     return ModelShape(
         num_layers=config.num_hidden_layers,
         hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
         num_heads=heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
