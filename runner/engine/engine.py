@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from runner.engine.config import EngineConfig
-from runner.engine.cpu_attention import batched_attention
 from runner.engine.eos import eos_token_ids
 from runner.engine.kv import KVManager
-from runner.engine.kv_budget import MemoryPlan, check_weights_fit, kv_pool_pages, step_workspace_bytes
+from runner.engine.kv.budget import MemoryPlan, check_weights_fit, kv_pool_pages, step_workspace_bytes
+from runner.engine.layers.cpu_attention import batched_attention
 from runner.engine.model_runner import LaunchedStep, ModelRunner
 from runner.engine.models import build_model, model_shape
 from runner.engine.scheduler import ScheduledBatch, Scheduler

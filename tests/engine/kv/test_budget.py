@@ -6,7 +6,7 @@ import pytest
 
 from runner.engine import Engine, EngineConfig
 from runner.engine import engine as engine_module
-from runner.engine.kv_budget import GIB, DeviceMemoryError, step_workspace_bytes
+from runner.engine.kv.budget import GIB, DeviceMemoryError, step_workspace_bytes
 from tests.engine.conftest import tiny_model
 
 
