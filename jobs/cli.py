@@ -1,4 +1,4 @@
-"""`batchrun`: a thin shell over jobs.spec, runner.pipeline and jobs.status."""
+"""`batchrun`: a thin shell over jobs.spec, runner.loop and jobs.status."""
 
 from __future__ import annotations
 
@@ -57,11 +57,11 @@ def validate(spec_path: str) -> None:
 def _run(
     spec_path: str, task_index: int | None, num_tasks: int | None, force_new_run: bool, progress: bool
 ) -> None:
-    from jobs.checkpoint import CheckpointError, FingerprintMismatch
+    from runner.store.checkpoint import CheckpointError, FingerprintMismatch
     from jobs.lease import LeaseHeld
     from jobs.workers import run_node
-    from runner.models import ModelError
-    from runner.pipeline import JobFailed, JobInterrupted
+    from runner.model_resolve import ModelError
+    from runner.loop import JobFailed, JobInterrupted
     from runner.prompts import PromptTooLong
     from runner.retry import StorageError
     from runner.sources import InputError
@@ -226,7 +226,7 @@ def status(spec_path: str, as_json: bool) -> None:
 )
 def report(spec_path: str, out_path: str | None) -> None:
     """Plot throughput and GPU busy over time and rows per shard into a PNG (needs matplotlib)."""
-    from jobs.checkpoint import OutputStore
+    from runner.store.checkpoint import OutputStore
     from jobs.report import ReportUnavailable, render_png
 
     spec = _load(spec_path, None, None)

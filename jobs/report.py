@@ -6,7 +6,7 @@ import io
 import json
 from dataclasses import dataclass
 
-from jobs.checkpoint import OutputStore
+from runner.store.checkpoint import OutputStore
 from jobs.spec import JobSpec
 from jobs.status import JobStatus, job_status
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jobs.checkpoint import OutputStore
+from runner.store.checkpoint import OutputStore
 from jobs.spec import JobSpec
 from runner.sources import list_shards
 

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from jobs.checkpoint import OutputStore
+from runner.store.checkpoint import OutputStore
 from jobs.spec import JobSpec
 from runner.sources import count_rows, list_shards
 

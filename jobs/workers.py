@@ -17,9 +17,9 @@ import time
 
 from tqdm import tqdm
 
-from jobs.checkpoint import OutputStore
+from runner.store.checkpoint import OutputStore
 from jobs.spec import JobSpec, SpecError
-from runner.pipeline import JobFailed, JobInterrupted, check_run, run_job
+from runner.loop import JobFailed, JobInterrupted, check_run, run_job
 from runner.progress import Summary
 
 log = logging.getLogger(__name__)

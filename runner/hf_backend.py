@@ -94,7 +94,7 @@ class TransformersBackend:
         `device` "auto" is CUDA when available."""
         from transformers import AutoModelForCausalLM
 
-        from runner.models import load_tokenizer
+        from runner.model_resolve import load_tokenizer
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         if dtype == "auto":

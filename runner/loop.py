@@ -13,18 +13,18 @@ import string
 import time
 from dataclasses import dataclass, field
 
-from jobs.checkpoint import OutputStore
+from runner.store.checkpoint import OutputStore
 from jobs.lease import TaskLease
 from jobs.plan import assign_shards, run_fingerprint
 from jobs.spec import JobSpec
-from jobs.uploads import sweep_stale_uploads
+from runner.store.uploads import sweep_stale_uploads
 from runner.backends import load_backend
 from runner.budget import HeldBytes
 from runner.engine.types import Completion, Request
 from runner.faults import kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
 from runner.memory import return_freed_buffers_to_os
-from runner.models import ResolvedModel, load_tokenizer, resolve_model
+from runner.model_resolve import ResolvedModel, load_tokenizer, resolve_model
 from runner.monitor import Counters, Monitor, clear_heartbeat_temps
 from runner.progress import ProgressBar, Summary
 from runner.prompts import PreparedRow, PromptBuilder

@@ -41,7 +41,7 @@ def is_url(path: str) -> bool:
 
 def fetch_model(url: str, storage_options: dict) -> tuple[Path, dict]:
     """The local copy of the Hugging Face folder at `url` (downloaded if needed) and its fingerprint."""
-    from runner.models import cache_dir
+    from runner.model_resolve import cache_dir
 
     fs, root = url_to_fs(url, storage_options)
     root = root.rstrip("/")

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from jobs.checkpoint import OutputStore
+from runner.store.checkpoint import OutputStore
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from runner.retry import retry
-from runner.sinks import is_local
+from runner.store.tables import is_local
 from runner.storage import url_to_fs
 
 Format = Literal["parquet", "jsonl"]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jobs.checkpoint import OutputStore
+from runner.store.checkpoint import OutputStore
 from runner.budget import HeldBytes
 
 log = logging.getLogger(__name__)

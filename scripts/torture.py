@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  
 
 import jobs.cli  # noqa: E402
 import runner.engine  # noqa: E402, F401
-import runner.pipeline  # noqa: E402, F401
+import runner.loop  # noqa: E402, F401
 from runner import faults  # noqa: E402
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec  # noqa: E402
 

@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.checkpoint import FingerprintMismatch, OutputStore
+from runner.store.checkpoint import FingerprintMismatch, OutputStore
 from jobs.lease import LeaseHeld, TaskLease
 from jobs.spec import SpecError, load_spec
-from runner.models import ModelError
-from runner.pipeline import JobFailed, run_job
+from runner.model_resolve import ModelError
+from runner.loop import JobFailed, run_job
 from runner.prompts import PromptTooLong
 from runner.retry import StorageError
 from runner.sources import InputError

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from jobs.spec import load_spec
-from runner.pipeline import run_job
+from runner.loop import run_job
 from tests.conftest import read_output, write_inputs, write_spec
 from tests.s3_proxy import FaultProxy, Rule
 from tests.test_kill_resume import batchrun

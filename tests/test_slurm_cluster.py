@@ -16,7 +16,7 @@ import pytest
 
 from jobs.slurm import ACTIVE_STATES, TaskState, array_state
 from jobs.spec import load_spec
-from runner.pipeline import run_job
+from runner.loop import run_job
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 from tests.test_kill_resume import REPO, batchrun
 

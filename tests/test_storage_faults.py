@@ -10,7 +10,7 @@ import pytest
 
 import runner.retry
 from jobs.spec import load_spec
-from runner.pipeline import run_job
+from runner.loop import run_job
 from runner.retry import Backoff, StorageError
 from tests import faults_fs
 from tests.conftest import read_output, write_inputs, write_spec

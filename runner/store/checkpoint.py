@@ -9,7 +9,7 @@ Layout under the output root, for a shard with id `sub/a.jsonl` (stem `sub/a`):
     _batchrun/quarantine/sub/a/<part>    torn or unreadable parts, set aside, never deleted
 
 Parts are always Parquet (typed, and their `_row` column is read alone on resume); the final file
-has the output format and is streamed from the parts (jobs/compaction.py). Compaction writes the
+has the output format and is streamed from the parts (runner/store/compaction.py). Compaction writes the
 errors file, then the final file, then removes the parts, so a kill at any point leaves a state
 that the next scan/compact finishes.
 """
@@ -30,11 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.compaction import PartIndex, ShardCompaction, TornPart
+from runner.store.compaction import PartIndex, ShardCompaction, TornPart
 from jobs.spec import OutputSpec
 from runner.faults import kill_point
 from runner.retry import StorageError, retry
-from runner.sinks import (
+from runner.store.tables import (
     TEMP_PREFIX,
     OutputFormat,
     is_local,
@@ -287,7 +287,7 @@ class OutputStore:
         """Write the shard's final file from its parts (rows 0..num_rows-1, input order, no duplicates).
 
         Also writes its error rows to `_batchrun/errors/`, then removes the parts. Both files are
-        streamed a window of rows at a time (jobs/compaction.py), so memory does not grow with the
+        streamed a window of rows at a time (runner/store/compaction.py), so memory does not grow with the
         shard. Safe to rerun after a kill at any point.
         """
         final = self.final_path(shard_id)

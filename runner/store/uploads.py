@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from jobs.checkpoint import STATE_DIR, OutputStore
+from runner.store.checkpoint import STATE_DIR, OutputStore
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from runner import models
-from runner.models import (
+from runner import model_resolve as models
+from runner.model_resolve import (
     DEFAULT_MODEL,
     ModelError,
     ResolvedModel,
