@@ -57,14 +57,14 @@ def validate(spec_path: str) -> None:
 def _run(
     spec_path: str, task_index: int | None, num_tasks: int | None, force_new_run: bool, progress: bool
 ) -> None:
-    from runner.store.checkpoint import CheckpointError, FingerprintMismatch
     from jobs.lease import LeaseHeld
     from jobs.workers import run_node
-    from runner.model_resolve import ModelError
     from runner.loop import JobFailed, JobInterrupted
+    from runner.model_resolve import ModelError
     from runner.prompts import PromptTooLong
     from runner.retry import StorageError
     from runner.sources import InputError
+    from runner.store import CheckpointError, FingerprintMismatch
 
     spec = _load(spec_path, task_index, num_tasks)
     try:
@@ -226,8 +226,8 @@ def status(spec_path: str, as_json: bool) -> None:
 )
 def report(spec_path: str, out_path: str | None) -> None:
     """Plot throughput and GPU busy over time and rows per shard into a PNG (needs matplotlib)."""
-    from runner.store.checkpoint import OutputStore
     from jobs.report import ReportUnavailable, render_png
+    from runner.store import OutputStore
 
     spec = _load(spec_path, None, None)
     try:

@@ -22,9 +22,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runner.store.checkpoint import OutputStore
 from jobs.spec import JobSpec
 from runner.sources import list_shards
+from runner.store import OutputStore
 
 RECORD = "slurm.json"
 # JobState values of an element that still runs or will run again (squeue's "active" states)

@@ -7,9 +7,9 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from runner.store.checkpoint import OutputStore
 from jobs.spec import JobSpec
 from runner.sources import count_rows, list_shards
+from runner.store import OutputStore
 
 
 @dataclass(slots=True)

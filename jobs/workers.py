@@ -17,10 +17,10 @@ import time
 
 from tqdm import tqdm
 
-from runner.store.checkpoint import OutputStore
 from jobs.spec import JobSpec, SpecError
 from runner.loop import JobFailed, JobInterrupted, check_run, run_job
 from runner.progress import Summary
+from runner.store import OutputStore
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,9 @@ import string
 import time
 from dataclasses import dataclass, field
 
-from runner.store.checkpoint import OutputStore
 from jobs.lease import TaskLease
 from jobs.plan import assign_shards, run_fingerprint
 from jobs.spec import JobSpec
-from runner.store.uploads import sweep_stale_uploads
 from runner.backends import load_backend
 from runner.budget import HeldBytes
 from runner.engine.types import Completion, Request
@@ -30,6 +28,8 @@ from runner.progress import ProgressBar, Summary
 from runner.prompts import PreparedRow, PromptBuilder
 from runner.signals import StopRequested
 from runner.sources import InputError, count_rows, list_shards
+from runner.store import OutputStore
+from runner.store.uploads import sweep_stale_uploads
 from runner.writer import PartWriter
 
 log = logging.getLogger(__name__)

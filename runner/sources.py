@@ -25,8 +25,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from runner.retry import retry
-from runner.store.tables import is_local
-from runner.storage import url_to_fs
+from runner.storage import is_local, url_to_fs
 
 Format = Literal["parquet", "jsonl"]
 PARQUET_READ_BUFFER = 2**20  # Parquet column chunks are read through buffers of this size, page by page

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runner.store.checkpoint import OutputStore
 from runner.budget import HeldBytes
+from runner.store import OutputStore
 
 log = logging.getLogger(__name__)
 

@@ -85,3 +85,15 @@ def demo_model_path() -> str:
         if "pip install" in str(e):
             pytest.skip(str(e))
         raise
+
+
+def unify_tables(tables):
+    """Concatenate tables whose schemas may differ, as compaction unifies parts (the reference for
+    runner.store.tables' streaming unification)."""
+    import pyarrow as pa
+
+    from runner.store.tables import conform_table, unified_schema
+
+    assert tables
+    schema, json_cols = unified_schema([table.schema for table in tables])
+    return pa.concat_tables([conform_table(table, schema, json_cols) for table in tables])

@@ -5,7 +5,7 @@ Memory is bounded by one window of output rows plus one row group of one part, n
 1. index: each part's footer (schema, row groups) and its key columns (`_row`, `_sample`,
    `finish_reason`), read alone; the first committed copy of each (row, sample) wins
 2. the final schema is unified from the parts' schemas (missing columns null, promoted types, JSON
-   text for irreconcilable ones), as `unify_tables` would unify the parts themselves
+   text for irreconcilable ones: `tables.unified_schema`), as if the parts were concatenated
 3. `windows()` yields the winning rows in input order, a window at a time, reading from each part
    only the row groups that hold the window's rows
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from runner.store.checkpoint import FingerprintMismatch
 from jobs.spec import load_spec
 from runner.loop import run_job
 from runner.prompts import PromptTooLong
+from runner.store import FingerprintMismatch
 from tests.conftest import read_output, write_inputs, write_spec
 
 

@@ -5,8 +5,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from runner.store.checkpoint import CheckpointError, FingerprintMismatch, OutputStore
-from runner.store.tables import write_atomic
+from runner.store import CheckpointError, FingerprintMismatch, OutputStore
+from runner.store.atomic import write_atomic
 
 FP = {"model": {"path": "m", "revision": "abc"}, "sampling": {"temperature": 0.0, "stop": ["x"]}, "seed": 0}
 
@@ -214,7 +214,8 @@ class TestCompact:
             raise KeyboardInterrupt
 
         monkeypatch.setattr(
-            "runner.store.checkpoint.write_tables_atomic", lambda fs, path, *a: path.endswith(".jsonl") or killed()
+            "runner.store.checkpoint.write_tables_atomic",
+            lambda fs, path, *a: path.endswith(".jsonl") or killed(),
         )
         with pytest.raises(KeyboardInterrupt):
             store.compact("a.jsonl", 2)

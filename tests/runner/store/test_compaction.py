@@ -20,8 +20,9 @@ import pytest
 
 import runner.store.checkpoint
 import runner.store.tables
-from runner.store.checkpoint import CheckpointError, OutputStore
+from runner.store import CheckpointError, OutputStore
 from runner.store.compaction import ShardCompaction
+from tests.helpers import unify_tables
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +51,7 @@ def part_rows(rows: list[int], part: int) -> list[dict]:
 
 def reference(parts: list[Path]) -> pa.Table:
     """What the in-memory compaction wrote: every part unified, the first copy of each row, sorted."""
-    unified = runner.store.tables.unify_tables([pq.read_table(p) for p in parts])
+    unified = unify_tables([pq.read_table(p) for p in parts])
     first: dict[int, dict] = {}
     for row in unified.to_pylist():
         first.setdefault(row["_row"], row)
@@ -148,7 +149,7 @@ def test_a_part_with_unreadable_rows_is_quarantined_and_its_rows_asked_for(parts
 _COMPACT = """
 import sys
 import pyarrow as pa
-from runner.store.checkpoint import OutputStore
+from runner.store import OutputStore
 
 def status(key):
     with open("/proc/self/status") as f:

@@ -1,6 +1,6 @@
 import fsspec
 
-from runner.store.checkpoint import OutputStore
+from runner.store import OutputStore
 from runner.store.uploads import sweep_stale_uploads
 
 
