@@ -72,6 +72,14 @@ def tiny_llama(tokenizer, seed: int = 0, **config_overrides):
     return model
 
 
+def save_tiny_model(folder):
+    """`tiny_llama` and `tiny_tokenizer` saved as a local Hugging Face folder; returns the folder."""
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def demo_model_path() -> str:
     """The converted builtin demo model folder (converted once into the batchrun cache, ~30 s the first time).
 
