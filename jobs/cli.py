@@ -1,4 +1,4 @@
-"""`batchrun`: a thin shell over jobs.spec, runner.loop and jobs.status."""
+"""`batchrun`: a thin shell over jobs.spec, jobs.run (through jobs.workers), jobs.slurm and jobs.status."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def _run(
     spec_path: str, task_index: int | None, num_tasks: int | None, force_new_run: bool, progress: bool
 ) -> None:
     from jobs.lease import LeaseHeld
+    from jobs.run import JobFailed, JobInterrupted
     from jobs.workers import run_node
-    from runner.loop import JobFailed, JobInterrupted
     from runner.model_resolve import ModelError
     from runner.prompts import PromptTooLong
     from runner.retry import StorageError
@@ -143,7 +143,8 @@ def submit(
     spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bool, executor, dry_run: bool
 ) -> None:
     """Run the job described by SPEC: here in the foreground, or as a Slurm array; again to resume."""
-    from jobs.slurm import SlurmError, refuse_if_active, store_for
+    from jobs.slurm import SlurmError, refuse_if_active
+    from runner.store import OutputStore
 
     spec = _load(spec_path, None, None)
     if (executor or spec.runtime.executor) == "slurm":
@@ -160,7 +161,7 @@ def submit(
         click.echo("--dry-run prints the sbatch script: add --executor slurm", err=True)
         sys.exit(EXIT_BAD_SPEC)
     try:
-        refuse_if_active(store_for(spec))
+        refuse_if_active(OutputStore.for_output(spec.output))
     except SlurmError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)
@@ -169,11 +170,12 @@ def submit(
 
 def _submit_slurm(spec: JobSpec, spec_path: str, dry_run: bool) -> None:
     from jobs import slurm
+    from runner.store import OutputStore
 
     if dry_run:
         click.echo(slurm.render_script(spec, spec_path))
         return
-    store = slurm.store_for(spec)
+    store = OutputStore.for_output(spec.output)
     if slurm.all_done(spec, store):
         click.echo(f"nothing to do: every shard of {spec.output.path} is done", err=True)
         return

@@ -17,8 +17,8 @@ import time
 
 from tqdm import tqdm
 
+from jobs.run import JobFailed, JobInterrupted, check_run, run_job
 from jobs.spec import JobSpec, SpecError
-from runner.loop import JobFailed, JobInterrupted, check_run, run_job
 from runner.progress import Summary
 from runner.store import OutputStore
 

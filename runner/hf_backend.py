@@ -26,8 +26,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 
-import torch
-
+from runner.engine.config import resolve_device, resolve_dtype
 from runner.engine.types import Completion, Request, SamplingParams
 
 _POLL_S = 0.05  # how long step() waits for the first finished request before returning []
@@ -88,19 +87,26 @@ class TransformersBackend:
 
     @classmethod
     def from_pretrained(
-        cls, local_path: str, dtype: str = "auto", device: str = "auto", max_batch_tokens: int | None = None
+        cls,
+        local_path: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_batch_tokens: int | None = None,
+        max_model_len: int | None = None,
     ) -> TransformersBackend:
         """Load a model folder (or hub id): `dtype` "auto" is bf16 on CUDA and fp32 on the CPU;
-        `device` "auto" is CUDA when available."""
+        `device` "auto" is CUDA when available (the engine's rules: runner/engine/config.py).
+        `max_model_len` caps prompt + generated tokens below the model's own limit."""
         from transformers import AutoModelForCausalLM
 
         from runner.model_resolve import load_tokenizer
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        model = AutoModelForCausalLM.from_pretrained(local_path, dtype=getattr(torch, dtype)).to(device)
-        return cls(model, load_tokenizer(local_path), max_batch_tokens=max_batch_tokens)
+        torch_device = resolve_device(device)
+        model = AutoModelForCausalLM.from_pretrained(local_path, dtype=resolve_dtype(dtype, torch_device))
+        backend = cls(model.to(torch_device), load_tokenizer(local_path), max_batch_tokens=max_batch_tokens)
+        if max_model_len is not None:
+            backend.max_model_len = min(backend.max_model_len, max_model_len)
+        return backend
 
     # --- the engine contract -------------------------------------------------------------------------
 

@@ -1,35 +1,28 @@
-"""The job: shards in, rows through the engine, committed parts out, shards compacted.
+"""The generation loop: prepared rows into the backend, finished rows out to the writer.
 
-    plan the work → feed prompts (thread) → step the engine → hand rows to the writer (thread)
+    feed prompts (thread) → admit them to the backend → step it → hand rows to the writer (thread)
 
-A stop signal ends admission; finished rows are committed within `runtime.grace_seconds` and the
-job exits with `JobInterrupted`; running the same command again finishes exactly what is missing.
+The job (jobs/run.py) plans the work and drives this loop. A stop signal ends admission; rows still
+generating get `DRAIN_SHARE` of the grace period to finish, and the writer commits the rest.
 """
 
 from __future__ import annotations
 
 import logging
-import string
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
-from jobs.lease import TaskLease
-from jobs.plan import assign_shards, run_fingerprint
-from jobs.spec import JobSpec
-from runner.backends import load_backend
+from runner.backends import Backend
 from runner.budget import HeldBytes
 from runner.engine.types import Completion, Request
 from runner.faults import kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
-from runner.memory import return_freed_buffers_to_os
-from runner.model_resolve import ResolvedModel, load_tokenizer, resolve_model
-from runner.monitor import Counters, Monitor, clear_heartbeat_temps
-from runner.progress import ProgressBar, Summary
+from runner.monitor import Counters
+from runner.progress import ProgressBar
 from runner.prompts import PreparedRow, PromptBuilder
 from runner.signals import StopRequested
-from runner.sources import InputError, count_rows, list_shards
 from runner.store import OutputStore
-from runner.store.uploads import sweep_stale_uploads
 from runner.writer import PartWriter
 
 log = logging.getLogger(__name__)
@@ -37,169 +30,101 @@ log = logging.getLogger(__name__)
 DRAIN_SHARE = 0.5  # of the grace period spent finishing in-flight rows; the rest is for commits
 
 
-class JobInterrupted(Exception):
-    """A stop signal ended the job early; everything finished was committed."""
+@dataclass(slots=True, frozen=True)
+class OutputRows:
+    """What an output row holds besides the generation (the spec's output and input sections)."""
 
-    def __init__(self, signum: int, summary: Summary):
-        super().__init__(f"stopped by signal {signum}")
-        self.signum = signum
-        self.summary = summary
+    keep_columns: list[str] | Literal["all"]  # input columns copied to each output row
+    id_column: str | None  # an input column copied as well
+    samples: int  # samples per input row (`_sample` is added when > 1)
+    include_token_ids: bool
+
+    def row(self, prep: PreparedRow, completion: Completion | None = None, error: str | None = None) -> dict:
+        """The output row of one sample of `prep`, or its error row."""
+        values = prep.values or {}
+        keep = self.keep_columns
+        kept = dict(values) if keep == "all" else {c: values.get(c) for c in keep}
+        if self.id_column:
+            kept[self.id_column] = values.get(self.id_column)
+        row = {**kept, "_shard": prep.shard, "_row": prep.row}
+        if self.samples > 1:
+            row["_sample"] = completion.sample_index if completion else 0
+        if completion is None:
+            row |= {
+                "generated_text": None,
+                "finish_reason": "error",
+                "prompt_tokens": len(prep.prompt_ids or ()),
+                "generated_tokens": 0,
+                "error": error,
+            }
+            if self.include_token_ids:
+                row["generated_token_ids"] = None
+            return row
+        row |= {
+            "generated_text": completion.text,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": completion.prompt_tokens,
+            "generated_tokens": completion.generated_tokens,
+            "error": None,
+        }
+        if self.include_token_ids:
+            row["generated_token_ids"] = completion.token_ids
+        return row
 
 
-class JobFailed(Exception):
-    """Some shards could not be read (or a worker died); the rest was finished and committed."""
+@dataclass(slots=True, frozen=True)
+class LoopSettings:
+    """The loop's knobs, as plain values (jobs/run.py takes them from the spec)."""
 
-    def __init__(self, summary: Summary):
-        failures = summary.failed_shards | summary.failed_workers
-        super().__init__("; ".join(f"{s}: {why}" for s, why in failures.items()))
-        self.summary = summary
+    max_inflight: int  # requests kept in the backend at once
+    grace_seconds: float  # after a stop signal: time to finish rows and commit them
+    flush_rows: int  # commit a part every this many rows ...
+    flush_seconds: float  # ... or this often
+    max_held_bytes: int  # input values held between reading and committing
+    storage_options: dict  # for reading the input
+    columns: list[str] | None  # input columns to read (None: all)
+    rows: OutputRows
 
 
 @dataclass(slots=True)
-class _InFlight:
+class _PendingSamples:
+    """An input row in the backend, and those of its `n` samples that have finished."""
+
     prep: PreparedRow
     samples: dict[int, Completion] = field(default_factory=dict)
 
 
-def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True) -> Summary:
-    """Run (or resume) this task's share of the job; returns the summary, also in report.json.
-
-    Raises JobInterrupted after a stop signal, JobFailed if a shard could not be read,
-    FingerprintMismatch if the output belongs to a different run, LeaseHeld if another live job
-    is running this task on the same output.
-    """
-    return_freed_buffers_to_os()
-    store = OutputStore.for_output(spec.output)
-    with TaskLease(store.fs, store.root, spec.runtime.task_index, spec.runtime.num_tasks):
-        return _run_leased(spec, store, force_new_run, show_progress)
-
-
-def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> ResolvedModel:
-    """Resolve the model and record (or check) the run's fingerprint in the output."""
-    model = resolve_model(spec.model.path, spec.model.revision, spec.model.storage_options)
-    tokenizer = load_tokenizer(model.local_path, spec.model.revision)
-    store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
-    return model
-
-
-def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_progress: bool) -> Summary:
-    started = time.monotonic()
-    shards = assign_shards(
-        list_shards(spec.input.path, spec.input.storage_options, spec.input.format),
-        spec.runtime.task_index,
-        spec.runtime.num_tasks,
-    )
-    sweep_stale_uploads(store, [s.id for s in shards], spec.runtime.task_index, spec.runtime.num_tasks)
-    model = check_run(spec, store, force_new_run)
-    clear_heartbeat_temps(store, spec.runtime.task_index, spec.runtime.num_tasks)
-    work, done_shards, failed = _plan(store, spec, shards)
-    counters = Counters(
-        shards_owned=len(shards),
-        shards_done=done_shards,
-        rows_total=sum(w.total_rows - len(w.done_rows) for w in work),
-    )
-    if not work and not failed:
-        log.info("all %d shards of this task are done already; nothing to do", len(shards))
-        return _summarize(store, spec, "finished", counters, started, None, {}, {})
-
-    backend = load_backend(model.local_path, spec.engine)
-    job = _Job(spec, backend, work, failed, counters)
-    rt = spec.runtime
-    monitor = Monitor(
-        store,
-        rt.task_index,
-        rt.num_tasks,
-        [sh.id for sh in shards],
-        counters,
-        backend.stats,
-        rt.heartbeat_seconds,
-    )
-    state = "failed"
-    try:
-        with StopRequested() as stop, monitor:
-            job.run(store, stop, show_progress)
-        engine_stats = backend.stats()
-        state = "interrupted" if stop.requested else "failed" if job.failed else "finished"
-    finally:
-        monitor.finish(state)
-        backend.close()
-    summary = _summarize(
-        store, spec, state, counters, started, monitor.gpu_busy_mean(), job.failed, engine_stats
-    )
-    if stop.requested:
-        raise JobInterrupted(stop.signum, summary)
-    if job.failed:
-        raise JobFailed(summary)
-    return summary
-
-
-def input_columns(spec: JobSpec) -> list[str] | None:
-    """The input fields the job reads (None: all of them, for keep_columns: all)."""
-    if spec.output.keep_columns == "all":
-        return None
-    p = spec.prompt
-    names = [p.column, p.messages_column, spec.input.id_column, spec.sampling.overrides_column]
-    if p.template:
-        names += [
-            field.split(".")[0].split("[")[0]
-            for _, field, _, _ in string.Formatter().parse(p.template)
-            if field
-        ]
-    names += spec.output.keep_columns
-    return list(dict.fromkeys(n for n in names if n))
-
-
-def _plan(store: OutputStore, spec: JobSpec, shards) -> tuple[list[ShardWork], int, dict[str, str]]:
-    """The shards still to do with their committed rows; shards already done; unreadable shards."""
-    work, done, failed = [], 0, {}
-    for shard in shards:
-        progress = store.scan(shard.id)
-        if progress.done:
-            done += 1
-            continue
-        try:
-            total = count_rows(shard, spec.input.storage_options)
-        except InputError as e:
-            log.error("shard %s cannot be read: %s", shard.id, e)
-            failed[shard.id] = str(e)
-            continue
-        work.append(ShardWork(shard, progress.rows, total))
-    log.info(
-        "%d shards: %d done, %d to do (%d rows left)",
-        len(shards),
-        done,
-        len(work),
-        sum(w.total_rows - len(w.done_rows) for w in work),
-    )
-    return work, done, failed
-
-
-class _Job:
-    """The main loop's state: what is in flight in the engine, and where finished rows go."""
+class GenerationLoop:
+    """The main loop's state: what is in flight in the backend, and where finished rows go."""
 
     def __init__(
-        self, spec: JobSpec, backend, work: list[ShardWork], failed: dict[str, str], counters: Counters
+        self,
+        settings: LoopSettings,
+        backend: Backend,
+        work: list[ShardWork],
+        failed: dict[str, str],
+        counters: Counters,
     ):
-        self.spec = spec
+        self.settings = settings
         self.backend = backend
         self.work = work
-        self.inflight: dict[tuple[str, int], _InFlight] = {}
-        self.max_inflight = spec.engine.max_inflight or 4 * spec.engine.max_seqs
-        self.failed = failed
+        self.inflight: dict[tuple[str, int], _PendingSamples] = {}
+        self.max_inflight = settings.max_inflight
+        self.failed = failed  # shard -> why it could not be read; grows as the feeder finds more
         self.counters = counters
-        self.budget = HeldBytes(spec.runtime.max_held_bytes)
+        self.budget = HeldBytes(settings.max_held_bytes)
         self.writer: PartWriter
         self.bar: ProgressBar
 
-    def run(self, store: OutputStore, stop: StopRequested, show_progress: bool) -> None:
-        spec = self.spec
-        builder = PromptBuilder(
-            spec.prompt, spec.sampling, self.backend.tokenizer, self.backend.max_model_len
-        )
-        self.writer = PartWriter(store, spec.output.flush_rows, spec.output.flush_seconds, self.budget)
+    def run(
+        self, store: OutputStore, builder: PromptBuilder, stop: StopRequested, show_progress: bool
+    ) -> None:
+        """Generate every row of the work (until `stop`); returns once finished rows are committed."""
+        s = self.settings
+        self.writer = PartWriter(store, s.flush_rows, s.flush_seconds, self.budget)
         for w in self.work:
             self.writer.open_shard(w.shard.id, len(w.done_rows))
-        feeder = Feeder(self.work, builder, spec.input.storage_options, input_columns(spec), self.budget)
+        feeder = Feeder(self.work, builder, s.storage_options, s.columns, self.budget)
         self.bar = ProgressBar(self.counters, show_progress)
         try:
             self._loop(feeder, stop)
@@ -214,7 +139,7 @@ class _Job:
         while True:
             if stop.requested and drain_until is None:
                 feeder.stop()
-                drain_until = stop.at + DRAIN_SHARE * self.spec.runtime.grace_seconds
+                drain_until = stop.at + DRAIN_SHARE * self.settings.grace_seconds
             if drain_until is None:
                 self._admit(feeder)
             if self.backend.has_unfinished():
@@ -243,9 +168,9 @@ class _Job:
                 self.counters.rows_total -= self._rows_of(item.shard)
                 self.failed[item.shard] = item.reason
             elif item.error is not None:
-                self._emit(item, [self._row(item, error=item.error)], is_error=True)
+                self._emit(item, [self.settings.rows.row(item, error=item.error)], is_error=True)
             else:
-                self.inflight[(item.shard, item.row)] = _InFlight(item)
+                self.inflight[(item.shard, item.row)] = _PendingSamples(item)
                 self.backend.add(Request((item.shard, item.row), item.prompt_ids, item.sampling))
         self.counters.inflight = self.backend.num_unfinished
 
@@ -255,7 +180,7 @@ class _Job:
         if len(entry.samples) < entry.prep.sampling.n:
             return
         del self.inflight[c.id]
-        rows = [self._row(entry.prep, completion=entry.samples[i]) for i in range(entry.prep.sampling.n)]
+        rows = [self.settings.rows.row(entry.prep, entry.samples[i]) for i in range(entry.prep.sampling.n)]
         self._emit(entry.prep, rows, is_error=False)
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
@@ -270,66 +195,3 @@ class _Job:
 
     def _rows_of(self, shard: str) -> int:
         return next(w.total_rows - len(w.done_rows) for w in self.work if w.shard.id == shard)
-
-    def _row(self, prep: PreparedRow, completion: Completion | None = None, error: str | None = None) -> dict:
-        values = prep.values or {}
-        keep = self.spec.output.keep_columns
-        kept = dict(values) if keep == "all" else {c: values.get(c) for c in keep}
-        if self.spec.input.id_column:
-            kept[self.spec.input.id_column] = values.get(self.spec.input.id_column)
-        row = {**kept, "_shard": prep.shard, "_row": prep.row}
-        if self.spec.sampling.n > 1:
-            row["_sample"] = completion.sample_index if completion else 0
-        if completion is None:
-            row |= {
-                "generated_text": None,
-                "finish_reason": "error",
-                "prompt_tokens": len(prep.prompt_ids or ()),
-                "generated_tokens": 0,
-                "error": error,
-            }
-            if self.spec.output.include_token_ids:
-                row["generated_token_ids"] = None
-            return row
-        row |= {
-            "generated_text": completion.text,
-            "finish_reason": completion.finish_reason,
-            "prompt_tokens": completion.prompt_tokens,
-            "generated_tokens": completion.generated_tokens,
-            "error": None,
-        }
-        if self.spec.output.include_token_ids:
-            row["generated_token_ids"] = completion.token_ids
-        return row
-
-
-def _summarize(
-    store: OutputStore,
-    spec: JobSpec,
-    status: str,
-    c: Counters,
-    started: float,
-    gpu_busy: float | None,
-    failed: dict[str, str],
-    engine_stats: dict,
-) -> Summary:
-    wall = time.monotonic() - started
-    summary = Summary(
-        status=status,
-        shards=c.shards_owned,
-        shards_done=c.shards_done,
-        rows_ok=c.rows_done - c.rows_error,
-        rows_error=c.rows_error,
-        rows_remaining=c.rows_total - c.rows_done,
-        prompt_tokens=c.prompt_tokens,
-        generated_tokens=c.generated_tokens,
-        wall_seconds=round(wall, 3),
-        generated_tokens_per_s=round(c.generated_tokens / max(wall, 1e-9), 1),
-        gpu_busy_percent=gpu_busy,
-        failed_shards=failed,
-        engine=engine_stats,
-    )
-    rt = spec.runtime
-    name = "report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json"
-    store.write_json(name, summary.as_dict())
-    return summary

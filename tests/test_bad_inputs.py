@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.lease import LeaseHeld, TaskLease
+from jobs.run import JobFailed, run_job
 from jobs.spec import SpecError, load_spec
-from runner.loop import JobFailed, run_job
 from runner.model_resolve import ModelError
 from runner.prompts import PromptTooLong
 from runner.retry import StorageError
