@@ -132,7 +132,7 @@ class GenerationLoop:
             feeder.stop()
             self.bar.close()
             self.writer.close()
-            self.counters.shards_done += self.writer.counts.shards_compacted
+            self.counters.shards_done += self.writer.shards_compacted
 
     def _loop(self, feeder: Feeder, stop: StopRequested) -> None:
         drain_until = None
@@ -184,7 +184,7 @@ class GenerationLoop:
         self._emit(entry.prep, rows, is_error=False)
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
-        self.writer.add(prep.shard, rows, is_error, prep.nbytes)
+        self.writer.add(prep.shard, rows, nbytes=prep.nbytes)
         kill_point("row_finished")
         c = self.counters
         c.rows_done += 1
