@@ -3,8 +3,9 @@
 A shard is one input file. Its id is its path relative to the input root (the longest directory
 prefix of the user's path that holds no glob characters), so ids stay stable across machines and
 nested directories work. Rows are numbered by their position in the shard (JSONL: among the
-non-blank lines). Reading is streamed: memory is bounded by one Parquet row group or one JSONL
-chunk, never by the shard.
+non-blank lines). Reading is streamed: memory holds one batch of rows (at most `batch_rows`, and for
+Parquet about PARQUET_BATCH_BYTES, decoded from the row group page by page) plus the reader's
+buffers, never the shard. A single JSONL line is read whole, however long.
 """
 
 from __future__ import annotations
