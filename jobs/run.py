@@ -12,10 +12,14 @@ from __future__ import annotations
 import logging
 import time
 
+from jobs.history import TaskHistory, error_location
 from jobs.lease import TaskLease
 from jobs.plan import assign_shards, input_columns, plan_work, run_fingerprint
 from jobs.spec import JobSpec, PromptSpec, SamplingSpec, SpecError
+from runner.attempts import attempt_of, summary_from_report, with_history
 from runner.backends import load_backend
+from runner.cpu_threads import configure_cpu_threads, cuda_available
+from runner.error_budget import ErrorBudgetExceeded
 from runner.loop import GenerationLoop, LoopSettings, OutputRows
 from runner.memory import return_freed_buffers_to_os
 from runner.model_resolve import ResolvedModel, load_tokenizer, resolve_model
@@ -40,12 +44,24 @@ class JobInterrupted(Exception):
 
 
 class JobFailed(Exception):
-    """Some shards could not be read (or a worker died); the rest was finished and committed."""
+    """Some shards could not be read, a worker died, or the error budget was spent; what finished is
+    committed."""
 
     def __init__(self, summary: Summary):
         failures = summary.failed_shards | summary.failed_workers
-        super().__init__("; ".join(f"{s}: {why}" for s, why in failures.items()))
+        reasons = [f"{s}: {why}" for s, why in failures.items()]
+        super().__init__("; ".join(reasons + ([summary.stopped] if summary.stopped else [])))
         self.summary = summary
+
+
+class EngineFailed(JobFailed):
+    """The engine raised mid-run (a GPU fault such as an illegal memory access, or a bug): the job stopped
+    at once, every row finished before it is committed, and a rerun finishes the rest."""
+
+    def __init__(self, summary: Summary, reason: str):
+        Exception.__init__(self, reason)
+        self.summary = summary
+        self.reason = reason
 
 
 def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True) -> Summary:
@@ -56,17 +72,20 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
     is running this task on the same output.
     """
     return_freed_buffers_to_os()
+    if spec.engine.device == "cpu" or not cuda_available():
+        configure_cpu_threads()
     store = OutputStore.for_output(spec.output)
     with TaskLease(store.fs, store.root, spec.runtime.task_index, spec.runtime.num_tasks):
         return _run_leased(spec, store, force_new_run, show_progress)
 
 
-def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> ResolvedModel:
-    """Resolve the model and record (or check) the run's fingerprint in the output."""
+def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> tuple[ResolvedModel, object]:
+    """Resolve the model and record (or check) the run's fingerprint in the output; returns the model
+    and its tokenizer (loaded once, at `model.revision`, for the fingerprint and the backend)."""
     model = resolve_model(spec.model.path, spec.model.revision, spec.model.storage_options)
     tokenizer = load_tokenizer(model.local_path, spec.model.revision)
     store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
-    return model
+    return model, tokenizer
 
 
 def prompt_builder(
@@ -100,6 +119,8 @@ def loop_settings(spec: JobSpec) -> LoopSettings:
         max_held_bytes=int(rt.max_held_bytes),
         storage_options=spec.input.storage_options,
         columns=input_columns(spec),
+        max_error_fraction=rt.max_error_fraction,
+        error_window_rows=rt.error_window_rows,
         rows=OutputRows(out.keep_columns, spec.input.id_column, spec.sampling.n, out.include_token_ids),
     )
 
@@ -113,9 +134,10 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
         rt.num_tasks,
     )
     sweep_stale_uploads(store, [s.id for s in shards], rt.task_index, rt.num_tasks)
-    model = check_run(spec, store, force_new_run)
+    model, tokenizer = check_run(spec, store, force_new_run)
     clear_heartbeat_temps(store, rt.task_index, rt.num_tasks)
     work, done_shards, failed = plan_work(store, shards, spec.input.storage_options)
+    history = TaskHistory(store, spec, shards)
     counters = Counters(
         shards_owned=len(shards),
         shards_done=done_shards,
@@ -123,9 +145,13 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
     )
     if not work and not failed:
         log.info("all %d shards of this task are done already; nothing to do", len(shards))
-        return _summarize(store, spec, "finished", counters, started, None, {}, {})
+        if history.previous:  # the report of the runs that did the work stays as it is
+            return summary_from_report(history.previous)
+        return _summarize(store, spec, "finished", counters, started, None, {}, {}, history=None)
 
-    backend = load_backend(model.local_path, spec.engine.backend, spec.engine.config())
+    backend = load_backend(
+        model.local_path, spec.engine.backend, spec.engine.config(), spec.model.revision, tokenizer
+    )
     loop = GenerationLoop(loop_settings(spec), backend, work, failed, counters)
     monitor = Monitor(
         store,
@@ -136,24 +162,45 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
         backend.stats,
         rt.heartbeat_seconds,
     )
-    state = "failed"
+    state, over_budget = "failed", None
     try:
         with StopRequested() as stop, monitor:
             builder = prompt_builder(spec.prompt, spec.sampling, backend.tokenizer, backend.max_model_len)
-            loop.run(store, builder, stop, show_progress)
+            try:
+                loop.run(store, builder, stop, show_progress)
+            except ErrorBudgetExceeded as e:
+                over_budget = str(e)
         engine_stats = backend.stats()
-        state = "interrupted" if stop.requested else "failed" if loop.failed else "finished"
+        state = (
+            "interrupted" if stop.requested else "failed" if loop.failed or loop.engine_error else "finished"
+        )
+        state = "failed" if over_budget else state
     finally:
         monitor.finish(state)
-        backend.close()
+        _close_backend(backend, loop.engine_error)
     summary = _summarize(
-        store, spec, state, counters, started, monitor.gpu_busy_mean(), loop.failed, engine_stats
-    )
+        store, spec, state, counters, started, monitor.gpu_busy_mean(), loop.failed, engine_stats,
+        history=history, started_at=monitor.started, stopped=over_budget, error_shards=loop.error_shards,
+    )  # fmt: skip
+    if loop.engine_error:
+        raise EngineFailed(summary, loop.engine_error)
+    if over_budget:
+        raise JobFailed(summary)
     if stop.requested:
         raise JobInterrupted(stop.signum, summary)
     if loop.failed:
         raise JobFailed(summary)
     return summary
+
+
+def _close_backend(backend, engine_error: str | None) -> None:
+    """Close the backend; after an engine failure a device error may raise again here: log it only."""
+    try:
+        backend.close()
+    except Exception as e:
+        if engine_error is None:
+            raise
+        log.warning("closing the engine after its failure: %s: %s", type(e).__name__, e)
 
 
 def _summarize(
@@ -165,7 +212,14 @@ def _summarize(
     gpu_busy: float | None,
     failed: dict[str, str],
     engine_stats: dict,
+    *,
+    history: TaskHistory | None,
+    started_at: float = 0.0,
+    stopped: str | None = None,
+    error_shards: set[str] | None = None,
 ) -> Summary:
+    """This attempt's summary with every earlier attempt added in, written to report.json (not for a
+    run with nothing to do: `history` None)."""
     wall = time.monotonic() - started
     summary = Summary(
         status=status,
@@ -181,8 +235,13 @@ def _summarize(
         gpu_busy_percent=gpu_busy,
         failed_shards=failed,
         engine=engine_stats,
+        stopped=stopped,
     )
-    rt = spec.runtime
-    name = "report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json"
-    store.write_json(name, summary.as_dict())
+    if history is None:
+        return summary
+    previous = history.previous or {}
+    shards = set(previous.get("error_files", {})) | (error_shards or set())
+    summary = with_history(summary, attempt_of(summary, started_at), previous, history.killed)
+    summary.error_files = {s: error_location(store, s) for s in sorted(shards)}
+    store.write_json(history.name, summary.as_dict())
     return summary

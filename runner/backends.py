@@ -45,17 +45,20 @@ class Backend(Protocol):
         ...
 
 
-def load_backend(model_path: str, backend: BackendName, config: EngineConfig) -> Backend:
+def load_backend(
+    model_path: str, backend: BackendName, config: EngineConfig, revision: str | None = None, tokenizer=None
+) -> Backend:
     """The backend for a resolved model folder.
 
     `auto` takes the batchrun engine and falls back to transformers' continuous batching, with a
-    log line saying why, for models the engine's fast path can't run.
+    log line saying why, for models the engine's fast path can't run. Config, weights and (unless
+    `tokenizer` is given, already loaded) the tokenizer are all loaded at `revision`.
     """
     if backend in ("auto", "batchrun"):
         from runner.engine import Engine, UnsupportedModel
 
         try:
-            return Engine.from_pretrained(model_path, config=config)
+            return Engine.from_pretrained(model_path, config=config, revision=revision, tokenizer=tokenizer)
         except UnsupportedModel as e:
             if backend == "batchrun":
                 raise
@@ -68,4 +71,6 @@ def load_backend(model_path: str, backend: BackendName, config: EngineConfig) ->
         device=config.device,
         max_batch_tokens=config.max_batch_tokens,
         max_model_len=config.max_model_len,
+        revision=revision,
+        tokenizer=tokenizer,
     )

@@ -13,6 +13,7 @@ import logging
 import re
 from pathlib import Path
 
+from runner.engine.eos import turn_end_token
 from runner.model_cache import ModelError, cache_dir
 from runner.model_fetch import build_folder_once
 
@@ -86,28 +87,13 @@ def write_hf_folder(gguf_path: Path, out: Path) -> None:
 
 def _fix_eos(tokenizer) -> int:
     """Make eos the token the chat template ends an assistant turn with (GGUF metadata may say otherwise)."""
-    end = _turn_end_token(tokenizer) if tokenizer.chat_template else None
+    end = turn_end_token(tokenizer) if tokenizer.chat_template else None
     if end is not None and end != tokenizer.eos_token:
         log.info("eos: %r -> %r (the token that ends a turn in the chat template)", tokenizer.eos_token, end)
         tokenizer.eos_token = end
     if tokenizer.eos_token_id is None:
         raise ModelError("model.path: the GGUF tokenizer has no eos token and its chat template names none")
     return tokenizer.eos_token_id
-
-
-def _turn_end_token(tokenizer) -> str | None:
-    """The special token the chat template writes right after an assistant message, if any."""
-    turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "REPLY"}]
-    try:
-        rendered = tokenizer.apply_chat_template(turns, tokenize=False)
-    except Exception as e:  # a template may refuse this conversation (e.g. it insists on a system turn)
-        log.warning("chat template cannot render a test conversation (%s); keeping eos as is", e)
-        return None
-    after = rendered[rendered.rindex("REPLY") + len("REPLY") :]
-    specials = set(tokenizer.all_special_tokens)
-    specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
-    ends = [t for t in specials if after.startswith(t)]
-    return max(ends, key=len) if ends else None
 
 
 def _patch_tokenizer_config(folder: Path) -> None:

@@ -27,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from runner.engine.config import resolve_device, resolve_dtype
+from runner.engine.eos import eos_token_ids
 from runner.engine.types import Completion, Request, SamplingParams
 
 _POLL_S = 0.05  # how long step() waits for the first finished request before returning []
@@ -74,7 +75,7 @@ class TransformersBackend:
         else:
             self.max_model_len = positions
             self._cache_sizes = dict(max_batch_tokens=max_batch_tokens)
-        self._eos_ids = _eos_ids(model, tokenizer)
+        self._eos_ids = eos_token_ids(model, tokenizer)
         self._vocab_size: int = model.config.get_text_config().vocab_size
         self._manager = None  # the running transformers manager, and what it was made for
         self._manager_key: _ManagerKey | None = None
@@ -93,17 +94,24 @@ class TransformersBackend:
         device: str = "auto",
         max_batch_tokens: int | None = None,
         max_model_len: int | None = None,
+        *,
+        revision: str | None = None,
+        tokenizer=None,
     ) -> TransformersBackend:
-        """Load a model folder (or hub id): `dtype` "auto" is bf16 on CUDA and fp32 on the CPU;
-        `device` "auto" is CUDA when available (the engine's rules: runner/engine/config.py).
-        `max_model_len` caps prompt + generated tokens below the model's own limit."""
+        """Load a model folder (or hub id, at `revision`): `dtype` "auto" is bf16 on CUDA and fp32 on the
+        CPU; `device` "auto" is CUDA when available (the engine's rules: runner/engine/config.py).
+        `max_model_len` caps prompt + generated tokens below the model's own limit; `tokenizer`: one the
+        caller already loaded."""
         from transformers import AutoModelForCausalLM
 
         from runner.model_resolve import load_tokenizer
 
         torch_device = resolve_device(device)
-        model = AutoModelForCausalLM.from_pretrained(local_path, dtype=resolve_dtype(dtype, torch_device))
-        backend = cls(model.to(torch_device), load_tokenizer(local_path), max_batch_tokens=max_batch_tokens)
+        model = AutoModelForCausalLM.from_pretrained(
+            local_path, dtype=resolve_dtype(dtype, torch_device), revision=revision
+        ).to(torch_device)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(local_path, revision)
+        backend = cls(model, tokenizer, max_batch_tokens=max_batch_tokens)
         if max_model_len is not None:
             backend.max_model_len = min(backend.max_model_len, max_model_len)
         return backend
@@ -299,15 +307,6 @@ def _per_request_kwargs(sampling: SamplingParams, vocab_size: int) -> dict:
         "top_k": int(sampling.top_k) if sampling.top_k > 0 else vocab_size,
         "top_p": float(sampling.top_p),
     }
-
-
-def _eos_ids(model, tokenizer) -> frozenset[int]:
-    """EOS ids from the generation config, the model config and the tokenizer, together."""
-    ids: set[int] = set()
-    for value in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else value)
-    return frozenset(i for i in ids if i >= 0)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -16,7 +16,8 @@ from typing import Literal
 from runner.backends import Backend
 from runner.budget import HeldBytes
 from runner.engine.types import Completion, Request
-from runner.faults import kill_point
+from runner.error_budget import ErrorBudget
+from runner.faults import fault_point, kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
 from runner.monitor import Counters
 from runner.progress import ProgressBar
@@ -84,6 +85,8 @@ class LoopSettings:
     storage_options: dict  # for reading the input
     columns: list[str] | None  # input columns to read (None: all)
     rows: OutputRows
+    max_error_fraction: float  # the error budget (runner/error_budget.py)
+    error_window_rows: int
 
 
 @dataclass(slots=True)
@@ -113,6 +116,11 @@ class GenerationLoop:
         self.failed = failed  # shard -> why it could not be read; grows as the feeder finds more
         self.counters = counters
         self.budget = HeldBytes(settings.max_held_bytes)
+        self.engine_error: str | None = None  # what the engine raised; the loop stopped there
+        self.errors = ErrorBudget(
+            settings.max_error_fraction, settings.error_window_rows, counters.rows_total
+        )
+        self.error_shards: set[str] = set()
         self.writer: PartWriter
         self.bar: ProgressBar
 
@@ -143,7 +151,14 @@ class GenerationLoop:
             if drain_until is None:
                 self._admit(feeder)
             if self.backend.has_unfinished():
-                for completion in self.backend.step():
+                try:
+                    done = self._step()
+                except Exception as e:  # a GPU fault leaves nothing of the engine usable: stop, commit
+                    self.engine_error = f"{type(e).__name__}: {e}"
+                    log.error("the engine failed (%s); committing the %d rows finished so far",
+                              self.engine_error, self.counters.rows_done)  # fmt: skip
+                    return
+                for completion in done:
                     self._finish_sample(completion)
             elif feeder.exhausted:
                 return
@@ -156,12 +171,16 @@ class GenerationLoop:
                 )
                 return
 
+    def _step(self) -> list[Completion]:
+        fault_point("engine_step")
+        return self.backend.step()
+
     def _admit(self, feeder: Feeder) -> None:
         """Top up the engine to `max_inflight` requests; wait for input only when the engine is idle."""
         while self.backend.num_unfinished < self.max_inflight:
             item = feeder.get(timeout=0 if self.backend.has_unfinished() else 0.05)
             if item is None:
-                return
+                break
             if isinstance(item, ShardEnd):
                 self.writer.shard_total(item.shard, item.total_rows)
             elif isinstance(item, ShardFailed):
@@ -184,6 +203,9 @@ class GenerationLoop:
         self._emit(entry.prep, rows, is_error=False)
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
+        self.errors.add(prep.shard, rows[0]["error"] if is_error else None)  # raises before a commit
+        if is_error:
+            self.error_shards.add(prep.shard)
         self.writer.add(prep.shard, rows, nbytes=prep.nbytes)
         kill_point("row_finished")
         c = self.counters

@@ -82,14 +82,10 @@ def resolve_model(
         _no_revision(path, revision)
         return _resolve_builtin(path[len(BUILTIN_PREFIX) :])
     local = Path(path).expanduser()
-    explicit_local = path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf")
     if not local.exists():
-        if not explicit_local and _HUB_ID.match(path):
+        if not looks_local(path) and _HUB_ID.match(path):
             return ResolvedModel(path, "hub", {"hub_id": path, "revision": revision})
-        raise ModelError(
-            f"model.path: {path!r} does not exist (expected a local Hugging Face folder, a .gguf file, "
-            f"a hub id like 'org/name', or {DEFAULT_MODEL!r})"
-        )
+        raise ModelError(missing_model_message(path))
     _no_revision(path, revision)
     if local.is_file():
         if local.suffix != ".gguf":
@@ -101,11 +97,40 @@ def resolve_model(
     return ResolvedModel(str(local.resolve()), "local", _folder_fingerprint(local))
 
 
+def looks_local(path: str) -> bool:
+    """Whether `path` means a file or folder on this machine: it starts with / ./ ../ ~, ends in .gguf,
+    or its first component is a local folder (`models/my-llama` beside a `models/` folder is not a
+    hub id, even when `my-llama` is missing)."""
+    if path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf"):
+        return True
+    return "/" in path and Path(path.split("/")[0]).is_dir()
+
+
+def missing_model_message(path: str) -> str:
+    """The message for a local-looking (or unmatched) `model.path` that does not exist."""
+    local = Path(path).expanduser()
+    if looks_local(path):
+        parent = next((p for p in local.absolute().parents if p.is_dir()), Path("/"))
+        first_missing = local.absolute().relative_to(parent).parts[0]
+        return (
+            f"model.path: {path!r} does not exist: {str(parent)!r} has no {first_missing!r}. "
+            "Point it at a Hugging Face model folder (with config.json) or a .gguf file; "
+            "relative paths are relative to the spec file"
+        )
+    return (
+        f"model.path: {path!r} does not exist (expected a local Hugging Face folder, a .gguf file, "
+        f"a hub id like 'org/name', or {DEFAULT_MODEL!r})"
+    )
+
+
 def load_tokenizer(local_path: str, revision: str | None = None):
     """The tokenizer of a resolved model (`ResolvedModel.local_path`)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(local_path, revision=revision)
+    try:
+        return AutoTokenizer.from_pretrained(local_path, revision=revision)
+    except OSError as e:  # a hub id that is not there, or no network: a message, not a traceback
+        raise ModelError(f"model.path: cannot load the tokenizer of {local_path!r}: {e}") from None
 
 
 def builtin_gguf(name: str) -> tuple[Path, BuiltinModel, str]:
