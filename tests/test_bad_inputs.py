@@ -20,14 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.checkpoint import FingerprintMismatch, OutputStore
 from jobs.lease import LeaseHeld, TaskLease
+from jobs.run import JobFailed, run_job
 from jobs.spec import SpecError, load_spec
-from runner.models import ModelError
-from runner.pipeline import JobFailed, run_job
+from runner.model_resolve import ModelError
 from runner.prompts import PromptTooLong
 from runner.retry import StorageError
 from runner.sources import InputError
+from runner.store import FingerprintMismatch, OutputStore
 from tests.conftest import read_output, write_spec
 
 LONG = " ".join(["fox"] * 300)  # 900 tokens: over the tiny model's 256-token context

@@ -9,7 +9,7 @@ Layout under the output root, for a shard with id `sub/a.jsonl` (stem `sub/a`):
     _batchrun/quarantine/sub/a/<part>    torn or unreadable parts, set aside, never deleted
 
 Parts are always Parquet (typed, and their `_row` column is read alone on resume); the final file
-has the output format and is streamed from the parts (jobs/compaction.py). Compaction writes the
+has the output format and is streamed from the parts (runner/store/compaction.py). Compaction writes the
 errors file, then the final file, then removes the parts, so a kill at any point leaves a state
 that the next scan/compact finishes.
 """
@@ -24,43 +24,40 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.compaction import PartIndex, ShardCompaction, TornPart
-from jobs.spec import OutputSpec
 from runner.faults import kill_point
 from runner.retry import StorageError, retry
-from runner.sinks import (
-    TEMP_PREFIX,
+from runner.sources import shard_stem
+from runner.storage import is_local
+from runner.store.atomic import TEMP_PREFIX
+from runner.store.compaction import PartIndex, ShardCompaction, TornPart
+from runner.store.state import STATE_DIR, CheckpointError, StateStore
+from runner.store.tables import (
     OutputFormat,
-    is_local,
     output_suffix,
-    remove_temps,
     rows_to_table,
-    write_bytes_atomic,
     write_table_atomic,
     write_tables_atomic,
 )
-from runner.sources import shard_stem
-from runner.storage import url_to_fs
 
 logger = logging.getLogger(__name__)
 
-STATE_DIR = "_batchrun"
 _PART_RE = re.compile(r"part-(\d+)-([0-9a-z]+)\.parquet")
 _OUTPUT_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst")
 
 
-class FingerprintMismatch(Exception):
-    """The output holds progress of a different run (model, prompt, sampling, input ...)."""
+class OutputLocation(Protocol):
+    """Where and how a job writes its output (the spec's `output:` section is one)."""
 
-
-class CheckpointError(RuntimeError):
-    """The committed state of a shard does not allow the requested step."""
+    path: str
+    storage_options: dict
+    format: OutputFormat
+    compression: str | None
 
 
 @dataclass(slots=True)
@@ -73,13 +70,11 @@ class ShardProgress:
     error_rows: int = 0  # committed output rows with finish_reason "error"
 
 
-class OutputStore:
+class OutputStore(StateStore):
     """One job's output root: parts, final shards, and the run's state under `_batchrun/`."""
 
     def __init__(self, url: str, storage_options: dict, format: OutputFormat, compression: str | None):
-        self.url = url
-        self.fs, self.root = url_to_fs(url, storage_options)
-        self.root = self.root.rstrip("/")
+        super().__init__(url, storage_options)
         self.format = format
         self.compression = compression
         self.suffix = output_suffix(format, compression)
@@ -87,7 +82,7 @@ class OutputStore:
         self._next_part: dict[str, int] = {}
 
     @classmethod
-    def for_output(cls, output: OutputSpec) -> OutputStore:
+    def for_output(cls, output: OutputLocation) -> OutputStore:
         """The store of a job spec's `output:` section."""
         return cls(output.path, output.storage_options, output.format, output.compression)
 
@@ -103,20 +98,10 @@ class OutputStore:
         """What the shard's writer creates: its parts folder (ending in "/"), final and errors files."""
         return [self.parts_dir(shard_id) + "/", self.final_path(shard_id), self._errors_path(shard_id)]
 
-    def _path(self, relpath: str) -> str:
-        return posixpath.join(self.root, relpath)
-
-    def _name(self, path: str) -> str:
-        """`path` as messages show it: with its scheme on object stores (s3://bucket/key)."""
-        return path if is_local(self.fs) else self.fs.unstrip_protocol(path)
-
-    def _state(self, relpath: str) -> str:
-        return posixpath.join(self.root, STATE_DIR, relpath)
-
     def _errors_path(self, shard_id: str) -> str:
         return self._state(f"errors/{shard_stem(shard_id)}.jsonl")
 
-    # ---- run fingerprint and small state files
+    # ---- run fingerprint
 
     def check_fingerprint(self, fingerprint: dict, force_new_run: bool = False) -> None:
         """Record the run's fingerprint on the first run; refuse to resume a different run.
@@ -124,73 +109,9 @@ class OutputStore:
         With `force_new_run`, this output's previous progress (parts, final shards, state files;
         not the quarantine nor the leases) is removed first and the new fingerprint recorded.
         """
-        fingerprint = json.loads(json.dumps(fingerprint, default=str))  # compare as stored
         if force_new_run:
             self._discard_progress()
-        previous = self.read_json("run.json")
-        if previous is None:
-            self._write_json(self._state("run.json"), fingerprint)
-            kill_point("fingerprint_written")
-            return
-        # only written while absent, so no other task is writing it now: its temps are a killed writer's
-        self._remove_temps(self._state("run.json"))
-        diffs = _diff(previous, fingerprint)
-        if diffs:
-            raise FingerprintMismatch(
-                f"output {self.url} holds the progress of a different run:\n"
-                + "".join(f"  {d}\n" for d in diffs)
-                + "Use a new output path, or pass --force-new-run to discard this output's progress."
-            )
-
-    def write_json(self, relpath: str, obj: dict) -> None:
-        """Write `obj` atomically to `<out>/_batchrun/<relpath>`, a file of this task alone (a report)."""
-        self.write_state(relpath, json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n")
-
-    def _write_json(self, path: str, obj: dict) -> None:
-        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
-        retry(f"writing {self._name(path)}", lambda: write_bytes_atomic(self.fs, path, data))
-
-    def read_json(self, relpath: str) -> dict | None:
-        """The object in `<out>/_batchrun/<relpath>`, or None if there is none."""
-        data = self.read_state(relpath)
-        if data is None:
-            return None
-        try:
-            return json.loads(data)
-        except ValueError as e:
-            raise CheckpointError(f"{self._state(relpath)} is not valid JSON ({e}); fix or remove it") from e
-
-    def write_state(self, relpath: str, data: bytes) -> None:
-        """Write `data` atomically to `<out>/_batchrun/<relpath>`, a file of this task alone.
-
-        Temp files that a killed earlier writer of it left are removed first.
-        """
-        path = self._state(relpath)
-        self._remove_temps(path)
-        retry(f"writing {self._name(path)}", lambda: write_bytes_atomic(self.fs, path, data))
-
-    def clear_state_temps(self, relpath: str) -> None:
-        """Remove temp files that a killed writer of `<out>/_batchrun/<relpath>` left behind."""
-        self._remove_temps(self._state(relpath))
-
-    def read_state(self, relpath: str) -> bytes | None:
-        """The bytes of `<out>/_batchrun/<relpath>`, or None if there is none."""
-        path = self._state(relpath)
-        self._invalidate(path)
-        try:
-            return retry(f"reading {self._name(path)}", lambda: self.fs.cat_file(path))
-        except FileNotFoundError:
-            return None
-
-    def list_state(self, reldir: str) -> list[str]:
-        """File names in `<out>/_batchrun/<reldir>/` (temp files excluded), sorted."""
-        path = self._state(reldir)
-        self._invalidate(path + "/")
-        try:
-            names = retry(f"listing {self._name(path)}", lambda: self.fs.ls(path, detail=False))
-        except FileNotFoundError:
-            return []
-        return sorted(n for n in map(posixpath.basename, names) if not n.startswith(TEMP_PREFIX))
+        self.record_fingerprint(fingerprint)
 
     def _discard_progress(self) -> None:
         self._invalidate(self.root)
@@ -287,7 +208,7 @@ class OutputStore:
         """Write the shard's final file from its parts (rows 0..num_rows-1, input order, no duplicates).
 
         Also writes its error rows to `_batchrun/errors/`, then removes the parts. Both files are
-        streamed a window of rows at a time (jobs/compaction.py), so memory does not grow with the
+        streamed a window of rows at a time (runner/store/compaction.py), so memory does not grow with the
         shard. Safe to rerun after a kill at any point.
         """
         final = self.final_path(shard_id)
@@ -409,15 +330,6 @@ class OutputStore:
 
         retry(f"removing {self._name(directory)}", remove)
 
-    def _remove_temps(self, path: str) -> None:
-        for temp in remove_temps(self.fs, path):
-            logger.info("removed %s, left by a killed writer", temp)
-
-    def _invalidate(self, path: str) -> None:
-        """Forget cached listings: another process (an earlier attempt) may have written here."""
-        self.fs.invalidate_cache(posixpath.dirname(path))
-        self.fs.invalidate_cache(path)
-
 
 def _check_rows(table: pa.Table) -> None:
     if "_row" not in table.column_names or table.column("_row").null_count:
@@ -429,19 +341,3 @@ def _preview(values: list[int], limit: int = 10) -> str:
         return "none"
     shown = ", ".join(str(v) for v in values[:limit])
     return f"[{shown}{', ...' if len(values) > limit else ''}]"
-
-
-def _diff(old: object, new: object, prefix: str = "") -> list[str]:
-    """One 'path: old -> new' line per differing leaf of two JSON values."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(old.keys() | new.keys(), key=str):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in new:
-                out.append(f"{path}: {json.dumps(old[key])} -> <absent>")
-            elif key not in old:
-                out.append(f"{path}: <absent> -> {json.dumps(new[key])}")
-            else:
-                out.extend(_diff(old[key], new[key], path))
-        return out
-    return [] if old == new else [f"{prefix or '<fingerprint>'}: {json.dumps(old)} -> {json.dumps(new)}"]

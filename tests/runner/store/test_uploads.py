@@ -1,7 +1,7 @@
 import fsspec
 
-from jobs.checkpoint import OutputStore
-from jobs.uploads import sweep_stale_uploads
+from runner.store import OutputStore
+from runner.store.uploads import sweep_stale_uploads
 
 
 def test_a_task_aborts_only_the_uploads_to_its_own_objects(s3):

@@ -1,4 +1,4 @@
-"""Streaming compaction (jobs/compaction.py) through `OutputStore.compact`: the final file is the one
+"""Streaming compaction (runner/store/compaction.py) through `OutputStore.compact`: the final file is the one
 the in-memory compaction gave (all parts unified, first committed copy of a row wins, input order),
 while memory holds a window of rows, not the shard."""
 
@@ -18,10 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import jobs.checkpoint
-import runner.sinks
-from jobs.checkpoint import CheckpointError, OutputStore
-from jobs.compaction import ShardCompaction
+import runner.store.checkpoint
+import runner.store.tables
+from runner.store import CheckpointError, OutputStore
+from runner.store.compaction import ShardCompaction
+from tests.helpers import unify_tables
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +51,7 @@ def part_rows(rows: list[int], part: int) -> list[dict]:
 
 def reference(parts: list[Path]) -> pa.Table:
     """What the in-memory compaction wrote: every part unified, the first copy of each row, sorted."""
-    unified = runner.sinks.unify_tables([pq.read_table(p) for p in parts])
+    unified = unify_tables([pq.read_table(p) for p in parts])
     first: dict[int, dict] = {}
     for row in unified.to_pylist():
         first.setdefault(row["_row"], row)
@@ -61,9 +62,9 @@ def reference(parts: list[Path]) -> pa.Table:
 def parts(tmp_path: Path, monkeypatch) -> tuple[OutputStore, list[Path]]:
     """12 parts of 60 rows, shuffled and overlapping (rows committed twice or three times), in
     row groups of a few rows; windows of a few rows."""
-    monkeypatch.setattr(runner.sinks, "ROW_GROUP_BYTES", 300)
+    monkeypatch.setattr(runner.store.tables, "ROW_GROUP_BYTES", 300)
     monkeypatch.setattr(
-        jobs.checkpoint, "ShardCompaction", functools.partial(ShardCompaction, window_bytes=3000)
+        runner.store.checkpoint, "ShardCompaction", functools.partial(ShardCompaction, window_bytes=3000)
     )
     store = OutputStore(str(tmp_path / "out"), {}, "parquet", None)
     rng = random.Random(0)
@@ -148,7 +149,7 @@ def test_a_part_with_unreadable_rows_is_quarantined_and_its_rows_asked_for(parts
 _COMPACT = """
 import sys
 import pyarrow as pa
-from jobs.checkpoint import OutputStore
+from runner.store import OutputStore
 
 def status(key):
     with open("/proc/self/status") as f:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from jobs.checkpoint import STATE_DIR, OutputStore
+from runner.store.checkpoint import OutputStore
+from runner.store.state import STATE_DIR
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from runner.sinks import output_suffix, rows_to_table, unify_tables, write_atomic, write_table_atomic
+from runner.store.atomic import write_atomic
+from runner.store.tables import output_suffix, rows_to_table, write_table_atomic
+from tests.helpers import unify_tables
 
 
 def _fail_midway(f):

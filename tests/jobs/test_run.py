@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jobs.checkpoint import FingerprintMismatch
+from jobs.run import run_job
 from jobs.spec import load_spec
-from runner.pipeline import run_job
 from runner.prompts import PromptTooLong
+from runner.store import FingerprintMismatch
 from tests.conftest import read_output, write_inputs, write_spec
 
 
@@ -147,7 +147,7 @@ def test_torn_part_is_quarantined_and_its_rows_redone(tmp_path: Path, tiny_model
 
 
 def test_template_and_messages_prompts(tmp_path: Path, tiny_model_dir: Path):
-    from runner.pipeline import input_columns
+    from jobs.plan import input_columns
 
     inp = tmp_path / "in"
     inp.mkdir()

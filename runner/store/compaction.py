@@ -5,11 +5,11 @@ Memory is bounded by one window of output rows plus one row group of one part, n
 1. index: each part's footer (schema, row groups) and its key columns (`_row`, `_sample`,
    `finish_reason`), read alone; the first committed copy of each (row, sample) wins
 2. the final schema is unified from the parts' schemas (missing columns null, promoted types, JSON
-   text for irreconcilable ones), as `unify_tables` would unify the parts themselves
+   text for irreconcilable ones: `tables.unified_schema`), as if the parts were concatenated
 3. `windows()` yields the winning rows in input order, a window at a time, reading from each part
    only the row groups that hold the window's rows
 
-`OutputStore.compact` (jobs/checkpoint.py) checks the index, writes the errors file and the final
+`OutputStore.compact` (runner/store/checkpoint.py) checks the index, writes the errors file and the final
 file from the windows, and removes the parts.
 """
 
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from runner.retry import StorageError, is_transient
-from runner.sinks import conform_table, unified_schema
+from runner.store.tables import conform_table, unified_schema
 
 WINDOW_BYTES = 8 * 2**20  # uncompressed output bytes per window (the parts' average row size)
 _KEYS = ("_row", "_sample", "finish_reason")

@@ -1,10 +1,6 @@
-"""Output tables: rows -> Arrow, permissive schema unification, and atomic writes on any filesystem.
+"""Output tables: rows -> Arrow, permissive schema unification, and Parquet/JSONL files of them.
 
-A file written here is visible only when complete. On the local disk it is written to a hidden
-`.tmp-` sibling, fsynced and renamed (fsspec's own local `autocommit=False` stages in the system
-temp dir, which may be another device and then is copied, not renamed). On object stores it is
-opened with `autocommit=False` and committed (one PUT or a completed multipart upload), or
-discarded on error — never published half-written.
+Files are written through `runner.store.atomic`: visible only when complete.
 
 Columns whose values have no common Arrow type (JSONL input is free-form) are stored as JSON text
 and marked in the field metadata, so that later parts unify with them and JSONL output restores
@@ -14,30 +10,24 @@ the original values.
 from __future__ import annotations
 
 import functools
-import glob
 import gzip
 import io
 import json
 import logging
-import os
-import posixpath
-import secrets
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import IO, Literal
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
-from fsspec.spec import AbstractBufferedFile
 
-from runner.faults import kill_point
+from runner.store.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
 OutputFormat = Literal["parquet", "jsonl"]
-TEMP_PREFIX = ".tmp-"  # local temp siblings; never a committed file
 _JSON_KEY = b"batchrun.json"  # field metadata marking a column of JSON-encoded values
 ROW_GROUP_BYTES = 4 * 2**20  # Parquet row groups of about this many uncompressed bytes: a part's
 # or a final file's rows are read back one row group at a time (compaction, readers of the output)
@@ -89,17 +79,11 @@ def _is_json(field: pa.Field) -> bool:
     return bool(field.metadata) and _JSON_KEY in field.metadata
 
 
-def unify_tables(tables: list[pa.Table]) -> pa.Table:
-    """Concatenate tables whose schemas may differ: missing columns become nulls, types are promoted
-    (int -> float, null -> anything), and columns with irreconcilable types become JSON text."""
-    assert tables
-    schema, json_cols = unified_schema([table.schema for table in tables])
-    return pa.concat_tables([conform_table(table, schema, json_cols) for table in tables])
-
-
 def unified_schema(schemas: list[pa.Schema]) -> tuple[pa.Schema, set[str]]:
-    """The schema that tables of `schemas` unify to (see `unify_tables`), and the columns stored as
-    JSON text in it; from the schemas alone, so that tables can be unified one at a time."""
+    """The schema that tables of `schemas` unify to, and the columns stored as JSON text in it: missing
+    columns become nulls, types are promoted (int -> float, null -> anything), and columns with
+    irreconcilable types become JSON text. From the schemas alone, so that tables can be unified one
+    at a time (`conform_table`)."""
     assert schemas
     types: dict[str, set[pa.DataType]] = defaultdict(set)
     json_cols = set()
@@ -180,71 +164,6 @@ def write_tables_atomic(
         write_atomic(fs, path, lambda f: _write_parquet(schema, tables, f))
     else:
         write_atomic(fs, path, lambda f: _write_jsonl(tables, f, compression))
-
-
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` so that the file is visible only once complete."""
-    write_atomic(fs, path, lambda f: f.write(data))
-
-
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[bytes]], object]) -> None:
-    """Call `write(f)` on a binary file that becomes visible at `path` only if it returns."""
-    if is_local(fs):
-        _write_local(fs, path, write)
-        return
-    f = fs.open(path, "wb", autocommit=False)
-    try:
-        kill_point("temp_opened")
-        write(f)
-        if getattr(f, "offset", None):  # a large file: some multipart chunks are up, the rest buffered
-            kill_point("upload_unfinished")
-        f.close()
-        kill_point("before_publish")
-        f.commit()
-    except BaseException:
-        f.discard()
-        if isinstance(f, AbstractBufferedFile):
-            f.closed = True  # skip the final upload that close() or __del__ would do
-        raise
-
-
-def remove_temps(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """Remove the temp siblings of `path` that killed writers left; returns them.
-
-    Only on the local disk: object stores publish a file whole or not at all, and leave none.
-    Call it only where no live writer of `path` can exist (under the task's lease, on resume).
-    """
-    if not is_local(fs):
-        return []
-    directory, name = posixpath.split(path)
-    temps = fs.glob(posixpath.join(directory, f"{TEMP_PREFIX}{glob.escape(name)}-*"))
-    for temp in temps:
-        fs.rm(temp)
-    return temps
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """Whether `fs` is the local disk (where rename is atomic)."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols
-
-
-def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[bytes]], object]) -> None:
-    directory, name = posixpath.split(path)
-    fs.makedirs(directory, exist_ok=True)
-    temp = posixpath.join(directory, f"{TEMP_PREFIX}{name}-{secrets.token_hex(4)}")
-    try:
-        with open(temp, "wb") as f:
-            kill_point("temp_opened")
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        kill_point("before_publish")
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
 
 
 def _write_parquet(schema: pa.Schema, tables: Iterable[pa.Table], f: IO[bytes]) -> None:

@@ -5,8 +5,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.checkpoint import CheckpointError, FingerprintMismatch, OutputStore
-from runner.sinks import write_atomic
+from runner.store import CheckpointError, FingerprintMismatch, OutputStore
+from runner.store.atomic import write_atomic
 
 FP = {"model": {"path": "m", "revision": "abc"}, "sampling": {"temperature": 0.0, "stop": ["x"]}, "seed": 0}
 
@@ -214,7 +214,8 @@ class TestCompact:
             raise KeyboardInterrupt
 
         monkeypatch.setattr(
-            "jobs.checkpoint.write_tables_atomic", lambda fs, path, *a: path.endswith(".jsonl") or killed()
+            "runner.store.checkpoint.write_tables_atomic",
+            lambda fs, path, *a: path.endswith(".jsonl") or killed(),
         )
         with pytest.raises(KeyboardInterrupt):
             store.compact("a.jsonl", 2)
@@ -264,7 +265,7 @@ class TestS3:
             f.write(b"PAR1 half a parquet file")
             raise OSError("connection reset")
 
-        monkeypatch.setattr("runner.sinks._write_parquet", broken_writer)
+        monkeypatch.setattr("runner.store.tables._write_parquet", broken_writer)
         with pytest.raises(OSError, match="connection reset"):
             store.commit_part("a.jsonl", out_rows("a.jsonl", [0]))
         monkeypatch.undo()
