@@ -1,8 +1,9 @@
 """Thread counts for the CPU path, from the CPUs this process may actually use.
 
-torch sizes its pools from the machine's cores, not from the process' affinity mask or its cgroup
-quota (a container, a Slurm allocation), and the tokenizer adds a pool of its own: more threads than
-CPUs, and every small op's fork/join waits for a thread that is not running.
+torch sizes its pools from the machine's cores, not from the process' affinity mask, its cgroup
+quota (a container, a Slurm allocation) or the other processes already keeping cores busy, and the
+tokenizer adds a pool of its own: more threads than free CPUs, and every small op's fork/join waits
+for a thread that is not running (the demo ran 14x slower beside one busy process on 2 cores).
 """
 
 from __future__ import annotations
@@ -46,18 +47,27 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def configure_cpu_threads() -> int:
-    """Size torch's intra-op pool to the usable CPUs, its inter-op pool to one thread, and keep the
-    tokenizer single-threaded (it tokenizes on the feeder thread, beside the model). Returns the count.
+def cpu_threads(usable: int, load: float) -> int:
+    """Intra-op threads for `usable` CPUs of which `load` (the 1-minute load average, taken before the
+    job starts working) are already kept busy by other processes: the free ones, at least one."""
+    return max(1, min(usable, round(usable - load)))
 
-    An explicit OMP_NUM_THREADS / TOKENIZERS_PARALLELISM from the user wins.
+
+def configure_cpu_threads() -> int:
+    """Size torch's intra-op pool to the free usable CPUs, its inter-op pool to one thread, and keep
+    the tokenizer single-threaded (it tokenizes on the feeder thread, beside the model). Returns the
+    count. An explicit OMP_NUM_THREADS / TOKENIZERS_PARALLELISM from the user wins.
     """
     import torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    threads = int(os.environ.get("OMP_NUM_THREADS") or usable_cpus())
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = int(os.environ.get("OMP_NUM_THREADS") or cpu_threads(usable_cpus(), load))
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # settable only before the first inter-op work
         torch.set_num_interop_threads(1)
-    log.info("CPU threads: %d (of %d cores on this machine)", threads, os.cpu_count() or 1)
+    log.info(
+        "CPU threads: %d (%d usable CPUs, load average %.1f, %d cores on this machine)",
+        threads, usable_cpus(), load, os.cpu_count() or 1,
+    )  # fmt: skip
     return threads
