@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,28 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def cpu_threads(usable: int, load: float) -> int:
-    """Intra-op threads for `usable` CPUs of which `load` (the 1-minute load average, taken before the
-    job starts working) are already kept busy by other processes: the free ones, at least one."""
-    return max(1, min(usable, round(usable - load)))
+def busy_cpus(sample_s: float = 0.3, stat: Path = Path("/proc/stat")) -> float:
+    """How many CPUs other processes keep busy now: the machine's non-idle time over `sample_s`
+    seconds, taken before the job starts working (the 1-minute load average where /proc is missing)."""
+
+    def times() -> tuple[int, int]:  # (idle incl. iowait, total) jiffies over all CPUs
+        values = [int(v) for v in stat.read_text().splitlines()[0].split()[1:]]
+        return values[3] + values[4], sum(values[:8])
+
+    try:
+        idle0, total0 = times()
+        time.sleep(sample_s)
+        idle1, total1 = times()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = 1 - (idle1 - idle0) / max(1, total1 - total0)
+    return busy * (os.cpu_count() or 1)
+
+
+def cpu_threads(usable: int, busy: float) -> int:
+    """Intra-op threads for `usable` CPUs when other processes keep `busy` CPUs busy: the free ones,
+    at least one."""
+    return max(1, min(usable, round(usable - busy)))
 
 
 def configure_cpu_threads() -> int:
@@ -61,13 +80,13 @@ def configure_cpu_threads() -> int:
     import torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    threads = int(os.environ.get("OMP_NUM_THREADS") or cpu_threads(usable_cpus(), load))
+    busy = busy_cpus()
+    threads = int(os.environ.get("OMP_NUM_THREADS") or cpu_threads(usable_cpus(), busy))
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # settable only before the first inter-op work
         torch.set_num_interop_threads(1)
     log.info(
-        "CPU threads: %d (%d usable CPUs, load average %.1f, %d cores on this machine)",
-        threads, usable_cpus(), load, os.cpu_count() or 1,
+        "CPU threads: %d (%d usable CPUs, %.1f kept busy by other processes, %d cores on this machine)",
+        threads, usable_cpus(), busy, os.cpu_count() or 1,
     )  # fmt: skip
     return threads
