@@ -21,7 +21,7 @@ import triton.language as tl
 from runner.engine.layers.moe import SiluMul, align_blocks
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_m"])  # they change with the batch: one compile
 def _moe_gemm_kernel(
     a_ptr,  # [rows, K]: tokens (gate/up: row = pair // A_DIV) or pairs (down: A_DIV = 1)
     b_ptr,  # [E, N, K]
