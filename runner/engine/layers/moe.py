@@ -11,7 +11,7 @@ top-k logits). The expert computation has two implementations with one signature
 - `experts_torch`: plain torch, one dense pass per expert with the routing weight as a mask (no
   gather, no `nonzero`, so no host sync on CUDA either); CPU path and the oracle of the kernel;
 - `fused_moe.fused_experts` (CUDA): token/expert pairs sorted into expert blocks on the device
-  (`align_blocks`, fixed upper bound on the padded size), two grouped GEMMs in Triton.
+  (`fused_moe.align_blocks`, fixed upper bound on the padded size), two grouped GEMMs in Triton.
 
 Nothing here depends on the step's data for a shape or a host decision, so decode steps with MoE
 layers stay capturable in CUDA graphs.
@@ -64,36 +64,6 @@ def experts_torch(
         y = F.linear(silu_mul(F.linear(x, gate_up[e])), down[e])  # [T, H]
         out += (y * w[:, None]).to(x.dtype)
     return out
-
-
-def align_blocks(
-    ids: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort the (token, choice) pairs of `ids` [T, k] into blocks of `block_m` rows, each block holding
-    pairs of one expert; all on the device, shapes fixed by (T, k, E, block_m) alone.
-
-    Returns `pairs` [P_max] int32 (pair id `t * k + j` per row, `T * k` in padding rows), `block_expert`
-    [P_max / block_m] int32 (the expert of each block; blocks past the used ones repeat the last
-    expert) and `num_used` [1] int32 (rows in use, a multiple of block_m). P_max bounds the padding:
-    at most min(E, T k) experts are used, each wasting fewer than block_m rows."""
-    flat = ids.flatten()  # [P]
-    num_pairs = flat.numel()
-    p_max = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
-    p_max = -(-p_max // block_m) * block_m
-    dev = flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E] (bincount's output shape is data-dependent)
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)  # [E]: end of each expert's rows
-    order = torch.argsort(flat, stable=True)  # [P]: pair ids grouped by expert, in token order
-    expert = flat[order]
-    first = torch.cumsum(counts, 0) - counts  # [E]: index in `order` of each expert's first pair
-    dest = (ends - padded)[expert] + torch.arange(num_pairs, device=dev) - first[expert]
-    pairs = torch.full((p_max,), num_pairs, dtype=torch.int32, device=dev)
-    pairs[dest] = order.to(torch.int32)
-    starts = torch.arange(0, p_max, block_m, device=dev)
-    block_expert = torch.searchsorted(ends, starts, right=True).clamp_max_(num_experts - 1)
-    return pairs, block_expert.to(torch.int32), ends[-1:].to(torch.int32)
 
 
 def stacked_experts(experts, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

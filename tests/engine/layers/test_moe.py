@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runner.engine.layers.moe import SparseMoE, align_blocks, experts_torch, route
+from runner.engine.layers.moe import SparseMoE, experts_torch, route
 from tests.engine.conftest import run_in_triton_interpreter
 from tests.engine.layers.moe_cases import CASES, inputs, max_error
 
@@ -40,6 +40,9 @@ def test_route_is_softmax_topk_and_optional_renormalisation(renormalize):
 
 @pytest.mark.parametrize("tokens, top_k, experts, block", [(1, 2, 8, 16), (13, 3, 8, 4), (50, 2, 4, 16)])
 def test_align_blocks_groups_pairs_by_expert(tokens, top_k, experts, block):
+    pytest.importorskip("triton")
+    from runner.engine.layers.fused_moe import align_blocks
+
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])  # [T, k], distinct per row
     pairs, block_expert, num_used = align_blocks(ids, experts, block)
     num_pairs = tokens * top_k
