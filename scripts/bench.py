@@ -161,9 +161,10 @@ def run_batchrun(model, prompts: list[list[int]], new: int, async_mode: bool) ->
     vocab = model.config.vocab_size
     shifted = [[(t + 1) % vocab for t in p] for p in prompts[:8]]  # no prefix of a measured prompt
     list(engine.generate(Request(-i - 1, p, warm) for i, p in enumerate(shifted)))  # compile kernels
-    # a batch of short prompts too: an MoE's mid-size expert tiles compile here, not in the measured run
-    short = [[(t + 2) % vocab for t in p[:16]] for p in prompts[8:56]]
-    list(engine.generate(Request(-i - 100, p, warm) for i, p in enumerate(short)))
+    # batches of short prompts too: an MoE's mid-size expert tiles compile here, not in the measured run
+    for length in (4, 16):
+        short = [[(t + length) % vocab for t in p[:length]] for p in prompts[8:56]]
+        list(engine.generate(Request(-i - 100, p, warm) for i, p in enumerate(short)))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     done = list(engine.generate(Request(i, p, sp) for i, p in enumerate(prompts)))

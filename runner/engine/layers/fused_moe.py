@@ -47,7 +47,7 @@ def align_blocks(
     first = torch.cumsum(counts, 0) - counts  # [E]: index in `order` of each expert's first pair
     dest = (ends - padded)[expert] + torch.arange(num_pairs, device=dev) - first[expert]
     pairs = torch.full((p_max,), num_pairs, dtype=torch.int32, device=dev)
-    pairs[dest] = order.to(torch.int32)
+    pairs.scatter_(0, dest, order.to(torch.int32))
     starts = torch.arange(0, p_max, block_m, device=dev)
     block_expert = torch.searchsorted(ends, starts, right=True).clamp_max_(num_experts - 1)
     return pairs, block_expert.to(torch.int32), ends[-1:].to(torch.int32)
@@ -107,15 +107,18 @@ def _moe_gemm_kernel(
 
 
 def _blocks(num_pairs: int, num_experts: int, dtype: torch.dtype) -> dict:
-    """Tile sizes from the pairs per expert (a static function of the step's shape): small blocks for
-    decode, where an expert sees a few tokens, large ones for prefill."""
+    """Tile sizes from the pairs per expert (a static function of the step's shape). Decode: an expert
+    sees a few tokens, and a block should hold them all so that its weights are read once; prefill:
+    large tiles, and row blocks grouped so that an expert's weight tiles are reused from L2."""
     per_expert = num_pairs / num_experts
-    wide = dtype.itemsize <= 2  # fp32 tiles take twice the shared memory
-    if per_expert <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128 if wide else 64, GROUP_M=1, num_warps=4, num_stages=3)
+    bk = 128 if dtype.itemsize <= 2 else 64  # fp32 tiles take twice the shared memory
+    if per_expert <= 6:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk, GROUP_M=1, num_warps=4, num_stages=3)
+    if per_expert <= 24:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=bk, GROUP_M=1, num_warps=4, num_stages=3)
     if per_expert <= 96:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64 if wide else 32, GROUP_M=4, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 if wide else 32, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk // 2, GROUP_M=4, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk // 2, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _grouped_gemm(

@@ -16,7 +16,8 @@ CASES = [
     (1, 5, 48, 40, 4, 2, True),  # sizes that are no power of two, Mixtral's fp32 weights
     (2, 13, 64, 48, 8, 3, False),  # an expert block with padding rows
     (3, 100, 32, 48, 2, 2, False),  # ~100 pairs per expert: the large-block (prefill) tiles
-    (4, 40, 32, 16, 16, 4, True),  # the middle tiles, K smaller than a tile
+    (4, 40, 32, 16, 16, 4, True),  # 10 pairs per expert (decode at a few hundred rows), K < a tile
+    (5, 30, 32, 40, 2, 2, False),  # 30 pairs per expert: mid-size tiles
 ]
 
 
