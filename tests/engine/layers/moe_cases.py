@@ -57,8 +57,10 @@ def _torch_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     for case in CASES:
         error = max_error(case, "cpu", torch.float32, _torch_silu_mul)
-        print(f"case {case[0]}: max error {error:.2e}")
-        assert error < 1e-5, (case, error)
+        # 16-bit: the interpreter's dot is wrong for bf16 (the paged-attention kernel's too), fp16 is fine
+        half = max_error(case, "cpu", torch.float16, _torch_silu_mul)
+        print(f"case {case[0]}: max error {error:.2e} (fp16 {half:.2e})")
+        assert error < 1e-5 and half < 1e-2, (case, error, half)
 
 
 if __name__ == "__main__":
