@@ -10,6 +10,7 @@ same process on the same model. Prints one table and writes JSON (with the comma
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -62,7 +63,7 @@ class Result:
     stats: dict | None = None
 
 
-def build_model(name: str, device: str = "cuda"):
+def build_model(name: str, device: str = "cuda", positions: int = 4096):
     """The workload's random-weight model, built in bf16 directly on `device` (M1's 30B parameters would
     not fit twice, in fp32 first)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
@@ -71,7 +72,7 @@ def build_model(name: str, device: str = "cuda"):
     common = dict(
         hidden_size=w.hidden, num_hidden_layers=w.layers, num_attention_heads=w.heads,
         num_key_value_heads=w.kv_heads, head_dim=w.head_dim, vocab_size=w.vocab, tie_word_embeddings=w.tied,
-        max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        max_position_embeddings=positions, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )  # fmt: skip
     if w.experts:
         config = Qwen3MoeConfig(
@@ -152,11 +153,13 @@ class BusySampler:
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
-def run_batchrun(model, prompts: list[list[int]], new: int, async_mode: bool) -> tuple[int, dict]:
+def run_batchrun(
+    model, prompts: list[list[int]], new: int, async_mode: bool, engine: dict, temperature: float
+) -> tuple[int, dict]:
     from runner.engine import Engine, EngineConfig, Request, SamplingParams
 
-    engine = Engine(model, EngineConfig(device="cuda", dtype="bfloat16", async_mode=async_mode))
-    sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    engine = Engine(model, EngineConfig(device="cuda", dtype="bfloat16", async_mode=async_mode, **engine))
+    sp = SamplingParams(max_new_tokens=new, ignore_eos=True, temperature=temperature, top_p=0.95, seed=0)
     warm = SamplingParams(max_new_tokens=4, ignore_eos=True)
     vocab = model.config.vocab_size
     shifted = [[(t + 1) % vocab for t in p] for p in prompts[:8]]  # no prefix of a measured prompt
@@ -174,7 +177,7 @@ def run_batchrun(model, prompts: list[list[int]], new: int, async_mode: bool) ->
     stats["measured_wall_s"] = round(wall, 3)  # without the engine build and warm-up
     stats["peak_mem_gib_with_kv_pool"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     stats["kv_used_peak_gib"] = round(stats["kv_pages_used_peak"] * stats["kv_page_bytes"] / 2**30, 2)
-    engine.close()
+    engine.close()  # KV pool, graphs and their pool, buffers: the next backend gets the memory back
     return sum(len(c.token_ids) for c in done), stats
 
 
@@ -188,10 +191,12 @@ def run_hf(model, prompts: list[list[int]], new: int, async_mode: bool) -> tuple
     return sum(len(o.generated_tokens) for o in out.values()), None
 
 
-def bench(name: str, backend: str, model, prompts: list[list[int]], new: int) -> Result:
+def bench(
+    name: str, backend: str, model, prompts: list[list[int]], new: int, engine: dict, temperature: float = 0.0
+) -> Result:
     run = {
-        "batchrun": lambda: run_batchrun(model, prompts, new, True),
-        "batchrun-sync": lambda: run_batchrun(model, prompts, new, False),
+        "batchrun": lambda: run_batchrun(model, prompts, new, True, engine, temperature),
+        "batchrun-sync": lambda: run_batchrun(model, prompts, new, False, engine, temperature),
         "hf-sync": lambda: run_hf(model, prompts, new, False),
         "hf-async": lambda: run_hf(model, prompts, new, True),
     }[backend]
@@ -202,13 +207,16 @@ def bench(name: str, backend: str, model, prompts: list[list[int]], new: int) ->
         generated, stats = run()
     wall = time.perf_counter() - t0
     floor = t_min(name, prompts, new)
+    peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    gc.collect()  # the backend's objects (engine, transformers' manager and cache) are gone now
+    torch.cuda.empty_cache()
     if stats is not None:  # batchrun: time the generation alone (engine build and warm-up excluded)
         wall = stats["measured_wall_s"]
     return Result(
         workload=name, backend=backend, generated_tokens=generated, wall_s=round(wall, 3),
         tok_s=round(generated / wall, 1), gpu_busy_pct=busy.mean,
         roofline_fraction=round(floor / wall, 4), t_min_s=round(floor, 3),
-        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), stats=stats,
+        peak_mem_gib=peak_gib, stats=stats,
     )  # fmt: skip
 
 
@@ -218,18 +226,27 @@ def main() -> None:
     ap.add_argument("--backends", default="batchrun,hf-sync,hf-async")
     ap.add_argument("--prompts", type=int, default=None, help="override the workload's prompt count")
     ap.add_argument("--new", type=int, default=None, help="override the workload's new tokens")
+    ap.add_argument("--max-seqs", type=int, default=None, help="engine.max_seqs (default: EngineConfig's)")
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine.max_batch_tokens")
+    ap.add_argument("--page-size", type=int, default=None, help="engine.page_size")
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: seeded top-p sampling, as jobs do")
+    ap.add_argument("--positions", type=int, default=4096, help="max_position_embeddings (Llama 3.1: 131072)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    engine = {k: v for k, v in (("max_seqs", args.max_seqs), ("max_batch_tokens", args.max_batch_tokens),
+              ("page_size", args.page_size)) if v is not None}  # fmt: skip
     results = []
     for name in args.workloads.split(","):
-        model = build_model(name)
+        model = build_model(name, positions=args.positions)
         prompts = make_prompts(name, args.prompts)
         new = args.new or WORKLOADS[name].new
         for backend in args.backends.split(","):
-            r = bench(name, backend, model, prompts, new)
+            r = bench(name, backend, model, prompts, new, engine, args.temperature)
             print(json.dumps(asdict(r)), flush=True)
             results.append(r)
         del model
+        gc.collect()
+        torch.cuda.empty_cache()
     best_hf: dict[str, float] = {}
     for r in results:
         if r.backend.startswith("hf"):
