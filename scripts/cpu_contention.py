@@ -34,9 +34,10 @@ def run_demo(busy: int) -> dict:
         try:
             started = time.monotonic()
             subprocess.run(
-                [sys.executable, "-m", "jobs.cli", "-q", "submit", str(path), "--no-progress"],
+                [sys.executable, "-m", "jobs.cli", "submit", str(path), "--no-progress"],
                 check=True,
                 cwd=ROOT,
+                stderr=subprocess.DEVNULL,
             )
             wall = time.monotonic() - started
         finally:
