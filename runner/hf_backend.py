@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from runner.engine.eos import eos_token_ids
+from runner.engine.stops import find_stop
 from runner.engine.types import Completion, Request, SamplingParams
 
 _POLL_S = 0.05  # how long step() waits for the first finished request before returning []
@@ -251,7 +252,7 @@ class TransformersBackend:
             return []
         tokens = list(output.generated_tokens)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = _find_stop(text, sample.request.sampling.stop)
+        cut = find_stop(text, sample.request.sampling.stop)
         if cut is None and not output.is_finished():
             return []
         if cut is not None:
@@ -304,12 +305,6 @@ def _per_request_kwargs(sampling: SamplingParams, vocab_size: int) -> dict:
         "top_k": int(sampling.top_k) if sampling.top_k > 0 else vocab_size,
         "top_p": float(sampling.top_p),
     }
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
 
 
 def _raise_if_dead(manager) -> None:

@@ -1,6 +1,6 @@
-"""The fused Triton kernels (runner/engine/fused.py) against their plain-torch twins (model.TorchOps).
+"""The fused Triton kernels (runner/engine/layers/fused.py) against their plain-torch twins (ops.TorchOps).
 
-Run as a module (`TRITON_INTERPRET=1 python -m tests.engine.fused_cases`) the checks execute in
+Run as a module (`TRITON_INTERPRET=1 python -m tests.engine.layers.fused_cases`) the checks execute in
 Triton's interpreter on the CPU (test_fused.py starts it in a subprocess, like paged_cases.py).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from runner.engine.model import TorchOps
+from runner.engine.layers.ops import TorchOps
 
 # (seed, tokens, heads, kv heads, head dim, hidden, intermediate, qk-norm)
 CASES = [
@@ -26,7 +26,7 @@ def _error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def max_errors(case, device: str, dtype: torch.dtype) -> dict[str, float]:
     """Largest error (`_error`) of each fused op against its torch twin run on the same device."""
-    from runner.engine import fused
+    from runner.engine.layers import fused
 
     seed, tokens, heads, kv_heads, dim, hidden, inter, qk_norm = case
     g = torch.Generator().manual_seed(seed)

@@ -13,29 +13,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from runner.engine.attention import AttentionBatch, AttentionFn, write_kv
 from runner.engine.config import UnsupportedModel
-
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass(slots=True, frozen=True)
-class ModelShape:
-    num_layers: int
-    hidden: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab: int
-    eps: float
-    max_model_len: int  # positions the model can take (capped by a sliding window)
+from runner.engine.layers.attention import AttentionBatch, AttentionFn
+from runner.engine.layers.linear import GatedMLP, load
+from runner.engine.layers.ops import ops_for
+from runner.engine.layers.rope import rope_tables
+from runner.engine.models.base import ModelShape
 
 
-def model_shape(config) -> ModelShape:
+def llama_shape(config) -> ModelShape:
     """Check that our forward implements `config`'s architecture and read its shape."""
-    kind = getattr(config, "model_type", None)
-    if kind not in SUPPORTED_TYPES:
-        raise UnsupportedModel(f"model_type {kind!r} is not in the fast path ({', '.join(SUPPORTED_TYPES)})")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"hidden_act {config.hidden_act!r} (the fast path implements silu)")
     if getattr(config, "mlp_bias", False):
@@ -52,6 +39,7 @@ def model_shape(config) -> ModelShape:
     return ModelShape(
         num_layers=config.num_hidden_layers,
         hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
         num_heads=heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
@@ -70,87 +58,21 @@ class _Layer:
     k_norm: torch.Tensor | None
     w_o: torch.Tensor  # [hidden, H D]
     ln_mlp: torch.Tensor
-    w_gate_up: torch.Tensor  # [2 I, hidden]
-    w_down: torch.Tensor  # [hidden, I]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, as transformers' Llama does."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos, sin: [T, D] (halves repeated, as transformers lays them out)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-class TorchOps:
-    """The small ops between the matmuls in plain torch (CPU; the oracle of `fused.py`'s kernels)."""
-
-    @staticmethod
-    def add_rms_norm(
-        h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
-    ) -> torch.Tensor:
-        """`h += delta` (in place, when given), then RMSNorm(h) * weight. [T, N] -> [T, N]."""
-        if delta is not None:
-            h += delta
-        return rms_norm(h, weight, eps)
-
-    @staticmethod
-    def rope_store(
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        heads: int,
-        q_norm: torch.Tensor | None,
-        k_norm: torch.Tensor | None,
-        eps: float,
-    ) -> torch.Tensor:
-        """(QK-norm and) RoPE of q and k from qkv [T, (H + 2 Hkv) D]; stores k, v in the cache; returns
-        q [T, H, D]."""
-        kv_heads, dim = k_cache.shape[2:]
-        q = qkv[:, : heads * dim].view(-1, heads, dim)
-        k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(-1, kv_heads, dim)
-        v = qkv[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
-        if q_norm is not None:
-            q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        write_kv(k_cache, v_cache, k, v, slot_mapping)
-        return q
-
-    @staticmethod
-    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-        """SiLU(gate) * up. [T, 2 I] -> [T, I]."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-
-def ops_for(device: torch.device):
-    """The fused Triton kernels on CUDA (the `fused` module), plain torch elsewhere (`TorchOps`): both
-    offer add_rms_norm, rope_store and silu_mul with the same signatures."""
-    if device.type == "cuda":
-        from runner.engine import fused
-
-        return fused
-    return TorchOps
+    mlp: GatedMLP
 
 
 class PagedLlama:
     """Forward of a Llama-family decoder over a ragged batch, reading and writing the paged KV cache."""
 
+    shape_of = staticmethod(llama_shape)
+
     def __init__(self, hf_model, device: torch.device, dtype: torch.dtype) -> None:
         config = hf_model.config
-        self.shape = model_shape(config)
+        self.shape = llama_shape(config)
         s = self.shape
 
         def w(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(device=device, dtype=dtype)
+            return load(t, device, dtype)
 
         inner = hf_model.model
         self.embed = w(inner.embed_tokens.weight)  # [V, hidden]
@@ -158,7 +80,7 @@ class PagedLlama:
         self.norm = w(inner.norm.weight)
         self.layers = []
         for layer in inner.layers:
-            att, mlp = layer.self_attn, layer.mlp
+            att = layer.self_attn
             bias = [att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]
             qk_norm = getattr(att, "q_norm", None) is not None
             self.layers.append(
@@ -170,27 +92,20 @@ class PagedLlama:
                     k_norm=w(att.k_norm.weight) if qk_norm else None,
                     w_o=w(att.o_proj.weight),
                     ln_mlp=w(layer.post_attention_layernorm.weight),
-                    w_gate_up=w(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    w_down=w(mlp.down_proj.weight),
+                    mlp=GatedMLP.from_hf(layer.mlp, device, dtype),
                 )
             )
-        rotary = inner.rotary_emb
-        positions = torch.arange(s.max_model_len, dtype=torch.float32)
-        freqs = positions[:, None] * rotary.inv_freq.detach().float().cpu()[None, :]  # [L, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (emb.cos() * rotary.attention_scaling).to(device=device, dtype=dtype)  # [L, D]
-        self.sin = (emb.sin() * rotary.attention_scaling).to(device=device, dtype=dtype)
+        self.cos, self.sin = rope_tables(inner.rotary_emb, s.max_model_len, device, dtype)  # [L, D]
         self.scale = s.head_dim**-0.5
         self.device, self.dtype = device, dtype
         self.ops = ops_for(device)
-        self.weight_bytes = sum(p.numel() for p in hf_model.parameters()) * self.embed.element_size()
 
     @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64
-        kv_cache: torch.Tensor,  # [layers, 2, pages, page_size, Hkv, D]
+        kv_cache: torch.Tensor,  # [layers, 2, pages + 1, page_size, Hkv, D]
         batch: AttentionBatch,
         logits_rows: torch.Tensor,  # [S] int64: token rows whose next-token logits are wanted
         attention: AttentionFn,
@@ -209,6 +124,6 @@ class PagedLlama:
             )  # fmt: skip
             o = attention(q, kv_cache[i, 0], kv_cache[i, 1], batch, self.scale)  # [T, H, D]
             x = ops.add_rms_norm(h, F.linear(o.flatten(1), layer.w_o), layer.ln_mlp, s.eps)
-            delta = F.linear(ops.silu_mul(F.linear(x, layer.w_gate_up)), layer.w_down)
+            delta = layer.mlp(x, ops)
         h = h[logits_rows] + delta[logits_rows]  # [S, hidden]
         return F.linear(ops.add_rms_norm(h, None, self.norm, s.eps), self.lm_head).float()

@@ -13,15 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from runner.engine.attention import AttentionBatch
+from runner.engine.layers.attention import PREFILL_BLOCK_Q, AttentionBatch
 
-PREFILL_BLOCK_Q = 16  # queries per prefill program
 BLOCK_N = 64  # keys per iteration
 
 
 # Triton compiles one variant per specialization of its integer arguments (== 1, divisible by 16) and
 # of its pointers' 16-byte alignment: the table width changes from step to step, so it is not
-# specialized, and the step's packed inputs are laid out 16-byte aligned (inputs.py).
+# specialized, and the step's packed inputs are laid out 16-byte aligned (runner/engine/inputs.py).
 @triton.jit(do_not_specialize=["stride_table"])
 def _paged_attention_kernel(
     q_ptr,  # [T, H, D]

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from tests.engine.conftest import run_in_triton_interpreter
-from tests.engine.fused_cases import CASES, max_errors
+from tests.engine.layers.fused_cases import CASES, max_errors
 
 
 def test_fused_kernels_match_torch_in_the_interpreter():
-    assert run_in_triton_interpreter("tests.engine.fused_cases").count("max errors") == len(CASES)
+    assert run_in_triton_interpreter("tests.engine.layers.fused_cases").count("max errors") == len(CASES)
 
 
 @pytest.mark.gpu

@@ -6,16 +6,17 @@ test skips when Triton is not installed.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from runner.engine.attention import reference_attention, write_kv
+from runner.engine.layers.attention import PREFILL_BLOCK_Q, prefill_blocks, reference_attention, write_kv
 from tests.engine.conftest import run_in_triton_interpreter
-from tests.engine.paged_cases import CASES, random_batch, relative_error
+from tests.engine.layers.paged_cases import CASES, random_batch, relative_error
 
 
 def test_paged_attention_matches_reference_in_the_interpreter():
-    assert run_in_triton_interpreter("tests.engine.paged_cases").count("relative error") == len(CASES)
+    assert run_in_triton_interpreter("tests.engine.layers.paged_cases").count("relative error") == len(CASES)
 
 
 @pytest.mark.gpu
@@ -44,3 +45,13 @@ def test_write_kv_puts_tokens_at_their_slots():
     write_kv(k_cache, v_cache, k, v, torch.tensor([9, 2]))  # page 2 offset 1, page 0 offset 2
     assert torch.equal(k_cache[2, 1], k[0]) and torch.equal(v_cache[0, 2], v[1])
     assert k_cache.count_nonzero() == k.numel()
+
+
+def test_prefill_blocks_cover_every_query_once():
+    assert PREFILL_BLOCK_Q == 16
+    block_seq, block_start = prefill_blocks(np.array([1, 16, 17, 40]), first_row=3)
+    assert block_seq.tolist() == [3, 4, 5, 5, 6, 6, 6]
+    assert block_start.tolist() == [0, 0, 0, 16, 0, 16, 32]
+    assert block_seq.dtype == block_start.dtype == np.int64
+    empty = prefill_blocks(np.array([], dtype=np.int64), first_row=2)
+    assert empty[0].size == empty[1].size == 0

@@ -11,7 +11,7 @@ KV store and SiLU·mul are ~30 kernels that each read and write the activations.
 
 Each rounds to the activation dtype where transformers' Llama does (after the add, after the
 normalisation, after each RoPE product), so bf16 results track transformers' closely.
-`model.TorchOps` is the plain-torch twin used on the CPU.
+`ops.TorchOps` is the plain-torch twin used on the CPU.
 """
 
 from __future__ import annotations

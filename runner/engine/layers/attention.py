@@ -3,7 +3,8 @@
 The batch packs sequences back to back: sequence i owns query tokens
 `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, which are the last `q_len` of its `kv_len` tokens (its K/V,
 the new ones included, are already in the cache). Decoding sequences (q_len == 1) come first.
-The CUDA kernels are in `paged_attention.py`.
+The CUDA kernels are in `paged_attention.py`; their prefill launch runs one program per block of
+`PREFILL_BLOCK_Q` queries, laid out on the host by `prefill_blocks`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+PREFILL_BLOCK_Q = 16  # queries per prefill attention program (paged_attention.py)
 
 
 @dataclass(slots=True)
@@ -25,6 +29,17 @@ class AttentionBatch:
     num_decodes: int  # sequences [0, num_decodes) have q_len == 1
     block_seq: torch.Tensor  # [NB] int64: sequence of each prefill query block (kernel grid)
     block_start: torch.Tensor  # [NB] int64: first query, within its sequence, of each prefill block
+
+
+def prefill_blocks(q_lens: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prefill programs' grid: q_lens [R] are the query counts of batch rows first_row.. (the
+    prefill chunks, after the decodes). Returns (block_seq [NB], block_start [NB]) int64: the batch row
+    of each block of PREFILL_BLOCK_Q queries and its first query within that row."""
+    blocks = -(-q_lens // PREFILL_BLOCK_Q)  # [R] query blocks per prefill row
+    block_seq = np.repeat(np.arange(first_row, first_row + len(q_lens), dtype=np.int64), blocks)
+    block_first = np.repeat(np.cumsum(blocks) - blocks, blocks)  # index of each row's first block
+    block_start = (np.arange(len(block_seq), dtype=np.int64) - block_first) * PREFILL_BLOCK_Q
+    return block_seq, block_start
 
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch, float], torch.Tensor]

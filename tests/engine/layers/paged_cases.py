@@ -1,6 +1,6 @@
 """Random ragged paged batches, and the check of the Triton kernel against the reference on them.
 
-Run as a module (`TRITON_INTERPRET=1 python -m tests.engine.paged_cases`) the checks execute in
+Run as a module (`TRITON_INTERPRET=1 python -m tests.engine.layers.paged_cases`) the checks execute in
 Triton's interpreter on the CPU: the interpreter must be chosen before Triton is first imported,
 which the test suite has already done by then, so test_attention.py starts this in a subprocess.
 """
@@ -12,8 +12,7 @@ import random
 import numpy as np
 import torch
 
-from runner.engine.attention import AttentionBatch, reference_attention
-from runner.engine.inputs import PREFILL_BLOCK_Q
+from runner.engine.layers.attention import AttentionBatch, prefill_blocks, reference_attention
 
 # (seed, decodes, [(q_len, kv_len) of each prefill chunk], page size, heads, kv heads, head dim)
 CASES = [
@@ -56,11 +55,7 @@ def random_batch(
     width = max(map(len, tables))
     q_lens = np.array([s[0] for s in shapes])
     cu = np.concatenate(([0], np.cumsum(q_lens)))
-    blocks = -(-q_lens[num_decodes:] // PREFILL_BLOCK_Q)
-    block_seq = np.repeat(np.arange(num_decodes, len(shapes)), blocks)
-    block_start = (
-        np.arange(len(block_seq)) - np.repeat(np.cumsum(blocks) - blocks, blocks)
-    ) * PREFILL_BLOCK_Q
+    block_seq, block_start = prefill_blocks(q_lens[num_decodes:], num_decodes)
 
     def t(values) -> torch.Tensor:
         return torch.tensor(np.asarray(values), dtype=torch.int64, device=device)
@@ -85,7 +80,7 @@ def to_cpu(batch: AttentionBatch) -> AttentionBatch:
 
 def relative_error(case, device: str, dtype: torch.dtype) -> float:
     """‖kernel − reference‖ / ‖reference‖ on one case (the reference in fp32 on the CPU)."""
-    from runner.engine.paged_attention import paged_attention
+    from runner.engine.layers.paged_attention import paged_attention
 
     seed, nd, prefills, page, heads, kv_heads, dim = case
     q, k_cache, v_cache, batch = random_batch(seed, nd, prefills, page, heads, kv_heads, dim, device, dtype)

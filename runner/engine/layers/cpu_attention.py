@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from runner.engine.attention import AttentionBatch, reference_attention
+from runner.engine.layers.attention import AttentionBatch, reference_attention
 
 
 def batched_attention(

@@ -6,7 +6,7 @@ import pytest
 
 from runner.engine import Engine, EngineConfig
 from runner.engine import engine as engine_module
-from runner.engine.kv_budget import GIB, DeviceMemoryError, step_workspace_bytes
+from runner.engine.kv.budget import GIB, DeviceMemoryError, step_workspace_bytes
 from tests.engine.conftest import tiny_model
 
 
@@ -45,7 +45,7 @@ def test_a_kv_cache_too_small_for_one_sequence_is_refused_with_the_numbers(monke
     # the same memory takes a smaller max_seqs: the workspace, not a constant share, sets the pool
     engine = engine_with_free_memory(monkeypatch, model, free=100 * 2**20, max_seqs=64)
     page_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers, K and V, page, KV heads, head dim, fp32
-    assert engine.pool.num_pages == (int(100 * 2**20 * 0.85) - engine_workspace(64)) // page_bytes
+    assert engine.kv.num_pages == (int(100 * 2**20 * 0.85) - engine_workspace(64)) // page_bytes
 
 
 def engine_workspace(max_seqs: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.engine.pages import PagePool, page_hash
+from runner.engine.kv.pages import PagePool, page_hash
 
 
 def register_chain(pool: PagePool, pages: list[int], tokens: list[int]) -> None:

@@ -14,18 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from runner.engine.attention import AttentionBatch, AttentionFn
 from runner.engine.graphs import DecodeGraphs
 from runner.engine.inputs import Staging, build_inputs, fill, layout_of, layout_words, unpack
-from runner.engine.model import PagedLlama
+from runner.engine.kv import PageTable
+from runner.engine.layers.attention import AttentionBatch, AttentionFn
+from runner.engine.models import PagedModel
 from runner.engine.sampling import SamplingTensors, sample
 from runner.engine.scheduler import ScheduledBatch
-from runner.engine.slots import SlotTable
 
 
 @dataclass(slots=True)
-class InFlight:
-    """A launched step: its sampled tokens arrive in `tokens` (host) once `done` has fired."""
+class LaunchedStep:
+    """A step queued on the device: its sampled tokens arrive in `tokens` (host) once `done` has fired."""
 
     done: torch.cuda.Event | None  # None on the CPU: the step already ran
     tokens: torch.Tensor  # [S] int64
@@ -38,8 +38,8 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: PagedLlama,
-        slots: SlotTable,
+        model: PagedModel,
+        table: PageTable,
         num_pages: int,
         page_size: int,
         attention: AttentionFn,
@@ -48,7 +48,7 @@ class ModelRunner:
         s = model.shape
         dev = model.device
         self.model = model
-        self.slots = slots
+        self.table = table
         self.page_size = page_size
         self.attention = attention
         self.spare_kv = num_pages * page_size  # first slot of the spare page (padding rows write there)
@@ -57,15 +57,13 @@ class ModelRunner:
             device=dev,
             dtype=model.dtype,
         )
-        self.token_buf = torch.zeros(slots.num_slots + 1, dtype=torch.int64, device=dev)  # [slots + 1]
+        self.token_buf = torch.zeros(table.num_slots + 1, dtype=torch.int64, device=dev)  # [slots + 1]
         self.staging = Staging(dev)
         self.cuda = dev.type == "cuda"
         self.graphs = (
-            DecodeGraphs(self._step, slots.num_slots, slots.table.shape[1])
-            if self.cuda and cuda_graphs
-            else None
+            DecodeGraphs(self._step, table.num_slots, table.max_pages) if self.cuda and cuda_graphs else None
         )
-        rows = self.graphs.buckets[-1] if self.graphs else slots.num_slots
+        rows = self.graphs.buckets[-1] if self.graphs else table.num_slots
         self._out = [torch.empty(rows, dtype=torch.int64, device=dev) for _ in range(2)]
         self._out_lp = [torch.empty(rows, dtype=torch.float32, device=dev) for _ in range(2)]
         self._turn = 0
@@ -76,7 +74,7 @@ class ModelRunner:
             self._computed = [torch.cuda.Event(), torch.cuda.Event()]
             self._fetched = [torch.cuda.Event(), torch.cuda.Event()]
 
-    def launch(self, batch: ScheduledBatch) -> InFlight:
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
         """Queue `batch` on the device; never waits for it."""
         key = None
         if self.graphs is not None and batch.num_decodes == len(batch.seqs):
@@ -86,19 +84,19 @@ class ModelRunner:
                 len(batch.seqs), width, all(p.greedy for p in params), any(p.logprobs for p in params)
             )
         if key is None:
-            inp = build_inputs(batch, self.slots, self.page_size, self.spare_kv)
+            inp = build_inputs(batch, self.table, self.page_size, self.spare_kv)
             flat, layout = self.staging.pack(inp.arrays)
             tokens, logprobs = self._step(
                 unpack(flat, layout), inp.num_decodes, inp.all_greedy, inp.want_logprobs
             )
         else:
             rows, width = key[:2]
-            inp = build_inputs(batch, self.slots, self.page_size, self.spare_kv, pad_to=rows, width=width)
+            inp = build_inputs(batch, self.table, self.page_size, self.spare_kv, pad_to=rows, width=width)
             flat, layout = self.staging.pack(inp.arrays)
             tokens, logprobs = self.graphs.replay(key, flat, layout, lambda: self._padding(rows, width))
         return self._fetch(tokens, logprobs, inp.num_samples, key is not None)
 
-    def wait(self, step: InFlight) -> tuple[list[int], list[float] | None]:
+    def wait(self, step: LaunchedStep) -> tuple[list[int], list[float] | None]:
         """Block until `step`'s sampled tokens are on the host; returns them (and their logprobs)."""
         if step.done is not None:
             step.done.synchronize()
@@ -152,17 +150,19 @@ class ModelRunner:
         """Packed inputs of a decode step made of padding rows only (for graph capture)."""
         empty = ScheduledBatch([], [], [], 0, [])
         arrays = build_inputs(
-            empty, self.slots, self.page_size, self.spare_kv, pad_to=rows, width=width
+            empty, self.table, self.page_size, self.spare_kv, pad_to=rows, width=width
         ).arrays
         layout = layout_of(arrays)
         host = np.zeros(layout_words(layout), dtype=np.int64)
         fill(host, layout, arrays)
         return torch.from_numpy(host).to(self.model.device)
 
-    def _fetch(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, n: int, graphed: bool) -> InFlight:
+    def _fetch(
+        self, tokens: torch.Tensor, logprobs: torch.Tensor | None, n: int, graphed: bool
+    ) -> LaunchedStep:
         """Start the copy of the first `n` sampled tokens to the host."""
         if not self.cuda:
-            return InFlight(None, tokens[:n], None if logprobs is None else logprobs[:n], graphed)
+            return LaunchedStep(None, tokens[:n], None if logprobs is None else logprobs[:n], graphed)
         turn = self._turn
         self._turn ^= 1
         out, out_lp = self._out[turn][:n], self._out_lp[turn][:n]
@@ -177,4 +177,4 @@ class ModelRunner:
             if logprobs is not None:
                 host_lp.copy_(out_lp, non_blocking=True)
             self._fetched[turn].record(self._d2h)
-        return InFlight(self._fetched[turn], host, None if logprobs is None else host_lp, graphed)
+        return LaunchedStep(self._fetched[turn], host, None if logprobs is None else host_lp, graphed)
