@@ -142,6 +142,14 @@ class SparseMoE:
             shared_gate=shared_gate,
         )
 
+    def activation_width(self) -> int:
+        """Activation elements per token live in a call: router logits [E], then per routed pair
+        gate/up [2 I], SiLU·mul [I] and the expert's output [H] (`fused_experts`' buffers), plus the
+        shared expert's."""
+        num_experts, hidden, inter = self.down.shape
+        shared = self.shared.activation_width() + 1 if self.shared is not None else 0
+        return num_experts + self.top_k * (3 * inter + hidden) + shared
+
     def __call__(self, x: torch.Tensor, ops) -> torch.Tensor:
         """x: [T, H] -> [T, H]; `ops.silu_mul` is the activation (fused kernel or torch)."""
         weights, ids = route(F.linear(x, self.router), self.top_k, self.renormalize, self.weight_dtype)

@@ -8,7 +8,6 @@ transformers implements (llama3, linear, yarn, ...) is honoured. Anything else r
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ from runner.engine.layers.attention import AttentionBatch, AttentionFn
 from runner.engine.layers.linear import GatedMLP, load
 from runner.engine.layers.ops import ops_for
 from runner.engine.layers.rope import rope_tables
-from runner.engine.models.base import ModelShape
+from runner.engine.models.base import MLP, ModelShape
 
 
 def llama_shape(config) -> ModelShape:
@@ -59,7 +58,7 @@ class _Layer:
     k_norm: torch.Tensor | None
     w_o: torch.Tensor  # [hidden, H D]
     ln_mlp: torch.Tensor
-    mlp: Callable[[torch.Tensor, object], torch.Tensor]  # (x [T, hidden], ops) -> [T, hidden]
+    mlp: MLP  # GatedMLP, or SparseMoE in the MoE families
 
 
 class PagedLlama:
@@ -100,6 +99,13 @@ class PagedLlama:
         self.scale = s.head_dim**-0.5
         self.device, self.dtype = device, dtype
         self.ops = ops_for(device)
+
+    def activation_width(self) -> int:
+        """Activation elements per token live in a forward: the residual stream and norms, q/k/v and
+        attention output, and the widest layer's MLP (dense or MoE)."""
+        s = self.shape
+        qkv_width = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+        return 4 * s.hidden + 2 * qkv_width + max(layer.mlp.activation_width() for layer in self.layers)
 
     def project_qkv(self, x: torch.Tensor, index: int, layer: _Layer) -> torch.Tensor:
         """q, k, v of layer `index` side by side: [T, hidden] -> [T, (H + 2 Hkv) D]."""
