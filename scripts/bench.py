@@ -23,10 +23,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `runner` imports
 
-WORKLOADS = {  # hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, prompts, new
-    "W0": (576, 1536, 30, 9, 3, 64, 49152, True, 512, 256),
-    "W1": (2048, 8192, 16, 32, 8, 64, 128256, True, 512, 256),
-    "W2": (4096, 14336, 32, 32, 8, 128, 128256, False, 256, 128),
+
+@dataclass(slots=True, frozen=True)
+class Workload:
+    hidden: int
+    inter: int  # MLP intermediate size; an MoE's is each expert's
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    prompts: int
+    new: int
+    experts: int = 0  # 0: a dense Llama; else a Qwen3-MoE with `top_k` of `experts` per token
+    top_k: int = 0
+
+
+WORKLOADS = {
+    "W0": Workload(576, 1536, 30, 9, 3, 64, 49152, True, 512, 256),
+    "W1": Workload(2048, 8192, 16, 32, 8, 64, 128256, True, 512, 256),
+    "W2": Workload(4096, 14336, 32, 32, 8, 128, 128256, False, 256, 128),
+    "M1": Workload(2048, 768, 48, 32, 4, 128, 151936, False, 256, 128, experts=128, top_k=8),  # qwen3-30b-a3b
 }
 FLOPS, BYTES_PER_S = 790e12, 3.0e12  # H100 bf16 matmul rate and memory bandwidth, measured (DEVICE_NOTES.md)
 
@@ -40,40 +58,65 @@ class Result:
     tok_s: float
     gpu_busy_pct: float | None
     roofline_fraction: float
+    t_min_s: float
     peak_mem_gib: float
     stats: dict | None = None
 
 
 def build_model(name: str, device: str = "cuda", positions: int = 4096):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The workload's random-weight model, built in bf16 directly on `device` (M1's 30B parameters would
+    not fit twice, in fp32 first)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
-    hidden, inter, layers, heads, kv, head_dim, vocab, tied, _, _ = WORKLOADS[name]
-    config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, head_dim=head_dim, vocab_size=vocab, tie_word_embeddings=tied,
+    w = WORKLOADS[name]
+    common = dict(
+        hidden_size=w.hidden, num_hidden_layers=w.layers, num_attention_heads=w.heads,
+        num_key_value_heads=w.kv_heads, head_dim=w.head_dim, vocab_size=w.vocab, tie_word_embeddings=w.tied,
         max_position_embeddings=positions, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )  # fmt: skip
+    if w.experts:
+        config = Qwen3MoeConfig(
+            **common, intermediate_size=6144, moe_intermediate_size=w.inter, num_experts=w.experts,
+            num_experts_per_tok=w.top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        )  # fmt: skip
+    else:
+        config = LlamaConfig(**common, intermediate_size=w.inter)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.generation_config.eos_token_id = None
     return model.eval()
 
 
 def make_prompts(name: str, num: int | None) -> list[list[int]]:
-    vocab, prompts = WORKLOADS[name][6], WORKLOADS[name][8]
+    w = WORKLOADS[name]
     rng = random.Random(0)
-    return [[rng.randrange(vocab) for _ in range(rng.randint(64, 768))] for _ in range(num or prompts)]
+    return [[rng.randrange(w.vocab) for _ in range(rng.randint(64, 768))] for _ in range(num or w.prompts)]
+
+
+def experts_touched(experts: int, top_k: int, batch: int) -> float:
+    """Expected distinct experts a layer reads in a step of `batch` tokens, each picking `top_k` of
+    `experts` uniformly: E (1 - (1 - k/E)^B)."""
+    return experts * (1.0 - (1.0 - top_k / experts) ** batch)
 
 
 def t_min(name: str, prompts: list[list[int]], new: int) -> float:
-    """Roofline time: prefill FLOPs at the matmul rate + every decode step's weight and live-KV bytes."""
-    hidden, inter, layers, heads, kv, head_dim, vocab, tied, _, _ = WORKLOADS[name]
-    layer_params = hidden * (heads + 2 * kv) * head_dim + heads * head_dim * hidden + 3 * hidden * inter
-    weight_bytes = 2 * (layers * layer_params + vocab * hidden * (1 if tied else 2))
-    kv_bytes_per_token = layers * 2 * kv * head_dim * 2
+    """Roofline time: prefill FLOPs of the active parameters at the matmul rate + every decode step's
+    weight and live-KV bytes. All prompts decode together (batch B = prompts); an MoE step reads the
+    attention weights, the router and the experts touched by B tokens (`experts_touched`)."""
+    w = WORKLOADS[name]
+    attention = w.hidden * (w.heads + 2 * w.kv_heads) * w.head_dim + w.heads * w.head_dim * w.hidden
+    expert = 3 * w.hidden * w.inter
+    embeddings = w.vocab * w.hidden * (1 if w.tied else 2)
+    if w.experts:
+        active = attention + w.experts * w.hidden + w.top_k * expert
+        read = attention + w.experts * w.hidden + experts_touched(w.experts, w.top_k, len(prompts)) * expert
+    else:
+        active = read = attention + expert
+    weight_bytes = 2 * (w.layers * read + embeddings)
+    kv_bytes_per_token = w.layers * 2 * w.kv_heads * w.head_dim * 2
     prompt_tokens = sum(len(p) for p in prompts)
-    t = 2 * layers * layer_params * prompt_tokens / FLOPS
+    t = 2 * w.layers * active * prompt_tokens / FLOPS
     for step in range(new):
         t += (weight_bytes + (prompt_tokens + step * len(prompts)) * kv_bytes_per_token) / BYTES_PER_S
     return t
@@ -121,6 +164,10 @@ def run_batchrun(
     vocab = model.config.vocab_size
     shifted = [[(t + 1) % vocab for t in p] for p in prompts[:8]]  # no prefix of a measured prompt
     list(engine.generate(Request(-i - 1, p, warm) for i, p in enumerate(shifted)))  # compile kernels
+    # batches of short prompts too: an MoE's mid-size expert tiles compile here, not in the measured run
+    for length in (4, 16):
+        short = [[(t + length) % vocab for t in p[:length]] for p in prompts[8:56]]
+        list(engine.generate(Request(-i - 100, p, warm) for i, p in enumerate(short)))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     done = list(engine.generate(Request(i, p, sp) for i, p in enumerate(prompts)))
@@ -159,6 +206,7 @@ def bench(
     with BusySampler() as busy:
         generated, stats = run()
     wall = time.perf_counter() - t0
+    floor = t_min(name, prompts, new)
     peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     gc.collect()  # the backend's objects (engine, transformers' manager and cache) are gone now
     torch.cuda.empty_cache()
@@ -167,7 +215,7 @@ def bench(
     return Result(
         workload=name, backend=backend, generated_tokens=generated, wall_s=round(wall, 3),
         tok_s=round(generated / wall, 1), gpu_busy_pct=busy.mean,
-        roofline_fraction=round(t_min(name, prompts, new) / wall, 4),
+        roofline_fraction=round(floor / wall, 4), t_min_s=round(floor, 3),
         peak_mem_gib=peak_gib, stats=stats,
     )  # fmt: skip
 
@@ -191,7 +239,7 @@ def main() -> None:
     for name in args.workloads.split(","):
         model = build_model(name, positions=args.positions)
         prompts = make_prompts(name, args.prompts)
-        new = args.new or WORKLOADS[name][9]
+        new = args.new or WORKLOADS[name].new
         for backend in args.backends.split(","):
             r = bench(name, backend, model, prompts, new, engine, args.temperature)
             print(json.dumps(asdict(r)), flush=True)

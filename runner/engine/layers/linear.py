@@ -36,6 +36,10 @@ class GatedMLP:
         gate_up = fused_rows([mlp.gate_proj.weight, mlp.up_proj.weight], device, dtype)
         return cls(gate_up=gate_up, down=load(mlp.down_proj.weight, device, dtype))
 
+    def activation_width(self) -> int:
+        """Activation elements per token live in a call: gate/up [2 I] and SiLU·mul [I]."""
+        return 3 * self.down.shape[1]
+
     def __call__(self, x: torch.Tensor, ops) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]; `ops.silu_mul` is the activation (fused kernel or torch)."""
         return F.linear(ops.silu_mul(F.linear(x, self.gate_up)), self.down)

@@ -18,7 +18,7 @@ from runner.engine.layers.attention import AttentionBatch, AttentionFn
 from runner.engine.layers.linear import GatedMLP, load
 from runner.engine.layers.ops import ops_for
 from runner.engine.layers.rope import rope_tables
-from runner.engine.models.base import ModelShape
+from runner.engine.models.base import MLP, ModelShape
 
 
 def llama_shape(config) -> ModelShape:
@@ -58,7 +58,7 @@ class _Layer:
     k_norm: torch.Tensor | None
     w_o: torch.Tensor  # [hidden, H D]
     ln_mlp: torch.Tensor
-    mlp: GatedMLP
+    mlp: MLP  # GatedMLP, or SparseMoE in the MoE families
 
 
 class PagedLlama:
@@ -92,13 +92,28 @@ class PagedLlama:
                     k_norm=w(att.k_norm.weight) if qk_norm else None,
                     w_o=w(att.o_proj.weight),
                     ln_mlp=w(layer.post_attention_layernorm.weight),
-                    mlp=GatedMLP.from_hf(layer.mlp, device, dtype),
+                    mlp=self.mlp_of(layer, config, device, dtype),
                 )
             )
         self.cos, self.sin = rope_tables(inner.rotary_emb, s.max_model_len, device, dtype)  # [L, D]
         self.scale = s.head_dim**-0.5
         self.device, self.dtype = device, dtype
         self.ops = ops_for(device)
+
+    def activation_width(self) -> int:
+        """Activation elements per token live in a forward: the residual stream and norms, q/k/v and
+        attention output, and the widest layer's MLP (dense or MoE)."""
+        s = self.shape
+        qkv_width = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+        return 4 * s.hidden + 2 * qkv_width + max(layer.mlp.activation_width() for layer in self.layers)
+
+    def project_qkv(self, x: torch.Tensor, index: int, layer: _Layer) -> torch.Tensor:
+        """q, k, v of layer `index` side by side: [T, hidden] -> [T, (H + 2 Hkv) D]."""
+        return F.linear(x, layer.w_qkv, layer.b_qkv)
+
+    def mlp_of(self, layer, config, device: torch.device, dtype: torch.dtype):
+        """The MLP of a transformers decoder layer: gated here; a sparse MoE in the MoE families."""
+        return GatedMLP.from_hf(layer.mlp, device, dtype)
 
     @torch.inference_mode()
     def forward(
@@ -117,7 +132,7 @@ class PagedLlama:
         delta = None  # the last layer's MLP output, not yet added to h
         for i, layer in enumerate(self.layers):
             x = ops.add_rms_norm(h, delta, layer.ln_attn, s.eps)
-            qkv = F.linear(x, layer.w_qkv, layer.b_qkv)  # [T, (H + 2 Hkv) D]
+            qkv = self.project_qkv(x, i, layer)  # [T, (H + 2 Hkv) D]
             q = ops.rope_store(
                 qkv, cos, sin, kv_cache[i, 0], kv_cache[i, 1], batch.slot_mapping,
                 s.num_heads, layer.q_norm, layer.k_norm, s.eps,
