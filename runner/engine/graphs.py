@@ -10,7 +10,9 @@ touch nothing but the spare slot and the spare KV page.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +94,19 @@ class DecodeGraphs:
             self.step(views, rows, all_greedy, want_logprobs)  # compiles kernels, sets up handles
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with _no_gc(), torch.cuda.graph(graph, pool=self._pool):
             tokens, logprobs = self.step(views, rows, all_greedy, want_logprobs)
         return _Graph(graph, static, tokens, logprobs)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Python's cycle collector off: run during a capture, it may free another engine's graphs, and
+    destroying a graph while a stream captures invalidates the capture."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
