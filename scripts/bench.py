@@ -1,10 +1,12 @@
 """Throughput benchmark: DESIGN.md's workloads through batchrun and transformers' generate_batch.
 
 Random-weight Llama-shaped bf16 models, greedy, no EOS, every request generates exactly `new`
-tokens; prompt lengths uniform in [64, 768], token ids uniform, seed 0. All backends run in the
-same process on the same model. Prints one table and writes JSON (with the command line).
+tokens; prompt lengths uniform in [64, 768] (W3: all 128), token ids uniform, seed 0. All backends run
+in the same process on the same model. Prints one table and writes JSON (with the command line).
 
     python scripts/bench.py --workloads W0 --backends batchrun,hf-sync,hf-async --out results.json
+    python scripts/bench.py --workloads W2,W3 --backends batchrun,batchrun-fp8   # bf16 vs fp8 weights
+    python scripts/bench.py --workloads W70 --backends batchrun   # Llama-3.1-70B shape, fp8, one GPU
 """
 
 from __future__ import annotations
@@ -22,12 +24,32 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `runner` imports
 
-WORKLOADS = {  # hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, prompts, new
-    "W0": (576, 1536, 30, 9, 3, 64, 49152, True, 512, 256),
-    "W1": (2048, 8192, 16, 32, 8, 64, 128256, True, 512, 256),
-    "W2": (4096, 14336, 32, 32, 8, 128, 128256, False, 256, 128),
+
+@dataclass(slots=True, frozen=True)
+class Workload:
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    prompts: int
+    new: int
+    prompt_len: tuple[int, int] = (64, 768)  # prompt lengths uniform in [lo, hi]
+    fp8_only: bool = False  # built on the meta device, fp8 weights filled layer by layer (no bf16 copy)
+
+
+WORKLOADS = {
+    "W0": Workload(576, 1536, 30, 9, 3, 64, 49152, True, 512, 256),
+    "W1": Workload(2048, 8192, 16, 32, 8, 64, 128256, True, 512, 256),
+    "W2": Workload(4096, 14336, 32, 32, 8, 128, 128256, False, 256, 128),
+    "W3": Workload(4096, 14336, 32, 32, 8, 128, 128256, False, 4096, 128, prompt_len=(128, 128)),
+    "W70": Workload(8192, 28672, 80, 64, 8, 128, 128256, False, 256, 128, fp8_only=True),  # llama-3.1-70b
 }
-FLOPS, BYTES_PER_S = 790e12, 3.0e12  # H100 bf16 matmul rate and memory bandwidth, measured (DEVICE_NOTES.md)
+# H100 bf16 matmul rate and memory bandwidth, measured (DEVICE_NOTES.md); fp8 GEMMs: twice the bf16 rate
+FLOPS, BYTES_PER_S = 790e12, 3.0e12
 
 
 @dataclass(slots=True)
@@ -43,36 +65,81 @@ class Result:
     stats: dict | None = None
 
 
-def build_model(name: str, device: str = "cuda"):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _config(w: Workload):
+    from transformers import LlamaConfig
 
-    hidden, inter, layers, heads, kv, head_dim, vocab, tied, _, _ = WORKLOADS[name]
-    config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, head_dim=head_dim, vocab_size=vocab, tie_word_embeddings=tied,
-        max_position_embeddings=4096, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    return LlamaConfig(
+        hidden_size=w.hidden, intermediate_size=w.inter, num_hidden_layers=w.layers,
+        num_attention_heads=w.heads, num_key_value_heads=w.kv_heads, head_dim=w.head_dim,
+        vocab_size=w.vocab, tie_word_embeddings=w.tied, max_position_embeddings=4096,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )  # fmt: skip
+
+
+def build_model(name: str, device: str = "cuda"):
+    """The workload's random-weight model in bf16 on `device` (W70: fp8 decoder weights, see below)."""
+    from transformers import LlamaForCausalLM
+
+    w = WORKLOADS[name]
+    if w.fp8_only:
+        return build_fp8_model(w, torch.device(device))
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(_config(w)).to(torch.bfloat16)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+@torch.no_grad()
+def build_fp8_model(w: Workload, device: torch.device):
+    """A random model whose bf16 weights would not fit the GPU (W70: 140 GB): built on the meta device,
+    then each decoder linear gets random fp8 weights + per-channel scales straight on `device` (the form
+    a stored fp8 checkpoint loads into, see runner/engine/loader.py), one matrix at a time; embeddings,
+    LM head and norms in bf16."""
+    from torch import nn
+    from transformers import LlamaForCausalLM
+
+    from runner.engine.layers.fp8 import quantize_weight
+    from runner.engine.loader import rebuild_buffers
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(_config(w)).to(torch.bfloat16)
+    for name, module in model.named_modules():
+        for leaf, p in list(module.named_parameters(recurse=False)):
+            if isinstance(module, nn.Linear) and ".layers." in name:
+                rand = torch.randn(p.shape, device=device, dtype=torch.bfloat16).mul_(0.02)
+                wq, module.weight_scale = quantize_weight(rand)
+                module.weight = nn.Parameter(wq, requires_grad=False)
+            elif p.dim() == 1:  # norms
+                module._parameters[leaf] = nn.Parameter(torch.ones(p.shape, device=device, dtype=p.dtype))
+            else:  # embeddings, LM head
+                t = torch.randn(p.shape, device=device, dtype=p.dtype).mul_(0.02)
+                module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    rebuild_buffers(model, device)
     model.generation_config.eos_token_id = None
     return model.eval()
 
 
 def make_prompts(name: str, num: int | None) -> list[list[int]]:
-    vocab, prompts = WORKLOADS[name][6], WORKLOADS[name][8]
+    w = WORKLOADS[name]
     rng = random.Random(0)
-    return [[rng.randrange(vocab) for _ in range(rng.randint(64, 768))] for _ in range(num or prompts)]
+    lengths = [rng.randint(*w.prompt_len) for _ in range(num or w.prompts)]
+    return [[rng.randrange(w.vocab) for _ in range(n)] for n in lengths]
 
 
-def t_min(name: str, prompts: list[list[int]], new: int) -> float:
-    """Roofline time: prefill FLOPs at the matmul rate + every decode step's weight and live-KV bytes."""
-    hidden, inter, layers, heads, kv, head_dim, vocab, tied, _, _ = WORKLOADS[name]
-    layer_params = hidden * (heads + 2 * kv) * head_dim + heads * head_dim * hidden + 3 * hidden * inter
-    weight_bytes = 2 * (layers * layer_params + vocab * hidden * (1 if tied else 2))
-    kv_bytes_per_token = layers * 2 * kv * head_dim * 2
+def t_min(name: str, prompts: list[list[int]], new: int, fp8: bool = False) -> float:
+    """Roofline time: prefill FLOPs at the matmul rate + every decode step's weight and live-KV bytes.
+
+    fp8: the decoder's linear weights are 1 byte each and their GEMMs run at twice the bf16 rate (the
+    embeddings, LM head and KV cache stay bf16)."""
+    w = WORKLOADS[name]
+    layer_params = w.hidden * (w.heads + 2 * w.kv_heads) * w.head_dim + w.heads * w.head_dim * w.hidden
+    layer_params += 3 * w.hidden * w.inter
+    weight_bytes = (1 if fp8 else 2) * w.layers * layer_params + 2 * w.vocab * w.hidden * (1 if w.tied else 2)
+    kv_bytes_per_token = w.layers * 2 * w.kv_heads * w.head_dim * 2
     prompt_tokens = sum(len(p) for p in prompts)
-    t = 2 * layers * layer_params * prompt_tokens / FLOPS
+    t = 2 * w.layers * layer_params * prompt_tokens / (FLOPS * (2 if fp8 else 1))
     for step in range(new):
         t += (weight_bytes + (prompt_tokens + step * len(prompts)) * kv_bytes_per_token) / BYTES_PER_S
     return t
@@ -109,10 +176,20 @@ class BusySampler:
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
-def run_batchrun(model, prompts: list[list[int]], new: int, async_mode: bool) -> tuple[int, dict]:
+def run_batchrun(
+    model, prompts: list[list[int]], new: int, backend: str, engine_kw: dict
+) -> tuple[int, dict]:
+    """`backend`: batchrun[-fp8][-sync] (fp8: weights quantized at load; sync: async_mode off)."""
     from runner.engine import Engine, EngineConfig, Request, SamplingParams
 
-    engine = Engine(model, EngineConfig(device="cuda", dtype="bfloat16", async_mode=async_mode))
+    parts = backend.split("-")[1:]
+    assert set(parts) <= {"fp8", "sync"}, backend
+    quantization = "fp8" if "fp8" in parts else "none"
+    async_mode = "sync" not in parts
+    config = EngineConfig(
+        device="cuda", dtype="bfloat16", async_mode=async_mode, quantization=quantization, **engine_kw
+    )
+    engine = Engine(model, config)
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
     warm = SamplingParams(max_new_tokens=4, ignore_eos=True)
     vocab = model.config.vocab_size
@@ -141,13 +218,15 @@ def run_hf(model, prompts: list[list[int]], new: int, async_mode: bool) -> tuple
     return sum(len(o.generated_tokens) for o in out.values()), None
 
 
-def bench(name: str, backend: str, model, prompts: list[list[int]], new: int) -> Result:
-    run = {
-        "batchrun": lambda: run_batchrun(model, prompts, new, True),
-        "batchrun-sync": lambda: run_batchrun(model, prompts, new, False),
-        "hf-sync": lambda: run_hf(model, prompts, new, False),
-        "hf-async": lambda: run_hf(model, prompts, new, True),
-    }[backend]
+def bench(name: str, backend: str, model, prompts: list[list[int]], new: int, engine_kw: dict) -> Result:
+    if backend.startswith("batchrun"):
+        run = lambda: run_batchrun(model, prompts, new, backend, engine_kw)
+    else:
+        run = {
+            "hf-sync": lambda: run_hf(model, prompts, new, False),
+            "hf-async": lambda: run_hf(model, prompts, new, True),
+        }[backend]
+    fp8 = "fp8" in backend or WORKLOADS[name].fp8_only
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -159,7 +238,7 @@ def bench(name: str, backend: str, model, prompts: list[list[int]], new: int) ->
     return Result(
         workload=name, backend=backend, generated_tokens=generated, wall_s=round(wall, 3),
         tok_s=round(generated / wall, 1), gpu_busy_pct=busy.mean,
-        roofline_fraction=round(t_min(name, prompts, new) / wall, 4),
+        roofline_fraction=round(t_min(name, prompts, new, fp8) / wall, 4),
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), stats=stats,
     )  # fmt: skip
 
@@ -167,18 +246,29 @@ def bench(name: str, backend: str, model, prompts: list[list[int]], new: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="W0")
-    ap.add_argument("--backends", default="batchrun,hf-sync,hf-async")
+    ap.add_argument(
+        "--backends", default="batchrun,hf-sync,hf-async",
+        help="batchrun, batchrun-sync, batchrun-fp8, batchrun-fp8-sync (fp8: weights quantized at load), "
+        "hf-sync, hf-async",
+    )  # fmt: skip
     ap.add_argument("--prompts", type=int, default=None, help="override the workload's prompt count")
     ap.add_argument("--new", type=int, default=None, help="override the workload's new tokens")
+    ap.add_argument("--max-seqs", type=int, default=None, help="engine.max_seqs (default: EngineConfig's)")
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine.max_batch_tokens")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    engine_kw = {"max_seqs": args.max_seqs, "max_batch_tokens": args.max_batch_tokens}
+    engine_kw = {k: v for k, v in engine_kw.items() if v}
     results = []
     for name in args.workloads.split(","):
         model = build_model(name)
         prompts = make_prompts(name, args.prompts)
-        new = args.new or WORKLOADS[name][9]
+        new = args.new or WORKLOADS[name].new
         for backend in args.backends.split(","):
-            r = bench(name, backend, model, prompts, new)
+            if WORKLOADS[name].fp8_only and not backend.startswith("batchrun"):
+                print(f"{name}: {backend} skipped (its bf16 weights would not fit; only batchrun runs fp8)")
+                continue
+            r = bench(name, backend, model, prompts, new, engine_kw)
             print(json.dumps(asdict(r)), flush=True)
             results.append(r)
         del model
@@ -194,6 +284,11 @@ def main() -> None:
             f"{r.workload:8} {r.backend:14} {r.tok_s:9.0f} {r.wall_s:9.2f} {r.gpu_busy_pct or 0:9.1f} "
             f"{r.roofline_fraction:9.3f} {speedup:>9}"
         )
+    by_key = {(r.workload, r.backend): r.tok_s for r in results}
+    for (workload, backend), tok_s in by_key.items():
+        bf16 = by_key.get((workload, backend.replace("-fp8", "")))
+        if "-fp8" in backend and bf16:
+            print(f"{workload}: {backend} / {backend.replace('-fp8', '')} = {tok_s / bf16:.2f}x")
     if args.out:
         device = torch.cuda.get_device_name()
         doc = {"command": " ".join(sys.argv), "device": device, "torch": torch.__version__,
