@@ -44,7 +44,7 @@ class Engine:
         dtype = config.resolve_dtype(device)
         self.tokenizer = tokenizer
         self.max_model_len = min(shape.max_model_len, config.max_model_len or shape.max_model_len)
-        self.model = PagedLlama(model, device, dtype)
+        self.model = PagedLlama(model, device, dtype, fp8=config.quantization == "fp8")
         num_pages = self._num_pages(shape, device, dtype)
         if device.type == "cuda":
             from runner.engine.paged_attention import paged_attention as attention
@@ -77,13 +77,21 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> Engine:
-        """Load a local Hugging Face folder (or hub id) with transformers and build the engine on it."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        """Load a local Hugging Face folder (or hub id) and build the engine on it.
+
+        fp8 checkpoints (`quantization_config`), and any safetensors folder with `quantization="fp8"`,
+        load tensor by tensor straight to the device (`loader.py`); others load with transformers.
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        from runner.engine.loader import load_hf_model
 
         config = config or EngineConfig()
-        model_shape(AutoConfig.from_pretrained(path))  # unsupported models fail before loading weights
-        dtype = config.resolve_dtype(config.resolve_device())
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        hf_config = AutoConfig.from_pretrained(path)
+        model_shape(hf_config)  # unsupported models fail before loading weights
+        device = config.resolve_device()
+        dtype = config.resolve_dtype(device)
+        model = load_hf_model(path, dtype, device, config.quantization == "fp8", hf_config)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError):

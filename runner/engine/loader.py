@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from runner.engine.config import UnsupportedModel
 from runner.engine.layers.fp8 import FP8, quantize_weight
 from runner.engine.quant_config import UNUSED_SUFFIXES, read_quantization
 
@@ -36,6 +37,25 @@ def safetensors_files(path: str | Path) -> list[Path] | None:
         return [path / n for n in names]
     single = path / "model.safetensors"
     return [single] if single.is_file() else None
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device, fp8: bool, hf_config=None):
+    """The transformers model `Engine.from_pretrained` builds on: fp8 checkpoints (and any safetensors
+    checkpoint when `fp8`) through `load_checkpoint` onto `device`; others through transformers (host).
+
+    Raises UnsupportedModel for quantization schemes the fast path does not run.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = hf_config or AutoConfig.from_pretrained(path)
+    stored = read_quantization(hf_config)
+    if (stored or fp8) and safetensors_files(path):
+        return load_checkpoint(path, dtype, device, quantize=fp8)
+    if stored:
+        raise UnsupportedModel(
+            f"{path}: an fp8 checkpoint loads from a local folder of safetensors files (download it first)"
+        )
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)  # fp8: quantized as the engine copies it
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device, quantize: bool):
@@ -113,6 +133,7 @@ def rebuild_buffers(model, device: torch.device) -> None:
         if any(b.is_meta for b in module.buffers(recurse=False)):
             if not hasattr(module, "rope_type"):
                 raise ValueError(f"module {name} has buffers that the checkpoint does not hold")
-            rebuilt = type(module)(config=model.config, device=device)
+            with torch.device(device):
+                rebuilt = type(module)(config=model.config)
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, rebuilt)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from runner.engine.attention import AttentionBatch, AttentionFn, write_kv
 from runner.engine.config import UnsupportedModel
+from runner.engine.layers.fp8 import Fp8Linear
+from runner.engine.layers.fused_linear import DenseLinear, fused_linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -64,14 +66,13 @@ def model_shape(config) -> ModelShape:
 @dataclass(slots=True)
 class _Layer:
     ln_attn: torch.Tensor  # [hidden]
-    w_qkv: torch.Tensor  # [(H + 2 Hkv) D, hidden]
-    b_qkv: torch.Tensor | None
+    qkv: DenseLinear | Fp8Linear  # [(H + 2 Hkv) D, hidden], with the q/k/v biases if any
     q_norm: torch.Tensor | None  # [D] (Qwen3)
     k_norm: torch.Tensor | None
-    w_o: torch.Tensor  # [hidden, H D]
+    o: DenseLinear | Fp8Linear  # [hidden, H D]
     ln_mlp: torch.Tensor
-    w_gate_up: torch.Tensor  # [2 I, hidden]
-    w_down: torch.Tensor  # [hidden, I]
+    gate_up: DenseLinear | Fp8Linear  # [2 I, hidden]
+    down: DenseLinear | Fp8Linear  # [hidden, I]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -144,7 +145,8 @@ def ops_for(device: torch.device):
 class PagedLlama:
     """Forward of a Llama-family decoder over a ragged batch, reading and writing the paged KV cache."""
 
-    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
+        """Copy `hf_model`'s weights; `fp8`: quantize the decoder's linear weights (fp8 ones stay)."""
         config = hf_model.config
         self.shape = model_shape(config)
         s = self.shape
@@ -159,19 +161,17 @@ class PagedLlama:
         self.layers = []
         for layer in inner.layers:
             att, mlp = layer.self_attn, layer.mlp
-            bias = [att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]
             qk_norm = getattr(att, "q_norm", None) is not None
             self.layers.append(
                 _Layer(
                     ln_attn=w(layer.input_layernorm.weight),
-                    w_qkv=w(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
-                    b_qkv=w(torch.cat(bias)) if bias[0] is not None else None,
+                    qkv=fused_linear([att.q_proj, att.k_proj, att.v_proj], device, dtype, fp8),
                     q_norm=w(att.q_norm.weight) if qk_norm else None,
                     k_norm=w(att.k_norm.weight) if qk_norm else None,
-                    w_o=w(att.o_proj.weight),
+                    o=fused_linear([att.o_proj], device, dtype, fp8),
                     ln_mlp=w(layer.post_attention_layernorm.weight),
-                    w_gate_up=w(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    w_down=w(mlp.down_proj.weight),
+                    gate_up=fused_linear([mlp.gate_proj, mlp.up_proj], device, dtype, fp8),
+                    down=fused_linear([mlp.down_proj], device, dtype, fp8),
                 )
             )
         rotary = inner.rotary_emb
@@ -202,13 +202,13 @@ class PagedLlama:
         delta = None  # the last layer's MLP output, not yet added to h
         for i, layer in enumerate(self.layers):
             x = ops.add_rms_norm(h, delta, layer.ln_attn, s.eps)
-            qkv = F.linear(x, layer.w_qkv, layer.b_qkv)  # [T, (H + 2 Hkv) D]
+            qkv = layer.qkv(x)  # [T, (H + 2 Hkv) D]
             q = ops.rope_store(
                 qkv, cos, sin, kv_cache[i, 0], kv_cache[i, 1], batch.slot_mapping,
                 s.num_heads, layer.q_norm, layer.k_norm, s.eps,
             )  # fmt: skip
             o = attention(q, kv_cache[i, 0], kv_cache[i, 1], batch, self.scale)  # [T, H, D]
-            x = ops.add_rms_norm(h, F.linear(o.flatten(1), layer.w_o), layer.ln_mlp, s.eps)
-            delta = F.linear(ops.silu_mul(F.linear(x, layer.w_gate_up)), layer.w_down)
+            x = ops.add_rms_norm(h, layer.o(o.flatten(1)), layer.ln_mlp, s.eps)
+            delta = layer.down(ops.silu_mul(layer.gate_up(x)))
         h = h[logits_rows] + delta[logits_rows]  # [S, hidden]
         return F.linear(ops.add_rms_norm(h, None, self.norm, s.eps), self.lm_head).float()
