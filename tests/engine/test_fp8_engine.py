@@ -108,3 +108,44 @@ def test_per_tensor_fp8_checkpoint_and_unsupported_schemes(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
         with pytest.raises(UnsupportedModel, match=why):
             Engine.from_pretrained(tmp_path, EngineConfig(**CPU32))
+
+
+def test_fp8_modules_on_the_device_share_the_fused_weights():
+    """A model whose fp8 weights already sit on the engine's device (the loader's, or bench W70's) is not
+    held twice: its q/k/v and gate/up modules end up as views of the engine's fused matrices."""
+    model = tiny_model("llama", seed=7)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in LINEARS:
+                wq, module.weight_scale = quantize_weight(module.weight)
+                module.weight = torch.nn.Parameter(wq, requires_grad=False)
+    engine = Engine(model, EngineConfig(**CPU32))
+    att, layer = model.model.layers[0].self_attn, engine.model.layers[0]
+    assert att.q_proj.weight.data_ptr() == layer.qkv.weight.data_ptr()
+    assert att.k_proj.weight.untyped_storage().data_ptr() == layer.qkv.weight.untyped_storage().data_ptr()
+    assert model.model.layers[1].mlp.up_proj.weight.untyped_storage().data_ptr() == (
+        engine.model.layers[1].gate_up.weight.untyped_storage().data_ptr()
+    )
+    assert len(generate(engine, random_prompts(2, 5, 9), new=3)[1][0]) == 3
+
+
+@pytest.mark.gpu
+def test_fp8_on_cuda_tracks_the_cpu_reference():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs a CUDA GPU with compute capability 9.0+")
+    model = tiny_model("qwen2", seed=1)
+    prompts = random_prompts(6, 5, 60, seed=2)
+    ref = generate(Engine(model, EngineConfig(**CPU32, quantization="fp8")), prompts)
+    cuda = dict(device="cuda", kv_cache_tokens=4096, page_size=8, quantization="fp8")
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine(model, EngineConfig(**cuda, dtype=dtype))
+        assert engine.model.layers[0].qkv.fast and engine.model.layers[0].down.fast
+        got = generate(engine, prompts)
+        assert engine.stats()["graph_steps"] > 0
+        # _scaled_mm rounds its output to bf16: first tokens agree, their log-probabilities are close
+        assert sum(a[0][0] == b[0][0] for a, b in zip(got, ref, strict=True)) >= 5
+        for (ta, la), (tb, lb) in zip(got, ref, strict=True):
+            if ta[0] == tb[0]:
+                assert abs(la[0] - lb[0]) < 0.1
+        sync = generate(Engine(model, EngineConfig(**cuda, dtype=dtype, async_mode=False)), prompts)
+        assert [t for t, _ in sync] == [t for t, _ in got]

@@ -54,18 +54,26 @@ def fp8_matmul_supported(device: torch.device) -> bool:
     )
 
 
-def reference_fp8_linear(
-    x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
+def reference_fp8_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The dequantizing path: x [T, K] quantized per token, times the dequantized weight, in fp32.
 
-    wq: [N, K] fp8; w_scale: [1, N] fp32; bias: [N] or None. Returns [T, N] in x's dtype.
+    w: [N, K] fp32, the dequantized fp8 weight (`dequantize(wq, scale[N, 1])`); bias: [N] or None.
+    Returns [T, N] in x's dtype.
     """
     xq, x_scale = quantize_rows(x)
-    y = F.linear(dequantize(xq, x_scale), dequantize(wq, w_scale.reshape(-1, 1)))
+    y = F.linear(dequantize(xq, x_scale), w)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def _quantize_rows_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton twin of `quantize_rows` (imported on first use: Triton is only needed on CUDA)."""
+    global _quantize_rows_cuda
+    from runner.engine.layers.fp8_kernels import quantize_rows_kernel
+
+    _quantize_rows_cuda = quantize_rows_kernel
+    return quantize_rows_kernel(x)
 
 
 @dataclass(slots=True)
@@ -76,6 +84,9 @@ class Fp8Linear:
     scale: torch.Tensor  # [1, N] fp32
     bias: torch.Tensor | None  # [N], model dtype
     fast: bool  # torch._scaled_mm (sm90+, aligned shapes) instead of the dequantizing reference
+    # the reference path's dequantized weight [N, K] fp32: kept on the CPU (computed once), else made
+    # per call so that a GPU without fp8 GEMMs holds only the fp8 copy
+    dequantized: torch.Tensor | None = None
 
     @classmethod
     def from_quantized(
@@ -88,7 +99,10 @@ class Fp8Linear:
         scale = scale.expand(n) if scale.numel() == 1 else scale
         assert scale.numel() == n, f"{scale.numel()} scales for {n} output channels"
         fast = fp8_matmul_supported(device) and n % 16 == 0 and k % 16 == 0
-        return cls(wq.to(device).contiguous(), scale.reshape(1, n).contiguous(), bias, fast)
+        lin = cls(wq.to(device).contiguous(), scale.reshape(1, n).contiguous(), bias, fast)
+        if device.type == "cpu":
+            lin.dequantized = lin.dequantize()
+        return lin
 
     @classmethod
     def quantize(cls, w: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> Fp8Linear:
@@ -99,16 +113,19 @@ class Fp8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, K] -> [T, N] in x's dtype."""
         if not self.fast:
-            return reference_fp8_linear(x, self.weight, self.scale, self.bias)
-        from runner.engine.layers.fp8_kernels import quantize_rows_kernel
-
-        xq, x_scale = quantize_rows_kernel(x)
+            w = self.dequantized if self.dequantized is not None else self.dequantize()
+            return reference_fp8_linear(x, w, self.bias)
+        xq, x_scale = _quantize_rows_cuda(x)
         y = torch._scaled_mm(
             xq, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=torch.bfloat16
         )
         if self.bias is not None:
             y += self.bias
         return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight's fp32 values [N, K]."""
+        return dequantize(self.weight, self.scale.reshape(-1, 1))
 
     @property
     def nbytes(self) -> int:
