@@ -13,6 +13,11 @@ from jobs.spec import JobSpec, SpecError, load_spec
 EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early, everything finished is committed; run again
+EXIT_CODES = (
+    "Exit codes: 0 done; 1 failed (unreadable shards, too many error rows, a dead worker; what finished "
+    "is committed); 2 bad spec (or a preflight problem: nothing was run); 75 stopped early by a signal "
+    "(everything finished is committed: run the same command again)."
+)
 
 
 def _load(path: str, task_index: int | None, num_tasks: int | None) -> JobSpec:
@@ -32,15 +37,28 @@ def _load(path: str, task_index: int | None, num_tasks: int | None) -> JobSpec:
     return spec.model_copy(update={"runtime": runtime})
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("batchrun-llm")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 @click.group()
-@click.option("-v", "--verbose", count=True, help="More log output (-v info is the default, -vv debug).")
-def main(verbose: int) -> None:
+@click.version_option(_version(), "--version", prog_name="batchrun", message="%(prog)s %(version)s")
+@click.option("-v", "--verbose", count=True, help="More log output: -v debug (info is the default).")
+@click.option("-q", "--quiet", count=True, help="Less log output: -q warnings and errors, -qq errors only.")
+def main(verbose: int, quiet: int) -> None:
     """batchrun: offline batch inference over Parquet/JSONL shards, resumable, exactly once."""
+    level = logging.INFO + 10 * (min(quiet, 2) - min(verbose, 1))
     logging.basicConfig(
-        level=logging.DEBUG if verbose > 1 else logging.INFO,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger().setLevel(level)  # also where logging was configured before (an embedding app)
     for noisy in ("httpx", "urllib3", "botocore", "s3fs", "fsspec", "ContinuousBatchingLogger"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -48,10 +66,31 @@ def main(verbose: int) -> None:
 @main.command()
 @click.argument("spec_path", metavar="SPEC")
 def validate(spec_path: str) -> None:
-    """Check SPEC and print it with every default filled in; exit 2 on problems."""
+    """Check SPEC, its inputs' first rows, the output location and the model path (no model is
+    loaded, nothing goes to the network for a local path); print the spec with every default filled
+    in; exit 2 on problems, all listed at once."""
     spec = _load(spec_path, None, None)
+    _preflight(spec, spec_path)
     click.echo(json.dumps(spec.model_dump(mode="json", by_alias=True), indent=2))
     click.echo(f"{spec_path}: OK", err=True)
+
+
+def _preflight(spec: JobSpec, spec_path: str) -> None:
+    from jobs.preflight import format_problems, preflight
+
+    problems = preflight(spec)
+    if problems:
+        click.echo(format_problems(problems, spec_path), err=True)
+        sys.exit(EXIT_BAD_SPEC)
+
+
+def _check_output_path(spec: JobSpec, spec_path: str) -> None:
+    from jobs.preflight import output_path_problem
+
+    problem = output_path_problem(spec)
+    if problem:
+        click.echo(f"{spec_path}: {problem}", err=True)
+        sys.exit(EXIT_BAD_SPEC)
 
 
 def _run(
@@ -61,12 +100,13 @@ def _run(
     from jobs.lease import LeaseHeld
     from jobs.workers import run_node
     from runner.models import ModelError
-    from runner.pipeline import JobFailed, JobInterrupted
+    from runner.pipeline import EngineFailed, JobFailed, JobInterrupted
     from runner.prompts import PromptTooLong
     from runner.retry import StorageError
     from runner.sources import InputError
 
     spec = _load(spec_path, task_index, num_tasks)
+    _preflight(spec, spec_path)
     try:
         summary = run_node(spec, force_new_run=force_new_run, show_progress=progress)
     except JobInterrupted as e:
@@ -79,6 +119,12 @@ def _run(
         sys.exit(EXIT_INTERRUPTED)
     except JobFailed as e:
         _echo_summary(e.summary.lines())
+        if isinstance(e, EngineFailed):
+            click.echo(
+                f"The engine failed: {e.reason}. Every finished row is committed; run `batchrun submit "
+                f"{spec_path}` again to finish the rest.",
+                err=True,
+            )
         if e.summary.failed_shards:
             click.echo(
                 "Some shards could not be read (above); the others are done. Fix or remove them "
@@ -129,7 +175,7 @@ def _with_task_opts(f):
     return f
 
 
-@main.command()
+@main.command(epilog=EXIT_CODES)
 @click.argument("spec_path", metavar="SPEC")
 @_with_task_opts
 @click.option(
@@ -154,11 +200,14 @@ def submit(
                 err=True,
             )
             sys.exit(EXIT_BAD_SPEC)
+        if not dry_run:
+            _preflight(spec, spec_path)
         _submit_slurm(spec, spec_path, dry_run)
         return
     if dry_run:
         click.echo("--dry-run prints the sbatch script: add --executor slurm", err=True)
         sys.exit(EXIT_BAD_SPEC)
+    _check_output_path(spec, spec_path)
     try:
         refuse_if_active(store_for(spec))
     except SlurmError as e:
@@ -190,7 +239,7 @@ def _submit_slurm(spec: JobSpec, spec_path: str, dry_run: bool) -> None:
     )
 
 
-@main.command()
+@main.command(epilog=EXIT_CODES)
 @click.argument("spec_path", metavar="SPEC")
 @_with_task_opts
 def run(spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bool) -> None:
@@ -207,6 +256,7 @@ def status(spec_path: str, as_json: bool) -> None:
     from jobs.status import job_status
 
     spec = _load(spec_path, None, None)
+    _check_output_path(spec, spec_path)
     report = job_status(spec)
     slurm = slurm_status(spec)
     if as_json:
@@ -230,6 +280,7 @@ def report(spec_path: str, out_path: str | None) -> None:
     from jobs.report import ReportUnavailable, render_png
 
     spec = _load(spec_path, None, None)
+    _check_output_path(spec, spec_path)
     try:
         png = render_png(spec)
     except ReportUnavailable as e:

@@ -40,16 +40,20 @@ class _Holder:
     heartbeat: float  # wall-clock seconds
 
     def alive_here(self) -> bool | None:
-        """Whether the holder process exists; None when it ran on another host (we can't tell)."""
-        if self.host != socket.gethostname():
-            return None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+        return process_alive(self.host, self.pid)
+
+
+def process_alive(host: str, pid: int) -> bool | None:
+    """Whether process `pid` of `host` exists; None when it is on another host (we can't tell)."""
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
         return True
+    return True
 
 
 class TaskLease:

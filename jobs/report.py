@@ -17,10 +17,17 @@ class ReportUnavailable(Exception):
 
 @dataclass(slots=True)
 class Series:
+    """One task's metrics; a NaN point breaks the line where no heartbeat came (a kill, a requeue)."""
+
     task: str
     minutes: list[float]
     tokens_per_s: list[float]
     gpu_busy: list[float | None]
+    full: list[bool]  # measured over a whole heartbeat interval (a shorter one is too noisy to scale by)
+
+
+GAP_HEARTBEATS = 3  # no record for this many heartbeat intervals: a gap, not a slow interval
+DEFAULT_HEARTBEAT_S = 5.0  # for records written before they carried their interval
 
 
 def load_series(store: OutputStore) -> list[Series]:
@@ -30,16 +37,36 @@ def load_series(store: OutputStore) -> list[Series]:
         lines = (store.read_state(f"metrics/{name}") or b"").decode().splitlines()
         raw[name.removesuffix(".jsonl")] = [json.loads(x) for x in lines if x.strip()]
     t0 = min((r[0]["time"] for r in raw.values() if r), default=0.0)
-    return [
-        Series(
-            task,
-            [(x["time"] - t0) / 60 for x in rows],
-            [x["tokens_per_s"] for x in rows],
-            [x["gpu_busy_percent"] for x in rows],
-        )
-        for task, rows in raw.items()
-        if rows
-    ]
+    return [_series(task, rows, t0) for task, rows in raw.items() if rows]
+
+
+def _series(task: str, rows: list[dict], t0: float) -> Series:
+    s = Series(task, [], [], [], [])
+    prev = None
+    for x in rows:
+        beat = x.get("heartbeat_s", DEFAULT_HEARTBEAT_S)
+        dt = x.get("interval_s", x["time"] - prev if prev is not None else 0.0)
+        if prev is not None and x["time"] - prev > GAP_HEARTBEATS * beat:
+            _point(s, (prev - t0) / 60 + 1e-9, float("nan"), None, False)
+        _point(s, (x["time"] - t0) / 60, x["tokens_per_s"], x["gpu_busy_percent"], dt >= 0.9 * beat)
+        prev = x["time"]
+    return s
+
+
+def _point(s: Series, minute: float, tok_s: float, busy: float | None, full: bool) -> None:
+    s.minutes.append(minute)
+    s.tokens_per_s.append(tok_s)
+    s.gpu_busy.append(busy)
+    s.full.append(full)
+
+
+def y_limit(series: list[Series]) -> float:
+    """The throughput axis' top: the highest rate measured over a whole heartbeat (5% headroom)."""
+    top = max(
+        (v for s in series for v, full in zip(s.tokens_per_s, s.full, strict=True) if full and v == v),
+        default=0.0,
+    )
+    return top * 1.05 or 1.0
 
 
 def render_png(spec: JobSpec) -> bytes:
@@ -61,6 +88,7 @@ def render_png(spec: JobSpec) -> bytes:
     fig, (ax_tok, ax_gpu, ax_rows) = plt.subplots(3, 1, figsize=(10, 10), dpi=100)
     for s in series:
         ax_tok.plot(s.minutes, s.tokens_per_s, marker=".", label=s.task)
+    ax_tok.set_ylim(0, y_limit(series))
     _decorate(ax_tok, "generated tokens/s", "tokens/s")
     gpu = [s for s in series if any(b is not None for b in s.gpu_busy)]
     for s in gpu:

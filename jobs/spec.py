@@ -132,8 +132,14 @@ class EngineSpec(_Section):
     page_size: PositiveInt = 16
     kv_memory_fraction: Annotated[float, Field(gt=0, le=0.95)] = 0.85
     kv_cache_tokens: PositiveInt | None = None
+    max_model_len: PositiveInt | None = Field(
+        None, description="cap on prompt + generated tokens (default: the model's); a smaller KV cache fits"
+    )
     async_mode: bool = Field(True, alias="async")
     cuda_graphs: bool = True
+    quantization: Literal["none", "fp8"] = Field(
+        "none", description="fp8: decoder weights quantized to fp8 at load (fp8 checkpoints are fp8 anyway)"
+    )
     max_inflight: PositiveInt | None = Field(
         None, description="requests kept in the engine at once (default: 4 x max_seqs)"
     )
@@ -183,6 +189,13 @@ class RuntimeSpec(_Section):
         "N CPU workers on a machine without GPUs) or a list of GPU ids",
     )
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    max_error_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.1,
+        description="the job stops (exit 1, nothing committed lost, not marked done) once more than this "
+        "fraction of its rows are error rows, over the first `error_window_rows` rows and over all rows "
+        "since, or when a job shorter than that window has only error rows; 1 never stops",
+    )
+    error_window_rows: PositiveInt = Field(100, description="rows judged together at the start")
 
     @model_validator(mode="after")
     def _index_in_range(self) -> RuntimeSpec:
@@ -291,7 +304,8 @@ def _anchor(p: str, base: Path) -> str:
 def _anchor_paths(spec: JobSpec, base: Path) -> JobSpec:
     """Relative paths in a spec file mean relative to that file, wherever batchrun is started."""
     model_path = spec.model.path
-    if _is_local_relative(model_path) and (base / model_path).exists():
+    # `models/x` beside the spec is a local path even if x is missing (then it says so), not a hub id
+    if _is_local_relative(model_path) and (base / model_path.split("/")[0]).exists():
         model_path = str(base / model_path)
     slurm = spec.runtime.slurm.model_copy(update={"log": _anchor(spec.runtime.slurm.log, base)})
     return spec.model_copy(

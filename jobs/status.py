@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from jobs.checkpoint import OutputStore
+from jobs.lease import process_alive
 from jobs.spec import JobSpec
+from runner.error_reasons import error_reason
 from runner.sources import count_rows, list_shards
 
 
@@ -24,7 +25,9 @@ class ShardStatus:
 @dataclass(slots=True)
 class TaskStatus:
     task: str  # "task-<i>-of-<n>"
-    state: str  # "running" | "stale" (no heartbeat for 3 intervals) | "finished" | "interrupted" | "failed"
+    # "running" | "stale" (no heartbeat for 3 intervals) | "dead" (its process on this host is gone)
+    # | "finished" | "interrupted" | "failed"
+    state: str
     host: str
     pid: int
     heartbeat_age_s: float
@@ -109,7 +112,9 @@ def _task_status(store: OutputStore, name: str) -> TaskStatus:
     beat = store.read_json(f"progress/{name}")
     age = max(0.0, time.time() - beat["updated_at"])
     state = beat["state"]
-    if state == "running" and age > 3 * beat["interval_s"]:
+    if state == "running" and process_alive(beat["host"], beat["pid"]) is False:
+        state = "dead"  # killed on this host: no need to wait for the heartbeat to age
+    elif state == "running" and age > 3 * beat["interval_s"]:
         state = "stale"
     c = beat["counters"]
     return TaskStatus(
@@ -125,14 +130,6 @@ def _task_status(store: OutputStore, name: str) -> TaskStatus:
         beat["rows_per_s"],
         beat["gpu_busy_percent"],
     )
-
-
-_WHERE = re.compile(r"^.*? row \d+: ")
-
-
-def error_reason(error: str) -> str:
-    """An error row's reason without its place, numbers folded: groups alike errors together."""
-    return re.sub(r"\d+", "N", _WHERE.sub("", error, count=1))[:120]
 
 
 def _duration(seconds: float) -> str:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from jobs.checkpoint import OutputStore
 from jobs.spec import JobSpec, SpecError
+from runner.attempts import attempt_of, summary_from_report, with_history
 from runner.pipeline import JobFailed, JobInterrupted, check_run, run_job
 from runner.progress import Summary
 
@@ -68,6 +69,7 @@ class _Node:
 
     def run(self, show_progress: bool) -> Summary:
         started = time.monotonic()
+        self.started_at = time.time()
         ctx = mp.get_context("spawn")  # CUDA and threads do not survive fork
         self.results = ctx.Queue()
         for device, task in zip(self.devices, self.tasks, strict=True):
@@ -140,18 +142,22 @@ class _Node:
             if state in ("crashed", "error"):
                 dead[f"worker {task} of {self.total}"] = f"{state} ({payload}); its shards stay resumable"
         wall = time.monotonic() - started
-        generated = sum(s["generated_tokens"] for s in summaries)
+        # this run's own figures: each worker's latest attempt, if it started now (else it had nothing to do)
+        attempts = [a for s in summaries for a in s["attempts"][-1:] if a["started_at"] >= self.started_at]
+        generated = sum(a["generated_tokens"] for a in attempts)
         busy = [s["gpu_busy_percent"] for s in summaries if s["gpu_busy_percent"] is not None]
         states = {state for state, _ in outcomes.values()}
-        status = "failed" if failed or dead else "interrupted" if "interrupted" in states else "finished"
+        stopped = [s["stopped"] for s in summaries if s.get("stopped")]
+        status = "interrupted" if "interrupted" in states else "finished"
+        status = "failed" if failed or dead or stopped else status
         summary = Summary(
             status=status,
             shards=sum(s["shards"] for s in summaries),
             shards_done=sum(s["shards_done"] for s in summaries),
-            rows_ok=sum(s["rows_ok"] for s in summaries),
-            rows_error=sum(s["rows_error"] for s in summaries),
+            rows_ok=sum(a["rows_ok"] for a in attempts),
+            rows_error=sum(a["rows_error"] for a in attempts),
             rows_remaining=sum(s["rows_remaining"] for s in summaries),
-            prompt_tokens=sum(s["prompt_tokens"] for s in summaries),
+            prompt_tokens=sum(a["prompt_tokens"] for a in attempts),
             generated_tokens=generated,
             wall_seconds=round(wall, 3),
             generated_tokens_per_s=round(generated / max(wall, 1e-9), 1),
@@ -163,10 +169,16 @@ class _Node:
                 for t, (_, payload) in outcomes.items()
                 if isinstance(payload, dict)
             },
+            stopped="\n".join(stopped) or None,
+            error_files={k: v for s in summaries for k, v in s["error_files"].items()},
         )
-        if self.spec.runtime.num_tasks == 1:
+        if self.spec.runtime.num_tasks == 1:  # else the workers' own reports are the task's record
+            previous = self.store.read_json("report.json")
+            if not attempts and previous and not (failed or dead):
+                return summary_from_report(previous)  # nothing to do: the report of earlier runs stays
+            summary = with_history(summary, attempt_of(summary, self.started_at), previous, None)
             self.store.write_json("report.json", summary.as_dict())
-        if failed or dead:
+        if failed or dead or stopped:
             raise JobFailed(summary)
         if status == "interrupted":
             raise JobInterrupted(signal.SIGTERM, summary)

@@ -140,7 +140,9 @@ class Feeder:
             # whole, so that a row's error can list the fields it does have
             columns=self._columns if w.shard.format == "parquet" else None,
         ):
-            batch = self._builder.build(w.shard.id, [(r.row, r.values, r.error) for r in rows], w.shard.url)
+            batch = self._builder.build(
+                w.shard.id, [(r.row, r.values, r.error) for r in rows], w.shard.url, [r.place for r in rows]
+            )
             for prep in batch:
                 prep.nbytes = value_bytes(prep.values)
             yield batch

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runner.engine.eos import eos_token_ids
 from runner.engine.types import Completion, Request, SamplingParams
 
 _POLL_S = 0.05  # how long step() waits for the first finished request before returning []
@@ -75,7 +76,7 @@ class TransformersBackend:
         else:
             self.max_model_len = positions
             self._cache_sizes = dict(max_batch_tokens=max_batch_tokens)
-        self._eos_ids = _eos_ids(model, tokenizer)
+        self._eos_ids = eos_token_ids(model, tokenizer)
         self._vocab_size: int = model.config.get_text_config().vocab_size
         self._manager = None  # the running transformers manager, and what it was made for
         self._manager_key: _ManagerKey | None = None
@@ -88,10 +89,17 @@ class TransformersBackend:
 
     @classmethod
     def from_pretrained(
-        cls, local_path: str, dtype: str = "auto", device: str = "auto", max_batch_tokens: int | None = None
+        cls,
+        local_path: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_batch_tokens: int | None = None,
+        *,
+        revision: str | None = None,
+        tokenizer=None,
     ) -> TransformersBackend:
-        """Load a model folder (or hub id): `dtype` "auto" is bf16 on CUDA and fp32 on the CPU;
-        `device` "auto" is CUDA when available."""
+        """Load a model folder (or hub id, at `revision`): `dtype` "auto" is bf16 on CUDA and fp32 on the
+        CPU; `device` "auto" is CUDA when available. `tokenizer`: one the caller already loaded."""
         from transformers import AutoModelForCausalLM
 
         from runner.models import load_tokenizer
@@ -99,8 +107,11 @@ class TransformersBackend:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        model = AutoModelForCausalLM.from_pretrained(local_path, dtype=getattr(torch, dtype)).to(device)
-        return cls(model, load_tokenizer(local_path), max_batch_tokens=max_batch_tokens)
+        model = AutoModelForCausalLM.from_pretrained(
+            local_path, dtype=getattr(torch, dtype), revision=revision
+        ).to(device)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(local_path, revision)
+        return cls(model, tokenizer, max_batch_tokens=max_batch_tokens)
 
     # --- the engine contract -------------------------------------------------------------------------
 
@@ -293,15 +304,6 @@ def _per_request_kwargs(sampling: SamplingParams, vocab_size: int) -> dict:
         "top_k": int(sampling.top_k) if sampling.top_k > 0 else vocab_size,
         "top_p": float(sampling.top_p),
     }
-
-
-def _eos_ids(model, tokenizer) -> frozenset[int]:
-    """EOS ids from the generation config, the model config and the tokenizer, together."""
-    ids: set[int] = set()
-    for value in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else value)
-    return frozenset(i for i in ids if i >= 0)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.engine.eos import turn_end_token
 from runner.model_fetch import ModelDownloadError, build_folder_once, fetch_model, is_url
 
 BUILTIN_PREFIX = "builtin:"
@@ -89,14 +90,10 @@ def resolve_model(
         _no_revision(path, revision)
         return _resolve_builtin(path[len(BUILTIN_PREFIX) :])
     local = Path(path).expanduser()
-    explicit_local = path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf")
     if not local.exists():
-        if not explicit_local and _HUB_ID.match(path):
+        if not looks_local(path) and _HUB_ID.match(path):
             return ResolvedModel(path, "hub", {"hub_id": path, "revision": revision})
-        raise ModelError(
-            f"model.path: {path!r} does not exist (expected a local Hugging Face folder, a .gguf file, "
-            f"a hub id like 'org/name', or {DEFAULT_MODEL!r})"
-        )
+        raise ModelError(missing_model_message(path))
     _no_revision(path, revision)
     if local.is_file():
         if local.suffix != ".gguf":
@@ -108,6 +105,32 @@ def resolve_model(
     return ResolvedModel(str(local.resolve()), "local", _folder_fingerprint(local))
 
 
+def looks_local(path: str) -> bool:
+    """Whether `path` means a file or folder on this machine: it starts with / ./ ../ ~, ends in .gguf,
+    or its first component is a local folder (`models/my-llama` beside a `models/` folder is not a
+    hub id, even when `my-llama` is missing)."""
+    if path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf"):
+        return True
+    return "/" in path and Path(path.split("/")[0]).is_dir()
+
+
+def missing_model_message(path: str) -> str:
+    """The message for a local-looking (or unmatched) `model.path` that does not exist."""
+    local = Path(path).expanduser()
+    if looks_local(path):
+        parent = next((p for p in local.absolute().parents if p.is_dir()), Path("/"))
+        first_missing = local.absolute().relative_to(parent).parts[0]
+        return (
+            f"model.path: {path!r} does not exist: {str(parent)!r} has no {first_missing!r}. "
+            "Point it at a Hugging Face model folder (with config.json) or a .gguf file; "
+            "relative paths are relative to the spec file"
+        )
+    return (
+        f"model.path: {path!r} does not exist (expected a local Hugging Face folder, a .gguf file, "
+        f"a hub id like 'org/name', or {DEFAULT_MODEL!r})"
+    )
+
+
 def cache_dir() -> Path:
     """The batchrun cache root: `$BATCHRUN_CACHE`, else `~/.cache/batchrun`."""
     return Path(os.environ.get("BATCHRUN_CACHE") or Path.home() / ".cache" / "batchrun").expanduser()
@@ -117,7 +140,10 @@ def load_tokenizer(local_path: str, revision: str | None = None):
     """The tokenizer of a resolved model (`ResolvedModel.local_path`)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(local_path, revision=revision)
+    try:
+        return AutoTokenizer.from_pretrained(local_path, revision=revision)
+    except OSError as e:  # a hub id that is not there, or no network: a message, not a traceback
+        raise ModelError(f"model.path: cannot load the tokenizer of {local_path!r}: {e}") from None
 
 
 def builtin_gguf(name: str) -> tuple[Path, BuiltinModel, str]:
@@ -214,28 +240,13 @@ def write_hf_folder(gguf_path: Path, out: Path) -> None:
 
 def _fix_eos(tokenizer) -> int:
     """Make eos the token the chat template ends an assistant turn with (GGUF metadata may say otherwise)."""
-    end = _turn_end_token(tokenizer) if tokenizer.chat_template else None
+    end = turn_end_token(tokenizer) if tokenizer.chat_template else None
     if end is not None and end != tokenizer.eos_token:
         log.info("eos: %r -> %r (the token that ends a turn in the chat template)", tokenizer.eos_token, end)
         tokenizer.eos_token = end
     if tokenizer.eos_token_id is None:
         raise ModelError("model.path: the GGUF tokenizer has no eos token and its chat template names none")
     return tokenizer.eos_token_id
-
-
-def _turn_end_token(tokenizer) -> str | None:
-    """The special token the chat template writes right after an assistant message, if any."""
-    turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "REPLY"}]
-    try:
-        rendered = tokenizer.apply_chat_template(turns, tokenize=False)
-    except Exception as e:  # a template may refuse this conversation (e.g. it insists on a system turn)
-        log.warning("chat template cannot render a test conversation (%s); keeping eos as is", e)
-        return None
-    after = rendered[rendered.rindex("REPLY") + len("REPLY") :]
-    specials = set(tokenizer.all_special_tokens)
-    specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
-    ends = [t for t in specials if after.startswith(t)]
-    return max(ends, key=len) if ends else None
 
 
 def _patch_tokenizer_config(folder: Path) -> None:

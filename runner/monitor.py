@@ -65,8 +65,9 @@ def _gpu_sampler() -> Callable[[], tuple[float, float]] | None:
         torch.cuda.utilization()  # raises without NVML
 
         def sample() -> tuple[float, float]:
-            free, total = torch.cuda.mem_get_info()
-            return float(torch.cuda.utilization()), (total - free) / 1e9
+            # NVML only: a CUDA runtime call from this thread (mem_get_info) while the engine captures a
+            # CUDA graph on the main thread is work the capture forbids, and breaks it
+            return float(torch.cuda.utilization()), torch.cuda.device_memory_used() / 1e9
 
         return sample
     except Exception:
@@ -184,6 +185,8 @@ class Monitor:
                     "task": self.task[0],
                     "state": state,
                     "tokens_per_s": beat.tokens_per_s,
+                    "interval_s": round(dt, 3),  # what tokens_per_s is measured over
+                    "heartbeat_s": self.interval_s,
                     "rows_done": c.rows_done,
                     "generated_tokens": c.generated_tokens,
                     "inflight": c.inflight,

@@ -14,14 +14,18 @@ import time
 from dataclasses import dataclass, field
 
 from jobs.checkpoint import OutputStore
+from jobs.history import TaskHistory, error_location
 from jobs.lease import TaskLease
 from jobs.plan import assign_shards, run_fingerprint
 from jobs.spec import JobSpec
 from jobs.uploads import sweep_stale_uploads
+from runner.attempts import attempt_of, summary_from_report, with_history
 from runner.backends import load_backend
 from runner.budget import HeldBytes
+from runner.cpu_threads import configure_cpu_threads, cuda_available
 from runner.engine.types import Completion, Request
-from runner.faults import kill_point
+from runner.error_budget import ErrorBudget, ErrorBudgetExceeded
+from runner.faults import fault_point, kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
 from runner.memory import return_freed_buffers_to_os
 from runner.models import ResolvedModel, load_tokenizer, resolve_model
@@ -47,12 +51,24 @@ class JobInterrupted(Exception):
 
 
 class JobFailed(Exception):
-    """Some shards could not be read (or a worker died); the rest was finished and committed."""
+    """Some shards could not be read, a worker died, or the error budget was spent; what finished is
+    committed."""
 
     def __init__(self, summary: Summary):
         failures = summary.failed_shards | summary.failed_workers
-        super().__init__("; ".join(f"{s}: {why}" for s, why in failures.items()))
+        reasons = [f"{s}: {why}" for s, why in failures.items()]
+        super().__init__("; ".join(reasons + ([summary.stopped] if summary.stopped else [])))
         self.summary = summary
+
+
+class EngineFailed(JobFailed):
+    """The engine raised mid-run (a GPU fault such as an illegal memory access, or a bug): the job stopped
+    at once, every row finished before it is committed, and a rerun finishes the rest."""
+
+    def __init__(self, summary: Summary, reason: str):
+        Exception.__init__(self, reason)
+        self.summary = summary
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -69,17 +85,20 @@ def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool =
     is running this task on the same output.
     """
     return_freed_buffers_to_os()
+    if spec.engine.device == "cpu" or not cuda_available():
+        configure_cpu_threads()
     store = OutputStore.for_output(spec.output)
     with TaskLease(store.fs, store.root, spec.runtime.task_index, spec.runtime.num_tasks):
         return _run_leased(spec, store, force_new_run, show_progress)
 
 
-def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> ResolvedModel:
-    """Resolve the model and record (or check) the run's fingerprint in the output."""
+def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> tuple[ResolvedModel, object]:
+    """Resolve the model and record (or check) the run's fingerprint in the output; returns the model
+    and its tokenizer (loaded once, at `model.revision`, for the fingerprint and the backend)."""
     model = resolve_model(spec.model.path, spec.model.revision, spec.model.storage_options)
     tokenizer = load_tokenizer(model.local_path, spec.model.revision)
     store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
-    return model
+    return model, tokenizer
 
 
 def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_progress: bool) -> Summary:
@@ -90,9 +109,11 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
         spec.runtime.num_tasks,
     )
     sweep_stale_uploads(store, [s.id for s in shards], spec.runtime.task_index, spec.runtime.num_tasks)
-    model = check_run(spec, store, force_new_run)
-    clear_heartbeat_temps(store, spec.runtime.task_index, spec.runtime.num_tasks)
+    model, tokenizer = check_run(spec, store, force_new_run)
+    rt = spec.runtime
+    clear_heartbeat_temps(store, rt.task_index, rt.num_tasks)
     work, done_shards, failed = _plan(store, spec, shards)
+    history = TaskHistory(store, spec, shards)
     counters = Counters(
         shards_owned=len(shards),
         shards_done=done_shards,
@@ -100,11 +121,12 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
     )
     if not work and not failed:
         log.info("all %d shards of this task are done already; nothing to do", len(shards))
-        return _summarize(store, spec, "finished", counters, started, None, {}, {})
+        if history.previous:  # the report of the runs that did the work stays as it is
+            return summary_from_report(history.previous)
+        return _summarize(store, spec, "finished", counters, started, None, {}, {}, history=None)
 
-    backend = load_backend(model.local_path, spec.engine)
+    backend = load_backend(model.local_path, spec.engine, spec.model.revision, tokenizer)
     job = _Job(spec, backend, work, failed, counters)
-    rt = spec.runtime
     monitor = Monitor(
         store,
         rt.task_index,
@@ -114,23 +136,44 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
         backend.stats,
         rt.heartbeat_seconds,
     )
-    state = "failed"
+    state, over_budget = "failed", None
     try:
         with StopRequested() as stop, monitor:
-            job.run(store, stop, show_progress)
+            try:
+                job.run(store, stop, show_progress)
+            except ErrorBudgetExceeded as e:
+                over_budget = str(e)
         engine_stats = backend.stats()
-        state = "interrupted" if stop.requested else "failed" if job.failed else "finished"
+        state = (
+            "interrupted" if stop.requested else "failed" if job.failed or job.engine_error else "finished"
+        )
+        state = "failed" if over_budget else state
     finally:
         monitor.finish(state)
-        backend.close()
+        _close_backend(backend, job.engine_error)
     summary = _summarize(
-        store, spec, state, counters, started, monitor.gpu_busy_mean(), job.failed, engine_stats
-    )
+        store, spec, state, counters, started, monitor.gpu_busy_mean(), job.failed, engine_stats,
+        history=history, started_at=monitor.started, stopped=over_budget, error_shards=job.error_shards,
+    )  # fmt: skip
+    if job.engine_error:
+        raise EngineFailed(summary, job.engine_error)
+    if over_budget:
+        raise JobFailed(summary)
     if stop.requested:
         raise JobInterrupted(stop.signum, summary)
     if job.failed:
         raise JobFailed(summary)
     return summary
+
+
+def _close_backend(backend, engine_error: str | None) -> None:
+    """Close the backend; after an engine failure a device error may raise again here: log it only."""
+    try:
+        backend.close()
+    except Exception as e:
+        if engine_error is None:
+            raise
+        log.warning("closing the engine after its failure: %s: %s", type(e).__name__, e)
 
 
 def input_columns(spec: JobSpec) -> list[str] | None:
@@ -188,6 +231,10 @@ class _Job:
         self.failed = failed
         self.counters = counters
         self.budget = HeldBytes(spec.runtime.max_held_bytes)
+        self.engine_error: str | None = None  # what the engine raised; the job stopped there
+        rt = spec.runtime
+        self.errors = ErrorBudget(rt.max_error_fraction, rt.error_window_rows, counters.rows_total)
+        self.error_shards: set[str] = set()
         self.writer: PartWriter
         self.bar: ProgressBar
 
@@ -218,7 +265,14 @@ class _Job:
             if drain_until is None:
                 self._admit(feeder)
             if self.backend.has_unfinished():
-                for completion in self.backend.step():
+                try:
+                    done = self._step()
+                except Exception as e:  # a GPU fault leaves nothing of the engine usable: stop, commit
+                    self.engine_error = f"{type(e).__name__}: {e}"
+                    log.error("the engine failed (%s); committing the %d rows finished so far",
+                              self.engine_error, self.counters.rows_done)  # fmt: skip
+                    return
+                for completion in done:
                     self._finish_sample(completion)
             elif feeder.exhausted:
                 return
@@ -231,12 +285,16 @@ class _Job:
                 )
                 return
 
+    def _step(self) -> list[Completion]:
+        fault_point("engine_step")
+        return self.backend.step()
+
     def _admit(self, feeder: Feeder) -> None:
         """Top up the engine to `max_inflight` requests; wait for input only when the engine is idle."""
         while self.backend.num_unfinished < self.max_inflight:
             item = feeder.get(timeout=0 if self.backend.has_unfinished() else 0.05)
             if item is None:
-                return
+                break
             if isinstance(item, ShardEnd):
                 self.writer.shard_total(item.shard, item.total_rows)
             elif isinstance(item, ShardFailed):
@@ -259,6 +317,9 @@ class _Job:
         self._emit(entry.prep, rows, is_error=False)
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
+        self.errors.add(prep.shard, rows[0]["error"] if is_error else None)  # raises before a commit
+        if is_error:
+            self.error_shards.add(prep.shard)
         self.writer.add(prep.shard, rows, is_error, prep.nbytes)
         kill_point("row_finished")
         c = self.counters
@@ -312,7 +373,14 @@ def _summarize(
     gpu_busy: float | None,
     failed: dict[str, str],
     engine_stats: dict,
+    *,
+    history: TaskHistory | None,
+    started_at: float = 0.0,
+    stopped: str | None = None,
+    error_shards: set[str] | None = None,
 ) -> Summary:
+    """This attempt's summary with every earlier attempt added in, written to report.json (not for a
+    run with nothing to do: `history` None)."""
     wall = time.monotonic() - started
     summary = Summary(
         status=status,
@@ -328,8 +396,13 @@ def _summarize(
         gpu_busy_percent=gpu_busy,
         failed_shards=failed,
         engine=engine_stats,
+        stopped=stopped,
     )
-    rt = spec.runtime
-    name = "report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json"
-    store.write_json(name, summary.as_dict())
+    if history is None:
+        return summary
+    previous = history.previous or {}
+    shards = set(previous.get("error_files", {})) | (error_shards or set())
+    summary = with_history(summary, attempt_of(summary, started_at), previous, history.killed)
+    summary.error_files = {s: error_location(store, s) for s in sorted(shards)}
+    store.write_json(history.name, summary.as_dict())
     return summary

@@ -28,20 +28,34 @@ class Summary:
     failed_shards: dict[str, str]
     engine: dict
     failed_workers: dict[str, str] = field(default_factory=dict)  # worker processes that died
+    stopped: str | None = None  # why the job stopped early on its own (the error budget)
+    error_files: dict[str, str] = field(default_factory=dict)  # shard -> where its error rows are
+    # every attempt so far (runner/attempts.py); rows, tokens and time above are their sums
+    attempts: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def lines(self) -> list[str]:
         busy = "n/a (no GPU)" if self.gpu_busy_percent is None else f"{self.gpu_busy_percent:.0f}%"
+        over = f" over {len(self.attempts)} attempts" if len(self.attempts) > 1 else ""
         out = [
             f"{self.status}: {self.shards_done}/{self.shards} shards done, {self.rows_ok} rows ok, "
-            f"{self.rows_error} error rows, {self.rows_remaining} rows remaining",
-            f"tokens: {self.prompt_tokens} prompt, {self.generated_tokens} generated in "
+            f"{self.rows_error} error rows, {self.rows_remaining} rows remaining{over}",
+            f"tokens{over}: {self.prompt_tokens} prompt, {self.generated_tokens} generated in "
             f"{self.wall_seconds:.1f} s = {self.generated_tokens_per_s:.1f} generated tok/s; GPU busy {busy}",
         ]
+        if len(self.attempts) > 1:
+            a = self.attempts[-1]
+            out.append(
+                f"this attempt: {a['rows_ok']} rows ok, {a['rows_error']} error rows, "
+                f"{a['generated_tokens']} tokens generated in {a['wall_seconds']:.1f} s"
+            )
+        if self.error_files:
+            out.append(f"error rows (with their reasons) are in: {', '.join(self.error_files.values())}")
         out += [f"shard {s} failed: {why}" for s, why in self.failed_shards.items()]
         out += [f"{w} died: {why}" for w, why in self.failed_workers.items()]
+        out += [self.stopped] if self.stopped else []
         return out
 
 

@@ -63,36 +63,42 @@ class PromptBuilder:
             )
 
     def build(
-        self, shard: str, rows: list[tuple[int, dict[str, Any] | None, str | None]], source: str | None = None
+        self,
+        shard: str,
+        rows: list[tuple[int, dict[str, Any] | None, str | None]],
+        source: str | None = None,
+        places: list[str] | None = None,
     ) -> list[PreparedRow]:
         """rows: (row number, values or None, read error or None) → one PreparedRow each, in order.
 
-        `source` names the file in error messages (default: the shard id).
+        Error messages say `<source> <place>`: `source` defaults to the shard id, each row's place
+        to "row <n>" (`places` gives them, e.g. "line 5" for JSONL).
         """
         where = source or shard
         out: list[PreparedRow] = []
         texts: list[str] = []
-        pending: list[PreparedRow] = []
-        for row, values, read_error in rows:
+        pending: list[tuple[PreparedRow, str]] = []
+        for i, (row, values, read_error) in enumerate(rows):
             prep = PreparedRow(shard, row, values)
             out.append(prep)
             if read_error is not None:
                 prep.error = read_error
                 continue
+            place = f"{where} {places[i] if places else f'row {row}'}"
             try:
                 text = self._text(values)
                 prep.sampling = self._sampling(shard, row, values)
             except _RowError as e:
-                prep.error = f"{where} row {row}: {e}"
+                prep.error = f"{place}: {e}"
                 continue
             texts.append(text)
-            pending.append(prep)
+            pending.append((prep, place))
         if texts:
             # chat-templated text already carries its special tokens
             add_special = not self.spec.uses_chat_template
             encoded = self.tokenizer(texts, add_special_tokens=add_special)["input_ids"]
-            for prep, ids in zip(pending, encoded, strict=True):
-                self._fit(prep, list(ids), where)
+            for (prep, place), ids in zip(pending, encoded, strict=True):
+                self._fit(prep, list(ids), place)
         return out
 
     def _text(self, values: dict[str, Any]) -> str:
@@ -171,12 +177,12 @@ class PromptBuilder:
             "stop": list(p.stop),
         }
 
-    def _fit(self, prep: PreparedRow, ids: list[int], where: str) -> None:
+    def _fit(self, prep: PreparedRow, ids: list[int], place: str) -> None:
         limit = self.max_prompt_tokens
         if len(ids) <= limit:
             prep.prompt_ids = ids
             return
-        what = f"{where} row {prep.row}: prompt has {len(ids)} tokens, over the limit of {limit}"
+        what = f"{place}: prompt has {len(ids)} tokens, over the limit of {limit}"
         policy = self.spec.on_too_long
         if policy == "truncate":
             prep.prompt_ids = ids[-limit:]  # keep the end, where the question usually is

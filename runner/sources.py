@@ -64,6 +64,12 @@ class SourceRow:
     row: int  # position in the shard, 0-based (JSONL: index among non-blank lines)
     values: dict | None
     error: str | None
+    line: int | None = None  # JSONL: the 1-based line number an editor shows
+
+    @property
+    def place(self) -> str:
+        """Where the row is, as messages say it: "line 5" (JSONL) or "row 4" (Parquet)."""
+        return f"row {self.row}" if self.line is None else f"line {self.line}"
 
 
 def split_suffix(name: str) -> tuple[str, str, str | None]:
@@ -245,20 +251,21 @@ def _read_row_group(
         raise InputError(f"{shard.url}: row group {group} (rows {start}..{end}) is unreadable ({e})") from e
 
 
-def _jsonl_lines(shard: Shard, storage_options: dict) -> Iterator[bytes]:
-    """The non-blank lines of a JSONL shard, decompressed, without line endings."""
+def _jsonl_lines(shard: Shard, storage_options: dict) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of a JSONL shard with their 1-based line numbers, decompressed, without
+    line endings."""
     fs, path = url_to_fs(shard.url, storage_options)
     count = 0
     try:
         raw = retry(f"opening {shard.url}", lambda: fs.open(path, "rb"))
         with raw, _decompress(raw, shard.compression) as f:
-            for line in f:
+            for lineno, line in enumerate(f, 1):
                 line = line.strip()
                 if count == 0:
                     line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
                 if line:
                     count += 1
-                    yield line
+                    yield lineno, line
     except (OSError, EOFError, ValueError) as e:  # truncated gzip, bad zstd frame, ...
         raise InputError(f"{shard.url}: unreadable after {count} rows ({type(e).__name__}: {e})") from e
 
@@ -290,7 +297,7 @@ def _read_jsonl(
         row += 1
         if row in skip:
             continue
-        batch.append(_parse_line(shard, row, line, columns))
+        batch.append(_parse_line(shard, row, *line, columns))
         if len(batch) == batch_rows:
             yield batch
             batch = []
@@ -298,20 +305,20 @@ def _read_jsonl(
         yield batch
 
 
-def _parse_line(shard: Shard, row: int, line: bytes, columns: list[str] | None) -> SourceRow:
-    where = f"{shard.url} row {row}"
+def _parse_line(shard: Shard, row: int, lineno: int, line: bytes, columns: list[str] | None) -> SourceRow:
+    where = f"{shard.url} line {lineno}"
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         return SourceRow(
-            row, None, f"{where}: not valid UTF-8 (byte 0x{line[e.start]:02x} at offset {e.start})"
+            row, None, f"{where}: not valid UTF-8 (byte 0x{line[e.start]:02x} at offset {e.start})", lineno
         )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        return SourceRow(row, None, f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+        return SourceRow(row, None, f"{where}: invalid JSON ({e.msg} at column {e.colno})", lineno)
     if not isinstance(value, dict):
-        return SourceRow(row, None, f"{where}: not a JSON object (got {type(value).__name__})")
+        return SourceRow(row, None, f"{where}: not a JSON object (got {type(value).__name__})", lineno)
     if columns is not None:
         value = {c: value[c] for c in columns if c in value}
-    return SourceRow(row, value, None)
+    return SourceRow(row, value, None, lineno)

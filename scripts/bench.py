@@ -12,6 +12,7 @@ in the same process on the same model. Prints one table and writes JSON (with th
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -65,33 +66,33 @@ class Result:
     stats: dict | None = None
 
 
-def _config(w: Workload):
+def _config(w: Workload, positions: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         hidden_size=w.hidden, intermediate_size=w.inter, num_hidden_layers=w.layers,
         num_attention_heads=w.heads, num_key_value_heads=w.kv_heads, head_dim=w.head_dim,
-        vocab_size=w.vocab, tie_word_embeddings=w.tied, max_position_embeddings=4096,
+        vocab_size=w.vocab, tie_word_embeddings=w.tied, max_position_embeddings=positions,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )  # fmt: skip
 
 
-def build_model(name: str, device: str = "cuda"):
+def build_model(name: str, device: str = "cuda", positions: int = 4096):
     """The workload's random-weight model in bf16 on `device` (W70: fp8 decoder weights, see below)."""
     from transformers import LlamaForCausalLM
 
     w = WORKLOADS[name]
     if w.fp8_only:
-        return build_fp8_model(w, torch.device(device))
+        return build_fp8_model(w, torch.device(device), positions)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(_config(w)).to(torch.bfloat16)
+        model = LlamaForCausalLM(_config(w, positions)).to(torch.bfloat16)
     model.generation_config.eos_token_id = None
     return model.eval()
 
 
 @torch.no_grad()
-def build_fp8_model(w: Workload, device: torch.device):
+def build_fp8_model(w: Workload, device: torch.device, positions: int):
     """A random model whose bf16 weights would not fit the GPU (W70: 140 GB): built on the meta device,
     then each decoder linear gets random fp8 weights + per-channel scales straight on `device` (the form
     a stored fp8 checkpoint loads into, see runner/engine/loader.py), one matrix at a time; embeddings,
@@ -104,7 +105,7 @@ def build_fp8_model(w: Workload, device: torch.device):
 
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = LlamaForCausalLM(_config(w)).to(torch.bfloat16)
+        model = LlamaForCausalLM(_config(w, positions)).to(torch.bfloat16)
     for name, module in model.named_modules():
         for leaf, p in list(module.named_parameters(recurse=False)):
             if isinstance(module, nn.Linear) and ".layers." in name:
@@ -177,7 +178,7 @@ class BusySampler:
 
 
 def run_batchrun(
-    model, prompts: list[list[int]], new: int, backend: str, engine_kw: dict
+    model, prompts: list[list[int]], new: int, backend: str, engine: dict, temperature: float
 ) -> tuple[int, dict]:
     """`backend`: batchrun[-fp8][-sync] (fp8: weights quantized at load; sync: async_mode off)."""
     from runner.engine import Engine, EngineConfig, Request, SamplingParams
@@ -187,10 +188,10 @@ def run_batchrun(
     quantization = "fp8" if "fp8" in parts else "none"
     async_mode = "sync" not in parts
     config = EngineConfig(
-        device="cuda", dtype="bfloat16", async_mode=async_mode, quantization=quantization, **engine_kw
+        device="cuda", dtype="bfloat16", async_mode=async_mode, quantization=quantization, **engine
     )
     engine = Engine(model, config)
-    sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    sp = SamplingParams(max_new_tokens=new, ignore_eos=True, temperature=temperature, top_p=0.95, seed=0)
     warm = SamplingParams(max_new_tokens=4, ignore_eos=True)
     vocab = model.config.vocab_size
     shifted = [[(t + 1) % vocab for t in p] for p in prompts[:8]]  # no prefix of a measured prompt
@@ -204,7 +205,7 @@ def run_batchrun(
     stats["measured_wall_s"] = round(wall, 3)  # without the engine build and warm-up
     stats["peak_mem_gib_with_kv_pool"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     stats["kv_used_peak_gib"] = round(stats["kv_pages_used_peak"] * stats["kv_page_bytes"] / 2**30, 2)
-    engine.close()
+    engine.close()  # KV pool, graphs and their pool, buffers: the next backend gets the memory back
     return sum(len(c.token_ids) for c in done), stats
 
 
@@ -218,9 +219,11 @@ def run_hf(model, prompts: list[list[int]], new: int, async_mode: bool) -> tuple
     return sum(len(o.generated_tokens) for o in out.values()), None
 
 
-def bench(name: str, backend: str, model, prompts: list[list[int]], new: int, engine_kw: dict) -> Result:
+def bench(
+    name: str, backend: str, model, prompts: list[list[int]], new: int, engine: dict, temperature: float = 0.0
+) -> Result:
     if backend.startswith("batchrun"):
-        run = lambda: run_batchrun(model, prompts, new, backend, engine_kw)
+        run = lambda: run_batchrun(model, prompts, new, backend, engine, temperature)
     else:
         run = {
             "hf-sync": lambda: run_hf(model, prompts, new, False),
@@ -233,13 +236,16 @@ def bench(name: str, backend: str, model, prompts: list[list[int]], new: int, en
     with BusySampler() as busy:
         generated, stats = run()
     wall = time.perf_counter() - t0
+    peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    gc.collect()  # the backend's objects (engine, transformers' manager and cache) are gone now
+    torch.cuda.empty_cache()
     if stats is not None:  # batchrun: time the generation alone (engine build and warm-up excluded)
         wall = stats["measured_wall_s"]
     return Result(
         workload=name, backend=backend, generated_tokens=generated, wall_s=round(wall, 3),
         tok_s=round(generated / wall, 1), gpu_busy_pct=busy.mean,
         roofline_fraction=round(t_min(name, prompts, new, fp8) / wall, 4),
-        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), stats=stats,
+        peak_mem_gib=peak_gib, stats=stats,
     )  # fmt: skip
 
 
@@ -255,23 +261,28 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=None, help="override the workload's new tokens")
     ap.add_argument("--max-seqs", type=int, default=None, help="engine.max_seqs (default: EngineConfig's)")
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine.max_batch_tokens")
+    ap.add_argument("--page-size", type=int, default=None, help="engine.page_size")
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: seeded top-p sampling, as jobs do")
+    ap.add_argument("--positions", type=int, default=4096, help="max_position_embeddings (Llama 3.1: 131072)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
-    engine_kw = {"max_seqs": args.max_seqs, "max_batch_tokens": args.max_batch_tokens}
-    engine_kw = {k: v for k, v in engine_kw.items() if v}
+    engine = {k: v for k, v in (("max_seqs", args.max_seqs), ("max_batch_tokens", args.max_batch_tokens),
+              ("page_size", args.page_size)) if v is not None}  # fmt: skip
     results = []
     for name in args.workloads.split(","):
-        model = build_model(name)
+        model = build_model(name, positions=args.positions)
         prompts = make_prompts(name, args.prompts)
         new = args.new or WORKLOADS[name].new
         for backend in args.backends.split(","):
             if WORKLOADS[name].fp8_only and not backend.startswith("batchrun"):
                 print(f"{name}: {backend} skipped (its bf16 weights would not fit; only batchrun runs fp8)")
                 continue
-            r = bench(name, backend, model, prompts, new, engine_kw)
+            r = bench(name, backend, model, prompts, new, engine, args.temperature)
             print(json.dumps(asdict(r)), flush=True)
             results.append(r)
         del model
+        gc.collect()
+        torch.cuda.empty_cache()
     best_hf: dict[str, float] = {}
     for r in results:
         if r.backend.startswith("hf"):

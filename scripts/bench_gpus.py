@@ -58,18 +58,20 @@ def write_shards(folder: Path, vocab: int, rows: int, shards: int) -> None:
         pq.write_table(pa.table({"text": texts}), folder / f"part-{s:03d}.parquet", row_group_size=256)
 
 
-def run(work: Path, model: Path, gpus: int, new: int) -> dict:
-    """`batchrun submit` on `gpus` GPUs into a fresh output; its rates and its output's row set."""
-    out = work / f"out-{gpus}gpu"
+def run(work: Path, model: Path, gpus: int, new: int, engine: dict, sampling: dict) -> dict:
+    """`batchrun submit` on `gpus` GPUs into a fresh output (spec sections `engine` and `sampling` added);
+    its rates and its output's row set."""
+    out = work / f"out-{gpus}gpu-{len(list(work.glob('out-*')))}"
     spec = {
         "input": {"path": str(work / "in" / "*.parquet")},
         "prompt": {"column": "text"},
         "model": {"path": str(model)},
-        "sampling": {"max_new_tokens": new, "ignore_eos": True},
+        "sampling": {"max_new_tokens": new, "ignore_eos": True, **sampling},
+        "engine": engine,
         "output": {"path": str(out)},
         "runtime": {"gpus": gpus, "heartbeat_seconds": HEARTBEAT_S},
     }
-    path = work / f"spec-{gpus}gpu.yaml"
+    path = work / f"spec-{out.name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -115,6 +117,12 @@ def main() -> None:
     ap.add_argument("--gpus", default="1,2")
     ap.add_argument("--work", default="bench-gpus", help="folder for the model, the shards and the outputs")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--engine", default="{}", help='the spec\'s engine section as JSON, e.g. {"max_seqs": 1024}'
+    )
+    ap.add_argument(
+        "--sampling", default="{}", help='more sampling fields as JSON, e.g. {"temperature": 0.8}'
+    )
     args = ap.parse_args()
     work = Path(args.work).resolve()
     model = work / "model"
@@ -122,7 +130,8 @@ def main() -> None:
         save_model(args.workload, model)
     write_shards(work / "in", WORKLOADS[args.workload][6], args.rows, args.shards)
     new = args.new or WORKLOADS[args.workload][9]
-    runs = [run(work, model, int(g), new) for g in args.gpus.split(",")]
+    engine, sampling = json.loads(args.engine), json.loads(args.sampling)
+    runs = [run(work, model, int(g), new, engine, sampling) for g in args.gpus.split(",")]
     base, base_rows = runs[0], runs[0]["row_set"]
     for r in runs:
         r["same_rows_as_first"] = r.pop("row_set") == base_rows
@@ -134,6 +143,8 @@ def main() -> None:
         "workload": args.workload,
         "rows": args.rows,
         "new": new,
+        "engine": engine,
+        "sampling": sampling,
         "runs": runs,
     }
     if args.out:

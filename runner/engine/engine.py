@@ -11,8 +11,11 @@ from pathlib import Path
 
 import torch
 
-from runner.engine.attention import reference_attention
 from runner.engine.config import EngineConfig
+from runner.engine.cpu_attention import batched_attention
+from runner.engine.eos import eos_token_ids
+from runner.engine.kv_budget import MemoryPlan, check_weights_fit, kv_pool_pages, step_workspace_bytes
+from runner.engine.layers.fused_linear import engine_weight_bytes
 from runner.engine.model import PagedLlama, model_shape
 from runner.engine.pages import PagePool
 from runner.engine.runner import InFlight, ModelRunner
@@ -44,18 +47,23 @@ class Engine:
         dtype = config.resolve_dtype(device)
         self.tokenizer = tokenizer
         self.max_model_len = min(shape.max_model_len, config.max_model_len or shape.max_model_len)
-        self.model = PagedLlama(model, device, dtype, fp8=config.quantization == "fp8")
-        num_pages = self._num_pages(shape, device, dtype)
+        fp8 = config.quantization == "fp8"
+        weights, to_copy = engine_weight_bytes(model, device, dtype, fp8)
+        memory = _device_memory(device)
+        if memory is not None:
+            check_weights_fit(to_copy, *memory, str(device), str(dtype).removeprefix("torch."))
+        self.model = PagedLlama(model, device, dtype, fp8=fp8)
+        num_pages = self._num_pages(shape, device, dtype, weights)
         if device.type == "cuda":
             from runner.engine.paged_attention import paged_attention as attention
         else:
-            attention = reference_attention
+            attention = batched_attention
         slots = SlotTable(config.max_seqs, -(-self.max_model_len // config.page_size))
         self.runner = ModelRunner(
             self.model, slots, num_pages, config.page_size, attention, config.cuda_graphs
         )
         self.pool = PagePool(num_pages, config.page_size)
-        stops = StopChecker(_eos_ids(model, tokenizer), tokenizer, self.max_model_len)
+        stops = StopChecker(eos_token_ids(model, tokenizer), tokenizer, self.max_model_len)
         self.scheduler = Scheduler(self.pool, slots, stops, config.max_batch_tokens)
         self._in_flight: deque[tuple[ScheduledBatch, InFlight]] = deque()
         self._unreleased: list[Sequence] = []  # finished while a step that may use them is in flight
@@ -76,8 +84,16 @@ class Engine:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> Engine:
-        """Load a local Hugging Face folder (or hub id) and build the engine on it.
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        config: EngineConfig | None = None,
+        *,
+        revision: str | None = None,
+        tokenizer=None,
+    ) -> Engine:
+        """Load a local Hugging Face folder (or hub id, at `revision`) and build the engine on it.
+        `tokenizer`: one the caller already loaded (else it is loaded from `path` too).
 
         fp8 checkpoints (`quantization_config`), and any safetensors folder with `quantization="fp8"`,
         load tensor by tensor straight to the device (`loader.py`); others load with transformers.
@@ -87,27 +103,36 @@ class Engine:
         from runner.engine.loader import load_hf_model
 
         config = config or EngineConfig()
-        hf_config = AutoConfig.from_pretrained(path)
+        hf_config = AutoConfig.from_pretrained(path, revision=revision)
         model_shape(hf_config)  # unsupported models fail before loading weights
         device = config.resolve_device()
         dtype = config.resolve_dtype(device)
-        model = load_hf_model(path, dtype, device, config.quantization == "fp8", hf_config)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            log.warning("no tokenizer in %s: completions will carry token ids only", path)
-            tokenizer = None
+        fp8 = config.quantization == "fp8"
+        model = load_hf_model(path, dtype, device, fp8, hf_config, revision=revision)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+            except (OSError, ValueError):
+                log.warning("no tokenizer in %s: completions will carry token ids only", path)
         return cls(model, config, tokenizer)
 
-    def _num_pages(self, shape, device: torch.device, dtype: torch.dtype) -> int:
-        per_page = shape.num_layers * 2 * self.config.page_size * shape.num_kv_heads * shape.head_dim
-        per_page *= torch.tensor([], dtype=dtype).element_size()
-        if self.config.kv_cache_tokens is not None:
-            return self.config.kv_cache_tokens // self.config.page_size
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return max(1, int(free * self.config.kv_memory_fraction) // per_page)
-        return CPU_DEFAULT_KV_TOKENS // self.config.page_size
+    def _num_pages(self, shape, device: torch.device, dtype: torch.dtype, weights: int) -> int:
+        config = self.config
+        if config.kv_cache_tokens is not None:
+            return config.kv_cache_tokens // config.page_size
+        memory = _device_memory(device)
+        if memory is None:
+            return CPU_DEFAULT_KV_TOKENS // config.page_size
+        layer = self.model.layers[0]
+        workspace = step_workspace_bytes(
+            config.max_batch_tokens, config.max_seqs, shape.hidden, layer.qkv.weight.shape[0],
+            layer.gate_up.weight.shape[0] // 2, shape.vocab, dtype.itemsize, config.cuda_graphs,
+        )  # fmt: skip
+        page_bytes = shape.num_layers * 2 * config.page_size * shape.num_kv_heads * shape.head_dim
+        plan = MemoryPlan(*memory, weights, workspace, page_bytes * dtype.itemsize, config.page_size)
+        return kv_pool_pages(
+            plan, config.kv_memory_fraction, self.max_model_len, config.max_seqs, config.max_batch_tokens
+        )
 
     @property
     def num_unfinished(self) -> int:
@@ -216,18 +241,21 @@ class Engine:
         return out
 
     def close(self) -> None:
-        """Free the KV cache, the CUDA graphs and the engine's copy of the weights; the engine is done.
-
-        Requests still queued or in flight are dropped.
+        """Give back everything the engine took on the device: the engine's copy of the weights, the KV
+        cache, the CUDA graphs and their memory pool, the token and staging buffers, and the cuBLAS
+        workspaces of its streams; the engine is done. Requests still queued or in flight are dropped.
         """
-        if self.runner.cuda:
+        cuda = self.runner.cuda
+        if cuda:
             torch.cuda.synchronize(self.model.device)
         self.runner.close()
         self._in_flight.clear()
+        self._unreleased = []
         self.scheduler.waiting.clear()
         self.scheduler.running.clear()
         self.model = None
-        if torch.cuda.is_available():
+        if cuda:
+            torch._C._cuda_clearCublasWorkspaces()  # kept per stream by torch until cleared
             torch.cuda.empty_cache()
 
     def _complete(self, seq: Sequence) -> Completion:
@@ -247,16 +275,6 @@ class Engine:
         )
 
 
-def _eos_ids(model, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos is not None:
-        ids.update(eos)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
+def _device_memory(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes of a CUDA device; None elsewhere (the CPU pool has a fixed default size)."""
+    return torch.cuda.mem_get_info(device) if device.type == "cuda" else None

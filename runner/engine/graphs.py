@@ -53,6 +53,7 @@ class DecodeGraphs:
         self.max_width = max_width
         self._graphs: dict[GraphKey, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        self._warmup = torch.cuda.Stream()  # one for every warm-up: each new stream gets a cuBLAS workspace
 
     def key(self, num_rows: int, width: int, all_greedy: bool, want_logprobs: bool) -> GraphKey | None:
         """The graph for a decode step of `num_rows` rows and table `width`; None if too large."""
@@ -63,6 +64,12 @@ class DecodeGraphs:
 
     def __len__(self) -> int:
         return len(self._graphs)
+
+    def close(self) -> None:
+        """Free every graph and, with them, their memory pool."""
+        for g in self._graphs.values():
+            g.graph.reset()
+        self._graphs.clear()
 
     def replay(
         self, key: GraphKey, inputs: torch.Tensor, layout: Layout, padding: Callable[[], torch.Tensor]
@@ -79,7 +86,7 @@ class DecodeGraphs:
         rows, _, all_greedy, want_logprobs = key
         static = padding.clone()
         views = unpack(static, layout)
-        side = torch.cuda.Stream()
+        side = self._warmup
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.step(views, rows, all_greedy, want_logprobs)  # compiles kernels, sets up handles

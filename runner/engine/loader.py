@@ -39,7 +39,9 @@ def safetensors_files(path: str | Path) -> list[Path] | None:
     return [single] if single.is_file() else None
 
 
-def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device, fp8: bool, hf_config=None):
+def load_hf_model(
+    path: str | Path, dtype: torch.dtype, device: torch.device, fp8: bool, hf_config=None, revision=None
+):
     """The transformers model `Engine.from_pretrained` builds on: fp8 checkpoints (and any safetensors
     checkpoint when `fp8`) through `load_checkpoint` onto `device`; others through transformers (host).
 
@@ -47,7 +49,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device, fp
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_config = hf_config or AutoConfig.from_pretrained(path)
+    hf_config = hf_config or AutoConfig.from_pretrained(path, revision=revision)
     stored = read_quantization(hf_config)
     if (stored or fp8) and safetensors_files(path):
         return load_checkpoint(path, dtype, device, quantize=fp8)
@@ -55,7 +57,8 @@ def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device, fp
         raise UnsupportedModel(
             f"{path}: an fp8 checkpoint loads from a local folder of safetensors files (download it first)"
         )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)  # fp8: quantized as the engine copies it
+    # fp8: the engine quantizes as it copies the weights
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device, quantize: bool):

@@ -105,11 +105,13 @@ class ModelRunner:
         return step.tokens.tolist(), None if step.logprobs is None else step.logprobs.tolist()
 
     def close(self) -> None:
-        """Drop the graphs, the KV cache and the buffers (device memory goes back to the allocator)."""
-        self.graphs = self.model = None
+        """Drop the graphs (and their memory pool), the KV cache, the token, output and staging buffers:
+        the device memory goes back to the allocator."""
+        if self.graphs is not None:
+            self.graphs.close()
+        self.graphs = self.model = self.staging = None
         self.kv_cache = self.token_buf = torch.empty(0)
         self._out = self._out_lp = self._host = self._host_lp = []
-        self.staging = None
 
     @torch.inference_mode()
     def _step(

@@ -24,6 +24,11 @@ CASES = [
     (4, 0, [(17, 17), (33, 50)], 4, 4, 4, 32),
     (5, 2, [(20, 37)], 16, 8, 2, 64),
     (6, 3, [(18, 18)], 16, 8, 2, 80),  # head dim padded to 128 inside the kernel
+    # the sweep's page sizes (scripts/sweep_config.py): many decodes on pages of 8; pages of 64 under
+    # a 300-token prefill (several key blocks, several query blocks); the 8B shape's GQA (32/8 x 128)
+    (7, 20, [(33, 120)], 8, 8, 2, 16),
+    (8, 6, [(70, 300)], 64, 8, 2, 32),
+    (9, 4, [(20, 90)], 64, 32, 8, 128),
 ]
 
 

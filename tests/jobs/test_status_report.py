@@ -22,7 +22,7 @@ def test_two_tasks_one_finished_one_stale_and_the_json_schema(tmp_path: Path, ti
         tmp_path / "spec.yaml", tiny_model_dir, runtime={"num_tasks": 2, "heartbeat_seconds": 0.2}
     )
     run_job(load_spec(spec_path), show_progress=False)  # task 0: a0, b0 (round-robin of a0 a1 b0 b1)
-    # task 1 is killed mid-run: its heartbeat stays "running" and goes stale
+    # task 1 is killed mid-run: its heartbeat stays "running"; its process is gone from this host
     code, _, err = batchrun(
         "run", str(spec_path), "--task-index", "1", "--no-progress", kill_at="part_committed:1"
     )
@@ -54,7 +54,7 @@ def test_two_tasks_one_finished_one_stale_and_the_json_schema(tmp_path: Path, ti
     assert shards["a1.parquet"]["rows_total"] == 4
     tasks = {t["task"]: t for t in status["tasks"]}
     assert tasks["task-0-of-2"]["state"] == "finished"
-    assert tasks["task-1-of-2"]["state"] == "stale"
+    assert tasks["task-1-of-2"]["state"] == "dead"
     assert set(tasks["task-0-of-2"]) == {
         "task",
         "state",
@@ -71,7 +71,11 @@ def test_two_tasks_one_finished_one_stale_and_the_json_schema(tmp_path: Path, ti
     assert tasks["task-0-of-2"]["rows_done"] == 3 + 3 and tasks["task-0-of-2"]["rows_total"] == 6
 
     code, text, _ = batchrun("status", str(spec_path))
-    assert "  task-1-of-2: stale on " in text and "  task-0-of-2: finished on " in text
+    assert "  task-1-of-2: dead on " in text and "  task-0-of-2: finished on " in text
+    beat = tmp_path / "out/_batchrun/progress/task-1-of-2.json"  # as if it ran on another host
+    beat.write_text(json.dumps({**json.loads(beat.read_text()), "host": "elsewhere"}))
+    code, text, _ = batchrun("status", str(spec_path))
+    assert "  task-1-of-2: stale on elsewhere " in text
     assert "4 shards: 2 done, 1 partial, 1 pending;" in text
 
 
@@ -88,7 +92,9 @@ def test_status_of_a_killed_then_resumed_run_counts_errors_by_reason(tmp_path: P
     inp = tmp_path / "in"
     inp.mkdir()
     (inp / "x.jsonl").write_text('{"text": "red"}\nnope\n{"text": "blue"}\n{oops\n{"other": 1}\n')
-    spec_path = write_spec(tmp_path / "spec.yaml", tiny_model_dir, output={"flush_rows": 1})
+    spec_path = write_spec(
+        tmp_path / "spec.yaml", tiny_model_dir, output={"flush_rows": 1}, runtime={"max_error_fraction": 1}
+    )
     code, _, _ = batchrun("submit", str(spec_path), "--no-progress", kill_at="part_committed:3")
     assert code == -9
     mid = job_status(load_spec(spec_path))
@@ -137,5 +143,5 @@ def test_regression_a_kill_during_the_last_heartbeat_leaves_its_temp_file(
     progress = tmp_path / "out/_batchrun/progress"
     (progress / ".tmp-task-0-of-1.json-0123abcd").write_text('{"half')
     (tmp_path / "out/_batchrun/metrics/.tmp-task-0-of-1.jsonl-0123abcd").write_text("{")
-    assert run_job(load_spec(spec_path), show_progress=False).rows_ok == 0  # nothing to do
+    assert run_job(load_spec(spec_path), show_progress=False).rows_ok == 2  # nothing to do: last report
     assert not list((tmp_path / "out").rglob(".tmp-*"))

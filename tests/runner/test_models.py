@@ -151,13 +151,35 @@ def test_hub_id_passes_through(monkeypatch):
 # --- errors name the path and the fix --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["./models/nope", "nope", "/no/such/model.gguf", "models/x.gguf"])
-def test_missing_path(path):
+def test_missing_path():
+    with pytest.raises(ModelError) as e:
+        resolve_model("nope")
+    assert str(e.value) == (
+        "model.path: 'nope' does not exist (expected a local Hugging Face folder, a .gguf file, "
+        "a hub id like 'org/name', or 'builtin:smollm2-135m-instruct')"
+    )
+
+
+@pytest.mark.parametrize(
+    "path, missing",
+    [
+        ("./models/nope", "<cwd>' has no 'models'"),
+        ("/no/such/model.gguf", "/' has no 'no'"),
+        ("models/x.gguf", "<cwd>' has no 'models'"),
+        ("local/my-llama", "<cwd>/local' has no 'my-llama'"),  # `local/` exists: not a hub id
+    ],
+)
+def test_missing_local_path_says_which_folder_is_missing_without_the_network(
+    path, missing, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local").mkdir()
     with pytest.raises(ModelError) as e:
         resolve_model(path)
     assert str(e.value) == (
-        f"model.path: {path!r} does not exist (expected a local Hugging Face folder, a .gguf file, "
-        "a hub id like 'org/name', or 'builtin:smollm2-135m-instruct')"
+        f"model.path: {path!r} does not exist: '{missing.replace('<cwd>', str(tmp_path))}. Point it at "
+        "a Hugging Face model folder (with config.json) or a .gguf file; relative paths are relative to "
+        "the spec file"
     )
 
 

@@ -92,11 +92,11 @@ class TestJsonl:
         assert [r.values for r in rows] == [{"a": 1}, None, None, None, None, {"a": 5}]
         assert (
             rows[1].error
-            == f"{path} row 1: invalid JSON (Expecting property name enclosed in double quotes at column 9)"
+            == f"{path} line 2: invalid JSON (Expecting property name enclosed in double quotes at column 9)"
         )
-        assert rows[2].error == f"{path} row 2: not a JSON object (got list)"
-        assert rows[3].error == f"{path} row 3: not valid UTF-8 (byte 0xff at offset 7)"
-        assert rows[4].error == f"{path} row 4: not a JSON object (got str)"
+        assert rows[2].error == f"{path} line 3: not a JSON object (got list)"
+        assert rows[3].error == f"{path} line 4: not valid UTF-8 (byte 0xff at offset 7)"
+        assert rows[4].error == f"{path} line 5: not a JSON object (got str)"
 
     def test_empty_shard(self, tmp_path):
         (tmp_path / "empty.jsonl").write_bytes(b"")

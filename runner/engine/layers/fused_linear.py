@@ -57,6 +57,32 @@ def fused_linear(
     return DenseLinear(torch.cat([w.to(device=device, dtype=dtype) for w in weights]), bias)
 
 
+def engine_weight_bytes(model, device: torch.device, dtype: torch.dtype, fp8: bool) -> tuple[int, int]:
+    """(bytes of weights the engine will hold, bytes of them it copies onto `device`) for a transformers
+    model: fp8 weights count one byte each and are used in place when already on the device; with `fp8`,
+    the decoder layers' linear weights count one byte (their quantized copy)."""
+    quantized = set()
+    if fp8:
+        layers = (
+            m for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{name}"
+        )
+        quantized = {id(m.weight) for m in layers}
+    held = copied = 0
+    for p in model.parameters():
+        one_byte = p.dtype == FP8 or id(p) in quantized
+        size = p.numel() * (1 if one_byte else dtype.itemsize)
+        held += size
+        if id(p) in quantized or not _already_on(p, device, FP8 if p.dtype == FP8 else dtype):
+            copied += size
+    return held, copied
+
+
+def _already_on(p: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `p` is on `device` in `dtype` already (the engine then uses it without a copy)."""
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    return p.dtype == dtype and p.device.type == device.type and p.device.index == index
+
+
 def _channel_scales(module: nn.Module) -> torch.Tensor:
     """A stored fp8 module's scales as one fp32 value per output row ([N]); a per-tensor scale broadcast."""
     scale = getattr(module, "weight_scale", None)

@@ -1,0 +1,47 @@
+"""What a task's earlier attempts left: its report, and the heartbeat of one killed outright.
+
+Read when an attempt starts, before its monitor replaces the heartbeat; `runner/attempts.py` adds
+this attempt to them.
+"""
+
+from __future__ import annotations
+
+from jobs.checkpoint import OutputStore
+from jobs.spec import JobSpec
+from runner.attempts import killed_attempt
+from runner.monitor import task_name
+from runner.sinks import is_local
+from runner.sources import Shard, count_rows
+
+
+class TaskHistory:
+    """This task's report of earlier attempts, and its heartbeat if the last attempt was killed; read
+    before this attempt's monitor replaces the heartbeat."""
+
+    def __init__(self, store: OutputStore, spec: JobSpec, shards: list[Shard]):
+        rt = spec.runtime
+        self.name = "report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json"
+        self.previous = store.read_json(self.name)
+        beat = store.read_json(f"progress/{task_name(rt.task_index, rt.num_tasks)}.json")
+
+        def committed() -> tuple[int, int]:  # (rows, error rows) in the output now
+            rows = errors = 0
+            for shard in shards:
+                progress = store.scan(shard.id, repair=False)
+                if progress.done:
+                    rows += count_rows(shard, spec.input.storage_options)
+                    errors += store.error_count(shard.id)
+                else:
+                    rows, errors = rows + len(progress.rows), errors + progress.error_rows
+            return rows, errors
+
+        self.killed = killed_attempt(beat, (self.previous or {}).get("attempts", []), committed)
+
+
+def error_location(store: OutputStore, shard_id: str) -> str:
+    """Where a shard's error rows are: its errors file once done, else its parts."""
+    parts, _, errors = store.shard_paths(shard_id)
+    if store.fs.exists(errors):
+        return errors if is_local(store.fs) else store.fs.unstrip_protocol(errors)
+    parts = parts if is_local(store.fs) else store.fs.unstrip_protocol(parts)
+    return f"{parts} (rows with finish_reason 'error')"

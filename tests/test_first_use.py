@@ -1,0 +1,376 @@
+# ruff: noqa: E501  (expected messages read best whole)
+"""Issue #22, as a new user meets it: one case per finding, each with the exact outcome the user sees.
+
+Each case is a function of (tmp_path, tiny model folder) that runs the CLI (in-process through
+click's CliRunner, or as a real subprocess where a kill or a clean process matters) and asserts the
+exit code, the message text, the rows committed or the report's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from jobs.checkpoint import OutputStore
+from jobs.cli import main
+from jobs.report import load_series, y_limit
+from jobs.spec import load_spec
+from runner.cpu_threads import cgroup_cpu_quota, configure_cpu_threads, usable_cpus
+from runner.engine.attention import reference_attention
+from runner.engine.cpu_attention import batched_attention
+from tests.conftest import committed_rows, read_output, write_spec
+from tests.engine.paged_cases import CASES as PAGED_CASES
+from tests.engine.paged_cases import random_batch
+from tests.test_kill_resume import batchrun
+
+HOST = socket.gethostname()
+ADVICE = (
+    "Every committed row is kept and the job is not done: fix the cause and run again (a changed spec "
+    "needs --force-new-run), or raise runtime.max_error_fraction if these errors are expected."
+)
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def jsonl(path: Path, *rows: dict | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def good(n: int, start: int = 0) -> list[dict]:
+    return [{"id": i, "text": "red green blue"} for i in range(start, start + n)]
+
+
+# ---- 1. validate checks more than the schema: every problem at once
+
+
+def validate_lists_every_problem(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", {"id": 1, "question": "red"})
+    (tmp / "out").write_text("I am a file")
+    (tmp / "models").mkdir()
+    spec = write_spec(
+        tmp / "spec.yaml",
+        model,
+        prompt={"column": "questoin"},
+        model={"path": "models/my-llama"},
+    )
+    code, out, err = cli("validate", str(spec))
+    assert (code, out) == (2, "")
+    assert err == (
+        f"{spec}: 3 problem(s) found before starting:\n"
+        f"  prompt.column: no field 'questoin' in the first row of {tmp}/in/x.jsonl (they have: id, question); did you mean 'question'?\n"
+        f"  output.path: '{tmp}/out' is an existing file, not a directory: point it at a directory (new or existing)\n"
+        f"  model.path: '{tmp}/models/my-llama' does not exist: '{tmp}/models' has no 'my-llama'. Point it at a Hugging Face model folder (with config.json) or a .gguf file; relative paths are relative to the spec file\n"
+    )
+
+
+def validate_checks_template_fields_and_messages(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/a.jsonl", {"title": "x", "messages": "not a list"})
+    spec = write_spec(tmp / "spec.yaml", model, prompt={"column": None, "template": "{title}: {body}"})
+    code, _, err = cli("validate", str(spec))
+    assert code == 2
+    assert err.splitlines()[1:] == [
+        f"  prompt.template: no field 'body' in the first row of {tmp}/in/a.jsonl (they have: messages, title)",
+    ]
+    spec = write_spec(
+        tmp / "spec.yaml",
+        model,
+        prompt={"column": None, "messages_column": "messages"},
+        output={"keep_columns": []},
+    )
+    code, _, err = cli("validate", str(spec))
+    assert (code, err.splitlines()[1:]) == (
+        2,
+        [
+            f"  prompt.messages_column: field 'messages' is not a list of {{role, content}} messages in the first row of {tmp}/in/a.jsonl"
+        ],
+    )
+
+
+def validate_checks_parquet_columns(tmp: Path, model: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp / "in").mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "prompt": ["a", "b"]}), tmp / "in/p.parquet")
+    jsonl(tmp / "in/j.jsonl", *good(2))
+    spec = write_spec(tmp / "spec.yaml", model)
+    code, _, err = cli("validate", str(spec))
+    assert (code, err.splitlines()[1:]) == (
+        2,
+        [
+            f"  prompt.column: no field 'text' in the first 2 rows of {tmp}/in/p.parquet (they have: id, prompt)",
+            f"  output.keep_columns: no field 'text' in the first 2 rows of {tmp}/in/p.parquet (they have: id, prompt)",
+        ],
+    )
+
+
+def validate_passes_a_good_spec_and_leaves_no_probe(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(3))
+    spec = write_spec(tmp / "spec.yaml", model, output={"path": "new/out"})
+    code, out, err = cli("validate", str(spec))
+    assert (code, err) == (0, f"{spec}: OK\n")
+    assert json.loads(out)["prompt"]["column"] == "text"
+    assert not (tmp / "new").exists()  # the write probe and the folders it made are gone
+
+
+# ---- 2. a prompt-column typo: refused before the model loads; the error budget stops a job of errors
+
+
+def submit_with_a_typo_is_refused_before_anything_is_written(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *[{"id": i, "question": "q"} for i in range(5)])
+    spec = write_spec(
+        tmp / "spec.yaml", model, prompt={"column": "questoin"}, output={"keep_columns": ["id"]}
+    )
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 2
+    assert err == (
+        f"{spec}: 1 problem(s) found before starting:\n"
+        f"  prompt.column: no field 'questoin' in the first 5 rows of {tmp}/in/x.jsonl (they have: id, question); did you mean 'question'?\n"
+    )
+    assert not (tmp / "out").exists()  # no run recorded: the fixed spec is not "a changed run"
+
+
+def error_budget_stops_a_job_of_errors(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(1), *[{"id": i, "txt": "x"} for i in range(1, 40)])
+    spec = write_spec(tmp / "spec.yaml", model)
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 1, err[-2000:]
+    lines = err.splitlines()
+    assert "failed: 0/1 shards done, 0 rows ok, 10 error rows, 30 rows remaining" in lines
+    assert (
+        "stopped: 11 of the 11 rows finished are error rows, over runtime.max_error_fraction 0.1 (judged over "
+        "the first 100 rows and all rows since). Most common (11 rows): row has no field 'text' (fields: id, txt); "
+        f"e.g. shard x.jsonl: {tmp}/in/x.jsonl line 2: row has no field 'text' (fields: id, txt). {ADVICE}"
+    ) in lines
+    assert committed_rows(tmp / "out") == {"x": list(range(1, 11))}  # committed and kept; not done
+    assert not (tmp / "out/x.parquet").exists()
+    report = json.loads((tmp / "out/_batchrun/report.json").read_text())
+    assert (report["status"], report["rows_ok"], report["rows_error"]) == ("failed", 0, 10)
+    # raising the budget (not part of the run's fingerprint) finishes the rest, every row exactly once
+    write_spec(tmp / "spec.yaml", model, runtime={"max_error_fraction": 1})
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 0, err[-2000:]
+    rows = read_output(tmp / "out")["x"]
+    assert [r["_row"] for r in rows] == list(range(40))
+    assert [r["finish_reason"] == "error" for r in rows] == [False] + [True] * 39
+
+
+def one_bad_row_does_not_stop_a_job(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(20), "{oops", *good(19, 20))
+    spec = write_spec(tmp / "spec.yaml", model)
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 0, err[-2000:]
+    lines = err.splitlines()
+    assert "finished: 1/1 shards done, 39 rows ok, 1 error rows, 0 rows remaining" in lines
+    # 8. where the error rows are is said
+    assert f"error rows (with their reasons) are in: {tmp}/out/_batchrun/errors/x.jsonl" in lines
+
+
+# ---- 3. output.path is an existing file
+
+
+def output_path_that_is_a_file(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(2))
+    (tmp / "out").write_text("x")
+    spec = write_spec(tmp / "spec.yaml", model)
+    message = f"{spec}: output.path: '{tmp}/out' is an existing file, not a directory: point it at a directory (new or existing)\n"
+    assert cli("status", str(spec)) == (2, "", message)
+    assert batchrun("submit", str(spec), "--no-progress") == (2, "", message)
+
+
+# ---- 4. a relative model path that does not exist: no hub, no network, no traceback
+
+
+def missing_local_model_path(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(2))
+    (tmp / "models").mkdir()
+    spec = write_spec(tmp / "spec.yaml", model, model={"path": "models/my-llama"})
+    started = time.monotonic()
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert time.monotonic() - started < 30  # no network retries (they took 51 s)
+    assert (code, err) == (
+        2,
+        f"{spec}: 1 problem(s) found before starting:\n"
+        f"  model.path: '{tmp}/models/my-llama' does not exist: '{tmp}/models' has no 'my-llama'. Point it at a Hugging Face model folder (with config.json) or a .gguf file; relative paths are relative to the spec file\n",
+    )
+
+
+# ---- 5. report.json adds up every attempt; a no-op resubmit leaves it alone
+# ---- 6. status marks a same-host task whose process is gone as dead at once
+
+
+def kill_status_resume_and_noop_report(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(12))
+    spec = write_spec(tmp / "spec.yaml", model, runtime={"heartbeat_seconds": 30})
+    code, _, _ = batchrun("submit", str(spec), "--no-progress", kill_at="part_committed:2")
+    assert code == -9
+    beat = json.loads((tmp / "out/_batchrun/progress/task-0-of-1.json").read_text())
+    code, out, _ = cli("status", str(spec))
+    assert code == 0
+    assert f"  task-0-of-1: dead on {HOST} (pid {beat['pid']}), heartbeat " in out  # not "running"
+    assert "1 shards: 0 done, 1 partial, 0 pending; 8/12 rows committed, 0 error rows" in out
+
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 0, err[-2000:]
+    report = json.loads((tmp / "out/_batchrun/report.json").read_text())
+    assert [(a["status"], a["rows_ok"]) for a in report["attempts"]] == [("killed", 8), ("finished", 4)]
+    assert (report["rows_ok"], report["rows_error"], report["rows_remaining"]) == (12, 0, 0)
+    assert report["generated_tokens"] == sum(a["generated_tokens"] for a in report["attempts"])
+    assert report["wall_seconds"] == round(sum(a["wall_seconds"] for a in report["attempts"]), 3)
+    lines = err.splitlines()
+    assert "finished: 1/1 shards done, 12 rows ok, 0 error rows, 0 rows remaining over 2 attempts" in lines
+    assert (
+        f"this attempt: 4 rows ok, 0 error rows, {report['attempts'][1]['generated_tokens']} tokens generated in "
+        in err
+    )
+
+    before = (tmp / "out/_batchrun/report.json").read_bytes()
+    code, _, again = batchrun("submit", str(spec), "--no-progress")
+    assert code == 0 and "nothing to do" in again
+    assert (tmp / "out/_batchrun/report.json").read_bytes() == before  # not overwritten with zeros
+    assert "finished: 1/1 shards done, 12 rows ok, 0 error rows, 0 rows remaining over 2 attempts" in again
+
+
+# ---- 7. the inflight metric, and a plot that breaks at gaps and scales by whole intervals
+
+
+def inflight_metric_counts_the_engine(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(12))
+    spec = write_spec(
+        tmp / "spec.yaml",
+        model,
+        runtime={"heartbeat_seconds": 0.1},
+        sampling={"max_new_tokens": 24, "ignore_eos": True},
+        engine={"max_seqs": 2},
+    )
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 0, err[-2000:]
+    metrics = [
+        json.loads(x) for x in (tmp / "out/_batchrun/metrics/task-0-of-1.jsonl").read_text().splitlines()
+    ]
+    running = [m["inflight"] for m in metrics if m["state"] == "running"]
+    assert max(running) == 8  # engine.max_inflight defaults to 4 x max_seqs (it said 0)
+
+
+def report_plot_breaks_at_gaps_and_ignores_short_intervals(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(1))
+    spec = load_spec(write_spec(tmp / "spec.yaml", model))
+    store = OutputStore.for_output(spec.output)
+    records = [  # attempt 1, then a kill and a 10-minute gap, then attempt 2 ending after 0.13 s
+        (1000.0, 50.0, 5.0),
+        (1005.0, 60.0, 5.0),
+        (1605.0, 55.0, 5.0),
+        (1610.0, 58.0, 5.0),
+        (1610.13, 900.0, 0.13),
+    ]
+    lines = [
+        json.dumps(
+            {"time": t, "tokens_per_s": v, "interval_s": dt, "heartbeat_s": 5.0, "gpu_busy_percent": None}
+        )
+        for t, v, dt in records
+    ]
+    store.write_state("metrics/task-0-of-1.jsonl", ("\n".join(lines) + "\n").encode())
+    [series] = load_series(store)
+    assert [round(m, 3) for m in series.minutes] == [0.0, 0.083, 0.083, 10.083, 10.167, 10.169]
+    assert [v if v == v else "gap" for v in series.tokens_per_s] == [50.0, 60.0, "gap", 55.0, 58.0, 900.0]
+    assert y_limit([series]) == 60.0 * 1.05  # the 0.13 s spike does not set the axis
+
+
+# ---- 8. 1-based JSONL line numbers (blank lines count, as in an editor)
+
+
+def jsonl_errors_name_the_editor_line(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(2), "", *good(1, 2), "{oops", *good(20, 3))
+    spec = write_spec(tmp / "spec.yaml", model)
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 0, err[-2000:]
+    [error] = [r["error"] for r in read_output(tmp / "out")["x"] if r["error"]]
+    assert (
+        error
+        == f"{tmp}/in/x.jsonl line 5: invalid JSON (Expecting property name enclosed in double quotes at column 2)"
+    )
+
+
+# ---- 9. --version, exit codes in --help, -v / -q
+
+
+def version_help_and_verbosity(tmp: Path, model: Path) -> None:
+    assert cli("--version") == (0, "batchrun 0.1.0\n", "")
+    for command in ("submit", "run"):
+        code, out, _ = cli(command, "--help")
+        assert (
+            code == 0
+            and "Exit codes: 0 done; 1 failed" in out
+            and "2 bad spec" in out
+            and "75 stopped early" in out
+        )
+    jsonl(tmp / "in/x.jsonl", *good(1))
+    spec = str(write_spec(tmp / "spec.yaml", model))
+    for flags, level in (
+        ([], logging.INFO),
+        (["-v"], logging.DEBUG),
+        (["-q"], logging.WARNING),
+        (["-qq"], logging.ERROR),
+    ):
+        assert cli(*flags, "validate", spec)[0] == 0
+        assert logging.getLogger().level == level, flags
+    assert "-v, --verbose  More log output: -v debug (info is the default)." in cli("--help")[1]
+
+
+# ---- 10. the CPU path sizes its threads from the CPUs it may use, and batches decode attention
+
+
+def cpu_threads_follow_affinity_and_quota(tmp: Path, model: Path) -> None:
+    (tmp / "cg").mkdir()
+    (tmp / "cg/cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(tmp / "cg") == 1.5
+    (tmp / "cg/cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp / "cg") is None
+    before = torch.get_num_threads()
+    try:
+        assert configure_cpu_threads() == usable_cpus() == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def batched_cpu_attention_equals_the_reference(tmp: Path, model: Path) -> None:
+    for seed, decodes, prefills, page, heads, kv_heads, dim in PAGED_CASES:
+        q, k, v, batch = random_batch(seed, decodes, prefills, page, heads, kv_heads, dim)
+        ref = reference_attention(q, k, v, batch, 0.3)
+        assert torch.allclose(batched_attention(q, k, v, batch, 0.3), ref, atol=2e-6, rtol=0), seed
+
+
+CASES = [
+    ("1-validate-lists-every-problem", validate_lists_every_problem),
+    ("1-validate-template-and-messages", validate_checks_template_fields_and_messages),
+    ("1-validate-parquet-columns", validate_checks_parquet_columns),
+    ("1-validate-ok-leaves-no-probe", validate_passes_a_good_spec_and_leaves_no_probe),
+    ("2-typo-refused-before-the-model", submit_with_a_typo_is_refused_before_anything_is_written),
+    ("2-error-budget-stops-a-job-of-errors", error_budget_stops_a_job_of_errors),
+    ("2-one-bad-row-does-not-stop-a-job", one_bad_row_does_not_stop_a_job),
+    ("3-output-path-is-a-file", output_path_that_is_a_file),
+    ("4-missing-local-model-path", missing_local_model_path),
+    ("5-6-kill-status-resume-noop", kill_status_resume_and_noop_report),
+    ("7-inflight-metric", inflight_metric_counts_the_engine),
+    ("7-report-plot-gaps-and-scale", report_plot_breaks_at_gaps_and_ignores_short_intervals),
+    ("8-jsonl-line-numbers", jsonl_errors_name_the_editor_line),
+    ("9-version-help-verbosity", version_help_and_verbosity),
+    ("10-cpu-threads", cpu_threads_follow_affinity_and_quota),
+    ("10-batched-cpu-attention", batched_cpu_attention_equals_the_reference),
+]
+
+
+@pytest.mark.parametrize("case", [c for _, c in CASES], ids=[name for name, _ in CASES])
+def test_first_use(case, tmp_path: Path, tiny_model_dir: Path):
+    case(tmp_path, tiny_model_dir)
