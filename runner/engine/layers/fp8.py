@@ -23,20 +23,21 @@ import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
+INV_FP8_MAX = 1.0 / FP8_MAX  # scale = amax * (1 / 448): one IEEE multiply, the same in torch and Triton
 MIN_SCALE = 1e-12  # an all-zero row gets this scale instead of 0 (no division by zero)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel quantization: w [N, K] -> (wq [N, K] fp8, scale [N] fp32)."""
     wf = w.float()
-    scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp(min=MIN_SCALE)  # [N]
+    scale = (wf.abs().amax(dim=1) * INV_FP8_MAX).clamp(min=MIN_SCALE)  # [N]
     return (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token quantization (plain torch). x: [T, K] -> (xq [T, K] fp8, scale [T, 1] fp32)."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)  # [T, 1]
+    scale = (xf.abs().amax(dim=-1, keepdim=True) * INV_FP8_MAX).clamp(min=MIN_SCALE)  # [T, 1]
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 

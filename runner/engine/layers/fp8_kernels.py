@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runner.engine.layers.fp8 import FP8, FP8_MAX, MIN_SCALE
+from runner.engine.layers.fp8 import FP8, FP8_MAX, INV_FP8_MAX, MIN_SCALE
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def _quantize_rows_kernel(
     q_ptr,  # [T, K] float8_e4m3fn
     s_ptr,  # [T] fp32
     stride_x, stride_q, K,
-    FMAX: tl.constexpr, SMIN: tl.constexpr, BLOCK: tl.constexpr,
+    FMAX: tl.constexpr, INV_FMAX: tl.constexpr, SMIN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -30,12 +30,12 @@ def _quantize_rows_kernel(
         ok = k + cols < K
         x = tl.load(x_ptr + t * stride_x + k + cols, mask=ok, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0) / FMAX, SMIN)
+    scale = tl.maximum(tl.max(amax, 0) * INV_FMAX, SMIN)
     tl.store(s_ptr + t, scale)
     for k in range(0, K, BLOCK):
         ok = k + cols < K
         x = tl.load(x_ptr + t * stride_x + k + cols, mask=ok, other=0.0).to(tl.float32)
-        q = tl.clamp(tl.div_rn(x, scale), -FMAX, FMAX)
+        q = tl.clamp(tl.div_rn(x, scale), -FMAX, FMAX)  # IEEE division (Triton's `/` is approximate)
         tl.store(q_ptr + t * stride_q + k + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
 
 
@@ -48,6 +48,7 @@ def quantize_rows_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block = min(4096, triton.next_power_of_2(k))
     _quantize_rows_kernel[(t,)](
         x, q, s, x.stride(0), q.stride(0), k,
-        FMAX=FP8_MAX, SMIN=MIN_SCALE, BLOCK=block, num_warps=min(8, max(1, block // 512)),
+        FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX, SMIN=MIN_SCALE, BLOCK=block,
+        num_warps=min(8, max(1, block // 512)),
     )  # fmt: skip
     return q, s
