@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # Triton for the kernel tests in Triton's CPU interpreter; a CUDA torch brings its own, which is kept
 TRITON ?= triton==3.9.0
 
-.PHONY: setup demo test test-all test-slurm lint bench
+.PHONY: setup demo test test-all test-slurm lint imports bench
 
 setup: $(VENV)/.installed
 
@@ -32,8 +32,11 @@ test-all: setup
 test-slurm: setup  # on a real single-node Slurm that the tests start (root; apt); -rs says why if skipped
 	$(PY) -m pytest -q -rs tests/test_slurm_cluster.py
 
-lint: setup
+lint: setup imports
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+imports: setup  # the layers contract in pyproject.toml: jobs -> runner -> runner.engine
+	$(VENV)/bin/lint-imports --no-cache
 
 bench:  # on a CUDA machine
 	$(PY) scripts/bench.py

@@ -1,4 +1,4 @@
-"""`batchrun`: a thin shell over jobs.spec, runner.pipeline and jobs.status."""
+"""`batchrun`: a thin shell over jobs.spec, jobs.run (through jobs.workers), jobs.slurm and jobs.status."""
 
 from __future__ import annotations
 
@@ -96,14 +96,14 @@ def _check_output_path(spec: JobSpec, spec_path: str) -> None:
 def _run(
     spec_path: str, task_index: int | None, num_tasks: int | None, force_new_run: bool, progress: bool
 ) -> None:
-    from jobs.checkpoint import CheckpointError, FingerprintMismatch
     from jobs.lease import LeaseHeld
+    from jobs.run import EngineFailed, JobFailed, JobInterrupted
     from jobs.workers import run_node
-    from runner.models import ModelError
-    from runner.pipeline import EngineFailed, JobFailed, JobInterrupted
+    from runner.model_resolve import ModelError
     from runner.prompts import PromptTooLong
     from runner.retry import StorageError
     from runner.sources import InputError
+    from runner.store import CheckpointError, FingerprintMismatch
 
     spec = _load(spec_path, task_index, num_tasks)
     _preflight(spec, spec_path)
@@ -189,7 +189,8 @@ def submit(
     spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bool, executor, dry_run: bool
 ) -> None:
     """Run the job described by SPEC: here in the foreground, or as a Slurm array; again to resume."""
-    from jobs.slurm import SlurmError, refuse_if_active, store_for
+    from jobs.slurm import SlurmError, refuse_if_active
+    from runner.store import OutputStore
 
     spec = _load(spec_path, None, None)
     if (executor or spec.runtime.executor) == "slurm":
@@ -209,7 +210,7 @@ def submit(
         sys.exit(EXIT_BAD_SPEC)
     _check_output_path(spec, spec_path)
     try:
-        refuse_if_active(store_for(spec))
+        refuse_if_active(OutputStore.for_output(spec.output))
     except SlurmError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)
@@ -218,11 +219,12 @@ def submit(
 
 def _submit_slurm(spec: JobSpec, spec_path: str, dry_run: bool) -> None:
     from jobs import slurm
+    from runner.store import OutputStore
 
     if dry_run:
         click.echo(slurm.render_script(spec, spec_path))
         return
-    store = slurm.store_for(spec)
+    store = OutputStore.for_output(spec.output)
     if slurm.all_done(spec, store):
         click.echo(f"nothing to do: every shard of {spec.output.path} is done", err=True)
         return
@@ -276,8 +278,8 @@ def status(spec_path: str, as_json: bool) -> None:
 )
 def report(spec_path: str, out_path: str | None) -> None:
     """Plot throughput and GPU busy over time and rows per shard into a PNG (needs matplotlib)."""
-    from jobs.checkpoint import OutputStore
     from jobs.report import ReportUnavailable, render_png
+    from runner.store import OutputStore
 
     spec = _load(spec_path, None, None)
     _check_output_path(spec, spec_path)

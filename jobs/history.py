@@ -6,12 +6,12 @@ this attempt to them.
 
 from __future__ import annotations
 
-from jobs.checkpoint import OutputStore
 from jobs.spec import JobSpec
 from runner.attempts import killed_attempt
 from runner.monitor import task_name
-from runner.sinks import is_local
 from runner.sources import Shard, count_rows
+from runner.storage import is_local
+from runner.store import OutputStore
 
 
 class TaskHistory:

@@ -1,12 +1,19 @@
-"""Which shards this task owns, and the run fingerprint that a resume must match."""
+"""Which shards this task owns and what is left of them, the columns it reads, and the run
+fingerprint that a resume must match."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import string
 from typing import Any
 
 from jobs.spec import JobSpec
-from runner.sources import Shard
+from runner.feeder import ShardWork
+from runner.sources import InputError, Shard, count_rows
+from runner.store import OutputStore
+
+log = logging.getLogger(__name__)
 
 
 def assign_shards(shards: list[Shard], task_index: int, num_tasks: int) -> list[Shard]:
@@ -32,3 +39,46 @@ def run_fingerprint(spec: JobSpec, model_fingerprint: dict[str, Any], tokenizer)
             mode="json", include={"format", "compression", "keep_columns", "include_token_ids"}
         ),
     }
+
+
+def plan_work(
+    store: OutputStore, shards: list[Shard], storage_options: dict
+) -> tuple[list[ShardWork], int, dict[str, str]]:
+    """The shards still to do with their committed rows; shards already done; unreadable shards."""
+    work, done, failed = [], 0, {}
+    for shard in shards:
+        progress = store.scan(shard.id)
+        if progress.done:
+            done += 1
+            continue
+        try:
+            total = count_rows(shard, storage_options)
+        except InputError as e:
+            log.error("shard %s cannot be read: %s", shard.id, e)
+            failed[shard.id] = str(e)
+            continue
+        work.append(ShardWork(shard, progress.rows, total))
+    log.info(
+        "%d shards: %d done, %d to do (%d rows left)",
+        len(shards),
+        done,
+        len(work),
+        sum(w.total_rows - len(w.done_rows) for w in work),
+    )
+    return work, done, failed
+
+
+def input_columns(spec: JobSpec) -> list[str] | None:
+    """The input fields the job reads (None: all of them, for keep_columns: all)."""
+    if spec.output.keep_columns == "all":
+        return None
+    p = spec.prompt
+    names = [p.column, p.messages_column, spec.input.id_column, spec.sampling.overrides_column]
+    if p.template:
+        names += [
+            field.split(".")[0].split("[")[0]
+            for _, field, _, _ in string.Formatter().parse(p.template)
+            if field
+        ]
+    names += spec.output.keep_columns
+    return list(dict.fromkeys(n for n in names if n))

@@ -20,10 +20,9 @@ from pathlib import Path
 
 from jobs.spec import JobSpec
 from runner.model_fetch import is_url
-from runner.models import BUILTIN_PREFIX, ModelError, builtin_gguf, looks_local, missing_model_message
-from runner.sinks import is_local
+from runner.model_resolve import BUILTIN_PREFIX, ModelError, builtin_gguf, looks_local, missing_model_message
 from runner.sources import InputError, Shard, list_shards, read_shard
-from runner.storage import url_to_fs
+from runner.storage import is_local, url_to_fs
 
 SAMPLE_ROWS = 20  # rows read from the first shard of each kind
 

@@ -6,9 +6,9 @@ import io
 import json
 from dataclasses import dataclass
 
-from jobs.checkpoint import OutputStore
 from jobs.spec import JobSpec
 from jobs.status import JobStatus, job_status
+from runner.store import OutputStore
 
 
 class ReportUnavailable(Exception):

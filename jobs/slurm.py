@@ -22,9 +22,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jobs.checkpoint import OutputStore
 from jobs.spec import JobSpec
 from runner.sources import list_shards
+from runner.store import OutputStore
 
 RECORD = "slurm.json"
 # JobState values of an element that still runs or will run again (squeue's "active" states)
@@ -123,12 +123,6 @@ exit "$rc"
 """
 
 
-def store_for(spec: JobSpec) -> OutputStore:
-    """The job's output store (without importing the data plane: submit and status stay quick)."""
-    o = spec.output
-    return OutputStore(o.path, o.storage_options, o.format, o.compression)
-
-
 def job_record(store: OutputStore) -> dict | None:
     """The last Slurm submission recorded in this output: {job_id, tasks, submitted_at}."""
     return store.read_json(RECORD)
@@ -165,7 +159,7 @@ def _first_index(task: str) -> int:
 
 def slurm_status(spec: JobSpec) -> SlurmStatus | None:
     """The Slurm side of `batchrun status`; None if this output was never submitted to Slurm."""
-    record = job_record(store_for(spec))
+    record = job_record(OutputStore.for_output(spec.output))
     if record is None:
         return None
     return SlurmStatus(record["job_id"], record["tasks"], array_state(record["job_id"]))

@@ -6,11 +6,25 @@ field path and a hint, before any data is touched (`load_spec` raises `SpecError
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from runner.engine.config import EngineConfig
+from runner.engine.types import SamplingParams
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -22,6 +36,19 @@ class SpecError(Exception):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _fields_of(cls: type, exclude: set[str] = frozenset(), **overrides: Any) -> dict[str, Any]:
+    """pydantic field definitions of a dataclass's fields: the same types, defaults and bounds (the
+    annotated_types bounds in its annotations), so that a section and the engine cannot drift;
+    `overrides` replace or add fields."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields: dict[str, Any] = {
+        f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        for f in dataclasses.fields(cls)
+        if f.name not in exclude
+    }
+    return fields | overrides
 
 
 class InputSpec(_Section):
@@ -83,25 +110,33 @@ class ModelSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="for a model URL")
 
 
-class SamplingSpec(_Section):
-    max_new_tokens: PositiveInt = 256
-    temperature: Annotated[float, Field(ge=0)] = 0.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: NonNegInt = 0
-    min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    seed: int = 0
-    stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)
-    ignore_eos: bool = False
-    n: PositiveInt = 1
-    overrides_column: str | None = Field(
-        None, description="a column of per-row overrides, e.g. {max_new_tokens: 64, temperature: 0.5}"
-    )
-
-    @field_validator("stop", mode="before")
+class _SamplingSection(_Section):
+    @field_validator("stop", mode="before", check_fields=False)
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    def params(self) -> SamplingParams:
+        """The job's sampling as the engine takes it (each row's seed is derived from `seed`)."""
+        return SamplingParams(**self.model_dump(exclude={"overrides_column"}))
+
+
+# The engine's SamplingParams fields, with their types, defaults and bounds (runner/engine/types.py)
+SamplingSpec = create_model(
+    "SamplingSpec",
+    __base__=_SamplingSection,
+    **_fields_of(
+        SamplingParams,
+        exclude={"logprobs"},  # not offered by the job yet
+        seed=(int, Field(0, description="the job's seed; each row samples with one derived from it")),
+        overrides_column=(
+            str | None,
+            Field(
+                None, description="a column of per-row overrides, e.g. {max_new_tokens: 64, temperature: 0.5}"
+            ),
+        ),
+    ),
+)
 
 
 class OutputSpec(_Section):
@@ -123,28 +158,25 @@ class OutputSpec(_Section):
         return self
 
 
-class EngineSpec(_Section):
-    backend: Literal["auto", "batchrun", "transformers"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    max_batch_tokens: PositiveInt = 8192
-    max_seqs: PositiveInt = 256
-    page_size: PositiveInt = 16
-    kv_memory_fraction: Annotated[float, Field(gt=0, le=0.95)] = 0.85
-    kv_cache_tokens: PositiveInt | None = None
-    max_model_len: PositiveInt | None = Field(
-        None, description="cap on prompt + generated tokens (default: the model's); a smaller KV cache fits"
-    )
-    async_mode: bool = Field(True, alias="async")
-    cuda_graphs: bool = True
-    quantization: Literal["none", "fp8"] = Field(
-        "none", description="fp8: decoder weights quantized to fp8 at load (fp8 checkpoints are fp8 anyway)"
-    )
-    max_inflight: PositiveInt | None = Field(
-        None, description="requests kept in the engine at once (default: 4 x max_seqs)"
-    )
-
+class _EngineSection(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def config(self) -> EngineConfig:
+        """The engine's settings (the section less the job-level `backend` and `max_inflight`)."""
+        return EngineConfig(**self.model_dump(exclude={"backend", "max_inflight"}))
+
+
+# The engine's EngineConfig fields, with their types, defaults and bounds (runner/engine/config.py)
+EngineSpec = create_model(
+    "EngineSpec",
+    __base__=_EngineSection,
+    backend=(Literal["auto", "batchrun", "transformers"], "auto"),
+    **_fields_of(EngineConfig, async_mode=(bool, Field(True, alias="async"))),
+    max_inflight=(
+        PositiveInt | None,
+        Field(None, description="requests kept in the engine at once (default: 4 x max_seqs)"),
+    ),
+)
 
 
 class SlurmSpec(_Section):

@@ -6,11 +6,11 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from jobs.checkpoint import OutputStore
 from jobs.lease import process_alive
 from jobs.spec import JobSpec
 from runner.error_reasons import error_reason
 from runner.sources import count_rows, list_shards
+from runner.store import OutputStore
 
 
 @dataclass(slots=True)

@@ -17,11 +17,11 @@ import time
 
 from tqdm import tqdm
 
-from jobs.checkpoint import OutputStore
+from jobs.run import JobFailed, JobInterrupted, check_run, run_job
 from jobs.spec import JobSpec, SpecError
 from runner.attempts import attempt_of, summary_from_report, with_history
-from runner.pipeline import JobFailed, JobInterrupted, check_run, run_job
 from runner.progress import Summary
+from runner.store import OutputStore
 
 log = logging.getLogger(__name__)
 

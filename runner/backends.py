@@ -1,52 +1,78 @@
-"""Pick and load the generation backend: the batchrun engine, or transformers as the fallback."""
+"""The generation backend contract (`Backend`), and picking one: the batchrun engine, or transformers as
+the fallback (runner/hf_backend.py)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Literal, Protocol, runtime_checkable
 
-from jobs.spec import EngineSpec
+from runner.engine.config import EngineConfig
+from runner.engine.types import Completion, Request
 
 log = logging.getLogger(__name__)
 
+BackendName = Literal["auto", "batchrun", "transformers"]
 
-def load_backend(model_path: str, spec: EngineSpec, revision: str | None = None, tokenizer=None):
-    """An object with the engine contract (add / step / has_unfinished / num_unfinished).
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the generation loop drives: the batchrun `Engine` and `TransformersBackend` both are one."""
+
+    tokenizer: object  # the model's tokenizer (prompts are tokenized with it)
+    max_model_len: int  # prompt + generated tokens that one request may take
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests added and not yet completed (all their samples)."""
+        ...
+
+    def add(self, request: Request) -> None:
+        """Queue a request; cheap, never waits on generation."""
+        ...
+
+    def step(self) -> list[Completion]:
+        """Advance generation; returns the samples that finished since the last call."""
+        ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def stats(self) -> dict:
+        """Plain counters for the heartbeat and the summary."""
+        ...
+
+    def close(self) -> None:
+        """Free the model and its caches; unfinished requests are dropped."""
+        ...
+
+
+def load_backend(
+    model_path: str, backend: BackendName, config: EngineConfig, revision: str | None = None, tokenizer=None
+) -> Backend:
+    """The backend for a resolved model folder.
 
     `auto` takes the batchrun engine and falls back to transformers' continuous batching, with a
     log line saying why, for models the engine's fast path can't run. Config, weights and (unless
     `tokenizer` is given, already loaded) the tokenizer are all loaded at `revision`.
     """
-    if spec.backend in ("auto", "batchrun"):
-        from runner.engine import Engine, EngineConfig, UnsupportedModel
+    if backend in ("auto", "batchrun"):
+        from runner.engine import Engine, UnsupportedModel
 
-        config = EngineConfig(
-            dtype=spec.dtype,
-            device=spec.device,
-            page_size=spec.page_size,
-            max_batch_tokens=spec.max_batch_tokens,
-            max_seqs=spec.max_seqs,
-            kv_memory_fraction=spec.kv_memory_fraction,
-            kv_cache_tokens=spec.kv_cache_tokens,
-            max_model_len=spec.max_model_len,
-            async_mode=spec.async_mode,
-            cuda_graphs=spec.cuda_graphs,
-            quantization=spec.quantization,
-        )
         try:
             return Engine.from_pretrained(model_path, config=config, revision=revision, tokenizer=tokenizer)
         except UnsupportedModel as e:
-            if spec.backend == "batchrun":
+            if backend == "batchrun":
                 raise
             log.warning("the batchrun engine can't run this model (%s); using the transformers backend", e)
-            if spec.quantization != "none":
-                log.warning("engine.quantization=%s: not applied by transformers", spec.quantization)
+            if config.quantization != "none":
+                log.warning("engine.quantization=%s: not applied by transformers", config.quantization)
     from runner.hf_backend import TransformersBackend
 
     return TransformersBackend.from_pretrained(
         model_path,
-        dtype=spec.dtype,
-        device=spec.device,
-        max_batch_tokens=spec.max_batch_tokens,
+        dtype=config.dtype,
+        device=config.device,
+        max_batch_tokens=config.max_batch_tokens,
+        max_model_len=config.max_model_len,
         revision=revision,
         tokenizer=tokenizer,
     )

@@ -26,9 +26,9 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 
-import torch
-
+from runner.engine.config import resolve_device, resolve_dtype
 from runner.engine.eos import eos_token_ids
+from runner.engine.stops import find_stop
 from runner.engine.types import Completion, Request, SamplingParams
 
 _POLL_S = 0.05  # how long step() waits for the first finished request before returning []
@@ -94,24 +94,28 @@ class TransformersBackend:
         dtype: str = "auto",
         device: str = "auto",
         max_batch_tokens: int | None = None,
+        max_model_len: int | None = None,
         *,
         revision: str | None = None,
         tokenizer=None,
     ) -> TransformersBackend:
         """Load a model folder (or hub id, at `revision`): `dtype` "auto" is bf16 on CUDA and fp32 on the
-        CPU; `device` "auto" is CUDA when available. `tokenizer`: one the caller already loaded."""
+        CPU; `device` "auto" is CUDA when available (the engine's rules: runner/engine/config.py).
+        `max_model_len` caps prompt + generated tokens below the model's own limit; `tokenizer`: one the
+        caller already loaded."""
         from transformers import AutoModelForCausalLM
 
-        from runner.models import load_tokenizer
+        from runner.model_resolve import load_tokenizer
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        torch_device = resolve_device(device)
         model = AutoModelForCausalLM.from_pretrained(
-            local_path, dtype=getattr(torch, dtype), revision=revision
-        ).to(device)
+            local_path, dtype=resolve_dtype(dtype, torch_device), revision=revision
+        ).to(torch_device)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(local_path, revision)
-        return cls(model, tokenizer, max_batch_tokens=max_batch_tokens)
+        backend = cls(model, tokenizer, max_batch_tokens=max_batch_tokens)
+        if max_model_len is not None:
+            backend.max_model_len = min(backend.max_model_len, max_model_len)
+        return backend
 
     # --- the engine contract -------------------------------------------------------------------------
 
@@ -251,7 +255,7 @@ class TransformersBackend:
             return []
         tokens = list(output.generated_tokens)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = _find_stop(text, sample.request.sampling.stop)
+        cut = find_stop(text, sample.request.sampling.stop)
         if cut is None and not output.is_finished():
             return []
         if cut is not None:
@@ -304,12 +308,6 @@ def _per_request_kwargs(sampling: SamplingParams, vocab_size: int) -> dict:
         "top_k": int(sampling.top_k) if sampling.top_k > 0 else vocab_size,
         "top_p": float(sampling.top_p),
     }
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
 
 
 def _raise_if_dead(manager) -> None:

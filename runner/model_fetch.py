@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from runner.model_cache import cache_dir
 from runner.storage import url_to_fs
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,6 @@ def is_url(path: str) -> bool:
 
 def fetch_model(url: str, storage_options: dict) -> tuple[Path, dict]:
     """The local copy of the Hugging Face folder at `url` (downloaded if needed) and its fingerprint."""
-    from runner.models import cache_dir
-
     fs, root = url_to_fs(url, storage_options)
     root = root.rstrip("/")
     listing = _listing(fs, root, url)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from jobs.checkpoint import OutputStore
+from runner.store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def task_name(task_index: int, num_tasks: int) -> str:
     return f"task-{task_index}-of-{num_tasks}"
 
 
-def clear_heartbeat_temps(store: OutputStore, task_index: int, num_tasks: int) -> None:
+def clear_heartbeat_temps(store: StateStore, task_index: int, num_tasks: int) -> None:
     """A kill during this task's last heartbeat leaves temp files that no later heartbeat replaces
     when the rerun has nothing to do: remove them on every start."""
     name = task_name(task_index, num_tasks)
@@ -91,7 +91,7 @@ class Monitor:
 
     def __init__(
         self,
-        store: OutputStore,
+        store: StateStore,
         task_index: int,
         num_tasks: int,
         shards: list[str],

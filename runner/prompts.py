@@ -9,12 +9,11 @@ to stop, and `PromptTooLong` says which row.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from jobs.spec import PromptSpec, SamplingSpec, SpecError
 from runner.engine.types import SamplingParams
 
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -23,6 +22,27 @@ OVERRIDABLE = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed
 
 class PromptTooLong(Exception):
     """A prompt over the limit under `on_too_long: error`."""
+
+
+class PromptSetupError(ValueError):
+    """The prompt settings cannot work with this model (the job reports it as a spec error)."""
+
+
+@dataclass(slots=True, frozen=True)
+class PromptConfig:
+    """How rows become prompts (the job spec's `prompt:` section, resolved)."""
+
+    column: str | None = None  # a column holding the prompt text
+    template: str | None = None  # a Python format string over row fields
+    messages_column: str | None = None  # a column of chat messages
+    uses_chat_template: bool = False
+    system: str | None = None  # system prompt (chat template only)
+    max_tokens: int | None = None  # longest prompt in tokens (default: the model's context)
+    on_too_long: Literal["error", "skip", "truncate"] = "skip"
+    overrides_column: str | None = None  # a column of per-row sampling overrides
+
+
+_PARAMS = TypeAdapter(SamplingParams)  # validates overrides against the engine's own bounds
 
 
 @dataclass(slots=True)
@@ -41,23 +61,24 @@ class PreparedRow:
 class PromptBuilder:
     """Turns batches of rows into token ids with one batched call of the fast tokenizer."""
 
-    def __init__(self, spec: PromptSpec, sampling: SamplingSpec, tokenizer, max_model_len: int):
+    def __init__(self, spec: PromptConfig, sampling: SamplingParams, tokenizer, max_model_len: int):
+        """`sampling`: the job's; its `seed` is the job seed that each row's seed is derived from."""
         self.spec = spec
         self.tokenizer = tokenizer
-        self.base_sampling = _base_sampling(sampling)
-        self.overrides_column = sampling.overrides_column
+        self.base_sampling = sampling
+        self.overrides_column = spec.overrides_column
         self.seed = sampling.seed
         limit = max_model_len - sampling.max_new_tokens
         if spec.max_tokens is not None:
             limit = min(limit, spec.max_tokens)
         if limit <= 0:
-            raise SpecError(
+            raise PromptSetupError(
                 f"sampling.max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the "
                 f"model's context of {max_model_len} tokens; lower it"
             )
         self.max_prompt_tokens = limit
         if spec.uses_chat_template and not getattr(tokenizer, "chat_template", None):
-            raise SpecError(
+            raise PromptSetupError(
                 "prompt asks for the chat template but the model's tokenizer has none; set "
                 "prompt.chat_template: false (and use prompt.column or prompt.template)"
             )
@@ -143,12 +164,16 @@ class PromptBuilder:
                 f"field '{self.overrides_column}': unknown sampling keys {sorted(unknown)} "
                 f"(allowed: {sorted(OVERRIDABLE)})"
             )
+        if isinstance(over.get("stop"), str):
+            over = {**over, "stop": [over["stop"]]}
         try:
-            checked = SamplingSpec.model_validate({**self._spec_fields(params), **over})
+            checked = _PARAMS.validate_python({**asdict(params), **over})
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise _RowError(f"field '{self.overrides_column}': {where}: {first['msg']}") from None
+        if checked.seed is None:  # the job's seed is an integer; a row's too
+            raise _RowError(f"field '{self.overrides_column}': seed: Input should be a valid integer")
         if checked.max_new_tokens > self.base_sampling.max_new_tokens:
             raise _RowError(
                 f"field '{self.overrides_column}': max_new_tokens {checked.max_new_tokens} is over the "
@@ -165,17 +190,6 @@ class PromptBuilder:
             seed=seed if "seed" not in over else checked.seed,
             stop=stop,
         )
-
-    @staticmethod
-    def _spec_fields(p: SamplingParams) -> dict[str, Any]:
-        return {
-            "max_new_tokens": p.max_new_tokens,
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "top_k": p.top_k,
-            "min_p": p.min_p,
-            "stop": list(p.stop),
-        }
 
     def _fit(self, prep: PreparedRow, ids: list[int], place: str) -> None:
         limit = self.max_prompt_tokens
@@ -220,21 +234,6 @@ def _messages(value: Any, column: str) -> list[dict[str, str]]:
             )
         out.append({"role": m["role"], "content": m["content"]})
     return out
-
-
-def _base_sampling(s: SamplingSpec) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=s.max_new_tokens,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        min_p=s.min_p,
-        seed=s.seed,
-        stop_token_ids=tuple(s.stop_token_ids),
-        stop=tuple(s.stop),
-        ignore_eos=s.ignore_eos,
-        n=s.n,
-    )
 
 
 def _row_seed(seed: int, shard: str, row: int) -> int:

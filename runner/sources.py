@@ -3,8 +3,9 @@
 A shard is one input file. Its id is its path relative to the input root (the longest directory
 prefix of the user's path that holds no glob characters), so ids stay stable across machines and
 nested directories work. Rows are numbered by their position in the shard (JSONL: among the
-non-blank lines). Reading is streamed: memory is bounded by one Parquet row group or one JSONL
-chunk, never by the shard.
+non-blank lines). Reading is streamed: memory holds one batch of rows (at most `batch_rows`, and for
+Parquet about PARQUET_BATCH_BYTES, decoded from the row group page by page) plus the reader's
+buffers, never the shard. A single JSONL line is read whole, however long.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from runner.retry import retry
-from runner.sinks import is_local
-from runner.storage import url_to_fs
+from runner.storage import is_local, url_to_fs
 
 Format = Literal["parquet", "jsonl"]
 PARQUET_READ_BUFFER = 2**20  # Parquet column chunks are read through buffers of this size, page by page

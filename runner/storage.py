@@ -20,3 +20,9 @@ def url_to_fs(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyste
     protocol = fsspec.core.split_protocol(url)[0]
     options = storage_options if protocol in (None, "file") else {**_NO_CACHES, **storage_options}
     return fsspec.core.url_to_fs(url, **options)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is the local disk (where rename is atomic)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jobs.checkpoint import OutputStore
 from runner.budget import HeldBytes
+from runner.store import OutputStore
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,6 @@ class _ShardLedger:
     compaction_queued: bool = False
 
 
-@dataclass(slots=True)
-class WriterCounts:
-    rows_committed: int = 0  # input rows (not samples) whose outputs are in visible parts
-    error_rows: int = 0
-    parts: int = 0
-    shards_compacted: int = 0
-
-
 class PartWriter:
     """Buffers output rows per shard and commits them through an `OutputStore` off the main thread."""
 
@@ -48,7 +40,7 @@ class PartWriter:
         self.budget = budget
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
-        self.counts = WriterCounts()
+        self.shards_compacted = 0  # by this writer (read once it is closed)
         self._ledgers: dict[str, _ShardLedger] = {}
         self._buffered_rows = 0
         self._buffered_bytes = 0
@@ -61,7 +53,7 @@ class PartWriter:
     def open_shard(self, shard: str, already_done: int) -> None:
         self._ledgers[shard] = _ShardLedger(already_done)
 
-    def add(self, shard: str, rows: list[dict], is_error: bool = False, nbytes: int = 0) -> None:
+    def add(self, shard: str, rows: list[dict], nbytes: int = 0) -> None:
         """The output rows of one input row (one per sample); `nbytes` of the budget are released
         once they are committed."""
         ledger = self._ledgers[shard]
@@ -70,8 +62,6 @@ class PartWriter:
         ledger.produced += 1
         self._buffered_rows += 1
         self._buffered_bytes += nbytes
-        if is_error:
-            self.counts.error_rows += 1
         self._maybe_finish_shard(shard)
         self.poll()
 
@@ -105,9 +95,6 @@ class PartWriter:
         if self._error is not None:
             raise self._error
 
-    def pending_shards(self) -> list[str]:
-        return [s for s, led in self._ledgers.items() if not led.compaction_queued]
-
     def _maybe_finish_shard(self, shard: str) -> None:
         ledger = self._ledgers[shard]
         if ledger.total is None or ledger.compaction_queued:
@@ -134,13 +121,11 @@ class PartWriter:
     def _commit(self, shard: str, rows: list[dict], nbytes: int) -> None:
         name = self.store.commit_part(shard, rows)
         self.budget.release(nbytes)
-        self.counts.parts += 1
-        self.counts.rows_committed += self._count_inputs(rows)
         log.debug("committed %s (%d rows)", name, len(rows))
 
     def _compact(self, shard: str, total: int) -> None:
         self.store.compact(shard, total)
-        self.counts.shards_compacted += 1
+        self.shards_compacted += 1
         log.info("shard %s done: %d rows in its final file", shard, total)
 
     def _work(self) -> None:

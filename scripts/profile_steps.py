@@ -41,7 +41,7 @@ def top_kernels(prof, limit: int = 25) -> list[dict]:
 def timed_steps(engine: Engine, limit: int | None = None) -> list[dict]:
     """Run engine steps (synchronous loop), timing each one's GPU work with CUDA events."""
     out = []
-    runner = engine.runner
+    runner = engine.model_runner
     while engine.has_unfinished() and (limit is None or len(out) < limit):
         t0 = time.perf_counter()
         batch = engine.scheduler.schedule()
@@ -52,7 +52,7 @@ def timed_steps(engine: Engine, limit: int | None = None) -> list[dict]:
         end.record()
         t2 = time.perf_counter()
         engine._in_flight.append((batch, launched))
-        engine._collect(*engine._in_flight.popleft())
+        engine._postprocess(*engine._wait_oldest())
         t3 = time.perf_counter()
         end.synchronize()
         out.append({

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import random
 import sys
 import time
@@ -110,7 +111,8 @@ def run_config(model, config: dict, work: Workload, device: str) -> tuple[dict, 
 
     from runner.engine import Engine, EngineConfig, Request, SamplingParams
 
-    extra = {"dtype": "float32"} if device == "cuda" else {}
+    # CUDA: a fixed pool (the sweep's workers share the GPU; a pool from free memory is bench.py's job)
+    extra = {"dtype": "float32", "kv_cache_tokens": 1 << 16} if device == "cuda" else {}
     engine = Engine(model, EngineConfig(device=device, **extra, **config))
     try:
         requests = [Request(rid, work.prompts[i], SamplingParams(**f)) for rid, i, f in work.requests]
@@ -159,6 +161,7 @@ def sweep(configs: list[dict], device: str, unique: int, copies: int, log=print)
             ("ok  " if out.ok else "FAIL")
             + f" {config} {out.seconds}s"
             + (f" {out.error}" if out.error else "")
+            + ("" if out.ok or out.error else f" mismatches {out.greedy_mismatches}/{out.sampled_mismatches}")
         )
         outcomes.append(out)
     return outcomes
@@ -170,23 +173,26 @@ def main() -> None:
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--subset", action="store_true", help="the 6 configurations CI runs on the CPU")
     which.add_argument("--sanitizer-sample", action="store_true", help="4 configurations, a small workload")
-    ap.add_argument(
-        "--unique", type=int, default=None, help="unique prompts (default 300 on CUDA, 24 on CPU)"
-    )
-    ap.add_argument(
-        "--copies", type=int, default=None, help="requests per prompt (default 10 on CUDA, 2 on CPU)"
-    )
+    ap.add_argument("--unique", type=int, default=None, help="unique prompts (default 60 on CUDA, 24 on CPU)")
+    ap.add_argument("--copies", type=int, default=None, help="requests per prompt (default 2)")
+    ap.add_argument("--workers", type=int, default=1, help="processes sharing the device, configs split")
     ap.add_argument("--out", default=None, help="write the outcomes as JSON here")
     args = ap.parse_args()
     if args.sanitizer_sample:
         configs, unique, copies = SANITIZER_SAMPLE, 16, 1
     else:
         configs = SUBSET if args.subset else grid_configs(GRID)
-        unique, copies = (300, 10) if args.device == "cuda" else (24, 2)
+        unique, copies = (60, 2) if args.device == "cuda" else (24, 2)
     unique, copies = args.unique or unique, args.copies or copies
     print(json.dumps({"grid": GRID, "configurations": len(configs), "unique_prompts": unique,
                       "requests": unique * copies, "device": args.device}))  # fmt: skip
-    outcomes = sweep(configs, args.device, unique, copies)
+    if args.workers > 1:  # configurations split over processes that share the device
+        parts = [configs[i :: args.workers] for i in range(args.workers)]
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            done = pool.starmap(sweep, [(part, args.device, unique, copies) for part in parts])
+        outcomes = [o for part in done for o in part]
+    else:
+        outcomes = sweep(configs, args.device, unique, copies)
     failed = [o for o in outcomes if not o.ok]
     summary = {"configurations": len(configs), "run": len(outcomes), "passed": len(outcomes) - len(failed),
                "failed": [asdict(o) for o in failed]}  # fmt: skip

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.helpers import tiny_llama, tiny_tokenizer
+from tests.helpers import save_tiny_model
 
 WORDS = [
     "the",
@@ -38,11 +38,7 @@ WORDS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama and its tokenizer, saved as a local Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def prompt_text(shard: int, row: int) -> str:

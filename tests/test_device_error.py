@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from jobs.run import run_job
 from jobs.spec import load_spec
-from runner.pipeline import run_job
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,21 +13,22 @@ import logging
 import socket
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from jobs.checkpoint import OutputStore
 from jobs.cli import main
 from jobs.report import load_series, y_limit
 from jobs.spec import load_spec
-from runner.cpu_threads import cgroup_cpu_quota, configure_cpu_threads, usable_cpus
-from runner.engine.attention import reference_attention
-from runner.engine.cpu_attention import batched_attention
+from runner.cpu_threads import busy_cpus, cgroup_cpu_quota, configure_cpu_threads, cpu_threads, usable_cpus
+from runner.engine.layers.attention import reference_attention
+from runner.engine.layers.cpu_attention import batched_attention
+from runner.store.checkpoint import OutputStore
 from tests.conftest import committed_rows, read_output, write_spec
-from tests.engine.paged_cases import CASES as PAGED_CASES
-from tests.engine.paged_cases import random_batch
+from tests.engine.layers.paged_cases import CASES as PAGED_CASES
+from tests.engine.layers.paged_cases import random_batch
 from tests.test_kill_resume import batchrun
 
 HOST = socket.gethostname()
@@ -337,9 +338,21 @@ def cpu_threads_follow_affinity_and_quota(tmp: Path, model: Path) -> None:
     assert cgroup_cpu_quota(tmp / "cg") == 1.5
     (tmp / "cg/cpu.max").write_text("max 100000\n")
     assert cgroup_cpu_quota(tmp / "cg") is None
+    stat = tmp / "stat"  # a machine with 2 CPUs, one of them busy: 100 of 200 jiffies idle between samples
+    stat.write_text("cpu  0 0 0 0 0 0 0 0 0 0\n")
+    later = "cpu  100 0 0 100 0 0 0 0 0 0\n"
+    with mock.patch("time.sleep", lambda s: stat.write_text(later)), mock.patch("os.cpu_count", lambda: 2):
+        assert busy_cpus(stat=stat) == 1.0
+    # idle 2 CPUs: both; one busy process beside: one; a crowded machine: one; 8 CPUs, 2.2 busy: 6
+    assert [cpu_threads(2, 0.3), cpu_threads(2, 1.2), cpu_threads(2, 14.0), cpu_threads(8, 2.2)] == [
+        2,
+        1,
+        1,
+        6,
+    ]
     before = torch.get_num_threads()
     try:
-        assert configure_cpu_threads() == usable_cpus() == torch.get_num_threads()
+        assert configure_cpu_threads() == torch.get_num_threads() <= usable_cpus()
     finally:
         torch.set_num_threads(before)
 

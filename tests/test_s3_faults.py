@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.run import run_job
 from jobs.spec import load_spec
-from runner.pipeline import run_job
 from tests.conftest import read_output, write_inputs, write_spec
 from tests.s3_proxy import FaultProxy, Rule
 from tests.test_kill_resume import batchrun

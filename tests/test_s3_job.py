@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.run import run_job
 from jobs.spec import load_spec
-from runner.pipeline import run_job
 from tests.conftest import prompt_text, read_output, write_inputs, write_spec
 from tests.test_kill_resume import REPO, batchrun
 
@@ -219,14 +219,14 @@ def write_payload_shard(path: Path, rows: int, payload_bytes: int) -> int:
 
 _MEASURE = """
 import sys
-import runner.pipeline
+import runner.loop
 from jobs.cli import main
 
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
-run = runner.pipeline._Job.run
+run = runner.loop.GenerationLoop.run
 
 def measured(self, *args, **kwargs):  # the streaming phase: shards in, engine, parts out
     with open("/proc/self/clear_refs", "w") as f:
@@ -237,7 +237,7 @@ def measured(self, *args, **kwargs):  # the streaming phase: shards in, engine, 
     finally:
         print(f"rss_mb start {start:.0f} growth {status('VmHWM') - start:.0f}", file=sys.stderr)
 
-runner.pipeline._Job.run = measured
+runner.loop.GenerationLoop.run = measured
 main(sys.argv[1:])
 """
 

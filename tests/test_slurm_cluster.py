@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from jobs.run import run_job
 from jobs.slurm import ACTIVE_STATES, TaskState, array_state
 from jobs.spec import load_spec
-from runner.pipeline import run_job
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 from tests.test_kill_resume import REPO, batchrun
 

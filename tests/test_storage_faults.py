@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import runner.retry
+from jobs.run import run_job
 from jobs.spec import load_spec
-from runner.pipeline import run_job
 from runner.retry import Backoff, StorageError
 from tests import faults_fs
 from tests.conftest import read_output, write_inputs, write_spec

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Gt, Le
+
+from runner.engine.types import Positive, check_bounds
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class UnsupportedModel(Exception):
@@ -17,27 +22,29 @@ class UnsupportedModel(Exception):
 
 @dataclass(slots=True)
 class EngineConfig:
-    """How the engine runs. The job spec's `engine:` section maps onto these names."""
+    """How the engine runs.
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    These fields, their defaults and their bounds (the annotations) are the only declaration of the
+    engine's settings: the job spec's `engine:` section is generated from them (jobs/spec.py).
+    """
+
+    dtype: DType = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    page_size: int = 16  # tokens per KV page
-    max_batch_tokens: int = 8192  # tokens (decodes + prefill chunks) in one forward
-    max_seqs: int = 512  # sequences running at once
-    kv_memory_fraction: float = 0.85  # CUDA: share of free memory (after weights) given to the KV pool
-    kv_cache_tokens: int | None = None  # explicit pool size in tokens (CPU default: 32768)
+    page_size: Positive = 16  # tokens per KV page
+    max_batch_tokens: Positive = 8192  # tokens (decodes + prefill chunks) in one forward
+    max_seqs: Positive = 512  # sequences running at once (the KV pool may admit fewer)
+    # CUDA: share of free memory (after weights) given to the KV pool; the rest is for activations
+    kv_memory_fraction: Annotated[float, Gt(0), Le(0.95)] = 0.85
+    kv_cache_tokens: Positive | None = None  # explicit pool size in tokens (CPU default: 32768)
     async_mode: bool = True  # launch step N+1 before waiting for step N (CPU: same order, no overlap)
     cuda_graphs: bool = True  # replay decode-only steps from CUDA graphs (no-op on CPU)
-    max_model_len: int | None = None  # cap on prompt + generated tokens (default: the model's)
+    max_model_len: Positive | None = None  # cap on prompt + generated tokens (default: the model's)
     # fp8: decoder linear weights quantized to fp8 at load (per-channel scales, per-token activation
     # scales; torch._scaled_mm on sm90+). fp8 checkpoints (quantization_config) run in fp8 either way.
     quantization: Literal["none", "fp8"] = "none"
 
     def __post_init__(self) -> None:
-        if self.page_size < 1 or self.max_batch_tokens < 1 or self.max_seqs < 1:
-            raise ValueError("engine: page_size, max_batch_tokens and max_seqs must be positive integers")
-        if not 0.0 < self.kv_memory_fraction <= 1.0:
-            raise ValueError(f"engine.kv_memory_fraction={self.kv_memory_fraction}: use a value in (0, 1]")
+        check_bounds(self, "engine")
         if self.quantization not in ("none", "fp8"):
             raise ValueError(f"engine.quantization={self.quantization!r}: use 'none' or 'fp8'")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:
@@ -48,17 +55,25 @@ class EngineConfig:
 
     def resolve_device(self) -> torch.device:
         """The device to run on: `auto` picks CUDA when it is available."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"engine.device={self.device!r}: CUDA is not available here (use 'cpu' or 'auto')"
-            )
-        return device
+        return resolve_device(self.device)
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         """The weight/activation dtype: `auto` is bf16 on CUDA, fp32 on CPU."""
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+        return resolve_dtype(self.dtype, device)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`device` as a torch device: `auto` picks CUDA when it is available (shared by both backends)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"engine.device={device!r}: CUDA is not available here (use 'cpu' or 'auto')")
+    return resolved
+
+
+def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
+    """`dtype` as a torch dtype: `auto` is bf16 on CUDA, fp32 on CPU (shared by both backends)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

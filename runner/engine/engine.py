@@ -12,16 +12,15 @@ from pathlib import Path
 import torch
 
 from runner.engine.config import EngineConfig
-from runner.engine.cpu_attention import batched_attention
 from runner.engine.eos import eos_token_ids
-from runner.engine.kv_budget import MemoryPlan, check_weights_fit, kv_pool_pages, step_workspace_bytes
-from runner.engine.layers.fused_linear import engine_weight_bytes
-from runner.engine.model import PagedLlama, model_shape
-from runner.engine.pages import PagePool
-from runner.engine.runner import InFlight, ModelRunner
+from runner.engine.kv import KVManager
+from runner.engine.kv.budget import MemoryPlan, check_weights_fit, kv_pool_pages, step_workspace_bytes
+from runner.engine.layers.cpu_attention import batched_attention
+from runner.engine.layers.linear import engine_weight_bytes
+from runner.engine.model_runner import LaunchedStep, ModelRunner
+from runner.engine.models import build_model, model_shape
 from runner.engine.scheduler import ScheduledBatch, Scheduler
 from runner.engine.sequence import Sequence
-from runner.engine.slots import SlotTable
 from runner.engine.stops import StopChecker
 from runner.engine.types import Completion, Request
 
@@ -52,23 +51,24 @@ class Engine:
         memory = _device_memory(device)
         if memory is not None:
             check_weights_fit(to_copy, *memory, str(device), str(dtype).removeprefix("torch."))
-        self.model = PagedLlama(model, device, dtype, fp8=fp8)
+        self.model = build_model(model, device, dtype, fp8=fp8)
         num_pages = self._num_pages(shape, device, dtype, weights)
         if device.type == "cuda":
-            from runner.engine.paged_attention import paged_attention as attention
+            from runner.engine.layers.paged_attention import paged_attention as attention
         else:
             attention = batched_attention
-        slots = SlotTable(config.max_seqs, -(-self.max_model_len // config.page_size))
-        self.runner = ModelRunner(
-            self.model, slots, num_pages, config.page_size, attention, config.cuda_graphs
+        max_pages = -(-self.max_model_len // config.page_size)
+        self.kv = KVManager(num_pages, config.page_size, config.max_seqs, max_pages)
+        self.model_runner = ModelRunner(
+            self.model, self.kv.table, num_pages, config.page_size, attention, config.cuda_graphs
         )
-        self.pool = PagePool(num_pages, config.page_size)
         stops = StopChecker(eos_token_ids(model, tokenizer), tokenizer, self.max_model_len)
-        self.scheduler = Scheduler(self.pool, slots, stops, config.max_batch_tokens)
-        self._in_flight: deque[tuple[ScheduledBatch, InFlight]] = deque()
+        self.scheduler = Scheduler(self.kv, stops, config.max_batch_tokens)
+        self._in_flight: deque[tuple[ScheduledBatch, LaunchedStep]] = deque()  # oldest first
         self._unreleased: list[Sequence] = []  # finished while a step that may use them is in flight
         self._graph_steps = 0
-        self._page_bytes = self.runner.kv_cache[:, :, 0].numel() * self.runner.kv_cache.element_size()
+        kv_cache = self.model_runner.kv_cache
+        self._page_bytes = kv_cache[:, :, 0].numel() * kv_cache.element_size()
         self._num_added = 0
         self._num_unfinished = 0
         self._samples_left: dict[int, int] = {}  # request order -> samples not yet completed
@@ -123,10 +123,10 @@ class Engine:
         memory = _device_memory(device)
         if memory is None:
             return CPU_DEFAULT_KV_TOKENS // config.page_size
-        layer = self.model.layers[0]
+        qkv_width = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
         workspace = step_workspace_bytes(
-            config.max_batch_tokens, config.max_seqs, shape.hidden, layer.qkv.weight.shape[0],
-            layer.gate_up.weight.shape[0] // 2, shape.vocab, dtype.itemsize, config.cuda_graphs,
+            config.max_batch_tokens, config.max_seqs, shape.hidden, qkv_width,
+            shape.intermediate, shape.vocab, dtype.itemsize, config.cuda_graphs,
         )  # fmt: skip
         page_bytes = shape.num_layers * 2 * config.page_size * shape.num_kv_heads * shape.head_dim
         plan = MemoryPlan(*memory, weights, workspace, page_bytes * dtype.itemsize, config.page_size)
@@ -157,11 +157,10 @@ class Engine:
             raise ValueError(f"request {request.id!r}: stop strings need a tokenizer (pass tokenizer=...)")
         if sp.n < 1 or sp.max_new_tokens < 1:
             raise ValueError(f"request {request.id!r}: n and max_new_tokens must be >= 1")
-        ps = self.pool.page_size
-        pages = -(-min(prompt_len + sp.max_new_tokens, self.max_model_len) // ps)
-        if pages > self.pool.num_pages:
+        pages = self.kv.pages_for(min(prompt_len + sp.max_new_tokens, self.max_model_len))
+        if pages > self.kv.num_pages:
             raise ValueError(
-                f"request {request.id!r} needs {pages} KV pages, the pool has {self.pool.num_pages}: raise "
+                f"request {request.id!r} needs {pages} KV pages, the pool has {self.kv.num_pages}: raise "
                 f"engine.kv_cache_tokens (or kv_memory_fraction) or lower max_new_tokens"
             )
         seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
@@ -190,30 +189,44 @@ class Engine:
         Synchronous mode takes the tokens of the forward it just launched.
         """
         batch = self.scheduler.schedule()
+        self._launch(batch)
+        finished: list[Sequence] = []
+        while len(self._in_flight) > self._steps_to_keep_in_flight(batch):
+            finished += self._postprocess(*self._wait_oldest())
+        return [self._complete(seq) for seq in finished]
+
+    def _launch(self, batch: ScheduledBatch) -> None:
+        """Queue `batch`'s forward on the device (returns at once)."""
         if batch.seqs:
-            self._in_flight.append((batch, self.runner.launch(batch)))
+            self._in_flight.append((batch, self.model_runner.launch(batch)))
         else:
             assert self._in_flight or not self.scheduler.has_work(), "scheduler stalled with work left"
-        keep = 1 if self.config.async_mode and batch.seqs else 0
-        done: list[Completion] = []
-        while len(self._in_flight) > keep:
-            done += self._collect(*self._in_flight.popleft())
-        return done
 
-    def _collect(self, batch: ScheduledBatch, launched: InFlight) -> list[Completion]:
-        """Wait for a launched step's tokens and apply them; frees what no step in flight uses."""
+    def _steps_to_keep_in_flight(self, batch: ScheduledBatch) -> int:
+        """Async: the step just launched runs on while the host takes the one before; sync: none."""
+        return 1 if self.config.async_mode and batch.seqs else 0
+
+    def _wait_oldest(self) -> tuple[ScheduledBatch, list[int], list[float] | None]:
+        """Block until the oldest launched step's sampled tokens are on the host."""
+        batch, launched = self._in_flight.popleft()
         t0 = time.perf_counter()
-        tokens, logprobs = self.runner.wait(launched)
+        tokens, logprobs = self.model_runner.wait(launched)
         self._host_wait_s += time.perf_counter() - t0
         self._graph_steps += launched.graphed
+        return batch, tokens, logprobs
+
+    def _postprocess(
+        self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float] | None
+    ) -> list[Sequence]:
+        """Apply a completed step's tokens; frees the finished sequences that no step in flight uses."""
         for seq in self._unreleased:  # finished while this step was in flight: it is done now
             self.scheduler.release(seq)
-        finished = self.scheduler.update(batch, tokens, logprobs)
+        finished = self.scheduler.postprocess(batch, tokens, logprobs)
         self._unreleased = finished if self._in_flight else []
         if not self._in_flight:
             for seq in finished:
                 self.scheduler.release(seq)
-        return [self._complete(seq) for seq in finished]
+        return finished
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
         """Add every request, then step until all are done, yielding completions as they finish."""
@@ -227,15 +240,15 @@ class Engine:
         st = self.scheduler.stats
         out: dict[str, float | int] = {name: getattr(st, name) for name in st.__slots__}
         out.update(
-            kv_pages_total=self.pool.num_pages,
-            kv_pages_used=self.pool.num_used,
+            kv_pages_total=self.kv.num_pages,
+            kv_pages_used=self.kv.num_used_pages,
             waiting=len(self.scheduler.waiting),
             running=len(self.scheduler.running),
-            kv_page_size=self.pool.page_size,
+            kv_page_size=self.kv.page_size,
             kv_page_bytes=self._page_bytes,
             host_wait_s=round(self._host_wait_s, 6),
             graph_steps=self._graph_steps,
-            graphs_captured=len(self.runner.graphs or ()),
+            graphs_captured=len(self.model_runner.graphs or ()),
             requests_added=self._num_added,
         )
         return out
@@ -245,10 +258,10 @@ class Engine:
         cache, the CUDA graphs and their memory pool, the token and staging buffers, and the cuBLAS
         workspaces of its streams; the engine is done. Requests still queued or in flight are dropped.
         """
-        cuda = self.runner.cuda
+        cuda = self.model_runner.cuda
         if cuda:
             torch.cuda.synchronize(self.model.device)
-        self.runner.close()
+        self.model_runner.close()
         self._in_flight.clear()
         self._unreleased = []
         self.scheduler.waiting.clear()

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from runner.engine.kv import PageTable
+from runner.engine.layers.attention import prefill_blocks
 from runner.engine.scheduler import ScheduledBatch
-from runner.engine.slots import SlotTable
-
-PREFILL_BLOCK_Q = 16  # queries per prefill attention program (paged_attention.py)
-FLOAT_FIELDS = ("temperature", "top_p", "min_p")
 
 
 @dataclass(slots=True)
@@ -32,7 +30,7 @@ class StepInputs:
 
 
 def build_inputs(
-    batch: ScheduledBatch, slots: SlotTable, page_size: int, spare_kv: int, pad_to: int = 0, width: int = 0
+    batch: ScheduledBatch, table: PageTable, page_size: int, spare_kv: int, pad_to: int = 0, width: int = 0
 ) -> StepInputs:
     """Flat inputs of `batch`. `pad_to` > 0 (decode-only batches) pads the rows to that many with
     rows that attend to nothing, use the spare slot and write their K/V to cache slot `spare_kv`;
@@ -50,7 +48,7 @@ def build_inputs(
         q_lens = np.concatenate((q_lens, np.ones(extra, np.int64)))
         starts = np.concatenate((starts, np.zeros(extra, np.int64)))
         kv_lens = np.concatenate((kv_lens, np.zeros(extra, np.int64)))
-        row_slot = np.concatenate((row_slot, np.full(extra, slots.pad_slot, np.int64)))
+        row_slot = np.concatenate((row_slot, np.full(extra, table.pad_slot, np.int64)))
         nd = num_rows = pad_to
     cu = np.zeros(num_rows + 1, dtype=np.int64)
     np.cumsum(q_lens, out=cu[1:])
@@ -58,8 +56,8 @@ def build_inputs(
     tok_row = np.repeat(np.arange(num_rows), q_lens)  # [T]
     positions = starts[tok_row] + np.arange(num_tokens) - cu[tok_row]
     width = width or -(-int(kv_lens.max()) // page_size)
-    table = slots.table[row_slot, :width]  # [B, W]
-    slot_mapping = table[tok_row, positions // page_size] * page_size + positions % page_size
+    page_rows = table.rows[row_slot, :width]  # [B, W]
+    slot_mapping = page_rows[tok_row, positions // page_size] * page_size + positions % page_size
     if pad_to:
         slot_mapping[len(seqs) :] = spare_kv
     # a decode's input is its last sampled token: -1 when the host does not have it yet (the device
@@ -69,10 +67,7 @@ def build_inputs(
     ids += [t for s, st, n in zip(seqs[nd:], batch.starts[nd:], batch.num_new[nd:], strict=True)
             for t in s.tokens[st : st + n]]  # fmt: skip
     assert len(ids) == num_tokens, "a prefill chunk reached a token the host does not know yet"
-    blocks = -(-q_lens[nd:] // PREFILL_BLOCK_Q)  # [B - Bd] query blocks per prefill row
-    block_seq = np.repeat(np.arange(nd, num_rows), blocks)
-    block_first = np.repeat(np.cumsum(blocks) - blocks, blocks)
-    block_start = (np.arange(len(block_seq)) - block_first) * PREFILL_BLOCK_Q
+    block_seq, block_start = prefill_blocks(q_lens[nd:], nd)
 
     rows = batch.sample_rows + list(range(len(seqs), num_rows))  # padding rows sample too
     sample_seqs = [seqs[r] for r in batch.sample_rows]
@@ -86,7 +81,7 @@ def build_inputs(
         "cu": cu,
         "kv_lens": kv_lens,
         "row_slot": row_slot,
-        "table": table,
+        "table": page_rows,
         "block_seq": block_seq,
         "block_start": block_start,
         "logits_rows": cu[sample_rows + 1] - 1,

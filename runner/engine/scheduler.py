@@ -8,8 +8,10 @@ page per running sequence stays free for decode growth, so admissions do not thr
 
 Scheduling commits the step at once (`num_computed` advances, a sampled token becomes a
 placeholder), so the next step can be scheduled before this one's tokens reach the host
-(`update`). A sequence that already has all the tokens it may have is not scheduled again; one
+(`postprocess`). A sequence that already has all the tokens it may have is not scheduled again; one
 that finishes on a sampled token (EOS, stop) may have one wasted row in the step after.
+
+This is policy only: the KV manager (kv/) does the page and page-table bookkeeping.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from runner.engine.pages import PagePool, page_hash
+from runner.engine.kv import KVManager
 from runner.engine.sequence import Sequence
-from runner.engine.slots import SlotTable
 from runner.engine.stops import StopChecker
 
 
@@ -51,10 +52,9 @@ class SchedulerStats:
 
 @dataclass(slots=True)
 class Scheduler:
-    """Waiting and running queues over a `PagePool` and a `SlotTable`."""
+    """Waiting and running queues; pages and slots through the `KVManager`."""
 
-    pool: PagePool
-    slots: SlotTable
+    kv: KVManager
     stops: StopChecker
     max_batch_tokens: int
     waiting: deque[Sequence] = field(default_factory=deque)
@@ -84,7 +84,7 @@ class Scheduler:
                 break
             if id(seq) not in scheduled and not seq.is_decoding:
                 budget -= self._put(batch, seq, min(seq.num_tokens - seq.num_computed, budget))
-        while self.waiting and budget > 0 and self.slots.num_free and self._admit(self.waiting[0]):
+        while self.waiting and budget > 0 and self._admit(self.waiting[0]):
             seq = self.waiting.popleft()
             self.running.append(seq)
             budget -= self._put(batch, seq, min(seq.num_tokens - seq.num_computed, budget))
@@ -92,10 +92,10 @@ class Scheduler:
             st = self.stats
             st.steps += 1
             st.max_running = max(st.max_running, len(self.running))
-            st.kv_pages_used_peak = max(st.kv_pages_used_peak, self.pool.num_used)
+            st.kv_pages_used_peak = max(st.kv_pages_used_peak, self.kv.num_used_pages)
         return batch
 
-    def update(
+    def postprocess(
         self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float] | None
     ) -> list[Sequence]:
         """Take a finished forward's sampled tokens; returns the sequences that finished.
@@ -122,7 +122,7 @@ class Scheduler:
                 finished.append(seq)
         for seq in batch.seqs:
             if seq.pages:
-                self._register_full_pages(seq)
+                self.kv.cache_full_pages(seq)
             if seq.siblings and seq.num_computed >= seq.prompt_len:
                 self.waiting.extendleft(reversed(seq.siblings))  # they find the prompt's pages cached
                 seq.siblings = []
@@ -130,10 +130,7 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> None:
         """Free a finished sequence's pages and slot (once no step in flight uses them)."""
-        if seq.slot >= 0:
-            self.pool.release(seq.pages)
-            self.slots.give_back(seq.slot)
-            seq.pages, seq.slot = [], -1
+        self.kv.free(seq)
 
     def _put(self, batch: ScheduledBatch, seq: Sequence, n: int) -> int:
         assert n > 0
@@ -155,50 +152,30 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, batch: ScheduledBatch) -> bool:
         """Give `seq` a page for one more token, preempting newer sequences; False if `seq` itself went."""
-        if seq.num_computed < len(seq.pages) * self.pool.page_size:
+        if not self.kv.needs_page(seq):
             return True
-        while self.pool.num_free == 0:
+        while self.kv.num_free_pages == 0:
             scheduled = {id(s) for s in batch.seqs}
             victims = [s for s in self.running if s is not seq and id(s) not in scheduled]
             victim = max(victims, key=lambda s: (s.order, s.sample_index)) if victims else seq
             self._preempt(victim)
             if victim is seq:
                 return False
-        seq.pages += self.pool.allocate(1)
-        self.slots.set_page(seq.slot, len(seq.pages) - 1, seq.pages[-1])
+        self.kv.grow(seq)
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        self.pool.release(seq.pages)
-        self.slots.give_back(seq.slot)
-        seq.pages, seq.page_hashes, seq.slot = [], [], -1
+        self.kv.free(seq)
         seq.num_computed = 0
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1
 
     def _admit(self, seq: Sequence) -> bool:
-        """Allocate pages for all of `seq`'s tokens (reusing cached prefix pages) if the pool allows."""
+        """Give `seq` pages for its whole prompt if one free page per running sequence stays."""
         if seq.num_pending:
             return False  # preempted while a token was on the way: recompute once it is known
-        ps = self.pool.page_size
-        pages, hashes = self.pool.match_prefix(seq.tokens, (seq.num_tokens - 1) // ps)
-        need = -(-seq.num_tokens // ps) - len(pages)
-        if self.pool.num_free - need < len(self.running):
-            self.pool.release(pages)
+        if not self.kv.admit(seq, keep_free=len(self.running)):
             return False
-        seq.pages = pages + self.pool.allocate(need)
-        seq.page_hashes = hashes
-        seq.num_computed = len(pages) * ps
-        seq.slot = self.slots.take(seq.pages)
         self.stats.prefix_hit_tokens += seq.num_computed
         return True
-
-    def _register_full_pages(self, seq: Sequence) -> None:
-        ps = self.pool.page_size
-        while len(seq.page_hashes) < min(seq.num_computed, len(seq.tokens)) // ps:
-            i = len(seq.page_hashes)
-            chunk = tuple(seq.tokens[i * ps : (i + 1) * ps])
-            h = page_hash(seq.page_hashes[-1] if seq.page_hashes else -1, chunk)
-            self.pool.register(seq.pages[i], h, chunk)
-            seq.page_hashes.append(h)

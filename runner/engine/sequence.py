@@ -30,7 +30,7 @@ class Sequence:
     page_hashes: list[int] = field(default_factory=list)  # chained hashes of the registered full pages
     num_computed: int = 0
     num_pending: int = 0  # sampled tokens still on their way to the host (they follow `tokens`)
-    slot: int = -1  # row in the slot table and the device token buffer while running
+    slot: int = -1  # row in the page table and the device token buffer while running
     logprobs: list[float] | None = None
     siblings: list[Sequence] = field(
         default_factory=list

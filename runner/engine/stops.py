@@ -6,6 +6,12 @@ from runner.engine.sequence import Sequence
 from runner.engine.types import FinishReason
 
 
+def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Index in `text` of the earliest stop string it contains (the text is cut there), or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
 class StopChecker:
     """Decides after each sampled token whether a sequence finished, and renders its text."""
 
@@ -21,10 +27,9 @@ class StopChecker:
         if last in params.stop_token_ids or (not params.ignore_eos and last in self.eos_ids):
             return "stop"
         if params.stop and self._tail_has_stop(seq):
-            text = self.text(seq)
-            hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
-            if hits:
-                seq.stop_cut = min(hits)
+            cut = find_stop(self.text(seq), params.stop)
+            if cut is not None:
+                seq.stop_cut = cut
                 return "stop"
         if len(seq.tokens) - seq.prompt_len >= params.max_new_tokens or len(seq.tokens) >= self.max_model_len:
             return "length"

@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Gt, Le, Lt
 
 FinishReason = Literal["stop", "length"]
+Positive = Annotated[int, Gt(0)]
+NonNegative = Annotated[int, Ge(0)]
 
 
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
-    """How one request samples. `temperature == 0` means greedy (top-k/top-p/min-p then ignored)."""
+    """How one request samples. `temperature == 0` means greedy (top-k/top-p/min-p then ignored).
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    min_p: float = 0.0  # 0.0 = off
+    The bounds in the annotations are the only declaration of the valid values: the job spec's
+    `sampling:` section is generated from these fields (jobs/spec.py) and per-row overrides are
+    validated against them (runner/prompts.py); the engine itself does not check them per request.
+    """
+
+    max_new_tokens: Positive = 256
+    temperature: Annotated[float, Ge(0)] = 0.0
+    top_k: NonNegative = 0  # 0 = off
+    top_p: Annotated[float, Gt(0), Le(1)] = 1.0  # 1.0 = off
+    min_p: Annotated[float, Ge(0), Lt(1)] = 0.0  # 0.0 = off
     seed: int | None = None  # same seed + same prompt -> same tokens, whatever else is in the batch
     stop_token_ids: tuple[int, ...] = ()  # finish when one is sampled (it is kept in token_ids)
     stop: tuple[str, ...] = ()  # finish when the decoded text contains one (text is cut before it)
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
-    n: int = 1  # samples per prompt, sharing the prompt's KV pages
+    n: Positive = 1  # samples per prompt, sharing the prompt's KV pages
     logprobs: bool = False  # return the log-probability of each sampled token
 
     @property
@@ -53,3 +65,34 @@ class Completion:
     @property
     def generated_tokens(self) -> int:
         return len(self.token_ids)
+
+
+_OPS = {Gt: ("gt", ">"), Ge: ("ge", ">="), Lt: ("lt", "<"), Le: ("le", "<=")}
+
+
+@functools.cache
+def _bounds(cls: type) -> dict[str, list]:
+    """Each field's annotated_types bounds (Gt, Ge, Lt, Le), also inside `X | None`."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = [hint] + [a for a in typing.get_args(hint) if typing.get_origin(hint) is not Annotated]
+        out[f.name] = [
+            m for a in args if hasattr(a, "__metadata__") for m in a.__metadata__ if type(m) in _OPS
+        ]
+    return out
+
+
+def check_bounds(value: object, prefix: str) -> None:
+    """Raise ValueError naming `<prefix>.<field>` if a field of the dataclass `value` is out of its bounds."""
+    for name, bounds in _bounds(type(value)).items():
+        v = getattr(value, name)
+        for b in bounds:
+            attr, op = _OPS[type(b)]
+            limit = getattr(b, attr)
+            if (
+                v is not None
+                and not {"gt": v > limit, "ge": v >= limit, "lt": v < limit, "le": v <= limit}[attr]
+            ):
+                raise ValueError(f"{prefix}.{name}={v!r}: must be {op} {limit}")

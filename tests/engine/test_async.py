@@ -1,15 +1,10 @@
-"""The overlapped loop gives what the synchronous one gives; decode-graph bucketing and padded inputs."""
+"""The overlapped loop gives what the synchronous one gives."""
 
 from __future__ import annotations
 
 import pytest
 
 from runner.engine import Engine, EngineConfig, Request, SamplingParams
-from runner.engine.graphs import row_buckets, width_bucket
-from runner.engine.inputs import build_inputs, layout_of
-from runner.engine.scheduler import ScheduledBatch
-from runner.engine.sequence import Sequence
-from runner.engine.slots import SlotTable
 from tests.engine.conftest import hf_greedy, random_prompts, tiny_model
 
 
@@ -43,8 +38,8 @@ def run(model, config: EngineConfig) -> tuple[dict, dict]:
         assert (c.id, c.sample_index) not in done
         done[(c.id, c.sample_index)] = (c.token_ids, c.finish_reason)
     assert engine.num_unfinished == 0 and not engine.has_unfinished()
-    assert engine.pool.num_used == 0  # no page leaked
-    assert engine.runner.slots.num_free == config.max_seqs
+    assert engine.kv.num_used_pages == 0  # no page leaked
+    assert engine.kv.num_free_slots == config.max_seqs
     return done, engine.stats()
 
 
@@ -83,44 +78,12 @@ def test_async_finishes_on_length_without_a_wasted_step(model):
     assert counts == [4, 4]
 
 
-def test_row_and_width_buckets():
-    assert row_buckets(512) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512]
-    assert row_buckets(20) == [1, 2, 4, 8, 16, 32] and row_buckets(600)[-1] == 640
-    assert [width_bucket(w, 256) for w in (1, 8, 9, 33, 200, 256)] == [8, 8, 16, 64, 256, 256]
-    assert width_bucket(300, 256) == 256
-
-
-def _decode_batch(slots: SlotTable, lengths: list[int], page: int) -> ScheduledBatch:
-    seqs = []
-    for i, n in enumerate(lengths):
-        seq = Sequence(i, 0, SamplingParams(), n - 1, list(range(3, 3 + n)), seed=i, order=i)
-        seq.pages = list(range(10 * i, 10 * i + -(-n // page)))
-        seq.slot = slots.take(seq.pages)
-        seqs.append(seq)
-    return ScheduledBatch(seqs, [1] * len(seqs), [n - 1 for n in lengths], len(seqs), list(range(len(seqs))))
-
-
-def test_padded_decode_inputs_have_one_layout_per_bucket():
-    slots = SlotTable(8, 16)
-    a = build_inputs(_decode_batch(slots, [5, 17], 4), slots, 4, spare_kv=400, pad_to=4, width=8)
-    slots = SlotTable(8, 16)
-    b = build_inputs(_decode_batch(slots, [9, 2, 30], 4), slots, 4, spare_kv=400, pad_to=4, width=8)
-    assert layout_of(a.arrays) == layout_of(b.arrays)
-    assert a.num_samples == 2 and b.num_samples == 3 and a.num_decodes == 4
-    x = a.arrays
-    assert x["row_slot"].tolist() == [0, 1, 8, 8]  # padding rows use the spare slot
-    assert x["kv_lens"].tolist() == [5, 17, 0, 0]  # ... attend to nothing
-    assert x["slot_mapping"].tolist() == [1 * 4 + 0, 14 * 4 + 0, 400, 400]  # ... and write to the spare page
-    assert x["ids"].tolist() == [7, 19, 0, 0]  # known last tokens; the device carries over the others
-    assert x["table"].shape == (4, 8) and x["table"][1, :5].tolist() == [10, 11, 12, 13, 14]
-    assert x["position"].tolist() == [1, 1, 0, 0]
-
-
 def test_close_frees_the_engine(model):
     engine = Engine(model, EngineConfig(device="cpu", kv_cache_tokens=256))
     list(engine.generate([Request(0, [5, 6, 7], SamplingParams(max_new_tokens=2))]))
     engine.close()
-    assert engine.model is None and engine.runner.model is None and engine.runner.kv_cache.numel() == 0
+    runner = engine.model_runner
+    assert engine.model is None and runner.model is None and runner.kv_cache.numel() == 0
 
 
 @pytest.mark.gpu

@@ -62,7 +62,7 @@ def test_fp8_close_to_full_precision(kind):
     prompts = random_prompts(4, 5, 30, seed=2)
     engine = Engine(model, EngineConfig(**CPU32, quantization="fp8"))
     assert isinstance(engine.model.layers[0].qkv, Fp8Linear)
-    assert engine.model.layers[0].gate_up.weight.dtype == FP8
+    assert engine.model.layers[0].mlp.gate_up.weight.dtype == FP8
     fp8 = generate(engine, prompts)
     full = generate(Engine(model, EngineConfig(**CPU32)), prompts)
     # the first token has the same context in both runs: its log-probability moves a little
@@ -79,7 +79,7 @@ def test_fp8_checkpoint_loads_as_stored_and_equals_quantize_at_load(tmp_path, qc
     write_fp8_checkpoint(model, tmp_path, qc)
     prompts = random_prompts(3, 4, 40, seed=3)
     stored = Engine.from_pretrained(tmp_path, EngineConfig(**CPU32))  # fp8 as stored, quantization none
-    assert stored.model.layers[1].down.weight.dtype == FP8
+    assert stored.model.layers[1].mlp.down.weight.dtype == FP8
     at_load = Engine(model, EngineConfig(**CPU32, quantization="fp8"))
     assert generate(stored, prompts) == generate(at_load, prompts)
 
@@ -124,7 +124,7 @@ def test_fp8_modules_on_the_device_share_the_fused_weights():
     assert att.q_proj.weight.data_ptr() == layer.qkv.weight.data_ptr()
     assert att.k_proj.weight.untyped_storage().data_ptr() == layer.qkv.weight.untyped_storage().data_ptr()
     assert model.model.layers[1].mlp.up_proj.weight.untyped_storage().data_ptr() == (
-        engine.model.layers[1].gate_up.weight.untyped_storage().data_ptr()
+        engine.model.layers[1].mlp.gate_up.weight.untyped_storage().data_ptr()
     )
     assert len(generate(engine, random_prompts(2, 5, 9), new=3)[1][0]) == 3
 
@@ -139,7 +139,7 @@ def test_fp8_on_cuda_tracks_the_cpu_reference():
     cuda = dict(device="cuda", kv_cache_tokens=4096, page_size=8, quantization="fp8")
     for dtype in ("float32", "bfloat16"):
         engine = Engine(model, EngineConfig(**cuda, dtype=dtype))
-        assert engine.model.layers[0].qkv.fast and engine.model.layers[0].down.fast
+        assert engine.model.layers[0].qkv.fast and engine.model.layers[0].mlp.down.fast
         got = generate(engine, prompts)
         assert engine.stats()["graph_steps"] > 0
         # _scaled_mm rounds its output to bf16: first tokens agree, their log-probabilities are close

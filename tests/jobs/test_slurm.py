@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.slurm import RECORD, render_script, store_for
+from jobs.slurm import RECORD, render_script
 from jobs.spec import SpecError, load_spec
+from runner.store import OutputStore
 from tests.test_kill_resume import batchrun
 
 
@@ -116,7 +117,7 @@ def test_status_says_when_slurm_state_is_unknown(tmp_path: Path):
     path = _spec(tmp_path, tasks=3)
     (tmp_path / "in").mkdir()
     (tmp_path / "in/a.jsonl").write_text('{"text": "x"}\n')
-    store = store_for(load_spec(path))
+    store = OutputStore.for_output(load_spec(path).output)
     store.write_json(RECORD, {"job_id": "999999", "tasks": 3, "submitted_at": 0})
     code, out, err = batchrun("status", str(path))
     assert code == 0, err

@@ -104,3 +104,96 @@ def test_s3_to_s3_spec_is_valid():
     spec = load_spec(Path(__file__).parents[2] / "specs" / "s3-to-s3.yaml")
     assert spec.input.path == ["s3://my-bucket/in/*.parquet"] and spec.output.path == "s3://my-bucket/out/"
     assert spec.model.storage_options == spec.output.storage_options == {"profile": "default"}
+
+
+# --- the engine and sampling sections are the engine's own settings ------------------------------------
+
+
+def _declared(cls) -> dict[str, tuple]:
+    """Each dataclass field's (default, bounds) as the engine declares them."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        parts = [hint, *typing.get_args(hint)]
+        bounds = sorted(repr(m) for p in parts for m in getattr(p, "__metadata__", ()))
+        out[f.name] = (f.default, bounds)
+    return out
+
+
+def _section(model) -> dict[str, tuple]:
+    out = {}
+    for name, field in model.model_fields.items():
+        parts = [field.annotation, *__import__("typing").get_args(field.annotation)]
+        bounds = [repr(m) for m in field.metadata] + [
+            repr(m) for p in parts for m in getattr(p, "__metadata__", ())
+        ]
+        out[name] = (field.default, sorted(bounds))
+    return out
+
+
+@pytest.mark.parametrize(
+    "section, engine_type, job_only, engine_only, differs",
+    [
+        ("engine", "EngineConfig", {"backend", "max_inflight"}, set(), set()),
+        # the job's seed is an integer that each row's seed derives from; logprobs are not offered yet
+        ("sampling", "SamplingParams", {"overrides_column"}, {"logprobs"}, {"seed"}),
+    ],
+)
+def test_spec_sections_agree_with_the_engine_field_by_field(
+    section, engine_type, job_only, engine_only, differs
+):
+    import runner.engine as engine
+    from jobs.spec import JobSpec
+
+    model = JobSpec.model_fields[section].annotation
+    spec_fields, engine_fields = _section(model), _declared(getattr(engine, engine_type))
+    assert spec_fields.keys() - engine_fields.keys() == job_only
+    assert engine_fields.keys() - spec_fields.keys() == engine_only
+    for name in engine_fields.keys() & spec_fields.keys() - differs:
+        assert spec_fields[name] == engine_fields[name], name
+
+
+def test_engine_settings_reach_the_engine_config(tmp_path):
+    spec = parse_spec(
+        {
+            "input": {"path": "in"},
+            "prompt": {"column": "t"},
+            "output": {"path": "out"},
+            "engine": {"max_model_len": 128, "max_seqs": 8, "async": False, "kv_memory_fraction": 0.5},
+            "sampling": {"stop": "END", "temperature": 0.5, "seed": 3},
+        }
+    )
+    config = spec.engine.config()
+    assert (config.max_model_len, config.max_seqs, config.async_mode, config.kv_memory_fraction) == (
+        128,
+        8,
+        False,
+        0.5,
+    )
+    params = spec.sampling.params()
+    assert (params.stop, params.temperature, params.seed) == (("END",), 0.5, 3)
+
+
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        ({"max_model_len": 0}, "engine.max_model_len: Input should be greater than 0"),
+        (
+            {"kv_memory_fraction": 0.99},
+            "engine.kv_memory_fraction: Input should be less than or equal to 0.95",
+        ),
+    ],
+)
+def test_engine_bounds_are_the_engine_configs(engine, message):
+    from runner.engine import EngineConfig
+
+    with pytest.raises(SpecError, match=message):
+        parse_spec(
+            {"input": {"path": "in"}, "prompt": {"column": "t"}, "output": {"path": "o"}, "engine": engine}
+        )
+    with pytest.raises(ValueError):
+        EngineConfig(**engine)

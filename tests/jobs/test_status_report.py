@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from jobs.run import run_job
 from jobs.spec import load_spec
 from jobs.status import error_reason, job_status
-from runner.pipeline import run_job
 from tests.conftest import committed_rows, write_inputs, write_spec
 from tests.test_kill_resume import batchrun
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from jobs.run import run_job
 from jobs.spec import SpecError, load_spec
 from jobs.workers import worker_devices
-from runner.pipeline import run_job
 from tests.conftest import read_output, write_inputs, write_spec
 from tests.test_kill_resume import batchrun
 

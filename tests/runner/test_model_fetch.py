@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from runner import model_fetch
-from runner.models import ModelError, resolve_model
+from runner.model_resolve import ModelError, resolve_model
 from tests.test_s3_job import upload
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.run import prompt_builder
 from jobs.spec import PromptSpec, SamplingSpec, SpecError
 from runner.prompts import PromptBuilder, _row_seed
 from tests.helpers import tiny_tokenizer
@@ -11,7 +12,7 @@ from tests.helpers import tiny_tokenizer
 
 def builder(prompt: dict, sampling: dict | None = None, max_model_len: int = 256) -> PromptBuilder:
     spec = PromptSpec.model_validate(prompt)
-    return PromptBuilder(
+    return prompt_builder(
         spec, SamplingSpec.model_validate(sampling or {"max_new_tokens": 8}), tiny_tokenizer(), max_model_len
     )
 
@@ -60,7 +61,7 @@ def test_tokenizer_without_a_chat_template_is_refused_up_front():
     tok = tiny_tokenizer()
     plain = tok.__class__(tokenizer_object=tok.backend_tokenizer)
     with pytest.raises(SpecError, match="the model's tokenizer has none; set prompt.chat_template: false"):
-        PromptBuilder(PromptSpec(messages_column="m"), SamplingSpec(max_new_tokens=8), plain, 256)
+        prompt_builder(PromptSpec(messages_column="m"), SamplingSpec(max_new_tokens=8), plain, 256)
 
 
 def test_per_row_overrides_and_seeds():

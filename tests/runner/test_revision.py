@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import transformers
 
+from jobs.run import run_job
 from jobs.spec import load_spec
-from runner.pipeline import run_job
 from tests.conftest import read_output, write_inputs, write_spec
 
 HUB_ID = "someorg/tiny-llama"

@@ -1,0 +1,247 @@
+"""One task of a job: lease, fingerprint check, plan, drive the generation loop, summary.
+
+    lease the task → resolve the model, check the fingerprint → plan the shards → run the loop
+    (runner/loop.py) under a monitor and the stop signals → write the summary (report.json)
+
+A stop signal ends admission; finished rows are committed within `runtime.grace_seconds` and the
+job exits with `JobInterrupted`; running the same command again finishes exactly what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from jobs.history import TaskHistory, error_location
+from jobs.lease import TaskLease
+from jobs.plan import assign_shards, input_columns, plan_work, run_fingerprint
+from jobs.spec import JobSpec, PromptSpec, SamplingSpec, SpecError
+from runner.attempts import attempt_of, summary_from_report, with_history
+from runner.backends import load_backend
+from runner.cpu_threads import configure_cpu_threads, cuda_available
+from runner.error_budget import ErrorBudgetExceeded
+from runner.loop import GenerationLoop, LoopSettings, OutputRows
+from runner.memory import return_freed_buffers_to_os
+from runner.model_resolve import ResolvedModel, load_tokenizer, resolve_model
+from runner.monitor import Counters, Monitor, clear_heartbeat_temps
+from runner.progress import Summary
+from runner.prompts import PromptBuilder, PromptConfig, PromptSetupError
+from runner.signals import StopRequested
+from runner.sources import list_shards
+from runner.store import OutputStore
+from runner.store.uploads import sweep_stale_uploads
+
+log = logging.getLogger(__name__)
+
+
+class JobInterrupted(Exception):
+    """A stop signal ended the job early; everything finished was committed."""
+
+    def __init__(self, signum: int, summary: Summary):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+        self.summary = summary
+
+
+class JobFailed(Exception):
+    """Some shards could not be read, a worker died, or the error budget was spent; what finished is
+    committed."""
+
+    def __init__(self, summary: Summary):
+        failures = summary.failed_shards | summary.failed_workers
+        reasons = [f"{s}: {why}" for s, why in failures.items()]
+        super().__init__("; ".join(reasons + ([summary.stopped] if summary.stopped else [])))
+        self.summary = summary
+
+
+class EngineFailed(JobFailed):
+    """The engine raised mid-run (a GPU fault such as an illegal memory access, or a bug): the job stopped
+    at once, every row finished before it is committed, and a rerun finishes the rest."""
+
+    def __init__(self, summary: Summary, reason: str):
+        Exception.__init__(self, reason)
+        self.summary = summary
+        self.reason = reason
+
+
+def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True) -> Summary:
+    """Run (or resume) this task's share of the job; returns the summary, also in report.json.
+
+    Raises JobInterrupted after a stop signal, JobFailed if a shard could not be read,
+    FingerprintMismatch if the output belongs to a different run, LeaseHeld if another live job
+    is running this task on the same output.
+    """
+    return_freed_buffers_to_os()
+    if spec.engine.device == "cpu" or not cuda_available():
+        configure_cpu_threads()
+    store = OutputStore.for_output(spec.output)
+    with TaskLease(store.fs, store.root, spec.runtime.task_index, spec.runtime.num_tasks):
+        return _run_leased(spec, store, force_new_run, show_progress)
+
+
+def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> tuple[ResolvedModel, object]:
+    """Resolve the model and record (or check) the run's fingerprint in the output; returns the model
+    and its tokenizer (loaded once, at `model.revision`, for the fingerprint and the backend)."""
+    model = resolve_model(spec.model.path, spec.model.revision, spec.model.storage_options)
+    tokenizer = load_tokenizer(model.local_path, spec.model.revision)
+    store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
+    return model, tokenizer
+
+
+def prompt_builder(
+    prompt: PromptSpec, sampling: SamplingSpec, tokenizer, max_model_len: int
+) -> PromptBuilder:
+    """The job's prompt builder; settings that cannot work with this model are spec errors."""
+    config = PromptConfig(
+        column=prompt.column,
+        template=prompt.template,
+        messages_column=prompt.messages_column,
+        uses_chat_template=prompt.uses_chat_template,
+        system=prompt.system,
+        max_tokens=prompt.max_tokens,
+        on_too_long=prompt.on_too_long,
+        overrides_column=sampling.overrides_column,
+    )
+    try:
+        return PromptBuilder(config, sampling.params(), tokenizer, max_model_len)
+    except PromptSetupError as e:
+        raise SpecError(str(e)) from None
+
+
+def loop_settings(spec: JobSpec) -> LoopSettings:
+    """What the generation loop needs from the spec, as plain values."""
+    out, rt = spec.output, spec.runtime
+    return LoopSettings(
+        max_inflight=spec.engine.max_inflight or 4 * spec.engine.max_seqs,
+        grace_seconds=rt.grace_seconds,
+        flush_rows=out.flush_rows,
+        flush_seconds=out.flush_seconds,
+        max_held_bytes=int(rt.max_held_bytes),
+        storage_options=spec.input.storage_options,
+        columns=input_columns(spec),
+        max_error_fraction=rt.max_error_fraction,
+        error_window_rows=rt.error_window_rows,
+        rows=OutputRows(out.keep_columns, spec.input.id_column, spec.sampling.n, out.include_token_ids),
+    )
+
+
+def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_progress: bool) -> Summary:
+    started = time.monotonic()
+    rt = spec.runtime
+    shards = assign_shards(
+        list_shards(spec.input.path, spec.input.storage_options, spec.input.format),
+        rt.task_index,
+        rt.num_tasks,
+    )
+    sweep_stale_uploads(store, [s.id for s in shards], rt.task_index, rt.num_tasks)
+    model, tokenizer = check_run(spec, store, force_new_run)
+    clear_heartbeat_temps(store, rt.task_index, rt.num_tasks)
+    work, done_shards, failed = plan_work(store, shards, spec.input.storage_options)
+    history = TaskHistory(store, spec, shards)
+    counters = Counters(
+        shards_owned=len(shards),
+        shards_done=done_shards,
+        rows_total=sum(w.total_rows - len(w.done_rows) for w in work),
+    )
+    if not work and not failed:
+        log.info("all %d shards of this task are done already; nothing to do", len(shards))
+        if history.previous:  # the report of the runs that did the work stays as it is
+            return summary_from_report(history.previous)
+        return _summarize(store, spec, "finished", counters, started, None, {}, {}, history=None)
+
+    backend = load_backend(
+        model.local_path, spec.engine.backend, spec.engine.config(), spec.model.revision, tokenizer
+    )
+    loop = GenerationLoop(loop_settings(spec), backend, work, failed, counters)
+    monitor = Monitor(
+        store,
+        rt.task_index,
+        rt.num_tasks,
+        [sh.id for sh in shards],
+        counters,
+        backend.stats,
+        rt.heartbeat_seconds,
+    )
+    state, over_budget = "failed", None
+    try:
+        with StopRequested() as stop, monitor:
+            builder = prompt_builder(spec.prompt, spec.sampling, backend.tokenizer, backend.max_model_len)
+            try:
+                loop.run(store, builder, stop, show_progress)
+            except ErrorBudgetExceeded as e:
+                over_budget = str(e)
+        engine_stats = backend.stats()
+        state = (
+            "interrupted" if stop.requested else "failed" if loop.failed or loop.engine_error else "finished"
+        )
+        state = "failed" if over_budget else state
+    finally:
+        monitor.finish(state)
+        _close_backend(backend, loop.engine_error)
+    summary = _summarize(
+        store, spec, state, counters, started, monitor.gpu_busy_mean(), loop.failed, engine_stats,
+        history=history, started_at=monitor.started, stopped=over_budget, error_shards=loop.error_shards,
+    )  # fmt: skip
+    if loop.engine_error:
+        raise EngineFailed(summary, loop.engine_error)
+    if over_budget:
+        raise JobFailed(summary)
+    if stop.requested:
+        raise JobInterrupted(stop.signum, summary)
+    if loop.failed:
+        raise JobFailed(summary)
+    return summary
+
+
+def _close_backend(backend, engine_error: str | None) -> None:
+    """Close the backend; after an engine failure a device error may raise again here: log it only."""
+    try:
+        backend.close()
+    except Exception as e:
+        if engine_error is None:
+            raise
+        log.warning("closing the engine after its failure: %s: %s", type(e).__name__, e)
+
+
+def _summarize(
+    store: OutputStore,
+    spec: JobSpec,
+    status: str,
+    c: Counters,
+    started: float,
+    gpu_busy: float | None,
+    failed: dict[str, str],
+    engine_stats: dict,
+    *,
+    history: TaskHistory | None,
+    started_at: float = 0.0,
+    stopped: str | None = None,
+    error_shards: set[str] | None = None,
+) -> Summary:
+    """This attempt's summary with every earlier attempt added in, written to report.json (not for a
+    run with nothing to do: `history` None)."""
+    wall = time.monotonic() - started
+    summary = Summary(
+        status=status,
+        shards=c.shards_owned,
+        shards_done=c.shards_done,
+        rows_ok=c.rows_done - c.rows_error,
+        rows_error=c.rows_error,
+        rows_remaining=c.rows_total - c.rows_done,
+        prompt_tokens=c.prompt_tokens,
+        generated_tokens=c.generated_tokens,
+        wall_seconds=round(wall, 3),
+        generated_tokens_per_s=round(c.generated_tokens / max(wall, 1e-9), 1),
+        gpu_busy_percent=gpu_busy,
+        failed_shards=failed,
+        engine=engine_stats,
+        stopped=stopped,
+    )
+    if history is None:
+        return summary
+    previous = history.previous or {}
+    shards = set(previous.get("error_files", {})) | (error_shards or set())
+    summary = with_history(summary, attempt_of(summary, started_at), previous, history.killed)
+    summary.error_files = {s: error_location(store, s) for s in sorted(shards)}
+    store.write_json(history.name, summary.as_dict())
+    return summary

@@ -1,0 +1,83 @@
+"""Paged attention over a ragged batch: the interface, the KV store, and the plain reference (CPU, oracle).
+
+The batch packs sequences back to back: sequence i owns query tokens
+`cu_seqlens_q[i]:cu_seqlens_q[i+1]`, which are the last `q_len` of its `kv_len` tokens (its K/V,
+the new ones included, are already in the cache). Decoding sequences (q_len == 1) come first.
+The CUDA kernels are in `paged_attention.py`; their prefill launch runs one program per block of
+`PREFILL_BLOCK_Q` queries, laid out on the host by `prefill_blocks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PREFILL_BLOCK_Q = 16  # queries per prefill attention program (paged_attention.py)
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    """Where each sequence's queries and cached K/V are (device tensors; `num_decodes` is a host int)."""
+
+    cu_seqlens_q: torch.Tensor  # [B+1] int64
+    kv_lens: torch.Tensor  # [B] int64
+    page_table: torch.Tensor  # [B, W] int64, rows padded with 0
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (page * page_size + offset) of each new token
+    num_decodes: int  # sequences [0, num_decodes) have q_len == 1
+    block_seq: torch.Tensor  # [NB] int64: sequence of each prefill query block (kernel grid)
+    block_start: torch.Tensor  # [NB] int64: first query, within its sequence, of each prefill block
+
+
+def prefill_blocks(q_lens: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prefill programs' grid: q_lens [R] are the query counts of batch rows first_row.. (the
+    prefill chunks, after the decodes). Returns (block_seq [NB], block_start [NB]) int64: the batch row
+    of each block of PREFILL_BLOCK_Q queries and its first query within that row."""
+    blocks = -(-q_lens // PREFILL_BLOCK_Q)  # [R] query blocks per prefill row
+    block_seq = np.repeat(np.arange(first_row, first_row + len(q_lens), dtype=np.int64), blocks)
+    block_first = np.repeat(np.cumsum(blocks) - blocks, blocks)  # index of each row's first block
+    block_start = (np.arange(len(block_seq), dtype=np.int64) - block_first) * PREFILL_BLOCK_Q
+    return block_seq, block_start
+
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch, float], torch.Tensor]
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+):
+    """Store the new tokens' K/V. k_cache: [P, page, Hkv, D]; k: [T, Hkv, D]; slots: [T]."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
+def _gather(cache: torch.Tensor, pages: torch.Tensor, kv_len: int) -> torch.Tensor:
+    # cache: [P, page, Hkv, D]; pages: [n] -> [kv_len, Hkv, D]
+    return cache[pages].flatten(0, 1)[:kv_len]
+
+
+def reference_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, scale: float
+) -> torch.Tensor:
+    """Plain per-sequence attention in fp32: the oracle. q: [T, H, D] -> [T, H, D]."""
+    page = k_cache.shape[1]
+    out = torch.empty_like(q)
+    cu, kv_lens = batch.cu_seqlens_q.tolist(), batch.kv_lens.tolist()
+    start = 0
+    for i, kv_len in enumerate(kv_lens):
+        q_len = cu[i + 1] - cu[i]
+        pages = batch.page_table[i, : -(-kv_len // page)]
+        k = _gather(k_cache, pages, kv_len).float()  # [S, Hkv, D]
+        v = _gather(v_cache, pages, kv_len).float()
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [S, H, D]
+        qi = q[start : start + q_len].float()  # [L, H, D]
+        scores = torch.einsum("lhd,shd->hls", qi, k) * scale  # [H, L, S]
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+        visible = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]  # [L, S]
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        out[start : start + q_len] = torch.einsum("hls,shd->lhd", probs, v).to(q.dtype)
+        start += q_len
+    return out

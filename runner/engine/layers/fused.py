@@ -1,0 +1,197 @@
+"""Fused Triton kernels for the small ops between the matmuls (CUDA; the tests also run them in Triton's
+interpreter).
+
+Unfused, a layer's RMSNorms (fp32 casts, pow, mean, rsqrt, ...), RoPE (neg, cat, muls, adds), the
+KV store and SiLU·mul are ~30 kernels that each read and write the activations. Here they are three:
+
+- `add_rms_norm`: residual add (in place) and RMSNorm of the sum, one program per token;
+- `rope_store`: (QK-norm,) RoPE of q in place and of k, and the store of k and v into the paged
+  cache, one program per token;
+- `silu_mul`: SiLU(gate) · up from the fused gate/up projection.
+
+Each rounds to the activation dtype where transformers' Llama does (after the add, after the
+normalisation, after each RoPE product), so bf16 results track transformers' closely.
+`ops.TorchOps` is the plain-torch twin used on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    h_ptr,  # [T, N]: residual stream, updated in place when HAS_DELTA
+    delta_ptr,  # [T, N]
+    w_ptr,  # [N]
+    out_ptr,  # [T, N]
+    eps,
+    stride_h, stride_d, stride_o,
+    N: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    dtype = h_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(h_ptr + t * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        x = (x + tl.load(delta_ptr + t * stride_d + cols, mask=ok, other=0.0).to(tl.float32)).to(dtype)
+        tl.store(h_ptr + t * stride_h + cols, x, mask=ok)
+        x = x.to(tl.float32)
+    inv = tl.math.rsqrt(tl.sum(x * x, 0) / N + eps)
+    y = (x * inv).to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_o + cols, (w * y).to(dtype), mask=ok)
+
+
+def add_rms_norm(
+    h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """`h += delta` (in place, when given), then RMSNorm(h) * weight. h, delta: [T, N] -> [T, N]."""
+    assert h.stride(-1) == 1 and (delta is None or delta.stride(-1) == 1)
+    out = torch.empty_like(h)
+    n = h.shape[-1]
+    block = triton.next_power_of_2(n)
+    _add_rms_norm_kernel[(h.shape[0],)](
+        h, h if delta is None else delta, weight, out, eps,
+        h.stride(0), 0 if delta is None else delta.stride(0), out.stride(0),
+        N=n, BLOCK=block, HAS_DELTA=delta is not None, num_warps=min(16, max(1, block // 256)),
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _rotate(x1, x2, c1, c2, s1, s2, DTYPE: tl.constexpr):
+    """RoPE of the two halves x1, x2 ([heads, D/2], fp32) with transformers' roundings."""
+    o1 = (x1 * c1).to(DTYPE).to(tl.float32) + (-x2 * s1).to(DTYPE).to(tl.float32)
+    o2 = (x2 * c2).to(DTYPE).to(tl.float32) + (x1 * s2).to(DTYPE).to(tl.float32)
+    return o1.to(DTYPE), o2.to(DTYPE)
+
+
+@triton.jit
+def _head_norm(x1, x2, w_ptr, eps, HALF: tl.constexpr, HALF_PAD: tl.constexpr, DTYPE: tl.constexpr):
+    """Per-head RMSNorm over D of the halves x1, x2 ([heads, D/2], fp32) (Qwen3's q_norm / k_norm)."""
+    inv = tl.math.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
+    d = tl.arange(0, HALF_PAD)
+    w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    y1 = (x1 * inv[:, None]).to(DTYPE).to(tl.float32)
+    y2 = (x2 * inv[:, None]).to(DTYPE).to(tl.float32)
+    return (w1[None, :] * y1).to(DTYPE).to(tl.float32), (w2[None, :] * y2).to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _load_norm_rotate(
+    at, ok, norm_ptr, eps, c1, c2, s1, s2,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr, DTYPE: tl.constexpr,
+):  # fmt: skip
+    """The heads whose first halves `at` points to ([heads, D/2]), (QK-normed and) rotated: two halves."""
+    x1 = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(at + HALF, mask=ok, other=0.0).to(tl.float32)
+    if QK_NORM:
+        x1, x2 = _head_norm(x1, x2, norm_ptr, eps, HALF, HALF_PAD, DTYPE)
+    return _rotate(x1, x2, c1, c2, s1, s2, DTYPE)
+
+
+@triton.jit
+def _rope_store_kernel(
+    qkv_ptr,  # [T, (H + 2 Hkv) D]: q is rotated in place
+    cos_ptr,  # [T, D]
+    sin_ptr,
+    k_cache_ptr,  # [slots, Hkv, D]
+    v_cache_ptr,
+    slot_ptr,  # [T]
+    q_norm_ptr,  # [D] (QK_NORM only)
+    k_norm_ptr,
+    eps,
+    stride_t, stride_c, stride_slot,
+    H: tl.constexpr, HKV: tl.constexpr, H_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    dtype = qkv_ptr.dtype.element_ty
+    d = tl.arange(0, HALF_PAD)
+    d_ok = d < HALF
+    row = qkv_ptr + t * stride_t
+    c1 = tl.load(cos_ptr + t * stride_c + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + t * stride_c + HALF + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + t * stride_c + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + t * stride_c + HALF + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+
+    hq = tl.arange(0, H_PAD)[:, None]
+    q_at = row + hq * (2 * HALF) + d[None, :]
+    q_ok = (hq < H) & d_ok[None, :]
+    q1, q2 = _load_norm_rotate(q_at, q_ok, q_norm_ptr, eps, c1, c2, s1, s2, HALF, HALF_PAD, QK_NORM, dtype)
+    tl.store(q_at, q1, mask=q_ok)
+    tl.store(q_at + HALF, q2, mask=q_ok)
+
+    hk = tl.arange(0, HKV_PAD)[:, None]
+    k_at = row + H * 2 * HALF + hk * (2 * HALF) + d[None, :]
+    k_ok = (hk < HKV) & d_ok[None, :]
+    k1, k2 = _load_norm_rotate(k_at, k_ok, k_norm_ptr, eps, c1, c2, s1, s2, HALF, HALF_PAD, QK_NORM, dtype)
+    slot = tl.load(slot_ptr + t)
+    cache_at = slot * stride_slot + hk * (2 * HALF) + d[None, :]
+    tl.store(k_cache_ptr + cache_at, k1, mask=k_ok)
+    tl.store(k_cache_ptr + cache_at + HALF, k2, mask=k_ok)
+    v_at = k_at + HKV * 2 * HALF
+    tl.store(v_cache_ptr + cache_at, tl.load(v_at, mask=k_ok), mask=k_ok)
+    tl.store(v_cache_ptr + cache_at + HALF, tl.load(v_at + HALF, mask=k_ok), mask=k_ok)
+
+
+def rope_store(
+    qkv: torch.Tensor,  # [T, (H + 2 Hkv) D]
+    cos: torch.Tensor,  # [T, D]
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [P, page, Hkv, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T]
+    heads: int,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """Rotate q in place and store rotated k and v at their cache slots; returns q as [T, H, D]."""
+    _, page, kv_heads, dim = k_cache.shape
+    assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert cos.is_contiguous() and sin.is_contiguous() and dim % 2 == 0
+    _rope_store_kernel[(qkv.shape[0],)](
+        qkv, cos, sin, k_cache, v_cache, slot_mapping,
+        q_norm if q_norm is not None else cos, k_norm if k_norm is not None else cos, eps,
+        qkv.stride(0), cos.stride(0), kv_heads * dim,
+        H=heads, HKV=kv_heads, H_PAD=triton.next_power_of_2(heads),
+        HKV_PAD=triton.next_power_of_2(kv_heads), HALF=dim // 2,
+        HALF_PAD=triton.next_power_of_2(dim // 2), QK_NORM=q_norm is not None,
+        num_warps=4,
+    )  # fmt: skip
+    return qkv[:, : heads * dim].view(-1, heads, dim)
+
+
+@triton.jit
+def _silu_mul_kernel(
+    gu_ptr,  # [T, 2 I]
+    out_ptr,  # [T, I]
+    stride_gu, stride_o,
+    INTER: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < INTER
+    dtype = out_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + t * stride_gu + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + t * stride_gu + INTER + cols, mask=ok, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + t * stride_o + cols, (act * u).to(dtype), mask=ok)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of the fused projection's output [T, 2 I] -> [T, I]."""
+    assert gate_up.stride(1) == 1
+    inter = gate_up.shape[1] // 2
+    out = torch.empty((gate_up.shape[0], inter), device=gate_up.device, dtype=gate_up.dtype)
+    block = min(1024, triton.next_power_of_2(inter))
+    _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(inter, block))](
+        gate_up, out, gate_up.stride(0), out.stride(0), INTER=inter, BLOCK=block, num_warps=4
+    )
+    return out

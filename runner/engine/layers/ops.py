@@ -1,0 +1,68 @@
+"""The small ops between the matmuls, in plain torch (`TorchOps`), and the choice of implementation.
+
+`TorchOps` is the CPU path and the oracle of `fused.py`'s Triton kernels, which offer the same three
+functions with the same signatures; `ops_for(device)` picks the kernels on CUDA, torch elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runner.engine.layers.attention import write_kv
+from runner.engine.layers.norm import rms_norm
+from runner.engine.layers.rope import apply_rope
+
+
+class TorchOps:
+    """The small ops between the matmuls in plain torch (CPU; the oracle of `fused.py`'s kernels)."""
+
+    @staticmethod
+    def add_rms_norm(
+        h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """`h += delta` (in place, when given), then RMSNorm(h) * weight. [T, N] -> [T, N]."""
+        if delta is not None:
+            h += delta
+        return rms_norm(h, weight, eps)
+
+    @staticmethod
+    def rope_store(
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        heads: int,
+        q_norm: torch.Tensor | None,
+        k_norm: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        """(QK-norm and) RoPE of q and k from qkv [T, (H + 2 Hkv) D]; stores k, v in the cache; returns
+        q [T, H, D]."""
+        kv_heads, dim = k_cache.shape[2:]
+        q = qkv[:, : heads * dim].view(-1, heads, dim)
+        k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(-1, kv_heads, dim)
+        v = qkv[:, (heads + kv_heads) * dim :].view(-1, kv_heads, dim)
+        if q_norm is not None:
+            q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        write_kv(k_cache, v_cache, k, v, slot_mapping)
+        return q
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up. [T, 2 I] -> [T, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+def ops_for(device: torch.device):
+    """The fused Triton kernels on CUDA (the `fused` module), plain torch elsewhere (`TorchOps`): both
+    offer add_rms_norm, rope_store and silu_mul with the same signatures."""
+    if device.type == "cuda":
+        from runner.engine.layers import fused
+
+        return fused
+    return TorchOps

@@ -1,0 +1,128 @@
+"""Triton paged attention over the ragged batch (CUDA; the tests also run it in Triton's interpreter).
+
+One kernel, two launches per layer: decodes (one query per sequence, grid [Bd, Hkv]) and prefill
+chunks (blocks of BLOCK_Q queries, grid [blocks, Hkv], block -> sequence mapped on the host). A
+program takes the GROUP query heads that share one KV head, so K/V pages are read once per GROUP
+(GQA packing: M = queries x GROUP rows feed the tensor cores). K/V are gathered token by token
+through the page table, BLOCK_N tokens per iteration, with an online softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from runner.engine.layers.attention import PREFILL_BLOCK_Q, AttentionBatch
+
+BLOCK_N = 64  # keys per iteration
+
+
+# Triton compiles one variant per specialization of its integer arguments (== 1, divisible by 16) and
+# of its pointers' 16-byte alignment: the table width changes from step to step, so it is not
+# specialized, and the step's packed inputs are laid out 16-byte aligned (runner/engine/inputs.py).
+@triton.jit(do_not_specialize=["stride_table"])
+def _paged_attention_kernel(
+    q_ptr,  # [T, H, D]
+    k_ptr,  # [P, PAGE, Hkv, D]
+    v_ptr,
+    o_ptr,  # [T, H, D]
+    table_ptr,  # [B, W] pages of each sequence
+    cu_ptr,  # [B + 1] query offsets
+    kv_len_ptr,  # [B]
+    blk_seq_ptr,  # [NB] sequence of each prefill block (unused for decodes)
+    blk_start_ptr,  # [NB] first query (within its sequence) of each prefill block
+    scale,
+    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_ot, stride_oh, stride_table,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    if DECODE:
+        seq = pid
+        q_first = 0
+    else:
+        seq = tl.load(blk_seq_ptr + pid)
+        q_first = tl.load(blk_start_ptr + pid)
+    q_begin = tl.load(cu_ptr + seq)
+    q_len = tl.load(cu_ptr + seq + 1) - q_begin
+    kv_len = tl.load(kv_len_ptr + seq)
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_first + rows // GROUP  # query within the sequence
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (q_idx < q_len)
+    q_pos = kv_len - q_len + q_idx  # absolute position of each row's query
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    q = tl.load(
+        q_ptr + (q_begin + q_idx)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [M, D]
+
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    kv_end = tl.minimum(kv_len, kv_len - q_len + q_first + BLOCK_Q)  # past the block's last query
+    for start in range(0, kv_end, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < kv_end
+        page = tl.load(table_ptr + seq * stride_table + n // PAGE, mask=n_ok, other=0)
+        kv_off = page.to(tl.int64) * stride_kp + (n % PAGE) * stride_ks + kv_head * stride_kh
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        s = tl.where(visible, s * qk_scale, float("-inf"))  # [M, N]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:  # noqa: SIM108
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(
+        o_ptr + (q_begin + q_idx)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+
+
+def _launch(q, k_cache, v_cache, out, batch: AttentionBatch, scale: float, grid: int, decode: bool) -> None:
+    group = q.shape[1] // k_cache.shape[2]
+    block_q = 1 if decode else PREFILL_BLOCK_Q
+    dim = q.shape[2]
+    _paged_attention_kernel[(grid, k_cache.shape[2])](
+        q, k_cache, v_cache, out, batch.page_table, batch.cu_seqlens_q, batch.kv_lens,
+        batch.block_seq, batch.block_start, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), batch.page_table.stride(0),
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
+        BLOCK_N=BLOCK_N, PAGE=k_cache.shape[1], D=dim, D_PAD=max(16, triton.next_power_of_2(dim)),
+        DECODE=decode, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, scale: float
+) -> torch.Tensor:
+    """Attention of every query over its sequence's cached K/V. q: [T, H, D] -> [T, H, D]."""
+    assert k_cache.stride(3) == 1 and q.stride(2) == 1
+    out = torch.empty_like(q)
+    if batch.num_decodes:
+        _launch(q, k_cache, v_cache, out, batch, scale, batch.num_decodes, decode=True)
+    if batch.block_seq.numel():
+        _launch(q, k_cache, v_cache, out, batch, scale, batch.block_seq.numel(), decode=False)
+    return out

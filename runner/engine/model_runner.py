@@ -1,0 +1,180 @@
+"""Launches a scheduled batch on the device and hands back its sampled tokens later.
+
+`launch` packs the batch's inputs (inputs.py), queues the step (a CUDA graph replay for decode
+steps, eager otherwise) and the copy of its sampled tokens to pinned host memory, and returns at
+once; `wait` blocks until those tokens are on the host. Sampled tokens also land in a device token
+buffer indexed by slot, from which the next step's decodes read their input (carry-over), so the
+engine can launch step N+1 before it waits for step N. On the CPU the same code runs synchronously.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from runner.engine.graphs import DecodeGraphs
+from runner.engine.inputs import Staging, build_inputs, fill, layout_of, layout_words, unpack
+from runner.engine.kv import PageTable
+from runner.engine.layers.attention import AttentionBatch, AttentionFn
+from runner.engine.models import PagedModel
+from runner.engine.sampling import SamplingTensors, sample
+from runner.engine.scheduler import ScheduledBatch
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step queued on the device: its sampled tokens arrive in `tokens` (host) once `done` has fired."""
+
+    done: torch.cuda.Event | None  # None on the CPU: the step already ran
+    tokens: torch.Tensor  # [S] int64
+    logprobs: torch.Tensor | None  # [S] float32
+    graphed: bool
+
+
+class ModelRunner:
+    """Holds the model, the KV cache [layers, 2, pages + 1, page_size, Hkv, D] and the token buffer."""
+
+    def __init__(
+        self,
+        model: PagedModel,
+        table: PageTable,
+        num_pages: int,
+        page_size: int,
+        attention: AttentionFn,
+        cuda_graphs: bool,
+    ) -> None:
+        s = model.shape
+        dev = model.device
+        self.model = model
+        self.table = table
+        self.page_size = page_size
+        self.attention = attention
+        self.spare_kv = num_pages * page_size  # first slot of the spare page (padding rows write there)
+        self.kv_cache = torch.zeros(
+            (s.num_layers, 2, num_pages + 1, page_size, s.num_kv_heads, s.head_dim),
+            device=dev,
+            dtype=model.dtype,
+        )
+        self.token_buf = torch.zeros(table.num_slots + 1, dtype=torch.int64, device=dev)  # [slots + 1]
+        self.staging = Staging(dev)
+        self.cuda = dev.type == "cuda"
+        self.graphs = (
+            DecodeGraphs(self._step, table.num_slots, table.max_pages) if self.cuda and cuda_graphs else None
+        )
+        rows = self.graphs.buckets[-1] if self.graphs else table.num_slots
+        self._out = [torch.empty(rows, dtype=torch.int64, device=dev) for _ in range(2)]
+        self._out_lp = [torch.empty(rows, dtype=torch.float32, device=dev) for _ in range(2)]
+        self._turn = 0
+        if self.cuda:
+            self._host = [torch.empty(rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._host_lp = [torch.empty(rows, dtype=torch.float32, pin_memory=True) for _ in range(2)]
+            self._d2h = torch.cuda.Stream(dev)
+            self._computed = [torch.cuda.Event(), torch.cuda.Event()]
+            self._fetched = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Queue `batch` on the device; never waits for it."""
+        key = None
+        if self.graphs is not None and batch.num_decodes == len(batch.seqs):
+            width = -(-(max(batch.starts) + 1) // self.page_size)
+            params = [s.params for s in batch.seqs]
+            key = self.graphs.key(
+                len(batch.seqs), width, all(p.greedy for p in params), any(p.logprobs for p in params)
+            )
+        if key is None:
+            inp = build_inputs(batch, self.table, self.page_size, self.spare_kv)
+            flat, layout = self.staging.pack(inp.arrays)
+            tokens, logprobs = self._step(
+                unpack(flat, layout), inp.num_decodes, inp.all_greedy, inp.want_logprobs
+            )
+        else:
+            rows, width = key[:2]
+            inp = build_inputs(batch, self.table, self.page_size, self.spare_kv, pad_to=rows, width=width)
+            flat, layout = self.staging.pack(inp.arrays)
+            tokens, logprobs = self.graphs.replay(key, flat, layout, lambda: self._padding(rows, width))
+        return self._fetch(tokens, logprobs, inp.num_samples, key is not None)
+
+    def wait(self, step: LaunchedStep) -> tuple[list[int], list[float] | None]:
+        """Block until `step`'s sampled tokens are on the host; returns them (and their logprobs)."""
+        if step.done is not None:
+            step.done.synchronize()
+        return step.tokens.tolist(), None if step.logprobs is None else step.logprobs.tolist()
+
+    def close(self) -> None:
+        """Drop the graphs (and their memory pool), the KV cache, the token, output and staging buffers:
+        the device memory goes back to the allocator."""
+        if self.graphs is not None:
+            self.graphs.close()
+        self.graphs = self.model = self.staging = None
+        self.kv_cache = self.token_buf = torch.empty(0)
+        self._out = self._out_lp = self._host = self._host_lp = []
+
+    @torch.inference_mode()
+    def _step(
+        self, v: dict[str, torch.Tensor], num_decodes: int, all_greedy: bool, want_logprobs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The device work of one step, from packed input views to sampled tokens (graph-capturable)."""
+        ids = v["ids"]  # [T]
+        carried = self.token_buf[v["row_slot"][:num_decodes]]  # [Bd] tokens sampled on the device
+        ids = torch.cat((torch.where(ids[:num_decodes] < 0, carried, ids[:num_decodes]), ids[num_decodes:]))
+        attn = AttentionBatch(
+            cu_seqlens_q=v["cu"],
+            kv_lens=v["kv_lens"],
+            page_table=v["table"],
+            slot_mapping=v["slot_mapping"],
+            num_decodes=num_decodes,
+            block_seq=v["block_seq"],
+            block_start=v["block_start"],
+        )
+        logits = self.model.forward(
+            ids, v["positions"], self.kv_cache, attn, v["logits_rows"], self.attention
+        )
+        st = SamplingTensors(
+            temperature=v["temperature"],
+            top_k=v["top_k"],
+            top_p=v["top_p"],
+            min_p=v["min_p"],
+            seed=v["seed"],
+            sample_index=v["sample_index"],
+            position=v["position"],
+            all_greedy=all_greedy,
+            want_logprobs=want_logprobs,
+        )
+        tokens, logprobs = sample(logits, st)  # [S]
+        self.token_buf.index_copy_(0, v["sample_slot"], tokens)
+        return tokens, logprobs
+
+    def _padding(self, rows: int, width: int) -> torch.Tensor:
+        """Packed inputs of a decode step made of padding rows only (for graph capture)."""
+        empty = ScheduledBatch([], [], [], 0, [])
+        arrays = build_inputs(
+            empty, self.table, self.page_size, self.spare_kv, pad_to=rows, width=width
+        ).arrays
+        layout = layout_of(arrays)
+        host = np.zeros(layout_words(layout), dtype=np.int64)
+        fill(host, layout, arrays)
+        return torch.from_numpy(host).to(self.model.device)
+
+    def _fetch(
+        self, tokens: torch.Tensor, logprobs: torch.Tensor | None, n: int, graphed: bool
+    ) -> LaunchedStep:
+        """Start the copy of the first `n` sampled tokens to the host."""
+        if not self.cuda:
+            return LaunchedStep(None, tokens[:n], None if logprobs is None else logprobs[:n], graphed)
+        turn = self._turn
+        self._turn ^= 1
+        out, out_lp = self._out[turn][:n], self._out_lp[turn][:n]
+        out.copy_(tokens[:n])  # graph outputs and freed eager outputs are overwritten by the next step
+        if logprobs is not None:
+            out_lp.copy_(logprobs[:n])
+        self._computed[turn].record()
+        host, host_lp = self._host[turn][:n], self._host_lp[turn][:n]
+        with torch.cuda.stream(self._d2h):
+            self._d2h.wait_event(self._computed[turn])
+            host.copy_(out, non_blocking=True)
+            if logprobs is not None:
+                host_lp.copy_(out_lp, non_blocking=True)
+            self._fetched[turn].record(self._d2h)
+        return LaunchedStep(self._fetched[turn], host, None if logprobs is None else host_lp, graphed)

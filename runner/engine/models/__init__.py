@@ -1,0 +1,43 @@
+"""The model families of the fast path, one file each on the shared layers, picked by `model_type`.
+
+A new family is a new file here (a class following `base.PagedModel`) and a line in `FAMILIES`.
+A model whose `model_type` is not listed, or whose config asks for something its family does not
+implement, raises `UnsupportedModel` with the reason; the caller falls back to transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runner.engine.config import UnsupportedModel
+from runner.engine.models.base import ModelShape, PagedModel
+from runner.engine.models.llama import PagedLlama
+
+FAMILIES: dict[str, type[PagedModel]] = {
+    "llama": PagedLlama,  # also SmolLM
+    "mistral": PagedLlama,
+    "qwen2": PagedLlama,
+    "qwen3": PagedLlama,
+}
+
+
+def family(config) -> type[PagedModel]:
+    """The family class that runs a transformers `config`."""
+    kind = getattr(config, "model_type", None)
+    if kind not in FAMILIES:
+        raise UnsupportedModel(f"model_type {kind!r} is not in the fast path ({', '.join(FAMILIES)})")
+    return FAMILIES[kind]
+
+
+def model_shape(config) -> ModelShape:
+    """Check that a family implements `config`'s architecture and read its shape (no weights needed)."""
+    return family(config).shape_of(config)
+
+
+def build_model(hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> PagedModel:
+    """Our forward for a loaded transformers model, its weights copied to `device` / `dtype` (`fp8`: the
+    decoder's linear weights quantized to fp8; weights stored in fp8 stay fp8 either way)."""
+    return family(hf_model.config)(hf_model, device, dtype, fp8)
+
+
+__all__ = ["FAMILIES", "ModelShape", "PagedModel", "build_model", "family", "model_shape"]

@@ -1,0 +1,54 @@
+"""What every model family offers the engine: its shape, read from the HF config, and a paged forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from runner.engine.layers.attention import AttentionBatch, AttentionFn
+
+
+@dataclass(slots=True, frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden: int
+    intermediate: int  # MLP width (per expert for an MoE)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    max_model_len: int  # positions the model can take (capped by a sliding window)
+
+
+class PagedModel(Protocol):
+    """A model family's forward over a ragged batch and the paged KV cache."""
+
+    shape: ModelShape
+    device: torch.device
+    dtype: torch.dtype
+
+    @staticmethod
+    def shape_of(config) -> ModelShape:
+        """The shape of a transformers `config`; raises UnsupportedModel (with the reason) for a feature
+        the family's forward does not implement. Called before any weights are copied."""
+        ...
+
+    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
+        """Copy the weights of a loaded transformers model to `device` / `dtype`; `fp8`: quantize the
+        decoder's linear weights (weights stored in fp8 stay fp8 either way)."""
+        ...
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_cache: torch.Tensor,  # [layers, 2, pages + 1, page_size, Hkv, D]
+        batch: AttentionBatch,
+        logits_rows: torch.Tensor,  # [S] int64: token rows whose next-token logits are wanted
+        attention: AttentionFn,
+    ) -> torch.Tensor:
+        """fp32 logits [S, V] for `logits_rows`; writes the new tokens' K/V into `kv_cache`."""
+        ...

@@ -1,0 +1,128 @@
+"""Our own forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM) over the paged KV cache.
+
+Weights are taken from a loaded Hugging Face model (q/k/v and gate/up fused into one matrix each);
+rotary tables come from the model's own rotary module, so every static rope scaling that
+transformers implements (llama3, linear, yarn, ...) is honoured. Anything else raises
+`UnsupportedModel`, and the caller falls back to the transformers backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runner.engine.config import UnsupportedModel
+from runner.engine.layers.attention import AttentionBatch, AttentionFn
+from runner.engine.layers.fp8 import Fp8Linear
+from runner.engine.layers.linear import DenseLinear, GatedMLP, fused_linear, load
+from runner.engine.layers.ops import ops_for
+from runner.engine.layers.rope import rope_tables
+from runner.engine.models.base import ModelShape
+
+
+def llama_shape(config) -> ModelShape:
+    """Check that our forward implements `config`'s architecture and read its shape."""
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModel(f"hidden_act {config.hidden_act!r} (the fast path implements silu)")
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedModel("mlp_bias=True is not implemented in the fast path")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") in ("dynamic", "longrope"):
+        raise UnsupportedModel(f"rope_type {rope['rope_type']!r} changes with sequence length")
+    max_len = config.max_position_embeddings
+    if getattr(config, "sliding_window", None):
+        max_len = min(
+            max_len, config.sliding_window
+        )  # within the window, sliding attention is full attention
+    heads = config.num_attention_heads
+    return ModelShape(
+        num_layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab=config.vocab_size,
+        eps=config.rms_norm_eps,
+        max_model_len=max_len,
+    )
+
+
+@dataclass(slots=True)
+class _Layer:
+    ln_attn: torch.Tensor  # [hidden]
+    qkv: DenseLinear | Fp8Linear  # [(H + 2 Hkv) D, hidden], with the q/k/v biases if any
+    q_norm: torch.Tensor | None  # [D] (Qwen3)
+    k_norm: torch.Tensor | None
+    o: DenseLinear | Fp8Linear  # [hidden, H D]
+    ln_mlp: torch.Tensor
+    mlp: GatedMLP
+
+
+class PagedLlama:
+    """Forward of a Llama-family decoder over a ragged batch, reading and writing the paged KV cache."""
+
+    shape_of = staticmethod(llama_shape)
+
+    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
+        """Copy `hf_model`'s weights; `fp8`: quantize the decoder's linear weights (fp8 ones stay)."""
+        config = hf_model.config
+        self.shape = llama_shape(config)
+        s = self.shape
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            return load(t, device, dtype)
+
+        inner = hf_model.model
+        self.embed = w(inner.embed_tokens.weight)  # [V, hidden]
+        self.lm_head = w(hf_model.lm_head.weight) if not config.tie_word_embeddings else self.embed
+        self.norm = w(inner.norm.weight)
+        self.layers = []
+        for layer in inner.layers:
+            att = layer.self_attn
+            qk_norm = getattr(att, "q_norm", None) is not None
+            self.layers.append(
+                _Layer(
+                    ln_attn=w(layer.input_layernorm.weight),
+                    qkv=fused_linear([att.q_proj, att.k_proj, att.v_proj], device, dtype, fp8),
+                    q_norm=w(att.q_norm.weight) if qk_norm else None,
+                    k_norm=w(att.k_norm.weight) if qk_norm else None,
+                    o=fused_linear([att.o_proj], device, dtype, fp8),
+                    ln_mlp=w(layer.post_attention_layernorm.weight),
+                    mlp=GatedMLP.from_hf(layer.mlp, device, dtype, fp8),
+                )
+            )
+        self.cos, self.sin = rope_tables(inner.rotary_emb, s.max_model_len, device, dtype)  # [L, D]
+        self.scale = s.head_dim**-0.5
+        self.device, self.dtype = device, dtype
+        self.ops = ops_for(device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_cache: torch.Tensor,  # [layers, 2, pages + 1, page_size, Hkv, D]
+        batch: AttentionBatch,
+        logits_rows: torch.Tensor,  # [S] int64: token rows whose next-token logits are wanted
+        attention: AttentionFn,
+    ) -> torch.Tensor:
+        """Run the decoder; returns fp32 logits [S, V] for `logits_rows`."""
+        s, ops = self.shape, self.ops
+        h = self.embed[input_ids]  # [T, hidden]: the residual stream, updated in place
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        delta = None  # the last layer's MLP output, not yet added to h
+        for i, layer in enumerate(self.layers):
+            x = ops.add_rms_norm(h, delta, layer.ln_attn, s.eps)
+            qkv = layer.qkv(x)  # [T, (H + 2 Hkv) D]
+            q = ops.rope_store(
+                qkv, cos, sin, kv_cache[i, 0], kv_cache[i, 1], batch.slot_mapping,
+                s.num_heads, layer.q_norm, layer.k_norm, s.eps,
+            )  # fmt: skip
+            o = attention(q, kv_cache[i, 0], kv_cache[i, 1], batch, self.scale)  # [T, H, D]
+            x = ops.add_rms_norm(h, layer.o(o.flatten(1)), layer.ln_mlp, s.eps)
+            delta = layer.mlp(x, ops)
+        h = h[logits_rows] + delta[logits_rows]  # [S, hidden]
+        return F.linear(ops.add_rms_norm(h, None, self.norm, s.eps), self.lm_head).float()

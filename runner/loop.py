@@ -1,0 +1,219 @@
+"""The generation loop: prepared rows into the backend, finished rows out to the writer.
+
+    feed prompts (thread) → admit them to the backend → step it → hand rows to the writer (thread)
+
+The job (jobs/run.py) plans the work and drives this loop. A stop signal ends admission; rows still
+generating get `DRAIN_SHARE` of the grace period to finish, and the writer commits the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from runner.backends import Backend
+from runner.budget import HeldBytes
+from runner.engine.types import Completion, Request
+from runner.error_budget import ErrorBudget
+from runner.faults import fault_point, kill_point
+from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
+from runner.monitor import Counters
+from runner.progress import ProgressBar
+from runner.prompts import PreparedRow, PromptBuilder
+from runner.signals import StopRequested
+from runner.store import OutputStore
+from runner.writer import PartWriter
+
+log = logging.getLogger(__name__)
+
+DRAIN_SHARE = 0.5  # of the grace period spent finishing in-flight rows; the rest is for commits
+
+
+@dataclass(slots=True, frozen=True)
+class OutputRows:
+    """What an output row holds besides the generation (the spec's output and input sections)."""
+
+    keep_columns: list[str] | Literal["all"]  # input columns copied to each output row
+    id_column: str | None  # an input column copied as well
+    samples: int  # samples per input row (`_sample` is added when > 1)
+    include_token_ids: bool
+
+    def row(self, prep: PreparedRow, completion: Completion | None = None, error: str | None = None) -> dict:
+        """The output row of one sample of `prep`, or its error row."""
+        values = prep.values or {}
+        keep = self.keep_columns
+        kept = dict(values) if keep == "all" else {c: values.get(c) for c in keep}
+        if self.id_column:
+            kept[self.id_column] = values.get(self.id_column)
+        row = {**kept, "_shard": prep.shard, "_row": prep.row}
+        if self.samples > 1:
+            row["_sample"] = completion.sample_index if completion else 0
+        if completion is None:
+            row |= {
+                "generated_text": None,
+                "finish_reason": "error",
+                "prompt_tokens": len(prep.prompt_ids or ()),
+                "generated_tokens": 0,
+                "error": error,
+            }
+            if self.include_token_ids:
+                row["generated_token_ids"] = None
+            return row
+        row |= {
+            "generated_text": completion.text,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": completion.prompt_tokens,
+            "generated_tokens": completion.generated_tokens,
+            "error": None,
+        }
+        if self.include_token_ids:
+            row["generated_token_ids"] = completion.token_ids
+        return row
+
+
+@dataclass(slots=True, frozen=True)
+class LoopSettings:
+    """The loop's knobs, as plain values (jobs/run.py takes them from the spec)."""
+
+    max_inflight: int  # requests kept in the backend at once
+    grace_seconds: float  # after a stop signal: time to finish rows and commit them
+    flush_rows: int  # commit a part every this many rows ...
+    flush_seconds: float  # ... or this often
+    max_held_bytes: int  # input values held between reading and committing
+    storage_options: dict  # for reading the input
+    columns: list[str] | None  # input columns to read (None: all)
+    rows: OutputRows
+    max_error_fraction: float  # the error budget (runner/error_budget.py)
+    error_window_rows: int
+
+
+@dataclass(slots=True)
+class _PendingSamples:
+    """An input row in the backend, and those of its `n` samples that have finished."""
+
+    prep: PreparedRow
+    samples: dict[int, Completion] = field(default_factory=dict)
+
+
+class GenerationLoop:
+    """The main loop's state: what is in flight in the backend, and where finished rows go."""
+
+    def __init__(
+        self,
+        settings: LoopSettings,
+        backend: Backend,
+        work: list[ShardWork],
+        failed: dict[str, str],
+        counters: Counters,
+    ):
+        self.settings = settings
+        self.backend = backend
+        self.work = work
+        self.inflight: dict[tuple[str, int], _PendingSamples] = {}
+        self.max_inflight = settings.max_inflight
+        self.failed = failed  # shard -> why it could not be read; grows as the feeder finds more
+        self.counters = counters
+        self.budget = HeldBytes(settings.max_held_bytes)
+        self.engine_error: str | None = None  # what the engine raised; the loop stopped there
+        self.errors = ErrorBudget(
+            settings.max_error_fraction, settings.error_window_rows, counters.rows_total
+        )
+        self.error_shards: set[str] = set()
+        self.writer: PartWriter
+        self.bar: ProgressBar
+
+    def run(
+        self, store: OutputStore, builder: PromptBuilder, stop: StopRequested, show_progress: bool
+    ) -> None:
+        """Generate every row of the work (until `stop`); returns once finished rows are committed."""
+        s = self.settings
+        self.writer = PartWriter(store, s.flush_rows, s.flush_seconds, self.budget)
+        for w in self.work:
+            self.writer.open_shard(w.shard.id, len(w.done_rows))
+        feeder = Feeder(self.work, builder, s.storage_options, s.columns, self.budget)
+        self.bar = ProgressBar(self.counters, show_progress)
+        try:
+            self._loop(feeder, stop)
+        finally:
+            feeder.stop()
+            self.bar.close()
+            self.writer.close()
+            self.counters.shards_done += self.writer.shards_compacted
+
+    def _loop(self, feeder: Feeder, stop: StopRequested) -> None:
+        drain_until = None
+        while True:
+            if stop.requested and drain_until is None:
+                feeder.stop()
+                drain_until = stop.at + DRAIN_SHARE * self.settings.grace_seconds
+            if drain_until is None:
+                self._admit(feeder)
+            if self.backend.has_unfinished():
+                try:
+                    done = self._step()
+                except Exception as e:  # a GPU fault leaves nothing of the engine usable: stop, commit
+                    self.engine_error = f"{type(e).__name__}: {e}"
+                    log.error("the engine failed (%s); committing the %d rows finished so far",
+                              self.engine_error, self.counters.rows_done)  # fmt: skip
+                    return
+                for completion in done:
+                    self._finish_sample(completion)
+            elif feeder.exhausted:
+                return
+            elif self.budget.waiting:
+                self.writer.flush()  # nothing generating and the reader waits for room: commit the rows
+            self.writer.poll()
+            if drain_until is not None and time.monotonic() > drain_until:
+                log.warning(
+                    "grace period: %d rows still generating are left for the next run", len(self.inflight)
+                )
+                return
+
+    def _step(self) -> list[Completion]:
+        fault_point("engine_step")
+        return self.backend.step()
+
+    def _admit(self, feeder: Feeder) -> None:
+        """Top up the engine to `max_inflight` requests; wait for input only when the engine is idle."""
+        while self.backend.num_unfinished < self.max_inflight:
+            item = feeder.get(timeout=0 if self.backend.has_unfinished() else 0.05)
+            if item is None:
+                break
+            if isinstance(item, ShardEnd):
+                self.writer.shard_total(item.shard, item.total_rows)
+            elif isinstance(item, ShardFailed):
+                self.counters.rows_total -= self._rows_of(item.shard)
+                self.failed[item.shard] = item.reason
+            elif item.error is not None:
+                self._emit(item, [self.settings.rows.row(item, error=item.error)], is_error=True)
+            else:
+                self.inflight[(item.shard, item.row)] = _PendingSamples(item)
+                self.backend.add(Request((item.shard, item.row), item.prompt_ids, item.sampling))
+        self.counters.inflight = self.backend.num_unfinished
+
+    def _finish_sample(self, c: Completion) -> None:
+        entry = self.inflight[c.id]
+        entry.samples[c.sample_index] = c
+        if len(entry.samples) < entry.prep.sampling.n:
+            return
+        del self.inflight[c.id]
+        rows = [self.settings.rows.row(entry.prep, entry.samples[i]) for i in range(entry.prep.sampling.n)]
+        self._emit(entry.prep, rows, is_error=False)
+
+    def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
+        self.errors.add(prep.shard, rows[0]["error"] if is_error else None)  # raises before a commit
+        if is_error:
+            self.error_shards.add(prep.shard)
+        self.writer.add(prep.shard, rows, nbytes=prep.nbytes)
+        kill_point("row_finished")
+        c = self.counters
+        c.rows_done += 1
+        c.rows_error += is_error
+        c.prompt_tokens += rows[0]["prompt_tokens"]
+        c.generated_tokens += sum(r["generated_tokens"] for r in rows)
+        self.bar.update()
+
+    def _rows_of(self, shard: str) -> int:
+        return next(w.total_rows - len(w.done_rows) for w in self.work if w.shard.id == shard)

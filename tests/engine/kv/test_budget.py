@@ -1,0 +1,59 @@
+"""A model or KV cache that does not fit is refused with the numbers and the ways out, not a raw OOM."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.engine import Engine, EngineConfig
+from runner.engine import engine as engine_module
+from runner.engine.kv.budget import GIB, DeviceMemoryError, step_workspace_bytes
+from tests.engine.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")  # 2 layers, 2 KV heads of 16, vocab 256, 512 positions, fp32
+
+
+def engine_with_free_memory(monkeypatch, model, free: int, **config) -> Engine:
+    """The engine as on a device with `free` bytes free of 80 GiB (the CPU runs the same sizing code)."""
+    monkeypatch.setattr(engine_module, "_device_memory", lambda device: (free, 80 * GIB))
+    return Engine(model, EngineConfig(device="cpu", **config))
+
+
+def test_weights_that_do_not_fit_name_their_size_and_the_ways_out(monkeypatch, model):
+    with pytest.raises(DeviceMemoryError) as e:
+        engine_with_free_memory(monkeypatch, model, free=100_000, dtype="bfloat16")  # fp32 -> bf16 is a copy
+    assert str(e.value) == (
+        "engine: the model's weights need 0.2 MiB in bfloat16, cpu has 0.1 MiB free of 80.00 GiB. "
+        "Ways out: fp8 weights or tensor parallelism (weights split over GPUs), a GPU with more free "
+        "memory, or a smaller model."
+    )
+
+
+def test_a_kv_cache_too_small_for_one_sequence_is_refused_with_the_numbers(monkeypatch, model):
+    with pytest.raises(DeviceMemoryError) as e:
+        engine_with_free_memory(monkeypatch, model, free=100 * 2**20, max_seqs=2048)
+    assert str(e.value) == (
+        "engine: the KV cache does not fit: one sequence of max_model_len 512 tokens needs 0.2 MiB of KV, "
+        "and 0.0 MiB are left for it (100.0 MiB free of 80.00 GiB after 0.3 MiB of weights, x "
+        "kv_memory_fraction 0.85, less 92.0 MiB of step workspace for max_seqs 2048 and max_batch_tokens "
+        "8192). Ways out: lower engine.max_seqs or engine.max_batch_tokens, raise "
+        "engine.kv_memory_fraction, lower engine.max_model_len, fp8 weights or tensor parallelism, or a GPU "
+        "with more free memory."
+    )
+    # the same memory takes a smaller max_seqs: the workspace, not a constant share, sets the pool
+    engine = engine_with_free_memory(monkeypatch, model, free=100 * 2**20, max_seqs=64)
+    page_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers, K and V, page, KV heads, head dim, fp32
+    assert engine.kv.num_pages == (int(100 * 2**20 * 0.85) - engine_workspace(64)) // page_bytes
+
+
+def engine_workspace(max_seqs: int) -> int:
+    return step_workspace_bytes(8192, max_seqs, 64, 128, 128, 256, 4, cuda_graphs=True)
+
+
+def test_the_workspace_grows_with_max_seqs_and_the_vocabulary():
+    """The 8B shape (vocab 128256) in bf16: sampling buffers of 1024 rows take GiBs, twice with graphs."""
+    w = {s: step_workspace_bytes(8192, s, 4096, 6144, 14336, 128256, 2, True) for s in (512, 1024, 2048)}
+    assert 8 * GIB < w[512] < w[1024] < w[2048]
+    assert w[2048] - w[1024] == 2 * 1024 * 128256 * 64

@@ -1,0 +1,104 @@
+"""Random ragged paged batches, and the check of the Triton kernel against the reference on them.
+
+Run as a module (`TRITON_INTERPRET=1 python -m tests.engine.layers.paged_cases`) the checks execute in
+Triton's interpreter on the CPU: the interpreter must be chosen before Triton is first imported,
+which the test suite has already done by then, so test_attention.py starts this in a subprocess.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from runner.engine.layers.attention import AttentionBatch, prefill_blocks, reference_attention
+
+# (seed, decodes, [(q_len, kv_len) of each prefill chunk], page size, heads, kv heads, head dim)
+CASES = [
+    (0, 5, [], 4, 6, 2, 16),
+    (1, 0, [(7, 7)], 4, 6, 2, 16),
+    (2, 3, [(5, 13), (9, 9), (1, 6)], 4, 6, 2, 16),
+    (3, 1, [(40, 70)], 4, 6, 2, 16),
+    (4, 0, [(17, 17), (33, 50)], 4, 4, 4, 32),
+    (5, 2, [(20, 37)], 16, 8, 2, 64),
+    (6, 3, [(18, 18)], 16, 8, 2, 80),  # head dim padded to 128 inside the kernel
+    # the sweep's page sizes (scripts/sweep_config.py): many decodes on pages of 8; pages of 64 under
+    # a 300-token prefill (several key blocks, several query blocks); the 8B shape's GQA (32/8 x 128)
+    (7, 20, [(33, 120)], 8, 8, 2, 16),
+    (8, 6, [(70, 300)], 64, 8, 2, 32),
+    (9, 4, [(20, 90)], 64, 32, 8, 128),
+]
+
+
+def random_batch(
+    seed: int,
+    num_decodes: int,
+    prefills: list[tuple[int, int]],
+    page: int = 4,
+    heads: int = 6,
+    kv_heads: int = 2,
+    dim: int = 16,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Caches filled with random K/V, pages shuffled; prefills are (q_len, kv_len) pairs."""
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    num_pages = 128
+    k_cache = torch.randn(num_pages, page, kv_heads, dim, generator=g).to(device, dtype)
+    v_cache = torch.randn(num_pages, page, kv_heads, dim, generator=g).to(device, dtype)
+    shapes = [(1, rng.randint(1, 30)) for _ in range(num_decodes)] + prefills
+    free = list(range(num_pages))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(-(-kv // page))] for _, kv in shapes]
+    width = max(map(len, tables))
+    q_lens = np.array([s[0] for s in shapes])
+    cu = np.concatenate(([0], np.cumsum(q_lens)))
+    block_seq, block_start = prefill_blocks(q_lens[num_decodes:], num_decodes)
+
+    def t(values) -> torch.Tensor:
+        return torch.tensor(np.asarray(values), dtype=torch.int64, device=device)
+
+    batch = AttentionBatch(
+        cu_seqlens_q=t(cu),
+        kv_lens=t([s[1] for s in shapes]),
+        page_table=t([row + [0] * (width - len(row)) for row in tables]),
+        slot_mapping=t(np.zeros(cu[-1])),
+        num_decodes=num_decodes,
+        block_seq=t(block_seq),
+        block_start=t(block_start),
+    )
+    q = torch.randn(int(cu[-1]), heads, dim, generator=g).to(device, dtype)
+    return q, k_cache, v_cache, batch
+
+
+def to_cpu(batch: AttentionBatch) -> AttentionBatch:
+    fields = (getattr(batch, name) for name in AttentionBatch.__slots__)
+    return AttentionBatch(*(f.cpu() if isinstance(f, torch.Tensor) else f for f in fields))
+
+
+def relative_error(case, device: str, dtype: torch.dtype) -> float:
+    """‖kernel − reference‖ / ‖reference‖ on one case (the reference in fp32 on the CPU)."""
+    from runner.engine.layers.paged_attention import paged_attention
+
+    seed, nd, prefills, page, heads, kv_heads, dim = case
+    q, k_cache, v_cache, batch = random_batch(seed, nd, prefills, page, heads, kv_heads, dim, device, dtype)
+    scale = dim**-0.5
+    ref = reference_attention(
+        q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(), to_cpu(batch), scale
+    )
+    out = paged_attention(q, k_cache, v_cache, batch, scale).cpu().float()
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def main() -> None:
+    for case in CASES:
+        err = relative_error(case, "cpu", torch.float32)
+        print(f"case {case[0]}: relative error {err:.2e}")
+        assert err < 1e-5, case
+
+
+if __name__ == "__main__":
+    main()
