@@ -1,8 +1,8 @@
 """Throughput benchmark: DESIGN.md's workloads through batchrun and transformers' generate_batch.
 
 Random-weight Llama-shaped bf16 models, greedy, no EOS, every request generates exactly `new`
-tokens; prompt lengths uniform in [64, 768] (W3: all 128), token ids uniform, seed 0. All backends run
-in the same process on the same model. Prints one table and writes JSON (with the command line).
+tokens; prompt lengths uniform in [64, 768] (W3: all 128), token ids uniform, seed 0. All backends
+run in the same process on the same model. Prints one table and writes JSON (with the command line).
 
     python scripts/bench.py --workloads W0 --backends batchrun,hf-sync,hf-async --out results.json
     python scripts/bench.py --workloads W2,W3 --backends batchrun,batchrun-fp8   # bf16 vs fp8 weights
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 @dataclass(slots=True, frozen=True)
 class Workload:
     hidden: int
-    inter: int
+    inter: int  # MLP intermediate size; an MoE's is each expert's
     layers: int
     heads: int
     kv_heads: int
@@ -38,6 +38,8 @@ class Workload:
     tied: bool
     prompts: int
     new: int
+    experts: int = 0  # 0: a dense Llama; else a Qwen3-MoE with `top_k` of `experts` per token
+    top_k: int = 0
     prompt_len: tuple[int, int] = (64, 768)  # prompt lengths uniform in [lo, hi]
     fp8_only: bool = False  # built on the meta device, fp8 weights filled layer by layer (no bf16 copy)
 
@@ -48,6 +50,7 @@ WORKLOADS = {
     "W2": Workload(4096, 14336, 32, 32, 8, 128, 128256, False, 256, 128),
     "W3": Workload(4096, 14336, 32, 32, 8, 128, 128256, False, 4096, 128, prompt_len=(128, 128)),
     "W70": Workload(8192, 28672, 80, 64, 8, 128, 128256, False, 256, 128, fp8_only=True),  # llama-3.1-70b
+    "M1": Workload(2048, 768, 48, 32, 4, 128, 151936, False, 256, 128, experts=128, top_k=8),  # qwen3-30b-a3b
 }
 # H100 bf16 matmul rate and memory bandwidth, measured (DEVICE_NOTES.md); fp8 GEMMs: twice the bf16 rate
 FLOPS, BYTES_PER_S = 790e12, 3.0e12
@@ -62,50 +65,53 @@ class Result:
     tok_s: float
     gpu_busy_pct: float | None
     roofline_fraction: float
+    t_min_s: float
     peak_mem_gib: float
     stats: dict | None = None
 
 
-def _config(w: Workload, positions: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=w.hidden, intermediate_size=w.inter, num_hidden_layers=w.layers,
-        num_attention_heads=w.heads, num_key_value_heads=w.kv_heads, head_dim=w.head_dim,
-        vocab_size=w.vocab, tie_word_embeddings=w.tied, max_position_embeddings=positions,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )  # fmt: skip
-
-
 def build_model(name: str, device: str = "cuda", positions: int = 4096):
-    """The workload's random-weight model in bf16 on `device` (W70: fp8 decoder weights, see below)."""
-    from transformers import LlamaForCausalLM
+    """The workload's random-weight model, built in bf16 directly on `device` (M1's 30B parameters would
+    not fit twice, in fp32 first)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
     w = WORKLOADS[name]
+    common = dict(
+        hidden_size=w.hidden, num_hidden_layers=w.layers, num_attention_heads=w.heads,
+        num_key_value_heads=w.kv_heads, head_dim=w.head_dim, vocab_size=w.vocab, tie_word_embeddings=w.tied,
+        max_position_embeddings=positions, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
     if w.fp8_only:
-        return build_fp8_model(w, torch.device(device), positions)
+        return build_fp8_model(LlamaConfig(**common, intermediate_size=w.inter), torch.device(device))
+    if w.experts:
+        config = Qwen3MoeConfig(
+            **common, intermediate_size=6144, moe_intermediate_size=w.inter, num_experts=w.experts,
+            num_experts_per_tok=w.top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        )  # fmt: skip
+    else:
+        config = LlamaConfig(**common, intermediate_size=w.inter)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(_config(w, positions)).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.generation_config.eos_token_id = None
     return model.eval()
 
 
 @torch.no_grad()
-def build_fp8_model(w: Workload, device: torch.device, positions: int):
+def build_fp8_model(config, device: torch.device):
     """A random model whose bf16 weights would not fit the GPU (W70: 140 GB): built on the meta device,
     then each decoder linear gets random fp8 weights + per-channel scales straight on `device` (the form
     a stored fp8 checkpoint loads into, see runner/engine/loader.py), one matrix at a time; embeddings,
     LM head and norms in bf16."""
     from torch import nn
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from runner.engine.layers.fp8 import quantize_weight
     from runner.engine.loader import rebuild_buffers
 
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = LlamaForCausalLM(_config(w, positions)).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     for name, module in model.named_modules():
         for leaf, p in list(module.named_parameters(recurse=False)):
             if isinstance(module, nn.Linear) and ".layers." in name:
@@ -129,18 +135,33 @@ def make_prompts(name: str, num: int | None) -> list[list[int]]:
     return [[rng.randrange(w.vocab) for _ in range(n)] for n in lengths]
 
 
-def t_min(name: str, prompts: list[list[int]], new: int, fp8: bool = False) -> float:
-    """Roofline time: prefill FLOPs at the matmul rate + every decode step's weight and live-KV bytes.
+def experts_touched(experts: int, top_k: int, batch: int) -> float:
+    """Expected distinct experts a layer reads in a step of `batch` tokens, each picking `top_k` of
+    `experts` uniformly: E (1 - (1 - k/E)^B)."""
+    return experts * (1.0 - (1.0 - top_k / experts) ** batch)
 
-    fp8: the decoder's linear weights are 1 byte each and their GEMMs run at twice the bf16 rate (the
-    embeddings, LM head and KV cache stay bf16)."""
+
+def t_min(name: str, prompts: list[list[int]], new: int, fp8: bool = False) -> float:
+    """Roofline time: prefill FLOPs of the active parameters at the matmul rate + every decode step's
+    weight and live-KV bytes. All prompts decode together (batch B = prompts); an MoE step reads the
+    attention weights, the router and the experts touched by B tokens (`experts_touched`).
+
+    fp8: the decoder's weights are 1 byte each and its GEMMs run at twice the bf16 rate (embeddings,
+    LM head and KV cache stay bf16; an MoE's experts too, so fp8 is not counted for them)."""
     w = WORKLOADS[name]
-    layer_params = w.hidden * (w.heads + 2 * w.kv_heads) * w.head_dim + w.heads * w.head_dim * w.hidden
-    layer_params += 3 * w.hidden * w.inter
-    weight_bytes = (1 if fp8 else 2) * w.layers * layer_params + 2 * w.vocab * w.hidden * (1 if w.tied else 2)
+    attention = w.hidden * (w.heads + 2 * w.kv_heads) * w.head_dim + w.heads * w.head_dim * w.hidden
+    expert = 3 * w.hidden * w.inter
+    embeddings = w.vocab * w.hidden * (1 if w.tied else 2)
+    if w.experts:
+        active = attention + w.experts * w.hidden + w.top_k * expert
+        read = attention + w.experts * w.hidden + experts_touched(w.experts, w.top_k, len(prompts)) * expert
+    else:
+        active = read = attention + expert
+    fp8 = fp8 and not w.experts
+    weight_bytes = (1 if fp8 else 2) * w.layers * read + 2 * embeddings
     kv_bytes_per_token = w.layers * 2 * w.kv_heads * w.head_dim * 2
     prompt_tokens = sum(len(p) for p in prompts)
-    t = 2 * w.layers * layer_params * prompt_tokens / (FLOPS * (2 if fp8 else 1))
+    t = 2 * w.layers * active * prompt_tokens / (FLOPS * (2 if fp8 else 1))
     for step in range(new):
         t += (weight_bytes + (prompt_tokens + step * len(prompts)) * kv_bytes_per_token) / BYTES_PER_S
     return t
@@ -196,6 +217,10 @@ def run_batchrun(
     vocab = model.config.vocab_size
     shifted = [[(t + 1) % vocab for t in p] for p in prompts[:8]]  # no prefix of a measured prompt
     list(engine.generate(Request(-i - 1, p, warm) for i, p in enumerate(shifted)))  # compile kernels
+    # batches of short prompts too: an MoE's mid-size expert tiles compile here, not in the measured run
+    for length in (4, 16):
+        short = [[(t + length) % vocab for t in p[:length]] for p in prompts[8:56]]
+        list(engine.generate(Request(-i - 100, p, warm) for i, p in enumerate(short)))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     done = list(engine.generate(Request(i, p, sp) for i, p in enumerate(prompts)))
@@ -236,6 +261,7 @@ def bench(
     with BusySampler() as busy:
         generated, stats = run()
     wall = time.perf_counter() - t0
+    floor = t_min(name, prompts, new, fp8)
     peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     gc.collect()  # the backend's objects (engine, transformers' manager and cache) are gone now
     torch.cuda.empty_cache()
@@ -244,7 +270,7 @@ def bench(
     return Result(
         workload=name, backend=backend, generated_tokens=generated, wall_s=round(wall, 3),
         tok_s=round(generated / wall, 1), gpu_busy_pct=busy.mean,
-        roofline_fraction=round(t_min(name, prompts, new, fp8) / wall, 4),
+        roofline_fraction=round(floor / wall, 4), t_min_s=round(floor, 3),
         peak_mem_gib=peak_gib, stats=stats,
     )  # fmt: skip
 

@@ -128,8 +128,8 @@ def main() -> None:
     model = work / "model"
     if not (model / "config.json").exists():
         save_model(args.workload, model)
-    write_shards(work / "in", WORKLOADS[args.workload][6], args.rows, args.shards)
-    new = args.new or WORKLOADS[args.workload][9]
+    write_shards(work / "in", WORKLOADS[args.workload].vocab, args.rows, args.shards)
+    new = args.new or WORKLOADS[args.workload].new
     engine, sampling = json.loads(args.engine), json.loads(args.sampling)
     runs = [run(work, model, int(g), new, engine, sampling) for g in args.gpus.split(",")]
     base, base_rows = runs[0], runs[0]["row_set"]

@@ -76,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     model = build_model(args.workload)
     prompts = make_prompts(args.workload, None)
-    new = WORKLOADS[args.workload][9]
+    new = WORKLOADS[args.workload].new
     engine = Engine(model, EngineConfig(device="cuda", dtype="bfloat16", async_mode=not args.sync))
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
     for i, p in enumerate(prompts):

@@ -117,16 +117,16 @@ class Engine:
         return cls(model, config, tokenizer)
 
     def _num_pages(self, shape, device: torch.device, dtype: torch.dtype, weights: int) -> int:
+        # after build_model: the model reports its activations (MoE experts included)
         config = self.config
         if config.kv_cache_tokens is not None:
             return config.kv_cache_tokens // config.page_size
         memory = _device_memory(device)
         if memory is None:
             return CPU_DEFAULT_KV_TOKENS // config.page_size
-        qkv_width = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
         workspace = step_workspace_bytes(
-            config.max_batch_tokens, config.max_seqs, shape.hidden, qkv_width,
-            shape.intermediate, shape.vocab, dtype.itemsize, config.cuda_graphs,
+            config.max_batch_tokens, config.max_seqs, self.model.activation_width(), shape.vocab,
+            dtype.itemsize, config.cuda_graphs,
         )  # fmt: skip
         page_bytes = shape.num_layers * 2 * config.page_size * shape.num_kv_heads * shape.head_dim
         plan = MemoryPlan(*memory, weights, workspace, page_bytes * dtype.itemsize, config.page_size)

@@ -63,10 +63,11 @@ def run_in_triton_interpreter(module: str) -> str:
     return run.stdout
 
 
-def tiny_model(kind: str, seed: int = 0):
-    """A 2-layer, 64-wide random model of `kind` in fp32, eval mode."""
+def tiny_model(kind, seed: int = 0):
+    """A 2-layer, 64-wide random model of `kind` (a name in CONFIGS, or a config) in fp32, eval mode."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[kind](), dtype=torch.float32)
+    config = CONFIGS[kind]() if isinstance(kind, str) else kind
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform logits (sharpen them so greedy ties are out of reach), unit norm
     # weights and zero biases (perturb them so that a norm or bias we forgot shows up).
     with torch.no_grad():

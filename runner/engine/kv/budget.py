@@ -33,12 +33,14 @@ class MemoryPlan:
 
 
 def step_workspace_bytes(
-    max_batch_tokens: int, max_seqs: int, hidden: int, qkv_width: int, intermediate: int, vocab: int,
-    dtype_bytes: int, cuda_graphs: bool,
+    max_batch_tokens: int, max_seqs: int, activation_width: int, vocab: int, dtype_bytes: int,
+    cuda_graphs: bool,
 ) -> int:  # fmt: skip
-    """Device memory a step needs beside the weights and the KV pool (an upper estimate)."""
-    per_token = 4 * hidden + 2 * qkv_width + 3 * intermediate  # h, x, delta, qkv, q/o, gate_up, act
-    activations = max_batch_tokens * per_token * dtype_bytes
+    """Device memory a step needs beside the weights and the KV pool (an upper estimate).
+
+    `activation_width`: activation elements per token live in a forward, as the model reports it
+    (`PagedModel.activation_width`: residual, q/k/v, and its widest MLP, routed experts included)."""
+    activations = max_batch_tokens * activation_width * dtype_bytes
     rows = min(max_seqs, max_batch_tokens)
     sampling = rows * vocab * SAMPLING_BYTES_PER_LOGIT
     return activations + sampling * (2 if cuda_graphs else 1)

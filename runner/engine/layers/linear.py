@@ -135,6 +135,10 @@ class GatedMLP:
         gate_up = fused_linear([mlp.gate_proj, mlp.up_proj], device, dtype, fp8)
         return cls(gate_up=gate_up, down=fused_linear([mlp.down_proj], device, dtype, fp8))
 
+    def activation_width(self) -> int:
+        """Activation elements per token live in a call: gate/up [2 I] and SiLU·mul [I]."""
+        return 3 * self.down.weight.shape[1]
+
     def __call__(self, x: torch.Tensor, ops) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]; `ops.silu_mul` is the activation (fused kernel or torch)."""
         return self.down(ops.silu_mul(self.gate_up(x)))

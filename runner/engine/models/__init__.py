@@ -12,12 +12,20 @@ import torch
 from runner.engine.config import UnsupportedModel
 from runner.engine.models.base import ModelShape, PagedModel
 from runner.engine.models.llama import PagedLlama
+from runner.engine.models.mixtral import PagedMixtral
+from runner.engine.models.olmoe import PagedOlmoe
+from runner.engine.models.qwen2_moe import PagedQwen2Moe
+from runner.engine.models.qwen3_moe import PagedQwen3Moe
 
 FAMILIES: dict[str, type[PagedModel]] = {
     "llama": PagedLlama,  # also SmolLM
     "mistral": PagedLlama,
     "qwen2": PagedLlama,
     "qwen3": PagedLlama,
+    "qwen2_moe": PagedQwen2Moe,  # routed experts + a shared expert
+    "qwen3_moe": PagedQwen3Moe,
+    "mixtral": PagedMixtral,
+    "olmoe": PagedOlmoe,
 }
 
 

@@ -14,13 +14,25 @@ from runner.engine.layers.attention import AttentionBatch, AttentionFn
 class ModelShape:
     num_layers: int
     hidden: int
-    intermediate: int  # MLP width (per expert for an MoE)
+    intermediate: int  # dense MLP width (`intermediate_size`; the model reports its MLP workspace)
     num_heads: int
     num_kv_heads: int
     head_dim: int
     vocab: int
     eps: float
     max_model_len: int  # positions the model can take (capped by a sliding window)
+
+
+class MLP(Protocol):
+    """A decoder layer's MLP (`layers.linear.GatedMLP`, `layers.moe.SparseMoE`)."""
+
+    def __call__(self, x: torch.Tensor, ops) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; `ops` gives the activation (fused kernel or torch)."""
+        ...
+
+    def activation_width(self) -> int:
+        """Activation elements per token live while it runs (sizes the step workspace)."""
+        ...
 
 
 class PagedModel(Protocol):
@@ -39,6 +51,11 @@ class PagedModel(Protocol):
     def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
         """Copy the weights of a loaded transformers model to `device` / `dtype`; `fp8`: quantize the
         decoder's linear weights (weights stored in fp8 stay fp8 either way)."""
+        ...
+
+    def activation_width(self) -> int:
+        """Activation elements per token live in a forward (its widest layer, MoE experts included):
+        `kv.budget` sizes the step workspace from it."""
         ...
 
     def forward(

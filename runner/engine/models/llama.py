@@ -19,7 +19,7 @@ from runner.engine.layers.fp8 import Fp8Linear
 from runner.engine.layers.linear import DenseLinear, GatedMLP, fused_linear, load
 from runner.engine.layers.ops import ops_for
 from runner.engine.layers.rope import rope_tables
-from runner.engine.models.base import ModelShape
+from runner.engine.models.base import MLP, ModelShape
 
 
 def llama_shape(config) -> ModelShape:
@@ -58,7 +58,7 @@ class _Layer:
     k_norm: torch.Tensor | None
     o: DenseLinear | Fp8Linear  # [hidden, H D]
     ln_mlp: torch.Tensor
-    mlp: GatedMLP
+    mlp: MLP  # GatedMLP, or SparseMoE in the MoE families
 
 
 class PagedLlama:
@@ -69,6 +69,7 @@ class PagedLlama:
     def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
         """Copy `hf_model`'s weights; `fp8`: quantize the decoder's linear weights (fp8 ones stay)."""
         config = hf_model.config
+        self.fp8 = fp8
         self.shape = llama_shape(config)
         s = self.shape
 
@@ -91,13 +92,29 @@ class PagedLlama:
                     k_norm=w(att.k_norm.weight) if qk_norm else None,
                     o=fused_linear([att.o_proj], device, dtype, fp8),
                     ln_mlp=w(layer.post_attention_layernorm.weight),
-                    mlp=GatedMLP.from_hf(layer.mlp, device, dtype, fp8),
+                    mlp=self.mlp_of(layer, config, device, dtype),
                 )
             )
         self.cos, self.sin = rope_tables(inner.rotary_emb, s.max_model_len, device, dtype)  # [L, D]
         self.scale = s.head_dim**-0.5
         self.device, self.dtype = device, dtype
         self.ops = ops_for(device)
+
+    def activation_width(self) -> int:
+        """Activation elements per token live in a forward: the residual stream and norms, q/k/v and
+        attention output, and the widest layer's MLP (dense or MoE)."""
+        s = self.shape
+        qkv_width = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+        return 4 * s.hidden + 2 * qkv_width + max(layer.mlp.activation_width() for layer in self.layers)
+
+    def project_qkv(self, x: torch.Tensor, index: int, layer: _Layer) -> torch.Tensor:
+        """q, k, v of layer `index` side by side: [T, hidden] -> [T, (H + 2 Hkv) D]."""
+        return layer.qkv(x)
+
+    def mlp_of(self, layer, config, device: torch.device, dtype: torch.dtype):
+        """The MLP of a transformers decoder layer: gated here (fp8 with `self.fp8`); a sparse MoE in the
+        MoE families (their experts stay in the model dtype)."""
+        return GatedMLP.from_hf(layer.mlp, device, dtype, self.fp8)
 
     @torch.inference_mode()
     def forward(
@@ -116,7 +133,7 @@ class PagedLlama:
         delta = None  # the last layer's MLP output, not yet added to h
         for i, layer in enumerate(self.layers):
             x = ops.add_rms_norm(h, delta, layer.ln_attn, s.eps)
-            qkv = layer.qkv(x)  # [T, (H + 2 Hkv) D]
+            qkv = self.project_qkv(x, i, layer)  # [T, (H + 2 Hkv) D]
             q = ops.rope_store(
                 qkv, cos, sin, kv_cache[i, 0], kv_cache[i, 1], batch.slot_mapping,
                 s.num_heads, layer.q_norm, layer.k_norm, s.eps,

@@ -49,11 +49,36 @@ def test_a_kv_cache_too_small_for_one_sequence_is_refused_with_the_numbers(monke
 
 
 def engine_workspace(max_seqs: int) -> int:
-    return step_workspace_bytes(8192, max_seqs, 64, 128, 128, 256, 4, cuda_graphs=True)
+    width = 4 * 64 + 2 * 128 + 3 * 128  # residual and norms, q/k/v [(4 + 2 x 2) x 16], gate/up + act
+    return step_workspace_bytes(8192, max_seqs, width, 256, 4, cuda_graphs=True)
+
+
+def test_the_model_reports_its_activation_width(model):
+    engine = Engine(model, EngineConfig(device="cpu", kv_cache_tokens=512))
+    assert engine.model.activation_width() == 4 * 64 + 2 * 128 + 3 * 128
 
 
 def test_the_workspace_grows_with_max_seqs_and_the_vocabulary():
     """The 8B shape (vocab 128256) in bf16: sampling buffers of 1024 rows take GiBs, twice with graphs."""
-    w = {s: step_workspace_bytes(8192, s, 4096, 6144, 14336, 128256, 2, True) for s in (512, 1024, 2048)}
+    width = 4 * 4096 + 2 * 6144 + 3 * 14336
+    w = {s: step_workspace_bytes(8192, s, width, 128256, 2, True) for s in (512, 1024, 2048)}
     assert 8 * GIB < w[512] < w[1024] < w[2048]
     assert w[2048] - w[1024] == 2 * 1024 * 128256 * 64
+
+
+def test_an_moe_workspace_counts_the_routed_experts_and_the_shared_one(monkeypatch):
+    """Qwen2-MoE: 4 experts of width 48, top 2, a shared expert of width 80 (and its 1-wide gate)."""
+    from transformers import Qwen2MoeConfig
+
+    from tests.engine.conftest import COMMON
+
+    config = Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                            shared_expert_intermediate_size=80)  # fmt: skip
+    free = 100 * 2**20
+    engine = engine_with_free_memory(monkeypatch, tiny_model(config), free=free, max_seqs=64)
+    moe = 4 + 2 * (3 * 48 + 64) + 3 * 80 + 1  # router logits, per pair gate/up + act + output, shared
+    width = 4 * 64 + 2 * 128 + moe
+    assert engine.model.activation_width() == width
+    page_bytes = 2 * 2 * 16 * 2 * 16 * 4
+    workspace = step_workspace_bytes(8192, 64, width, 256, 4, cuda_graphs=True)
+    assert engine.kv.num_pages == (int(free * 0.85) - workspace) // page_bytes

@@ -14,7 +14,16 @@ from tests.engine.conftest import COMMON, CONFIGS
 def test_llama_family_types_map_to_the_llama_file():
     for kind in ("llama", "mistral", "qwen2", "qwen3"):
         assert family(CONFIGS[kind]()) is PagedLlama
-    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3"}
+    assert {k for k, v in FAMILIES.items() if v is PagedLlama} == {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def test_moe_types_map_to_their_files():
+    from runner.engine.models import mixtral, olmoe, qwen2_moe, qwen3_moe
+
+    expected = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "mixtral": mixtral, "olmoe": olmoe}
+    for kind, module in expected.items():
+        assert FAMILIES[kind].__module__ == module.__name__
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", *expected}
 
 
 def test_shape_is_read_from_the_config():
@@ -31,7 +40,8 @@ def test_shape_is_read_from_the_config():
     [
         (
             GPT2Config(n_layer=1),
-            r"model_type 'gpt2' is not in the fast path \(llama, mistral, qwen2, qwen3\)",
+            r"model_type 'gpt2' is not in the fast path \(llama, mistral, qwen2, qwen3, qwen2_moe, "
+            r"qwen3_moe, mixtral, olmoe\)",
         ),
         (LlamaConfig(**COMMON, hidden_act="gelu"), "hidden_act 'gelu'"),
         (LlamaConfig(**COMMON, mlp_bias=True), "mlp_bias=True"),
