@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +15,16 @@ import pytest
 import yaml
 
 from tests.helpers import save_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _root_log_level():
+    """The CLI's -v/-q set the root logger's level; a test that runs it in-process must not change what
+    later tests' caplog sees."""
+    level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(level)
+
 
 WORDS = [
     "the",

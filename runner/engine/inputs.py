@@ -176,7 +176,8 @@ class Staging:
         words = layout_words(layout)
         turn = self._turn
         self._turn ^= 1
-        if self._host[turn].numel() < words:
+        grown = self._host[turn].numel() < words
+        if grown:
             size = max(words, 2 * self._host[turn].numel())
             self._host[turn] = torch.empty(size, dtype=torch.int64, pin_memory=self.cuda)
             if self.cuda:
@@ -185,8 +186,13 @@ class Staging:
         if not self.cuda:
             return self._host[turn][:words], layout
         dev = self._dev[turn][:words]
+        compute = torch.cuda.current_stream(self.device)
+        if grown:
+            # the allocator may hand the new buffer memory that kernels still queued on the compute
+            # stream (the step in flight) use: the copy stream must not write it before they ran
+            self._stream.wait_stream(compute)
         with torch.cuda.stream(self._stream):
             dev.copy_(self._host[turn][:words], non_blocking=True)
             self._copied[turn].record(self._stream)
-        torch.cuda.current_stream(self.device).wait_event(self._copied[turn])
+        compute.wait_event(self._copied[turn])
         return dev, layout

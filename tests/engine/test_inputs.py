@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from runner.engine.inputs import build_inputs, layout_of
+import numpy as np
+import pytest
+import torch
+
+from runner.engine.inputs import Staging, build_inputs, layout_of
 from runner.engine.kv import PageTable
 from runner.engine.scheduler import ScheduledBatch
 from runner.engine.sequence import Sequence
@@ -33,3 +37,19 @@ def test_padded_decode_inputs_have_one_layout_per_bucket():
     assert x["ids"].tolist() == [7, 19, 0, 0]  # known last tokens; the device carries over the others
     assert x["table"].shape == (4, 8) and x["table"][1, :5].tolist() == [10, 11, 12, 13, 14]
     assert x["position"].tolist() == [1, 1, 0, 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grown_staging_buffer_is_not_overwritten_by_the_step_in_flight():
+    """A grown device buffer may reuse memory that a queued kernel still writes (the async engine's
+    step in flight): the copy of the next step's inputs must land after that kernel, not before."""
+    staging = Staging(torch.device("cuda"))
+    arrays = {"ids": np.arange(4096, dtype=np.int64)}
+    busy = torch.empty(4096, dtype=torch.int64, device="cuda")  # the size the staging buffer will take
+    torch.cuda._sleep(200_000_000)  # the step in flight: ~0.1 s of queued work ...
+    busy.fill_(-7)  # ... that ends writing its activations
+    del busy  # freed on the compute stream while the kernels above are still queued
+    dev, _ = staging.pack(arrays)
+    torch.cuda.synchronize()
+    assert dev.cpu().tolist() == list(range(4096))
