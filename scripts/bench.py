@@ -52,8 +52,45 @@ WORKLOADS = {
     "W70": Workload(8192, 28672, 80, 64, 8, 128, 128256, False, 256, 128, fp8_only=True),  # llama-3.1-70b
     "M1": Workload(2048, 768, 48, 32, 4, 128, 151936, False, 256, 128, experts=128, top_k=8),  # qwen3-30b-a3b
 }
-# H100 bf16 matmul rate and memory bandwidth, measured (DEVICE_NOTES.md); fp8 GEMMs: twice the bf16 rate
-FLOPS, BYTES_PER_S = 790e12, 3.0e12
+
+
+@dataclass(slots=True, frozen=True)
+class Rates:
+    """What this GPU does at best, measured in the same process as the benchmark (`measure_rates`)."""
+
+    bf16_flops: float  # dense bf16 matmul, FLOP/s
+    fp8_flops: float  # torch._scaled_mm with row-wise scales, FLOP/s
+    bytes_per_s: float  # device memory bandwidth (a large copy: bytes read + written), B/s
+
+
+def measure_rates(repeats: int = 20) -> Rates:
+    """Time a 8192^3 bf16 matmul, the same as an fp8 `_scaled_mm`, and a 4 GiB device-to-device copy."""
+
+    def rate(fn, work: float) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        end.synchronize()
+        return work * repeats / (start.elapsed_time(end) / 1e3)
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    bf16 = rate(lambda: a @ b, 2 * n**3)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+    sa = torch.ones(n, 1, device="cuda")
+    sb = torch.ones(1, n, device="cuda")
+    fp8 = rate(lambda: torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16), 2 * n**3)
+    src = torch.empty(2**29, device="cuda", dtype=torch.int64)  # 4 GiB
+    dst = torch.empty_like(src)
+    bandwidth = rate(lambda: dst.copy_(src), 2 * src.numel() * 8)
+    del a, b, a8, b8, src, dst
+    torch.cuda.empty_cache()
+    return Rates(bf16_flops=bf16, fp8_flops=fp8, bytes_per_s=bandwidth)
 
 
 @dataclass(slots=True)
@@ -141,12 +178,12 @@ def experts_touched(experts: int, top_k: int, batch: int) -> float:
     return experts * (1.0 - (1.0 - top_k / experts) ** batch)
 
 
-def t_min(name: str, prompts: list[list[int]], new: int, fp8: bool = False) -> float:
-    """Roofline time: prefill FLOPs of the active parameters at the matmul rate + every decode step's
+def t_min(name: str, prompts: list[list[int]], new: int, rates: Rates, fp8: bool = False) -> float:
+    """Roofline time: prefill FLOPs of the active parameters at the measured matmul rate + every decode step's
     weight and live-KV bytes. All prompts decode together (batch B = prompts); an MoE step reads the
     attention weights, the router and the experts touched by B tokens (`experts_touched`).
 
-    fp8: the decoder's weights are 1 byte each and its GEMMs run at twice the bf16 rate (embeddings,
+    fp8: the decoder's weights are 1 byte each and its GEMMs run at the fp8 rate (embeddings,
     LM head and KV cache stay bf16; an MoE's experts too, so fp8 is not counted for them)."""
     w = WORKLOADS[name]
     attention = w.hidden * (w.heads + 2 * w.kv_heads) * w.head_dim + w.heads * w.head_dim * w.hidden
@@ -161,9 +198,9 @@ def t_min(name: str, prompts: list[list[int]], new: int, fp8: bool = False) -> f
     weight_bytes = (1 if fp8 else 2) * w.layers * read + 2 * embeddings
     kv_bytes_per_token = w.layers * 2 * w.kv_heads * w.head_dim * 2
     prompt_tokens = sum(len(p) for p in prompts)
-    t = 2 * w.layers * active * prompt_tokens / (FLOPS * (2 if fp8 else 1))
+    t = 2 * w.layers * active * prompt_tokens / (rates.fp8_flops if fp8 else rates.bf16_flops)
     for step in range(new):
-        t += (weight_bytes + (prompt_tokens + step * len(prompts)) * kv_bytes_per_token) / BYTES_PER_S
+        t += (weight_bytes + (prompt_tokens + step * len(prompts)) * kv_bytes_per_token) / rates.bytes_per_s
     return t
 
 
@@ -245,7 +282,8 @@ def run_hf(model, prompts: list[list[int]], new: int, async_mode: bool) -> tuple
 
 
 def bench(
-    name: str, backend: str, model, prompts: list[list[int]], new: int, engine: dict, temperature: float = 0.0
+    name: str, backend: str, model, prompts: list[list[int]], new: int, engine: dict, rates: Rates,
+    temperature: float = 0.0,
 ) -> Result:
     if backend.startswith("batchrun"):
         run = lambda: run_batchrun(model, prompts, new, backend, engine, temperature)
@@ -261,7 +299,7 @@ def bench(
     with BusySampler() as busy:
         generated, stats = run()
     wall = time.perf_counter() - t0
-    floor = t_min(name, prompts, new, fp8)
+    floor = t_min(name, prompts, new, rates, fp8)
     peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     gc.collect()  # the backend's objects (engine, transformers' manager and cache) are gone now
     torch.cuda.empty_cache()
@@ -294,6 +332,12 @@ def main() -> None:
     args = ap.parse_args()
     engine = {k: v for k, v in (("max_seqs", args.max_seqs), ("max_batch_tokens", args.max_batch_tokens),
               ("page_size", args.page_size)) if v is not None}  # fmt: skip
+    rates = measure_rates()
+    print(
+        f"measured: bf16 matmul {rates.bf16_flops / 1e12:.0f} TFLOP/s, fp8 {rates.fp8_flops / 1e12:.0f} TFLOP/s, "
+        f"memory {rates.bytes_per_s / 1e12:.2f} TB/s",
+        flush=True,
+    )
     results = []
     for name in args.workloads.split(","):
         model = build_model(name, positions=args.positions)
@@ -303,7 +347,7 @@ def main() -> None:
             if WORKLOADS[name].fp8_only and not backend.startswith("batchrun"):
                 print(f"{name}: {backend} skipped (its bf16 weights would not fit; only batchrun runs fp8)")
                 continue
-            r = bench(name, backend, model, prompts, new, engine, args.temperature)
+            r = bench(name, backend, model, prompts, new, engine, rates, args.temperature)
             print(json.dumps(asdict(r)), flush=True)
             results.append(r)
         del model
@@ -329,7 +373,7 @@ def main() -> None:
     if args.out:
         device = torch.cuda.get_device_name()
         doc = {"command": " ".join(sys.argv), "device": device, "torch": torch.__version__,
-               "results": [asdict(r) for r in results]}  # fmt: skip
+               "rates": asdict(rates), "results": [asdict(r) for r in results]}  # fmt: skip
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=1)
 
