@@ -21,10 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
-INV_FP8_MAX = 1.0 / FP8_MAX  # scale = amax * (1 / 448): one IEEE multiply, the same in torch and Triton
-MIN_SCALE = 1e-12  # an all-zero row gets this scale instead of 0 (no division by zero)
+from runner.engine.layers.fp8_format import FP8, FP8_MAX, INV_FP8_MAX, MIN_SCALE
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

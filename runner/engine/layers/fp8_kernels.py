@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runner.engine.layers.fp8 import FP8, FP8_MAX, INV_FP8_MAX, MIN_SCALE
+from runner.engine.layers.fp8_format import FP8, FP8_MAX, INV_FP8_MAX, MIN_SCALE
 
 
 @triton.jit
