@@ -63,6 +63,8 @@ def load_backend(
             if backend == "batchrun":
                 raise
             log.warning("the batchrun engine can't run this model (%s); using the transformers backend", e)
+            if config.quantization != "none":
+                log.warning("engine.quantization=%s: not applied by transformers", config.quantization)
     from runner.hf_backend import TransformersBackend
 
     return TransformersBackend.from_pretrained(

@@ -1,10 +1,12 @@
 """Throughput benchmark: DESIGN.md's workloads through batchrun and transformers' generate_batch.
 
 Random-weight Llama-shaped bf16 models, greedy, no EOS, every request generates exactly `new`
-tokens; prompt lengths uniform in [64, 768], token ids uniform, seed 0. All backends run in the
-same process on the same model. Prints one table and writes JSON (with the command line).
+tokens; prompt lengths uniform in [64, 768] (W3: all 128), token ids uniform, seed 0. All backends
+run in the same process on the same model. Prints one table and writes JSON (with the command line).
 
     python scripts/bench.py --workloads W0 --backends batchrun,hf-sync,hf-async --out results.json
+    python scripts/bench.py --workloads W2,W3 --backends batchrun,batchrun-fp8   # bf16 vs fp8 weights
+    python scripts/bench.py --workloads W70 --backends batchrun   # Llama-3.1-70B shape, fp8, one GPU
 """
 
 from __future__ import annotations
@@ -38,15 +40,57 @@ class Workload:
     new: int
     experts: int = 0  # 0: a dense Llama; else a Qwen3-MoE with `top_k` of `experts` per token
     top_k: int = 0
+    prompt_len: tuple[int, int] = (64, 768)  # prompt lengths uniform in [lo, hi]
+    fp8_only: bool = False  # built on the meta device, fp8 weights filled layer by layer (no bf16 copy)
 
 
 WORKLOADS = {
     "W0": Workload(576, 1536, 30, 9, 3, 64, 49152, True, 512, 256),
     "W1": Workload(2048, 8192, 16, 32, 8, 64, 128256, True, 512, 256),
     "W2": Workload(4096, 14336, 32, 32, 8, 128, 128256, False, 256, 128),
+    "W3": Workload(4096, 14336, 32, 32, 8, 128, 128256, False, 4096, 128, prompt_len=(128, 128)),
+    "W70": Workload(8192, 28672, 80, 64, 8, 128, 128256, False, 256, 128, fp8_only=True),  # llama-3.1-70b
     "M1": Workload(2048, 768, 48, 32, 4, 128, 151936, False, 256, 128, experts=128, top_k=8),  # qwen3-30b-a3b
 }
-FLOPS, BYTES_PER_S = 790e12, 3.0e12  # H100 bf16 matmul rate and memory bandwidth, measured (DEVICE_NOTES.md)
+
+
+@dataclass(slots=True, frozen=True)
+class Rates:
+    """What this GPU does at best, measured in the same process as the benchmark (`measure_rates`)."""
+
+    bf16_flops: float  # dense bf16 matmul, FLOP/s
+    fp8_flops: float  # torch._scaled_mm with row-wise scales, FLOP/s
+    bytes_per_s: float  # device memory bandwidth (a large copy: bytes read + written), B/s
+
+
+def measure_rates(repeats: int = 20) -> Rates:
+    """Time a 8192^3 bf16 matmul, the same as an fp8 `_scaled_mm`, and a 4 GiB device-to-device copy."""
+
+    def rate(fn, work: float) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        end.synchronize()
+        return work * repeats / (start.elapsed_time(end) / 1e3)
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    bf16 = rate(lambda: a @ b, 2 * n**3)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+    sa = torch.ones(n, 1, device="cuda")
+    sb = torch.ones(1, n, device="cuda")
+    fp8 = rate(lambda: torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16), 2 * n**3)
+    src = torch.empty(2**29, device="cuda", dtype=torch.int64)  # 4 GiB
+    dst = torch.empty_like(src)
+    bandwidth = rate(lambda: dst.copy_(src), 2 * src.numel() * 8)
+    del a, b, a8, b8, src, dst
+    torch.cuda.empty_cache()
+    return Rates(bf16_flops=bf16, fp8_flops=fp8, bytes_per_s=bandwidth)
 
 
 @dataclass(slots=True)
@@ -74,6 +118,8 @@ def build_model(name: str, device: str = "cuda", positions: int = 4096):
         num_key_value_heads=w.kv_heads, head_dim=w.head_dim, vocab_size=w.vocab, tie_word_embeddings=w.tied,
         max_position_embeddings=positions, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )  # fmt: skip
+    if w.fp8_only:
+        return build_fp8_model(LlamaConfig(**common, intermediate_size=w.inter), torch.device(device))
     if w.experts:
         config = Qwen3MoeConfig(
             **common, intermediate_size=6144, moe_intermediate_size=w.inter, num_experts=w.experts,
@@ -88,10 +134,42 @@ def build_model(name: str, device: str = "cuda", positions: int = 4096):
     return model.eval()
 
 
+@torch.no_grad()
+def build_fp8_model(config, device: torch.device):
+    """A random model whose bf16 weights would not fit the GPU (W70: 140 GB): built on the meta device,
+    then each decoder linear gets random fp8 weights + per-channel scales straight on `device` (the form
+    a stored fp8 checkpoint loads into, see runner/engine/loader.py), one matrix at a time; embeddings,
+    LM head and norms in bf16."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from runner.engine.layers.fp8 import quantize_weight
+    from runner.engine.loader import rebuild_buffers
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    for name, module in model.named_modules():
+        for leaf, p in list(module.named_parameters(recurse=False)):
+            if isinstance(module, nn.Linear) and ".layers." in name:
+                rand = torch.randn(p.shape, device=device, dtype=torch.bfloat16).mul_(0.02)
+                wq, module.weight_scale = quantize_weight(rand)
+                module.weight = nn.Parameter(wq, requires_grad=False)
+            elif p.dim() == 1:  # norms
+                module._parameters[leaf] = nn.Parameter(torch.ones(p.shape, device=device, dtype=p.dtype))
+            else:  # embeddings, LM head
+                t = torch.randn(p.shape, device=device, dtype=p.dtype).mul_(0.02)
+                module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    rebuild_buffers(model, device)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
 def make_prompts(name: str, num: int | None) -> list[list[int]]:
     w = WORKLOADS[name]
     rng = random.Random(0)
-    return [[rng.randrange(w.vocab) for _ in range(rng.randint(64, 768))] for _ in range(num or w.prompts)]
+    lengths = [rng.randint(*w.prompt_len) for _ in range(num or w.prompts)]
+    return [[rng.randrange(w.vocab) for _ in range(n)] for n in lengths]
 
 
 def experts_touched(experts: int, top_k: int, batch: int) -> float:
@@ -100,10 +178,13 @@ def experts_touched(experts: int, top_k: int, batch: int) -> float:
     return experts * (1.0 - (1.0 - top_k / experts) ** batch)
 
 
-def t_min(name: str, prompts: list[list[int]], new: int) -> float:
-    """Roofline time: prefill FLOPs of the active parameters at the matmul rate + every decode step's
+def t_min(name: str, prompts: list[list[int]], new: int, rates: Rates, fp8: bool = False) -> float:
+    """Roofline time: prefill FLOPs of the active parameters at the measured matmul rate + every decode step's
     weight and live-KV bytes. All prompts decode together (batch B = prompts); an MoE step reads the
-    attention weights, the router and the experts touched by B tokens (`experts_touched`)."""
+    attention weights, the router and the experts touched by B tokens (`experts_touched`).
+
+    fp8: the decoder's weights are 1 byte each and its GEMMs run at the fp8 rate (embeddings,
+    LM head and KV cache stay bf16; an MoE's experts too, so fp8 is not counted for them)."""
     w = WORKLOADS[name]
     attention = w.hidden * (w.heads + 2 * w.kv_heads) * w.head_dim + w.heads * w.head_dim * w.hidden
     expert = 3 * w.hidden * w.inter
@@ -113,12 +194,13 @@ def t_min(name: str, prompts: list[list[int]], new: int) -> float:
         read = attention + w.experts * w.hidden + experts_touched(w.experts, w.top_k, len(prompts)) * expert
     else:
         active = read = attention + expert
-    weight_bytes = 2 * (w.layers * read + embeddings)
+    fp8 = fp8 and not w.experts
+    weight_bytes = (1 if fp8 else 2) * w.layers * read + 2 * embeddings
     kv_bytes_per_token = w.layers * 2 * w.kv_heads * w.head_dim * 2
     prompt_tokens = sum(len(p) for p in prompts)
-    t = 2 * w.layers * active * prompt_tokens / FLOPS
+    t = 2 * w.layers * active * prompt_tokens / (rates.fp8_flops if fp8 else rates.bf16_flops)
     for step in range(new):
-        t += (weight_bytes + (prompt_tokens + step * len(prompts)) * kv_bytes_per_token) / BYTES_PER_S
+        t += (weight_bytes + (prompt_tokens + step * len(prompts)) * kv_bytes_per_token) / rates.bytes_per_s
     return t
 
 
@@ -154,11 +236,19 @@ class BusySampler:
 
 
 def run_batchrun(
-    model, prompts: list[list[int]], new: int, async_mode: bool, engine: dict, temperature: float
+    model, prompts: list[list[int]], new: int, backend: str, engine: dict, temperature: float
 ) -> tuple[int, dict]:
+    """`backend`: batchrun[-fp8][-sync] (fp8: weights quantized at load; sync: async_mode off)."""
     from runner.engine import Engine, EngineConfig, Request, SamplingParams
 
-    engine = Engine(model, EngineConfig(device="cuda", dtype="bfloat16", async_mode=async_mode, **engine))
+    parts = backend.split("-")[1:]
+    assert set(parts) <= {"fp8", "sync"}, backend
+    quantization = "fp8" if "fp8" in parts else "none"
+    async_mode = "sync" not in parts
+    config = EngineConfig(
+        device="cuda", dtype="bfloat16", async_mode=async_mode, quantization=quantization, **engine
+    )
+    engine = Engine(model, config)
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True, temperature=temperature, top_p=0.95, seed=0)
     warm = SamplingParams(max_new_tokens=4, ignore_eos=True)
     vocab = model.config.vocab_size
@@ -192,21 +282,24 @@ def run_hf(model, prompts: list[list[int]], new: int, async_mode: bool) -> tuple
 
 
 def bench(
-    name: str, backend: str, model, prompts: list[list[int]], new: int, engine: dict, temperature: float = 0.0
+    name: str, backend: str, model, prompts: list[list[int]], new: int, engine: dict, rates: Rates,
+    temperature: float = 0.0,
 ) -> Result:
-    run = {
-        "batchrun": lambda: run_batchrun(model, prompts, new, True, engine, temperature),
-        "batchrun-sync": lambda: run_batchrun(model, prompts, new, False, engine, temperature),
-        "hf-sync": lambda: run_hf(model, prompts, new, False),
-        "hf-async": lambda: run_hf(model, prompts, new, True),
-    }[backend]
+    if backend.startswith("batchrun"):
+        run = lambda: run_batchrun(model, prompts, new, backend, engine, temperature)
+    else:
+        run = {
+            "hf-sync": lambda: run_hf(model, prompts, new, False),
+            "hf-async": lambda: run_hf(model, prompts, new, True),
+        }[backend]
+    fp8 = "fp8" in backend or WORKLOADS[name].fp8_only
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with BusySampler() as busy:
         generated, stats = run()
     wall = time.perf_counter() - t0
-    floor = t_min(name, prompts, new)
+    floor = t_min(name, prompts, new, rates, fp8)
     peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     gc.collect()  # the backend's objects (engine, transformers' manager and cache) are gone now
     torch.cuda.empty_cache()
@@ -223,7 +316,11 @@ def bench(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="W0")
-    ap.add_argument("--backends", default="batchrun,hf-sync,hf-async")
+    ap.add_argument(
+        "--backends", default="batchrun,hf-sync,hf-async",
+        help="batchrun, batchrun-sync, batchrun-fp8, batchrun-fp8-sync (fp8: weights quantized at load), "
+        "hf-sync, hf-async",
+    )  # fmt: skip
     ap.add_argument("--prompts", type=int, default=None, help="override the workload's prompt count")
     ap.add_argument("--new", type=int, default=None, help="override the workload's new tokens")
     ap.add_argument("--max-seqs", type=int, default=None, help="engine.max_seqs (default: EngineConfig's)")
@@ -235,13 +332,22 @@ def main() -> None:
     args = ap.parse_args()
     engine = {k: v for k, v in (("max_seqs", args.max_seqs), ("max_batch_tokens", args.max_batch_tokens),
               ("page_size", args.page_size)) if v is not None}  # fmt: skip
+    rates = measure_rates()
+    print(
+        f"measured: bf16 matmul {rates.bf16_flops / 1e12:.0f} TFLOP/s, fp8 {rates.fp8_flops / 1e12:.0f} TFLOP/s, "
+        f"memory {rates.bytes_per_s / 1e12:.2f} TB/s",
+        flush=True,
+    )
     results = []
     for name in args.workloads.split(","):
         model = build_model(name, positions=args.positions)
         prompts = make_prompts(name, args.prompts)
         new = args.new or WORKLOADS[name].new
         for backend in args.backends.split(","):
-            r = bench(name, backend, model, prompts, new, engine, args.temperature)
+            if WORKLOADS[name].fp8_only and not backend.startswith("batchrun"):
+                print(f"{name}: {backend} skipped (its bf16 weights would not fit; only batchrun runs fp8)")
+                continue
+            r = bench(name, backend, model, prompts, new, engine, rates, args.temperature)
             print(json.dumps(asdict(r)), flush=True)
             results.append(r)
         del model
@@ -259,10 +365,15 @@ def main() -> None:
             f"{r.workload:8} {r.backend:14} {r.tok_s:9.0f} {r.wall_s:9.2f} {r.gpu_busy_pct or 0:9.1f} "
             f"{r.roofline_fraction:9.3f} {speedup:>9}"
         )
+    by_key = {(r.workload, r.backend): r.tok_s for r in results}
+    for (workload, backend), tok_s in by_key.items():
+        bf16 = by_key.get((workload, backend.replace("-fp8", "")))
+        if "-fp8" in backend and bf16:
+            print(f"{workload}: {backend} / {backend.replace('-fp8', '')} = {tok_s / bf16:.2f}x")
     if args.out:
         device = torch.cuda.get_device_name()
         doc = {"command": " ".join(sys.argv), "device": device, "torch": torch.__version__,
-               "results": [asdict(r) for r in results]}  # fmt: skip
+               "rates": asdict(rates), "results": [asdict(r) for r in results]}  # fmt: skip
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=1)
 

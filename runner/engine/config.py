@@ -39,9 +39,14 @@ class EngineConfig:
     async_mode: bool = True  # launch step N+1 before waiting for step N (CPU: same order, no overlap)
     cuda_graphs: bool = True  # replay decode-only steps from CUDA graphs (no-op on CPU)
     max_model_len: Positive | None = None  # cap on prompt + generated tokens (default: the model's)
+    # fp8: decoder linear weights quantized to fp8 at load (per-channel scales, per-token activation
+    # scales; torch._scaled_mm on sm90+). fp8 checkpoints (quantization_config) run in fp8 either way.
+    quantization: Literal["none", "fp8"] = "none"
 
     def __post_init__(self) -> None:
         check_bounds(self, "engine")
+        if self.quantization not in ("none", "fp8"):
+            raise ValueError(f"engine.quantization={self.quantization!r}: use 'none' or 'fp8'")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:
             raise ValueError(
                 f"engine.kv_cache_tokens={self.kv_cache_tokens}: the pool needs at least one page "

@@ -16,6 +16,7 @@ from runner.engine.eos import eos_token_ids
 from runner.engine.kv import KVManager
 from runner.engine.kv.budget import MemoryPlan, check_weights_fit, kv_pool_pages, step_workspace_bytes
 from runner.engine.layers.cpu_attention import batched_attention
+from runner.engine.layers.linear import engine_weight_bytes
 from runner.engine.model_runner import LaunchedStep, ModelRunner
 from runner.engine.models import build_model, model_shape
 from runner.engine.scheduler import ScheduledBatch, Scheduler
@@ -45,14 +46,12 @@ class Engine:
         dtype = config.resolve_dtype(device)
         self.tokenizer = tokenizer
         self.max_model_len = min(shape.max_model_len, config.max_model_len or shape.max_model_len)
-        weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+        fp8 = config.quantization == "fp8"
+        weights, to_copy = engine_weight_bytes(model, device, dtype, fp8)
         memory = _device_memory(device)
         if memory is not None:
-            to_copy = sum(p.numel() for p in model.parameters() if not _already_on(p, device, dtype))
-            check_weights_fit(
-                to_copy * dtype.itemsize, *memory, str(device), str(dtype).removeprefix("torch.")
-            )
-        self.model = build_model(model, device, dtype)
+            check_weights_fit(to_copy, *memory, str(device), str(dtype).removeprefix("torch."))
+        self.model = build_model(model, device, dtype, fp8=fp8)
         num_pages = self._num_pages(shape, device, dtype, weights)
         if device.type == "cuda":
             from runner.engine.layers.paged_attention import paged_attention as attention
@@ -93,15 +92,23 @@ class Engine:
         revision: str | None = None,
         tokenizer=None,
     ) -> Engine:
-        """Load a local Hugging Face folder (or hub id, at `revision`) with transformers and build the
-        engine on it. `tokenizer`: one the caller already loaded (else it is loaded from `path` too)."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        """Load a local Hugging Face folder (or hub id, at `revision`) and build the engine on it.
+        `tokenizer`: one the caller already loaded (else it is loaded from `path` too).
+
+        fp8 checkpoints (`quantization_config`), and any safetensors folder with `quantization="fp8"`,
+        load tensor by tensor straight to the device (`loader.py`); others load with transformers.
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        from runner.engine.loader import load_hf_model
 
         config = config or EngineConfig()
-        # unsupported models fail before loading weights
-        model_shape(AutoConfig.from_pretrained(path, revision=revision))
-        dtype = config.resolve_dtype(config.resolve_device())
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+        hf_config = AutoConfig.from_pretrained(path, revision=revision)
+        model_shape(hf_config)  # unsupported models fail before loading weights
+        device = config.resolve_device()
+        dtype = config.resolve_dtype(device)
+        fp8 = config.quantization == "fp8"
+        model = load_hf_model(path, dtype, device, fp8, hf_config, revision=revision)
         if tokenizer is None:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
@@ -284,9 +291,3 @@ class Engine:
 def _device_memory(device: torch.device) -> tuple[int, int] | None:
     """(free, total) bytes of a CUDA device; None elsewhere (the CPU pool has a fixed default size)."""
     return torch.cuda.mem_get_info(device) if device.type == "cuda" else None
-
-
-def _already_on(p: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `p` is on `device` in `dtype` already (the engine then uses it without a copy)."""
-    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
-    return p.dtype == dtype and p.device.type == device.type and p.device.index == index

@@ -42,9 +42,10 @@ def model_shape(config) -> ModelShape:
     return family(config).shape_of(config)
 
 
-def build_model(hf_model, device: torch.device, dtype: torch.dtype) -> PagedModel:
-    """Our forward for a loaded transformers model, its weights copied to `device` / `dtype`."""
-    return family(hf_model.config)(hf_model, device, dtype)
+def build_model(hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> PagedModel:
+    """Our forward for a loaded transformers model, its weights copied to `device` / `dtype` (`fp8`: the
+    decoder's linear weights quantized to fp8; weights stored in fp8 stay fp8 either way)."""
+    return family(hf_model.config)(hf_model, device, dtype, fp8)
 
 
 __all__ = ["FAMILIES", "ModelShape", "PagedModel", "build_model", "family", "model_shape"]

@@ -48,8 +48,9 @@ class PagedModel(Protocol):
         the family's forward does not implement. Called before any weights are copied."""
         ...
 
-    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype) -> None:
-        """Copy the weights of a loaded transformers model to `device` / `dtype`."""
+    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
+        """Copy the weights of a loaded transformers model to `device` / `dtype`; `fp8`: quantize the
+        decoder's linear weights (weights stored in fp8 stay fp8 either way)."""
         ...
 
     def activation_width(self) -> int:

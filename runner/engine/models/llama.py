@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from runner.engine.config import UnsupportedModel
 from runner.engine.layers.attention import AttentionBatch, AttentionFn
-from runner.engine.layers.linear import GatedMLP, load
+from runner.engine.layers.fp8 import Fp8Linear
+from runner.engine.layers.linear import DenseLinear, GatedMLP, fused_linear, load
 from runner.engine.layers.ops import ops_for
 from runner.engine.layers.rope import rope_tables
 from runner.engine.models.base import MLP, ModelShape
@@ -52,11 +53,10 @@ def llama_shape(config) -> ModelShape:
 @dataclass(slots=True)
 class _Layer:
     ln_attn: torch.Tensor  # [hidden]
-    w_qkv: torch.Tensor  # [(H + 2 Hkv) D, hidden]
-    b_qkv: torch.Tensor | None
+    qkv: DenseLinear | Fp8Linear  # [(H + 2 Hkv) D, hidden], with the q/k/v biases if any
     q_norm: torch.Tensor | None  # [D] (Qwen3)
     k_norm: torch.Tensor | None
-    w_o: torch.Tensor  # [hidden, H D]
+    o: DenseLinear | Fp8Linear  # [hidden, H D]
     ln_mlp: torch.Tensor
     mlp: MLP  # GatedMLP, or SparseMoE in the MoE families
 
@@ -66,8 +66,10 @@ class PagedLlama:
 
     shape_of = staticmethod(llama_shape)
 
-    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
+        """Copy `hf_model`'s weights; `fp8`: quantize the decoder's linear weights (fp8 ones stay)."""
         config = hf_model.config
+        self.fp8 = fp8
         self.shape = llama_shape(config)
         s = self.shape
 
@@ -81,16 +83,14 @@ class PagedLlama:
         self.layers = []
         for layer in inner.layers:
             att = layer.self_attn
-            bias = [att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]
             qk_norm = getattr(att, "q_norm", None) is not None
             self.layers.append(
                 _Layer(
                     ln_attn=w(layer.input_layernorm.weight),
-                    w_qkv=w(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
-                    b_qkv=w(torch.cat(bias)) if bias[0] is not None else None,
+                    qkv=fused_linear([att.q_proj, att.k_proj, att.v_proj], device, dtype, fp8),
                     q_norm=w(att.q_norm.weight) if qk_norm else None,
                     k_norm=w(att.k_norm.weight) if qk_norm else None,
-                    w_o=w(att.o_proj.weight),
+                    o=fused_linear([att.o_proj], device, dtype, fp8),
                     ln_mlp=w(layer.post_attention_layernorm.weight),
                     mlp=self.mlp_of(layer, config, device, dtype),
                 )
@@ -109,11 +109,12 @@ class PagedLlama:
 
     def project_qkv(self, x: torch.Tensor, index: int, layer: _Layer) -> torch.Tensor:
         """q, k, v of layer `index` side by side: [T, hidden] -> [T, (H + 2 Hkv) D]."""
-        return F.linear(x, layer.w_qkv, layer.b_qkv)
+        return layer.qkv(x)
 
     def mlp_of(self, layer, config, device: torch.device, dtype: torch.dtype):
-        """The MLP of a transformers decoder layer: gated here; a sparse MoE in the MoE families."""
-        return GatedMLP.from_hf(layer.mlp, device, dtype)
+        """The MLP of a transformers decoder layer: gated here (fp8 with `self.fp8`); a sparse MoE in the
+        MoE families (their experts stay in the model dtype)."""
+        return GatedMLP.from_hf(layer.mlp, device, dtype, self.fp8)
 
     @torch.inference_mode()
     def forward(
@@ -138,7 +139,7 @@ class PagedLlama:
                 s.num_heads, layer.q_norm, layer.k_norm, s.eps,
             )  # fmt: skip
             o = attention(q, kv_cache[i, 0], kv_cache[i, 1], batch, self.scale)  # [T, H, D]
-            x = ops.add_rms_norm(h, F.linear(o.flatten(1), layer.w_o), layer.ln_mlp, s.eps)
+            x = ops.add_rms_norm(h, layer.o(o.flatten(1)), layer.ln_mlp, s.eps)
             delta = layer.mlp(x, ops)
         h = h[logits_rows] + delta[logits_rows]  # [S, hidden]
         return F.linear(ops.add_rms_norm(h, None, self.norm, s.eps), self.lm_head).float()

@@ -18,8 +18,8 @@ from runner.engine.models.llama import PagedLlama
 class PagedOlmoe(PagedLlama):
     """OLMoE over the paged KV cache."""
 
-    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(hf_model, device, dtype)
+    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
+        super().__init__(hf_model, device, dtype, fp8)
         self.clip = hf_model.config.clip_qkv
         self.qk_norms = []  # per layer: q norm [H D], k norm [Hkv D]
         for layer in self.layers:  # the loader took them as Qwen3's per-head norms: move them here

@@ -1,0 +1,130 @@
+"""FP8 (e4m3) linear layers: per-output-channel weight scales, dynamic per-token activation scales.
+
+A weight [N, K] is stored as float8_e4m3fn with one fp32 scale per output row; at every call the
+activations [T, K] are quantized per token (row amax / 448) and the product runs as
+
+    y[t, n] = sum_k (xq[t, k] * sx[t]) * (wq[n, k] * sw[n])  =  sx[t] * sw[n] * (xq @ wq.T)[t, n]
+
+- on Hopper (sm90+): `torch._scaled_mm` with row-wise scales (a = xq [T, K] row-major with scale
+  [T, 1], b = wq.t() [K, N] column-major with scale [1, N], fp32 accumulation, bf16 out); the
+  activation quantization is one Triton kernel (`fp8_kernels.py`);
+- elsewhere (the CPU, and GPUs without fp8 tensor cores): the same quantized values, dequantized to
+  fp32 and multiplied with `F.linear` — the reference the tests check, with the same loader and layout.
+
+Embeddings, norms and the LM head stay in the model dtype, and so does the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runner.engine.layers.fp8_format import FP8, FP8_MAX, INV_FP8_MAX, MIN_SCALE
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel quantization: w [N, K] -> (wq [N, K] fp8, scale [N] fp32)."""
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1) * INV_FP8_MAX).clamp(min=MIN_SCALE)  # [N]
+    return (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantization (plain torch). x: [T, K] -> (xq [T, K] fp8, scale [T, 1] fp32)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) * INV_FP8_MAX).clamp(min=MIN_SCALE)  # [T, 1]
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 values of fp8 `q` [R, C] with `scale` broadcast over rows ([R, 1]) or columns ([1, C])."""
+    return q.float() * scale
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """Whether `torch._scaled_mm` with row-wise scales runs on `device` (CUDA, compute capability 9.0+)."""
+    return (
+        device.type == "cuda"
+        and hasattr(torch, "_scaled_mm")
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+    )
+
+
+def reference_fp8_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The dequantizing path: x [T, K] quantized per token, times the dequantized weight, in fp32.
+
+    w: [N, K] fp32, the dequantized fp8 weight (`dequantize(wq, scale[N, 1])`); bias: [N] or None.
+    Returns [T, N] in x's dtype.
+    """
+    xq, x_scale = quantize_rows(x)
+    y = F.linear(dequantize(xq, x_scale), w)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _quantize_rows_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton twin of `quantize_rows` (imported on first use: Triton is only needed on CUDA)."""
+    global _quantize_rows_cuda
+    from runner.engine.layers.fp8_kernels import quantize_rows_kernel
+
+    _quantize_rows_cuda = quantize_rows_kernel
+    return quantize_rows_kernel(x)
+
+
+@dataclass(slots=True)
+class Fp8Linear:
+    """y = x @ W.T (+ bias) with W in fp8 and per-output-channel scales; called like `F.linear(x, W, b)`."""
+
+    weight: torch.Tensor  # [N, K] float8_e4m3fn, row-major
+    scale: torch.Tensor  # [1, N] fp32
+    bias: torch.Tensor | None  # [N], model dtype
+    fast: bool  # torch._scaled_mm (sm90+, aligned shapes) instead of the dequantizing reference
+    # the reference path's dequantized weight [N, K] fp32: kept on the CPU (computed once), else made
+    # per call so that a GPU without fp8 GEMMs holds only the fp8 copy
+    dequantized: torch.Tensor | None = None
+
+    @classmethod
+    def from_quantized(
+        cls, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, device: torch.device
+    ) -> Fp8Linear:
+        """From fp8 weights [N, K] and their scales ([N], [N, 1], or a single per-tensor scale)."""
+        assert wq.dtype == FP8, wq.dtype
+        n, k = wq.shape
+        scale = scale.to(device=device, dtype=torch.float32).reshape(-1)
+        scale = scale.expand(n) if scale.numel() == 1 else scale
+        assert scale.numel() == n, f"{scale.numel()} scales for {n} output channels"
+        fast = fp8_matmul_supported(device) and n % 16 == 0 and k % 16 == 0
+        lin = cls(wq.to(device).contiguous(), scale.reshape(1, n).contiguous(), bias, fast)
+        if device.type == "cpu":
+            lin.dequantized = lin.dequantize()
+        return lin
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> Fp8Linear:
+        """Quantize a high-precision weight [N, K] (on `device`, so a big matrix never sits on the host)."""
+        wq, scale = quantize_weight(w.detach().to(device))
+        return cls.from_quantized(wq, scale, bias, device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, K] -> [T, N] in x's dtype."""
+        if not self.fast:
+            w = self.dequantized if self.dequantized is not None else self.dequantize()
+            return reference_fp8_linear(x, w, self.bias)
+        xq, x_scale = _quantize_rows_cuda(x)
+        y = torch._scaled_mm(
+            xq, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=torch.bfloat16
+        )
+        if self.bias is not None:
+            y += self.bias
+        return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight's fp32 values [N, K]."""
+        return dequantize(self.weight, self.scale.reshape(-1, 1))
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() + 4 * self.scale.numel()

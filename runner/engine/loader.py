@@ -1,0 +1,142 @@
+"""Load a safetensors checkpoint tensor by tensor onto the device, with fp8 linear weights as fp8.
+
+Used by `Engine.from_pretrained` when the checkpoint is stored in fp8 (its `quantization_config`,
+see `quant_config.py`) or when `engine.quantization` is `fp8`: the transformers model is built on
+the meta device and each tensor goes straight from the file to the device, so a model never needs
+its high-precision copy in host memory (a 70B bf16 checkpoint quantizes to ~70 GB on one GPU).
+
+A linear module whose weight is fp8 carries it as `module.weight` (float8_e4m3fn [N, K]) and its
+scales as `module.weight_scale` (fp32, [N] or one per-tensor value): the same form whether the file
+stored it so or the loader quantized it (`quantize=True`: every `nn.Linear` in the decoder layers,
+per output channel; embeddings, norms and the LM head stay in `dtype`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runner.engine.config import UnsupportedModel
+from runner.engine.layers.fp8 import FP8, quantize_weight
+from runner.engine.quant_config import UNUSED_SUFFIXES, read_quantization
+
+log = logging.getLogger(__name__)
+
+
+def safetensors_files(path: str | Path) -> list[Path] | None:
+    """The checkpoint's safetensors files (sharded or not), None when the folder has none."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def load_hf_model(
+    path: str | Path, dtype: torch.dtype, device: torch.device, fp8: bool, hf_config=None, revision=None
+):
+    """The transformers model `Engine.from_pretrained` builds on: fp8 checkpoints (and any safetensors
+    checkpoint when `fp8`) through `load_checkpoint` onto `device`; others through transformers (host).
+
+    Raises UnsupportedModel for quantization schemes the fast path does not run.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = hf_config or AutoConfig.from_pretrained(path, revision=revision)
+    stored = read_quantization(hf_config)
+    if (stored or fp8) and safetensors_files(path):
+        return load_checkpoint(path, dtype, device, quantize=fp8)
+    if stored:
+        raise UnsupportedModel(
+            f"{path}: an fp8 checkpoint loads from a local folder of safetensors files (download it first)"
+        )
+    # fp8: the engine quantizes as it copies the weights
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device, quantize: bool):
+    """A transformers causal LM of the checkpoint at `path` with its tensors on `device`.
+
+    fp8-stored linear weights stay fp8 (with `weight_scale`); with `quantize`, the decoder layers'
+    high-precision linear weights are quantized to fp8 on the device as they load.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path)
+    stored = read_quantization(config)
+    config.__dict__.pop("quantization_config", None)  # we load the fp8 tensors, not transformers
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _in_layers(name)]
+    quantizable = set(linears) if quantize else set()
+    files = safetensors_files(path)
+    assert files, f"{path}: no safetensors files"  # the caller checks first
+    from safetensors import safe_open
+
+    num_fp8 = 0
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                num_fp8 += _load_tensor(model, key, f.get_tensor(key), dtype, quantizable)
+    if config.tie_word_embeddings and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    rebuild_buffers(model, device)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint has no tensor for {', '.join(missing[:5])}")
+    with contextlib.suppress(OSError):  # no generation_config.json: keep the one built from config
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    log.info("loaded %s: %d fp8 linear weights (%s)", path, num_fp8, stored.method if stored else "quantized")
+    return model.eval()
+
+
+def _in_layers(module_name: str) -> bool:
+    return ".layers." in f".{module_name}"
+
+
+def _load_tensor(model, key: str, t: torch.Tensor, dtype: torch.dtype, quantizable: set[str]) -> int:
+    """Put one checkpoint tensor into `model`; returns 1 when it made an fp8 weight."""
+    prefix, _, leaf = key.rpartition(".")
+    if key.endswith(UNUSED_SUFFIXES):
+        return 0
+    try:
+        module = model.get_submodule(prefix)
+    except AttributeError:
+        log.debug("checkpoint tensor %s has no place in the model; skipped", key)
+        return 0
+    if leaf == "weight_scale":
+        module.weight_scale = t.float()
+        return 0
+    if leaf == "weight" and t.dtype == FP8:
+        module.weight = nn.Parameter(t, requires_grad=False)
+        return 1
+    if leaf == "weight" and prefix in quantizable:
+        wq, module.weight_scale = quantize_weight(t)
+        module.weight = nn.Parameter(wq, requires_grad=False)
+        return 1
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(t.to(dtype), requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = t.to(dtype) if t.is_floating_point() else t
+    else:
+        log.debug("checkpoint tensor %s has no place in the model; skipped", key)
+    return 0
+
+
+def rebuild_buffers(model, device: torch.device) -> None:
+    """Non-persistent buffers (the rotary module's inv_freq) are not in the file: build those modules anew."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "rope_type"):
+                raise ValueError(f"module {name} has buffers that the checkpoint does not hold")
+            with torch.device(device):
+                rebuilt = type(module)(config=model.config)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, rebuilt)
