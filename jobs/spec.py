@@ -147,7 +147,9 @@ class _SamplingSection(_Section):
     def _one_grammar(self) -> _SamplingSection:
         given = [k for k in GRAMMAR_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError(f"set at most one of sampling.{', sampling.'.join(GRAMMAR_KEYS)} (got {', '.join(given)})")
+            raise ValueError(
+                f"set at most one of sampling.{', sampling.'.join(GRAMMAR_KEYS)} (got {', '.join(given)})"
+            )
         return self
 
     def params(self) -> SamplingParams:
@@ -177,8 +179,11 @@ SamplingSpec = create_model(
         seed=(int, Field(0, description="the job's seed; each row samples with one derived from it")),
         json_schema=(
             dict[str, Any] | str | None,
-            Field(None, description="the output is JSON under this schema: an inline mapping, or a path/URL "
-                  "of a .json file"),
+            Field(
+                None,
+                description="the output is JSON under this schema: an inline mapping, or a path/URL "
+                "of a .json file",
+            ),
         ),  # fmt: skip
         choice=(list[str] | None, Field(None, description="the output is exactly one of these strings")),
         overrides_column=(
@@ -199,7 +204,9 @@ class OutputSpec(_Section):
         default_factory=list, description="input columns copied to each output row"
     )
     include_token_ids: bool = Field(False, description="add a generated_token_ids column")
-    parse_json: bool = Field(False, description="add a generated_json column: the parsed output of JSON-schema rows")
+    parse_json: bool = Field(
+        False, description="add a generated_json column: the parsed output of JSON-schema rows"
+    )
     flush_rows: PositiveInt = 1000
     flush_seconds: Annotated[float, Field(gt=0)] = 60.0
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -359,7 +366,9 @@ def _load_schema(spec: JobSpec, source: str) -> JobSpec:
         with fs.open(fs_path, "r") as f:
             schema = json.load(f)
     except (OSError, ValueError) as e:
-        raise SpecError(f"{source}: sampling.json_schema: cannot read a JSON schema from {path!r} ({e})") from None
+        raise SpecError(
+            f"{source}: sampling.json_schema: cannot read a JSON schema from {path!r} ({e})"
+        ) from None
     if not isinstance(schema, dict):
         raise SpecError(f"{source}: sampling.json_schema: {path!r} must hold a JSON object")
     try:

@@ -206,7 +206,9 @@ class PromptBuilder:
         if not given:
             return {k: v for k, v in over.items() if k not in GRAMMAR_KEYS}
         if len(given) > 1:
-            raise _RowError(f"field '{col}': set at most one of {', '.join(GRAMMAR_KEYS)} (got {', '.join(given)})")
+            raise _RowError(
+                f"field '{col}': set at most one of {', '.join(GRAMMAR_KEYS)} (got {', '.join(given)})"
+            )
         kind = given[0]
         value = over[kind]
         if kind == "json_schema":

@@ -189,7 +189,9 @@ class Engine:
         """One grammar matcher per sample of `request`; ValueError naming the field if it cannot compile."""
         kind = request.sampling.grammar[0]
         if self.tokenizer is None:
-            raise ValueError(f"request {request.id!r}: sampling.{kind} needs a tokenizer (pass tokenizer=...)")
+            raise ValueError(
+                f"request {request.id!r}: sampling.{kind} needs a tokenizer (pass tokenizer=...)"
+            )
         if self._grammars is None:
             self._grammars = Grammars(self.tokenizer, self._vocab, self._eos_ids)
         try:

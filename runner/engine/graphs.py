@@ -5,8 +5,8 @@ bucket (powers of two); its packed inputs then have one fixed layout, which the 
 static buffer. The graph holds the whole step: carry-over gather of the input tokens, forward,
 sampling (greedy or not, logprobs or not: part of the key, decided on the host) and the scatter of
 the sampled tokens into the device token buffer; for a step with grammar rows ("masked") only the
-forward, whose logits are then masked and sampled outside the graph once the host has the masks. Capture warms up on padding rows only, which
-touch nothing but the spare slot and the spare KV page.
+forward, whose logits are then masked and sampled outside the graph once the host has the masks.
+Capture warms up on padding rows only, which touch nothing but the spare slot and the spare KV page.
 """
 
 from __future__ import annotations

@@ -158,7 +158,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _step(
-        self, v: dict[str, torch.Tensor], num_decodes: int, all_greedy: bool, want_logprobs: bool, masked: bool
+        self,
+        v: dict[str, torch.Tensor],
+        num_decodes: int,
+        all_greedy: bool,
+        want_logprobs: bool,
+        masked: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The device work of one step, from packed input views to sampled tokens (graph-capturable);
         `masked`: to the logits [R, V] only."""

@@ -23,7 +23,10 @@ SCHEMA = {
         "count": {"type": "integer", "minimum": 1, "maximum": 9},
         "size": {
             "type": "object",
-            "properties": {"w": {"type": "integer", "minimum": 0, "maximum": 99}, "unit": {"enum": ["cm", "in"]}},
+            "properties": {
+                "w": {"type": "integer", "minimum": 0, "maximum": 99},
+                "unit": {"enum": ["cm", "in"]},
+            },
             "required": ["w", "unit"],
             "additionalProperties": False,
         },
@@ -46,7 +49,9 @@ def model(tok):
 
 
 def _engine(model, tok, async_mode=True) -> Engine:
-    return Engine(model, EngineConfig(device="cpu", kv_cache_tokens=4096, async_mode=async_mode), tokenizer=tok)
+    return Engine(
+        model, EngineConfig(device="cpu", kv_cache_tokens=4096, async_mode=async_mode), tokenizer=tok
+    )
 
 
 def _run(engine, prompts, params):
@@ -62,7 +67,10 @@ def _prompts(tok, n):
     ("grammar", "message"),
     [
         (("json_schema", '{"type": "nope"}'), 'Unsupported type "nope"'),
-        (("json_schema", "{"), "not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+        (
+            ("json_schema", "{"),
+            "not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
         (("regex", "(ab"), "Regex parsing error at position 4: The parenthesis is not closed."),
         (("choice", ("a", "")), "give at least one non-empty choice"),
     ],

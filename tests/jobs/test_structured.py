@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (exact messages read best whole)
 """Structured output through `batchrun submit`: JSON schema, regex and choice rows on the tiny model."""
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ SCHEMA = {
         "count": {"type": "integer", "minimum": 1, "maximum": 9},
         "size": {
             "type": "object",
-            "properties": {"w": {"type": "integer", "minimum": 0, "maximum": 99}, "unit": {"enum": ["cm", "in"]}},
+            "properties": {
+                "w": {"type": "integer", "minimum": 0, "maximum": 99},
+                "unit": {"enum": ["cm", "in"]},
+            },
             "required": ["w", "unit"],
             "additionalProperties": False,
         },
@@ -32,7 +36,12 @@ SCHEMA = {
     "required": ["color", "count", "size", "tags", "name"],
     "additionalProperties": False,
 }
-OWN = {"type": "object", "properties": {"k": {"enum": ["v", "w"]}}, "required": ["k"], "additionalProperties": False}
+OWN = {
+    "type": "object",
+    "properties": {"k": {"enum": ["v", "w"]}},
+    "required": ["k"],
+    "additionalProperties": False,
+}
 REGEX = r"[0-9]{3}-[a-c]{1,4}"
 CHOICES = ["yes", "no", 'say "hi"']
 
@@ -46,11 +55,19 @@ def _present(obj: dict) -> dict:
 def test_job_with_a_schema_rows_with_their_own_grammar_and_error_rows(tmp_path: Path, tiny_model_dir: Path):
     overrides = [None, None, None, None, {"regex": REGEX}, {"choice": CHOICES}, {"json_schema": json.dumps(OWN)},
                  {"json_schema": OWN}, {"regex": "(ab"}, {"max_new_tokens": 3}, {"choice": ["a"], "regex": "b"}]  # fmt: skip
-    jsonl(tmp_path / "in/x.jsonl", *[{"id": i, "text": f"box {i} red", "over": o} for i, o in enumerate(overrides)])
+    jsonl(
+        tmp_path / "in/x.jsonl",
+        *[{"id": i, "text": f"box {i} red", "over": o} for i, o in enumerate(overrides)],
+    )
     spec = write_spec(
         tmp_path / "spec.yaml",
         tiny_model_dir,
-        sampling={"max_new_tokens": 160, "temperature": 1.0, "json_schema": SCHEMA, "overrides_column": "over"},
+        sampling={
+            "max_new_tokens": 160,
+            "temperature": 1.0,
+            "json_schema": SCHEMA,
+            "overrides_column": "over",
+        },
         output={"parse_json": True, "keep_columns": ["id"]},
         runtime={"max_error_fraction": 1.0},
     )
@@ -72,7 +89,11 @@ def test_job_with_a_schema_rows_with_their_own_grammar_and_error_rows(tmp_path: 
         "reached max_new_tokens (3) before the JSON schema could end: the output is incomplete",
         f"{tmp_path}/in/x.jsonl line 11: field 'over': set at most one of json_schema, regex, choice (got regex, choice)",
     ]
-    assert (rows[9]["generated_text"], rows[9]["generated_tokens"], rows[9]["generated_json"]) == ('{"c', 3, None)
+    assert (rows[9]["generated_text"], rows[9]["generated_tokens"], rows[9]["generated_json"]) == (
+        '{"c',
+        3,
+        None,
+    )
 
 
 def test_schema_file_beside_the_spec_and_bad_grammars_are_spec_errors(tmp_path: Path, tiny_model_dir: Path):
@@ -97,4 +118,7 @@ def test_schema_file_beside_the_spec_and_bad_grammars_are_spec_errors(tmp_path: 
     data["sampling"] = {"json_schema": "missing.json"}
     spec.write_text(yaml.safe_dump(data))
     code, _, err = cli("validate", str(spec))
-    assert code == 2 and f"{spec}: sampling.json_schema: cannot read a JSON schema from '{tmp_path}/missing.json'" in err
+    assert (
+        code == 2
+        and f"{spec}: sampling.json_schema: cannot read a JSON schema from '{tmp_path}/missing.json'" in err
+    )
