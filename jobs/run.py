@@ -121,7 +121,9 @@ def loop_settings(spec: JobSpec) -> LoopSettings:
         columns=input_columns(spec),
         max_error_fraction=rt.max_error_fraction,
         error_window_rows=rt.error_window_rows,
-        rows=OutputRows(out.keep_columns, spec.input.id_column, spec.sampling.n, out.include_token_ids),
+        rows=OutputRows(
+            out.keep_columns, spec.input.id_column, spec.sampling.n, out.include_token_ids, out.parse_json
+        ),
     )
 
 

@@ -7,6 +7,7 @@ field path and a hint, before any data is touched (`load_spec` raises `SpecError
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,7 +25,9 @@ from pydantic import (
 )
 
 from runner.engine.config import EngineConfig
+from runner.engine.grammar import GrammarError, check_grammar
 from runner.engine.types import SamplingParams
+from runner.storage import url_to_fs
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -110,15 +113,60 @@ class ModelSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="for a model URL")
 
 
+GRAMMAR_KEYS = ("json_schema", "regex", "choice")
+
+
 class _SamplingSection(_Section):
     @field_validator("stop", mode="before", check_fields=False)
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("json_schema", check_fields=False)
+    @classmethod
+    def _schema_compiles(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # a path or URL is read and checked once anchored (`_load_schema`)
+            _check(("json_schema", json.dumps(v, sort_keys=True)))
+        return v
+
+    @field_validator("regex", check_fields=False)
+    @classmethod
+    def _regex_compiles(cls, v: Any) -> Any:
+        if v is not None:
+            _check(("regex", v))
+        return v
+
+    @field_validator("choice", check_fields=False)
+    @classmethod
+    def _choice_compiles(cls, v: Any) -> Any:
+        if v is not None:
+            _check(("choice", tuple(v)))
+        return v
+
+    @model_validator(mode="after")
+    def _one_grammar(self) -> _SamplingSection:
+        given = [k for k in GRAMMAR_KEYS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"set at most one of sampling.{', sampling.'.join(GRAMMAR_KEYS)} (got {', '.join(given)})"
+            )
+        return self
+
     def params(self) -> SamplingParams:
         """The job's sampling as the engine takes it (each row's seed is derived from `seed`)."""
-        return SamplingParams(**self.model_dump(exclude={"overrides_column"}))
+        values = self.model_dump(exclude={"overrides_column"})
+        schema = values["json_schema"]
+        assert not isinstance(schema, str), "a schema path is read by parse_spec"
+        values["json_schema"] = None if schema is None else json.dumps(schema, sort_keys=True)
+        values["choice"] = tuple(values["choice"] or ())
+        return SamplingParams(**values)
+
+
+def _check(grammar) -> None:
+    try:
+        check_grammar(grammar)
+    except GrammarError as e:
+        raise ValueError(str(e)) from None
 
 
 # The engine's SamplingParams fields, with their types, defaults and bounds (runner/engine/types.py)
@@ -129,6 +177,15 @@ SamplingSpec = create_model(
         SamplingParams,
         exclude={"logprobs"},  # not offered by the job yet
         seed=(int, Field(0, description="the job's seed; each row samples with one derived from it")),
+        json_schema=(
+            dict[str, Any] | str | None,
+            Field(
+                None,
+                description="the output is JSON under this schema: an inline mapping, or a path/URL "
+                "of a .json file",
+            ),
+        ),  # fmt: skip
+        choice=(list[str] | None, Field(None, description="the output is exactly one of these strings")),
         overrides_column=(
             str | None,
             Field(
@@ -147,6 +204,9 @@ class OutputSpec(_Section):
         default_factory=list, description="input columns copied to each output row"
     )
     include_token_ids: bool = Field(False, description="add a generated_token_ids column")
+    parse_json: bool = Field(
+        False, description="add a generated_json column: the parsed output of JSON-schema rows"
+    )
     flush_rows: PositiveInt = 1000
     flush_seconds: Annotated[float, Field(gt=0)] = 60.0
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -293,7 +353,29 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
         raise SpecError(format_errors(e, source)) from None
     spec = _anchor_paths(spec, base_dir) if base_dir else spec
     _check_output_outside_input(spec, source)
-    return spec
+    return _load_schema(spec, source)
+
+
+def _load_schema(spec: JobSpec, source: str) -> JobSpec:
+    """A `sampling.json_schema` given as a path or URL, read and checked (it becomes the mapping)."""
+    path = spec.sampling.json_schema
+    if not isinstance(path, str):
+        return spec
+    try:
+        fs, fs_path = url_to_fs(path, {})
+        with fs.open(fs_path, "r") as f:
+            schema = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SpecError(
+            f"{source}: sampling.json_schema: cannot read a JSON schema from {path!r} ({e})"
+        ) from None
+    if not isinstance(schema, dict):
+        raise SpecError(f"{source}: sampling.json_schema: {path!r} must hold a JSON object")
+    try:
+        check_grammar(("json_schema", json.dumps(schema, sort_keys=True)))
+    except GrammarError as e:
+        raise SpecError(f"{source}: sampling.json_schema ({path}): {e}") from None
+    return spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"json_schema": schema})})
 
 
 def _check_output_outside_input(spec: JobSpec, source: str) -> None:
@@ -340,11 +422,15 @@ def _anchor_paths(spec: JobSpec, base: Path) -> JobSpec:
     if _is_local_relative(model_path) and (base / model_path.split("/")[0]).exists():
         model_path = str(base / model_path)
     slurm = spec.runtime.slurm.model_copy(update={"log": _anchor(spec.runtime.slurm.log, base)})
+    sampling = spec.sampling
+    if isinstance(sampling.json_schema, str):
+        sampling = sampling.model_copy(update={"json_schema": _anchor(sampling.json_schema, base)})
     return spec.model_copy(
         update={
             "input": spec.input.model_copy(update={"path": [_anchor(p, base) for p in spec.input.path]}),
             "output": spec.output.model_copy(update={"path": _anchor(spec.output.path, base)}),
             "model": spec.model.model_copy(update={"path": model_path}),
             "runtime": spec.runtime.model_copy(update={"slurm": slurm}),
+            "sampling": sampling,
         }
     )

@@ -124,6 +124,12 @@ class TransformersBackend:
         sampling = request.sampling
         if not request.prompt_ids:
             raise ValueError(f"request {request.id!r}: empty prompt")
+        if sampling.grammar is not None:
+            raise ValueError(
+                f"request {request.id!r}: sampling.{sampling.grammar[0]} (structured output) needs the "
+                "batchrun engine; the transformers backend does not constrain output "
+                "(set engine.backend: batchrun)"
+            )
         if len(request.prompt_ids) + sampling.max_new_tokens > self.max_model_len:
             raise ValueError(
                 f"request {request.id!r}: prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "

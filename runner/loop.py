@@ -8,6 +8,7 @@ generating get `DRAIN_SHARE` of the grace period to finish, and the writer commi
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,9 +40,10 @@ class OutputRows:
     id_column: str | None  # an input column copied as well
     samples: int  # samples per input row (`_sample` is added when > 1)
     include_token_ids: bool
+    parse_json: bool = False  # add `generated_json`: the parsed output of rows under a JSON schema
 
     def row(self, prep: PreparedRow, completion: Completion | None = None, error: str | None = None) -> dict:
-        """The output row of one sample of `prep`, or its error row."""
+        """The output row of one sample of `prep`, or its error row (with what was generated, if any)."""
         values = prep.values or {}
         keep = self.keep_columns
         kept = dict(values) if keep == "all" else {c: values.get(c) for c in keep}
@@ -60,16 +62,20 @@ class OutputRows:
             }
             if self.include_token_ids:
                 row["generated_token_ids"] = None
-            return row
-        row |= {
-            "generated_text": completion.text,
-            "finish_reason": completion.finish_reason,
-            "prompt_tokens": completion.prompt_tokens,
-            "generated_tokens": completion.generated_tokens,
-            "error": None,
-        }
-        if self.include_token_ids:
-            row["generated_token_ids"] = completion.token_ids
+        else:
+            row |= {
+                "generated_text": completion.text,
+                "finish_reason": "error" if error else completion.finish_reason,
+                "prompt_tokens": completion.prompt_tokens,
+                "generated_tokens": completion.generated_tokens,
+                "error": error,
+            }
+            if self.include_token_ids:
+                row["generated_token_ids"] = completion.token_ids
+        if self.parse_json:
+            ok = completion is not None and not error and prep.sampling.json_schema is not None
+            # strict=False: xgrammar lets a string with maxLength carry raw control characters
+            row["generated_json"] = json.loads(completion.text, strict=False) if ok else None
         return row
 
 
@@ -189,8 +195,12 @@ class GenerationLoop:
             elif item.error is not None:
                 self._emit(item, [self.settings.rows.row(item, error=item.error)], is_error=True)
             else:
+                try:
+                    self.backend.add(Request((item.shard, item.row), item.prompt_ids, item.sampling))
+                except ValueError as e:  # a request this backend can never run: this row's error
+                    self._emit(item, [self.settings.rows.row(item, error=str(e))], is_error=True)
+                    continue
                 self.inflight[(item.shard, item.row)] = _PendingSamples(item)
-                self.backend.add(Request((item.shard, item.row), item.prompt_ids, item.sampling))
         self.counters.inflight = self.backend.num_unfinished
 
     def _finish_sample(self, c: Completion) -> None:
@@ -199,11 +209,15 @@ class GenerationLoop:
         if len(entry.samples) < entry.prep.sampling.n:
             return
         del self.inflight[c.id]
-        rows = [self.settings.rows.row(entry.prep, entry.samples[i]) for i in range(entry.prep.sampling.n)]
-        self._emit(entry.prep, rows, is_error=False)
+        prep = entry.prep
+        samples = [entry.samples[i] for i in range(prep.sampling.n)]
+        errors = [_grammar_unfinished(prep, s) for s in samples]
+        rows = [self.settings.rows.row(prep, s, e) for s, e in zip(samples, errors, strict=True)]
+        self._emit(prep, rows, is_error=any(errors))
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
-        self.errors.add(prep.shard, rows[0]["error"] if is_error else None)  # raises before a commit
+        error = next((r["error"] for r in rows if r["error"]), None)
+        self.errors.add(prep.shard, error if is_error else None)  # raises before a commit
         if is_error:
             self.error_shards.add(prep.shard)
         self.writer.add(prep.shard, rows, nbytes=prep.nbytes)
@@ -217,3 +231,14 @@ class GenerationLoop:
 
     def _rows_of(self, shard: str) -> int:
         return next(w.total_rows - len(w.done_rows) for w in self.work if w.shard.id == shard)
+
+
+def _grammar_unfinished(prep: PreparedRow, c: Completion) -> str | None:
+    """The error of a sample that hit its length limit before its grammar could end (else None)."""
+    grammar = prep.sampling.grammar
+    if grammar is None or c.finish_reason != "length":
+        return None
+    what = {"json_schema": "the JSON schema", "regex": "the regex", "choice": "a choice"}[grammar[0]]
+    limit = prep.sampling.max_new_tokens
+    where = f"max_new_tokens ({limit})" if c.generated_tokens >= limit else "the model's length limit"
+    return f"reached {where} before {what} could end: the output is incomplete"

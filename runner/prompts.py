@@ -9,15 +9,18 @@ to stop, and `PromptTooLong` says which row.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
+from runner.engine.grammar import GrammarError, check_grammar
 from runner.engine.types import SamplingParams
 
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
-OVERRIDABLE = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop"}
+GRAMMAR_KEYS = ("json_schema", "regex", "choice")  # a row's grammar replaces the job's
+OVERRIDABLE = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", *GRAMMAR_KEYS}
 
 
 class PromptTooLong(Exception):
@@ -166,6 +169,7 @@ class PromptBuilder:
             )
         if isinstance(over.get("stop"), str):
             over = {**over, "stop": [over["stop"]]}
+        over = self._row_grammar(over)
         try:
             checked = _PARAMS.validate_python({**asdict(params), **over})
         except ValidationError as e:
@@ -189,7 +193,44 @@ class PromptBuilder:
             min_p=checked.min_p,
             seed=seed if "seed" not in over else checked.seed,
             stop=stop,
+            json_schema=checked.json_schema,
+            regex=checked.regex,
+            choice=tuple(checked.choice),
         )
+
+    def _row_grammar(self, over: dict[str, Any]) -> dict[str, Any]:
+        """Overrides with a row's grammar checked and in the engine's form (the schema as JSON text),
+        replacing the job's; unchanged when the row sets none."""
+        col = self.overrides_column
+        given = [k for k in GRAMMAR_KEYS if over.get(k) is not None]
+        if not given:
+            return {k: v for k, v in over.items() if k not in GRAMMAR_KEYS}
+        if len(given) > 1:
+            raise _RowError(
+                f"field '{col}': set at most one of {', '.join(GRAMMAR_KEYS)} (got {', '.join(given)})"
+            )
+        kind = given[0]
+        value = over[kind]
+        if kind == "json_schema":
+            if isinstance(value, str):  # JSON text, as a string column holds it
+                try:
+                    value = json.loads(value)
+                except ValueError as e:
+                    raise _RowError(f"field '{col}': json_schema: not valid JSON: {e}") from None
+            if not isinstance(value, dict):
+                raise _RowError(f"field '{col}': json_schema: must be a JSON object (a mapping)")
+            value = json.dumps(value, sort_keys=True)
+        elif kind == "choice":
+            if not isinstance(value, list | tuple) or not all(isinstance(c, str) for c in value):
+                raise _RowError(f"field '{col}': choice: must be a list of strings")
+            value = tuple(value)
+        elif not isinstance(value, str):
+            raise _RowError(f"field '{col}': regex: must be a string")
+        try:
+            check_grammar((kind, value))
+        except GrammarError as e:
+            raise _RowError(f"field '{col}': {kind}: {e}") from None
+        return {**over, "json_schema": None, "regex": None, "choice": (), kind: value}
 
     def _fit(self, prep: PreparedRow, ids: list[int], place: str) -> None:
         limit = self.max_prompt_tokens

@@ -7,6 +7,13 @@ run in the same process on the same model. Prints one table and writes JSON (wit
     python scripts/bench.py --workloads W0 --backends batchrun,hf-sync,hf-async --out results.json
     python scripts/bench.py --workloads W2,W3 --backends batchrun,batchrun-fp8   # bf16 vs fp8 weights
     python scripts/bench.py --workloads W70 --backends batchrun   # Llama-3.1-70B shape, fp8, one GPU
+    python scripts/bench.py --workloads W1 --backends batchrun,batchrun-json   # structured output
+
+`batchrun-json` runs the engine with every request under `JSON_SCHEMA` (structured output), whose
+free-text field cannot close before `new` tokens, so rows run to the end under the grammar: compare it
+with `batchrun` (same model, same prompts) and read `wait ms/step` (the engine's host wait per step)
+and `grammar_ms_per_step` (host time filling bitmasks and advancing matchers). The grammar needs a
+tokenizer of the model's vocabulary: a synthetic byte-level one (`synthetic_tokenizer`).
 """
 
 from __future__ import annotations
@@ -235,22 +242,58 @@ class BusySampler:
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
+JSON_SCHEMA = json.dumps({
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["positive", "negative", "neutral"]},
+        "score": {"type": "integer", "minimum": 0, "maximum": 100},
+        "text": {"type": "string"},  # free text: with `synthetic_tokenizer`, rows stay in it to the end
+    },
+    "required": ["label", "score", "text"],
+})  # fmt: skip
+
+
+def synthetic_tokenizer(vocab: int):
+    """A byte-level BPE tokenizer of `vocab` tokens (no download): the 256 byte symbols, random printable
+    strings of 2-8 characters, and an EOS last. The multi-character tokens hold no `"` or `\\`, so that
+    the random model can close a JSON string only with the one-byte `"` token: rows stay in the free
+    text (`rows_under_grammar` counts them) and every step is a constrained one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = pre_tokenizers.ByteLevel.alphabet()
+    table = {s: i for i, s in enumerate(sorted(symbols))}
+    printable = [c for c in symbols if c.isprintable() and c not in '"\\']
+    rng = random.Random(0)
+    while len(table) < vocab - 1:
+        table.setdefault("".join(rng.choices(printable, k=rng.randint(2, 8))), len(table))
+    table["<|eos|>"] = vocab - 1
+    core = Tokenizer(models.BPE(vocab=table, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|eos|>")
+
+
 def run_batchrun(
     model, prompts: list[list[int]], new: int, backend: str, engine: dict, temperature: float
 ) -> tuple[int, dict]:
-    """`backend`: batchrun[-fp8][-sync] (fp8: weights quantized at load; sync: async_mode off)."""
+    """`backend`: batchrun[-fp8][-json][-sync] (fp8: weights quantized at load; json: every request
+    under `JSON_SCHEMA`; sync: async_mode off)."""
     from runner.engine import Engine, EngineConfig, Request, SamplingParams
 
     parts = backend.split("-")[1:]
-    assert set(parts) <= {"fp8", "sync"}, backend
-    quantization = "fp8" if "fp8" in parts else "none"
-    async_mode = "sync" not in parts
+    assert set(parts) <= {"fp8", "json", "sync"}, backend
+    schema = JSON_SCHEMA if "json" in parts else None
+    tokenizer = synthetic_tokenizer(model.config.vocab_size) if schema else None
     config = EngineConfig(
-        device="cuda", dtype="bfloat16", async_mode=async_mode, quantization=quantization, **engine
+        device="cuda", dtype="bfloat16", async_mode="sync" not in parts,
+        quantization="fp8" if "fp8" in parts else "none", **engine,
+    )  # fmt: skip
+    engine = Engine(model, config, tokenizer=tokenizer)
+    sp = SamplingParams(
+        max_new_tokens=new, ignore_eos=True, temperature=temperature, top_p=0.95, seed=0, json_schema=schema
     )
-    engine = Engine(model, config)
-    sp = SamplingParams(max_new_tokens=new, ignore_eos=True, temperature=temperature, top_p=0.95, seed=0)
-    warm = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    warm = SamplingParams(max_new_tokens=4, ignore_eos=True, json_schema=schema)
     vocab = model.config.vocab_size
     shifted = [[(t + 1) % vocab for t in p] for p in prompts[:8]]  # no prefix of a measured prompt
     list(engine.generate(Request(-i - 1, p, warm) for i, p in enumerate(shifted)))  # compile kernels
@@ -267,6 +310,12 @@ def run_batchrun(
     stats["measured_wall_s"] = round(wall, 3)  # without the engine build and warm-up
     stats["peak_mem_gib_with_kv_pool"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     stats["kv_used_peak_gib"] = round(stats["kv_pages_used_peak"] * stats["kv_page_bytes"] / 2**30, 2)
+    stats["host_wait_ms_per_step"] = round(1e3 * stats["host_wait_s"] / stats["steps"], 3)  # warm-up included
+    stats["grammar_ms_per_step"] = round(1e3 * stats["grammar_s"] / stats["steps"], 3)
+    if schema:  # rows still inside the free-text field: {"label":"..","score":..,"text":"...
+        stats["rows_under_grammar"] = sum(
+            c.text.startswith('{"label":"') and c.text.count('"') == 9 for c in done
+        )
     engine.close()  # KV pool, graphs and their pool, buffers: the next backend gets the memory back
     return sum(len(c.token_ids) for c in done), stats
 
@@ -318,8 +367,8 @@ def main() -> None:
     ap.add_argument("--workloads", default="W0")
     ap.add_argument(
         "--backends", default="batchrun,hf-sync,hf-async",
-        help="batchrun, batchrun-sync, batchrun-fp8, batchrun-fp8-sync (fp8: weights quantized at load), "
-        "hf-sync, hf-async",
+        help="batchrun[-fp8][-json][-sync] (fp8: weights quantized at load; json: every request under a JSON "
+        "schema; sync: async off), hf-sync, hf-async",
     )  # fmt: skip
     ap.add_argument("--prompts", type=int, default=None, help="override the workload's prompt count")
     ap.add_argument("--new", type=int, default=None, help="override the workload's new tokens")
@@ -357,13 +406,14 @@ def main() -> None:
     for r in results:
         if r.backend.startswith("hf"):
             best_hf[r.workload] = max(best_hf.get(r.workload, 0.0), r.tok_s)
-    cols = ("tok/s", "wall s", "busy %", "roofline", "vs hf")
+    cols = ("tok/s", "wall s", "busy %", "roofline", "vs hf", "wait ms/step")
     print(f"\n{'workload':8} {'backend':14} " + " ".join(f"{c:>9}" for c in cols))
     for r in results:
         speedup = f"{r.tok_s / best_hf[r.workload]:.2f}x" if r.workload in best_hf else "-"
+        wait = f"{r.stats['host_wait_ms_per_step']:.2f}" if r.stats else "-"
         print(
             f"{r.workload:8} {r.backend:14} {r.tok_s:9.0f} {r.wall_s:9.2f} {r.gpu_busy_pct or 0:9.1f} "
-            f"{r.roofline_fraction:9.3f} {speedup:>9}"
+            f"{r.roofline_fraction:9.3f} {speedup:>9} {wait:>12}"
         )
     by_key = {(r.workload, r.backend): r.tok_s for r in results}
     for (workload, backend), tok_s in by_key.items():

@@ -13,6 +13,7 @@ import torch
 
 from runner.engine.config import EngineConfig
 from runner.engine.eos import eos_token_ids
+from runner.engine.grammar import GrammarError, Grammars
 from runner.engine.kv import KVManager
 from runner.engine.kv.budget import MemoryPlan, check_weights_fit, kv_pool_pages, step_workspace_bytes
 from runner.engine.layers.cpu_attention import batched_attention
@@ -35,7 +36,9 @@ class Engine:
     `add` queues requests (cheap); each `step` launches one forward over decodes and prefill chunks
     and returns the completions that finished; `generate` drives both for an iterable of requests.
     With `async_mode` a step launches forward N+1 before it waits for forward N's tokens, so the
-    host schedules while the device computes; completions then come one step later.
+    host schedules while the device computes; completions then come one step later. A step with
+    grammar rows (structured output) launches forward N+1, takes N's tokens, fills N+1's grammar
+    bitmask while the forward runs, and then launches N+1's sampling under it.
     """
 
     def __init__(self, model, config: EngineConfig | None = None, tokenizer=None) -> None:
@@ -62,7 +65,10 @@ class Engine:
         self.model_runner = ModelRunner(
             self.model, self.kv.table, num_pages, config.page_size, attention, config.cuda_graphs
         )
-        stops = StopChecker(eos_token_ids(model, tokenizer), tokenizer, self.max_model_len)
+        self._eos_ids = eos_token_ids(model, tokenizer)
+        self._vocab = shape.vocab
+        self._grammars: Grammars | None = None  # built on the first request with a grammar
+        stops = StopChecker(self._eos_ids, tokenizer, self.max_model_len)
         self.scheduler = Scheduler(self.kv, stops, config.max_batch_tokens)
         self._in_flight: deque[tuple[ScheduledBatch, LaunchedStep]] = deque()  # oldest first
         self._unreleased: list[Sequence] = []  # finished while a step that may use them is in flight
@@ -73,6 +79,7 @@ class Engine:
         self._num_unfinished = 0
         self._samples_left: dict[int, int] = {}  # request order -> samples not yet completed
         self._host_wait_s = 0.0
+        self._grammar_s = 0.0  # host time in grammar work: bitmasks and matcher updates
         self._rng = random.Random()
         log.info(
             "batchrun engine: %s on %s (%s), %d KV pages x %d tokens",
@@ -163,6 +170,7 @@ class Engine:
                 f"request {request.id!r} needs {pages} KV pages, the pool has {self.kv.num_pages}: raise "
                 f"engine.kv_cache_tokens (or kv_memory_fraction) or lower max_new_tokens"
             )
+        matchers = self._matchers(request) if sp.grammar is not None else [None] * sp.n
         seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
         seqs = [
             Sequence(
@@ -174,6 +182,7 @@ class Engine:
                 seed=seed,
                 order=self._num_added,
                 logprobs=[] if sp.logprobs else None,
+                matcher=matchers[i],
             )
             for i in range(sp.n)
         ]
@@ -183,24 +192,57 @@ class Engine:
         self._num_unfinished += 1
         self._samples_left[seqs[0].order] = sp.n
 
+    def _matchers(self, request: Request) -> list:
+        """One grammar matcher per sample of `request`; ValueError naming the field if it cannot compile."""
+        kind = request.sampling.grammar[0]
+        if self.tokenizer is None:
+            raise ValueError(
+                f"request {request.id!r}: sampling.{kind} needs a tokenizer (pass tokenizer=...)"
+            )
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self._vocab, self._eos_ids)
+        try:
+            return [self._grammars.matcher(request.sampling.grammar) for _ in range(request.sampling.n)]
+        except GrammarError as e:
+            raise ValueError(f"request {request.id!r}: sampling.{kind}: {e}") from None
+
     def step(self) -> list[Completion]:
         """Launch the next forward, take the tokens of the previous one; returns the samples that finished.
 
-        Synchronous mode takes the tokens of the forward it just launched.
+        Synchronous mode takes the tokens of the forward it just launched. A masked step (grammar rows)
+        takes every earlier step's tokens first, then fills its bitmask and launches its sampling.
         """
         batch = self.scheduler.schedule()
-        self._launch(batch)
+        masked = self._launch(batch)
+        keep = self._steps_to_keep_in_flight(batch)
         finished: list[Sequence] = []
-        while len(self._in_flight) > self._steps_to_keep_in_flight(batch):
+        while len(self._in_flight) > max(keep, masked):
             finished += self._postprocess(*self._wait_oldest())
+        if masked:
+            self._sample_masked(batch)
+            while len(self._in_flight) > keep:
+                finished += self._postprocess(*self._wait_oldest())
         return [self._complete(seq) for seq in finished]
 
-    def _launch(self, batch: ScheduledBatch) -> None:
-        """Queue `batch`'s forward on the device (returns at once)."""
-        if batch.seqs:
-            self._in_flight.append((batch, self.model_runner.launch(batch)))
-        else:
+    def _launch(self, batch: ScheduledBatch) -> bool:
+        """Queue `batch`'s forward on the device (returns at once); True if its sampling waits for a
+        grammar bitmask (`_sample_masked`)."""
+        if not batch.seqs:
             assert self._in_flight or not self.scheduler.has_work(), "scheduler stalled with work left"
+            return False
+        masked = any(batch.seqs[r].matcher is not None for r in batch.sample_rows)
+        self._in_flight.append((batch, self.model_runner.launch(batch, masked)))
+        return masked
+
+    def _sample_masked(self, batch: ScheduledBatch) -> None:
+        """Fill the bitmask of the step just launched (every earlier step's tokens are known) and queue
+        its sampling."""
+        launched = self._in_flight[-1][1]
+        t0 = time.perf_counter()
+        bitmask = self.model_runner.bitmask(launched)
+        self._grammars.fill_bitmask([batch.seqs[r] for r in batch.sample_rows], bitmask)
+        self._grammar_s += time.perf_counter() - t0
+        self.model_runner.sample(launched)
 
     def _steps_to_keep_in_flight(self, batch: ScheduledBatch) -> int:
         """Async: the step just launched runs on while the host takes the one before; sync: none."""
@@ -221,6 +263,10 @@ class Engine:
         """Apply a completed step's tokens; frees the finished sequences that no step in flight uses."""
         for seq in self._unreleased:  # finished while this step was in flight: it is done now
             self.scheduler.release(seq)
+        if self._grammars is not None:
+            t0 = time.perf_counter()
+            self._grammars.advance([batch.seqs[r] for r in batch.sample_rows], tokens)
+            self._grammar_s += time.perf_counter() - t0
         finished = self.scheduler.postprocess(batch, tokens, logprobs)
         self._unreleased = finished if self._in_flight else []
         if not self._in_flight:
@@ -247,6 +293,7 @@ class Engine:
             kv_page_size=self.kv.page_size,
             kv_page_bytes=self._page_bytes,
             host_wait_s=round(self._host_wait_s, 6),
+            grammar_s=round(self._grammar_s, 6),
             graph_steps=self._graph_steps,
             graphs_captured=len(self.model_runner.graphs or ()),
             requests_added=self._num_added,

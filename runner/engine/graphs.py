@@ -4,8 +4,9 @@ A decode step is padded to a row bucket (powers of two, then multiples of 128) a
 bucket (powers of two); its packed inputs then have one fixed layout, which the graph reads from a
 static buffer. The graph holds the whole step: carry-over gather of the input tokens, forward,
 sampling (greedy or not, logprobs or not: part of the key, decided on the host) and the scatter of
-the sampled tokens into the device token buffer. Capture warms up on padding rows only, which
-touch nothing but the spare slot and the spare KV page.
+the sampled tokens into the device token buffer; for a step with grammar rows ("masked") only the
+forward, whose logits are then masked and sampled outside the graph once the host has the masks.
+Capture warms up on padding rows only, which touch nothing but the spare slot and the spare KV page.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 
 from runner.engine.inputs import Layout, unpack
 
-StepFn = Callable[[dict[str, torch.Tensor], int, bool, bool], tuple[torch.Tensor, torch.Tensor | None]]
-GraphKey = tuple[int, int, bool, bool]  # rows, table width, all greedy, logprobs
+StepFn = Callable[[dict[str, torch.Tensor], int, bool, bool, bool], tuple[torch.Tensor, torch.Tensor | None]]
+GraphKey = tuple[int, int, bool, bool, bool]  # rows, table width, all greedy, logprobs, masked
 
 
 def row_buckets(max_rows: int) -> list[int]:
@@ -42,7 +43,8 @@ def width_bucket(width: int, max_width: int) -> int:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: torch.Tensor  # static packed inputs [words]
-    tokens: torch.Tensor  # static outputs [rows]
+    views: dict[str, torch.Tensor]  # named views of `inputs`
+    tokens: torch.Tensor  # static outputs [rows] (masked: the logits [rows, V])
     logprobs: torch.Tensor | None
 
 
@@ -57,12 +59,14 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         self._warmup = torch.cuda.Stream()  # one for every warm-up: each new stream gets a cuBLAS workspace
 
-    def key(self, num_rows: int, width: int, all_greedy: bool, want_logprobs: bool) -> GraphKey | None:
+    def key(
+        self, num_rows: int, width: int, all_greedy: bool, want_logprobs: bool, masked: bool
+    ) -> GraphKey | None:
         """The graph for a decode step of `num_rows` rows and table `width`; None if too large."""
         if num_rows > self.buckets[-1]:
             return None
         rows = next(b for b in self.buckets if b >= num_rows)
-        return rows, width_bucket(width, self.max_width), all_greedy, want_logprobs
+        return rows, width_bucket(width, self.max_width), all_greedy, want_logprobs, masked
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -75,28 +79,29 @@ class DecodeGraphs:
 
     def replay(
         self, key: GraphKey, inputs: torch.Tensor, layout: Layout, padding: Callable[[], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the step packed in `inputs`; `padding()` gives all-padding inputs for a first capture."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Run the step packed in `inputs`; `padding()` gives all-padding inputs for a first capture.
+        Returns the step's outputs and the views of the graph's static inputs."""
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = self._capture(key, padding(), layout)
         graph.inputs.copy_(inputs)
         graph.graph.replay()
-        return graph.tokens, graph.logprobs
+        return graph.tokens, graph.logprobs, graph.views
 
     def _capture(self, key: GraphKey, padding: torch.Tensor, layout: Layout) -> _Graph:
-        rows, _, all_greedy, want_logprobs = key
+        rows, _, all_greedy, want_logprobs, masked = key
         static = padding.clone()
         views = unpack(static, layout)
         side = self._warmup
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.step(views, rows, all_greedy, want_logprobs)  # compiles kernels, sets up handles
+            self.step(views, rows, all_greedy, want_logprobs, masked)  # compiles kernels, sets up handles
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with _no_gc(), torch.cuda.graph(graph, pool=self._pool):
-            tokens, logprobs = self.step(views, rows, all_greedy, want_logprobs)
-        return _Graph(graph, static, tokens, logprobs)
+            tokens, logprobs = self.step(views, rows, all_greedy, want_logprobs, masked)
+        return _Graph(graph, static, views, tokens, logprobs)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,10 @@ steps, eager otherwise) and the copy of its sampled tokens to pinned host memory
 once; `wait` blocks until those tokens are on the host. Sampled tokens also land in a device token
 buffer indexed by slot, from which the next step's decodes read their input (carry-over), so the
 engine can launch step N+1 before it waits for step N. On the CPU the same code runs synchronously.
+
+A step with grammar rows is launched `masked`: only its forward is queued, and its logits wait in
+the `LaunchedStep` until the host has filled the grammar bitmask (`bitmask`), which `sample` copies
+to the device and applies right before sampling (eager), while the forward may still be running.
 """
 
 from __future__ import annotations
@@ -19,18 +23,31 @@ from runner.engine.inputs import Staging, build_inputs, fill, layout_of, layout_
 from runner.engine.kv import PageTable
 from runner.engine.layers.attention import AttentionBatch, AttentionFn
 from runner.engine.models import PagedModel
-from runner.engine.sampling import SamplingTensors, sample
+from runner.engine.sampling import SamplingTensors, apply_token_bitmask, sample
 from runner.engine.scheduler import ScheduledBatch
 
 
 @dataclass(slots=True)
+class PendingSample:
+    """A masked step's forward output, waiting for its bitmask before it samples."""
+
+    logits: torch.Tensor  # [R, V] fp32 (R: sample rows, padding rows included)
+    views: dict[str, torch.Tensor]  # the step's packed inputs (sampling parameters, slots)
+    num_samples: int
+    all_greedy: bool
+    want_logprobs: bool
+
+
+@dataclass(slots=True)
 class LaunchedStep:
-    """A step queued on the device: its sampled tokens arrive in `tokens` (host) once `done` has fired."""
+    """A step queued on the device: its sampled tokens arrive in `tokens` (host) once `done` has fired.
+    A masked step has `pending` set (and no tokens) until `ModelRunner.sample` queues its sampling."""
 
     done: torch.cuda.Event | None  # None on the CPU: the step already ran
-    tokens: torch.Tensor  # [S] int64
+    tokens: torch.Tensor | None  # [S] int64
     logprobs: torch.Tensor | None  # [S] float32
     graphed: bool
+    pending: PendingSample | None = None
 
 
 class ModelRunner:
@@ -67,6 +84,7 @@ class ModelRunner:
         self._out = [torch.empty(rows, dtype=torch.int64, device=dev) for _ in range(2)]
         self._out_lp = [torch.empty(rows, dtype=torch.float32, device=dev) for _ in range(2)]
         self._turn = 0
+        self._bitmask = torch.empty((0, 0), dtype=torch.int32)  # host [R, words], filled by the engine
         if self.cuda:
             self._host = [torch.empty(rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self._host_lp = [torch.empty(rows, dtype=torch.float32, pin_memory=True) for _ in range(2)]
@@ -74,27 +92,54 @@ class ModelRunner:
             self._computed = [torch.cuda.Event(), torch.cuda.Event()]
             self._fetched = [torch.cuda.Event(), torch.cuda.Event()]
 
-    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
-        """Queue `batch` on the device; never waits for it."""
+    def launch(self, batch: ScheduledBatch, masked: bool = False) -> LaunchedStep:
+        """Queue `batch` on the device; never waits for it. `masked`: queue the forward only (see
+        `bitmask` and `sample`)."""
         key = None
         if self.graphs is not None and batch.num_decodes == len(batch.seqs):
             width = -(-(max(batch.starts) + 1) // self.page_size)
             params = [s.params for s in batch.seqs]
             key = self.graphs.key(
-                len(batch.seqs), width, all(p.greedy for p in params), any(p.logprobs for p in params)
+                len(batch.seqs), width, all(p.greedy for p in params), any(p.logprobs for p in params), masked
             )
         if key is None:
             inp = build_inputs(batch, self.table, self.page_size, self.spare_kv)
             flat, layout = self.staging.pack(inp.arrays)
-            tokens, logprobs = self._step(
-                unpack(flat, layout), inp.num_decodes, inp.all_greedy, inp.want_logprobs
-            )
+            views = unpack(flat, layout)
+            out, logprobs = self._step(views, inp.num_decodes, inp.all_greedy, inp.want_logprobs, masked)
         else:
             rows, width = key[:2]
             inp = build_inputs(batch, self.table, self.page_size, self.spare_kv, pad_to=rows, width=width)
             flat, layout = self.staging.pack(inp.arrays)
-            tokens, logprobs = self.graphs.replay(key, flat, layout, lambda: self._padding(rows, width))
-        return self._fetch(tokens, logprobs, inp.num_samples, key is not None)
+            out, logprobs, views = self.graphs.replay(key, flat, layout, lambda: self._padding(rows, width))
+        if masked:
+            pending = PendingSample(out, views, inp.num_samples, inp.all_greedy, inp.want_logprobs)
+            return LaunchedStep(None, None, None, key is not None, pending)
+        return self._fetch(out, logprobs, inp.num_samples, key is not None)
+
+    def bitmask(self, step: LaunchedStep) -> torch.Tensor:
+        """The host buffer [R, words] int32 for a masked step's grammar bitmask, one row per sample row
+        (padding included), for the caller to fill before `sample`. Reused by the next masked step: fill
+        it only once the step before has been waited for."""
+        assert step.pending is not None
+        rows, words = step.pending.logits.shape[0], -(-step.pending.logits.shape[1] // 32)
+        if self._bitmask.shape[0] < rows or self._bitmask.shape[1] != words:
+            size = max(rows, 2 * self._bitmask.shape[0])
+            self._bitmask = torch.empty((size, words), dtype=torch.int32, pin_memory=self.cuda)
+        return self._bitmask[:rows]
+
+    def sample(self, step: LaunchedStep) -> None:
+        """Queue a masked step's sampling under the bitmask the caller filled (`bitmask`); completes
+        `step` in place (its tokens then arrive as any step's)."""
+        p = step.pending
+        assert p is not None
+        bitmask = self._bitmask[: p.logits.shape[0]].to(p.logits.device, non_blocking=True)  # [R, words]
+        with torch.inference_mode():
+            tokens, logprobs = self._sample(
+                apply_token_bitmask(p.logits, bitmask), p.views, p.all_greedy, p.want_logprobs
+            )
+        done = self._fetch(tokens, logprobs, p.num_samples, step.graphed)
+        step.done, step.tokens, step.logprobs, step.pending = done.done, done.tokens, done.logprobs, None
 
     def wait(self, step: LaunchedStep) -> tuple[list[int], list[float] | None]:
         """Block until `step`'s sampled tokens are on the host; returns them (and their logprobs)."""
@@ -113,9 +158,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _step(
-        self, v: dict[str, torch.Tensor], num_decodes: int, all_greedy: bool, want_logprobs: bool
+        self,
+        v: dict[str, torch.Tensor],
+        num_decodes: int,
+        all_greedy: bool,
+        want_logprobs: bool,
+        masked: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The device work of one step, from packed input views to sampled tokens (graph-capturable)."""
+        """The device work of one step, from packed input views to sampled tokens (graph-capturable);
+        `masked`: to the logits [R, V] only."""
         ids = v["ids"]  # [T]
         carried = self.token_buf[v["row_slot"][:num_decodes]]  # [Bd] tokens sampled on the device
         ids = torch.cat((torch.where(ids[:num_decodes] < 0, carried, ids[:num_decodes]), ids[num_decodes:]))
@@ -131,6 +182,14 @@ class ModelRunner:
         logits = self.model.forward(
             ids, v["positions"], self.kv_cache, attn, v["logits_rows"], self.attention
         )
+        if masked:
+            return logits, None
+        return self._sample(logits, v, all_greedy, want_logprobs)
+
+    def _sample(
+        self, logits: torch.Tensor, v: dict[str, torch.Tensor], all_greedy: bool, want_logprobs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sample from logits [R, V] with the step's parameters; the tokens also go to the token buffer."""
         st = SamplingTensors(
             temperature=v["temperature"],
             top_k=v["top_k"],

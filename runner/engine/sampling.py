@@ -77,3 +77,13 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, tor
     if st.want_logprobs:
         logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
     return tokens, logprobs
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Logits with the tokens a grammar forbids at -inf. logits: [B, V] fp32; bitmask: [B, W] int32,
+    bit t % 32 of word t // 32 set = token t allowed (columns past W * 32 are forbidden)."""
+    vocab = logits.shape[1]
+    cols = torch.arange(vocab, device=logits.device)  # [V]
+    words = bitmask[:, (cols // 32).clamp_max(bitmask.shape[1] - 1)]  # [B, V]
+    allowed = ((words >> (cols % 32)) & 1).bool() & (cols < bitmask.shape[1] * 32)
+    return logits.masked_fill(~allowed, float("-inf"))

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from annotated_types import Ge, Gt, Le, Lt
 
 FinishReason = Literal["stop", "length"]
+GrammarKind = Literal["json_schema", "regex", "choice"]
+Grammar = tuple[GrammarKind, "str | tuple[str, ...]"]  # (kind, source): a request's output grammar
 Positive = Annotated[int, Gt(0)]
 NonNegative = Annotated[int, Ge(0)]
 
@@ -35,10 +37,23 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
     n: Positive = 1  # samples per prompt, sharing the prompt's KV pages
     logprobs: bool = False  # return the log-probability of each sampled token
+    # structured output, at most one of the three (runner/engine/grammar.py); EOS only where it may end
+    json_schema: str | None = None  # a JSON schema, as JSON text
+    regex: str | None = None  # the output matches this regular expression
+    choice: tuple[str, ...] = ()  # the output is exactly one of these strings
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def grammar(self) -> Grammar | None:
+        """The output grammar as (kind, source), or None when the output is free."""
+        if self.json_schema is not None:
+            return "json_schema", self.json_schema
+        if self.regex is not None:
+            return "regex", self.regex
+        return ("choice", self.choice) if self.choice else None
 
 
 @dataclass(slots=True)

@@ -140,7 +140,7 @@ def _section(model) -> dict[str, tuple]:
     [
         ("engine", "EngineConfig", {"backend", "max_inflight"}, set(), set()),
         # the job's seed is an integer that each row's seed derives from; logprobs are not offered yet
-        ("sampling", "SamplingParams", {"overrides_column"}, {"logprobs"}, {"seed"}),
+        ("sampling", "SamplingParams", {"overrides_column"}, {"logprobs"}, {"seed", "json_schema", "choice"}),
     ],
 )
 def test_spec_sections_agree_with_the_engine_field_by_field(

@@ -214,3 +214,13 @@ def test_demo_model_names_three_colors():
     assert done.finish_reason == "stop"
     assert done.token_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
     assert backend.max_model_len == 8192
+
+
+def test_a_grammar_is_refused_with_the_way_out(backend):
+    with pytest.raises(ValueError) as e:
+        backend.add(Request("r", [5, 6], SamplingParams(regex="[a-z]+")))
+    assert str(e.value) == (
+        "request 'r': sampling.regex (structured output) needs the batchrun engine; the transformers "
+        "backend does not constrain output (set engine.backend: batchrun)"
+    )
+    assert backend.num_unfinished == 0

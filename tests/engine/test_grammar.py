@@ -1,0 +1,139 @@
+"""Structured output in the engine: grammar checks, the bitmask, and constrained generation end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from runner.engine import Engine, EngineConfig, Request, SamplingParams
+from runner.engine.grammar import GrammarError, check_grammar
+from runner.engine.sampling import apply_token_bitmask
+from tests.helpers import tiny_llama, tiny_tokenizer
+
+pytest.importorskip("xgrammar")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 1, "maximum": 9},
+        "size": {
+            "type": "object",
+            "properties": {
+                "w": {"type": "integer", "minimum": 0, "maximum": 99},
+                "unit": {"enum": ["cm", "in"]},
+            },
+            "required": ["w", "unit"],
+            "additionalProperties": False,
+        },
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+        "name": {"type": "string", "maxLength": 6},
+    },
+    "required": ["color", "count", "size", "tags", "name"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_llama(tok)
+
+
+def _engine(model, tok, async_mode=True) -> Engine:
+    return Engine(
+        model, EngineConfig(device="cpu", kv_cache_tokens=4096, async_mode=async_mode), tokenizer=tok
+    )
+
+
+def _run(engine, prompts, params):
+    out = list(engine.generate(Request(i, p, params) for i, p in enumerate(prompts)))
+    return sorted(out, key=lambda c: c.id)
+
+
+def _prompts(tok, n):
+    return [tok(f"Row {i}: describe a box.")["input_ids"] for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("grammar", "message"),
+    [
+        (("json_schema", '{"type": "nope"}'), 'Unsupported type "nope"'),
+        (
+            ("json_schema", "{"),
+            "not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
+        (("regex", "(ab"), "Regex parsing error at position 4: The parenthesis is not closed."),
+        (("choice", ("a", "")), "give at least one non-empty choice"),
+    ],
+)
+def test_check_grammar_says_what_is_wrong(grammar, message):
+    with pytest.raises(GrammarError) as e:
+        check_grammar(grammar)
+    assert str(e.value) == message
+
+
+def test_apply_token_bitmask_keeps_exactly_the_allowed_tokens():
+    logits = torch.zeros(2, 40)
+    bitmask = torch.tensor([[0b101, 0], [-1, 0b1]], dtype=torch.int32)  # [2, 2 words]: 64 >= 40 tokens
+    out = apply_token_bitmask(logits, bitmask)
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [0, 2]
+    assert torch.isfinite(out[1]).nonzero().flatten().tolist() == list(range(33))
+
+
+def test_every_json_row_validates_and_ends_with_eos(model, tok):
+    engine = _engine(model, tok)
+    params = SamplingParams(max_new_tokens=120, temperature=1.0, seed=3, json_schema=json.dumps(SCHEMA))
+    out = _run(engine, _prompts(tok, 6), params)
+    assert [c.finish_reason for c in out] == ["stop"] * 6
+    for c in out:
+        # strict=False: xgrammar lets a string with maxLength carry raw control characters
+        jsonschema.validate(json.loads(c.text, strict=False), SCHEMA)
+        assert c.token_ids[-1] == tok.eos_token_id  # EOS came only once the grammar could end
+    assert engine.stats()["grammar_s"] > 0
+
+
+def test_regex_and_choice_rows_match_beside_free_rows(model, tok):
+    engine = _engine(model, tok)
+    prompts = _prompts(tok, 6)
+    kinds = [
+        SamplingParams(max_new_tokens=30, temperature=1.0, seed=1, regex=r"[0-9]{3}-[a-c]+"),
+        SamplingParams(max_new_tokens=30, temperature=1.0, seed=2, choice=("red", "green", 'say "hi"')),
+        SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, ignore_eos=True),  # no grammar
+    ]
+    out = list(engine.generate(Request(i, p, kinds[i % 3]) for i, p in enumerate(prompts)))
+    out.sort(key=lambda c: c.id)
+    for c in out[0::3]:
+        assert c.finish_reason == "stop" and re.fullmatch(r"[0-9]{3}-[a-c]+", c.text), c.text
+    for c in out[1::3]:
+        assert c.finish_reason == "stop" and c.text in ("red", "green", 'say "hi"'), c.text
+    assert [c.generated_tokens for c in out[2::3]] == [8, 8]
+
+
+def test_async_and_sync_give_the_same_constrained_tokens(model, tok):
+    params = SamplingParams(max_new_tokens=60, temperature=0.8, seed=5, json_schema=json.dumps(SCHEMA), n=2)
+    prompts = _prompts(tok, 3)
+    a = _run(_engine(model, tok, async_mode=True), prompts, params)
+    s = _run(_engine(model, tok, async_mode=False), prompts, params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in s]
+
+
+def test_length_before_the_grammar_ends(model, tok):
+    schema = {"type": "object", "properties": {"t": {"type": "string", "minLength": 40}}, "required": ["t"]}
+    params = SamplingParams(max_new_tokens=5, json_schema=json.dumps(schema))
+    (c,) = _run(_engine(model, tok), _prompts(tok, 1), params)
+    assert (c.finish_reason, c.generated_tokens, c.text) == ("length", 5, '{"t":')
+
+
+def test_a_bad_grammar_is_refused_at_add(model, tok):
+    engine = _engine(model, tok)
+    with pytest.raises(ValueError, match=r"^request 7: sampling.regex: Regex parsing error at position 4"):
+        engine.add(Request(7, [5, 6], SamplingParams(regex="(ab")))
