@@ -75,6 +75,8 @@ class Engine:
         self._samples_left: dict[int, int] = {}  # request order -> samples not yet completed
         self._host_wait_s = 0.0
         self._rng = random.Random()
+        # start-up phases, as {phase: time.monotonic() at its end} (runner/phases.py reads them)
+        self.startup: dict[str, float] = {"engine_build": time.monotonic()}
         log.info(
             "batchrun engine: %s on %s (%s), %d KV pages x %d tokens",
             model.config.model_type,
@@ -100,14 +102,22 @@ class Engine:
         config = config or EngineConfig()
         # unsupported models fail before loading weights
         model_shape(AutoConfig.from_pretrained(path, revision=revision))
-        dtype = config.resolve_dtype(config.resolve_device())
+        device = config.resolve_device()
+        marks = {}
+        if device.type == "cuda":
+            torch.zeros(1, device=device)  # the CUDA context: a phase of its own, not part of the load
+            marks["cuda_init"] = time.monotonic()
+        dtype = config.resolve_dtype(device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
         if tokenizer is None:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
             except (OSError, ValueError):
                 log.warning("no tokenizer in %s: completions will carry token ids only", path)
-        return cls(model, config, tokenizer)
+        marks["model_load"] = time.monotonic()
+        engine = cls(model, config, tokenizer)
+        engine.startup = marks | engine.startup
+        return engine
 
     def _num_pages(self, shape, device: torch.device, dtype: torch.dtype, weights: int) -> int:
         # after build_model: the model reports its activations (MoE experts included)
@@ -205,6 +215,7 @@ class Engine:
         t0 = time.perf_counter()
         tokens, logprobs = self.model_runner.wait(launched)
         self._host_wait_s += time.perf_counter() - t0
+        self.startup.setdefault("first_token", time.monotonic())
         self._graph_steps += launched.graphed
         return batch, tokens, logprobs
 
