@@ -23,6 +23,7 @@ from runner.cpu_threads import configure_cpu_threads, cuda_available
 from runner.error_budget import ErrorBudgetExceeded
 from runner.loop import GenerationLoop, LoopSettings, OutputRows
 from runner.memory import return_freed_buffers_to_os
+from runner.model_cache import use_kernel_cache
 from runner.model_resolve import ResolvedModel, load_tokenizer, resolve_model
 from runner.monitor import Counters, Monitor, clear_heartbeat_temps
 from runner.phases import Phases
@@ -79,6 +80,7 @@ def run_job(
     if phases is None:
         phases = Phases()
         phases.done("launch")
+    log.debug("compiled kernels are kept in %s", use_kernel_cache())  # before any kernel compiles
     importlib.import_module("torch")  # here, where its time shows as a phase of its own
     phases.done("imports")
     return_freed_buffers_to_os()
