@@ -93,7 +93,17 @@ def start_up(out: Path) -> dict:
         f.stem.removeprefix("report-"): json.loads(f.read_text())["attempts"][-1].get("phases", {})
         for f in sorted((out / "_batchrun").glob("report-task*.json"))
     }
-    return {"first_token_s": round(sum(phases.values()), 2), "phases": phases, "worker_phases": workers}
+    engines = report["engine"].values() if len(workers) > 1 else [report["engine"]]  # {task-i: ...} on a node
+    graphs = {
+        "graphs_captured": sum(e.get("graphs_captured", 0) for e in engines),
+        "graph_capture_s": round(max((e.get("graph_capture_s", 0.0) for e in engines), default=0.0), 2),
+    }  # captured on first use, during generation: the time they take out of it (the slowest worker's)
+    return {
+        "first_token_s": round(sum(phases.values()), 2),
+        "phases": phases,
+        "worker_phases": workers,
+        **graphs,
+    }
 
 
 def run(work: Path, model: Path, gpus: int, new: int, engine: dict, sampling: dict, resubmit: bool) -> dict:

@@ -253,6 +253,9 @@ class Engine:
             host_wait_s=round(self._host_wait_s, 6),
             graph_steps=self._graph_steps,
             graphs_captured=len(self.model_runner.graphs or ()),
+            graph_capture_s=round(self.model_runner.graphs.capture_seconds, 3)
+            if self.model_runner.graphs
+            else 0.0,
             requests_added=self._num_added,
         )
         return out

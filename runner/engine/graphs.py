@@ -10,6 +10,7 @@ touch nothing but the spare slot and the spare KV page.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ class DecodeGraphs:
         self.buckets = row_buckets(max_rows)
         self.max_width = max_width
         self._graphs: dict[GraphKey, _Graph] = {}
+        self.capture_seconds = 0.0  # host time spent capturing (each capture syncs the device)
         self._pool = torch.cuda.graph_pool_handle()
         self._warmup = torch.cuda.Stream()  # one for every warm-up: each new stream gets a cuBLAS workspace
 
@@ -77,7 +79,9 @@ class DecodeGraphs:
         """Run the step packed in `inputs`; `padding()` gives all-padding inputs for a first capture."""
         graph = self._graphs.get(key)
         if graph is None:
+            t0 = time.perf_counter()
             graph = self._graphs[key] = self._capture(key, padding(), layout)
+            self.capture_seconds += time.perf_counter() - t0
         graph.inputs.copy_(inputs)
         graph.graph.replay()
         return graph.tokens, graph.logprobs
