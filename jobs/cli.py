@@ -96,6 +96,7 @@ def _check_output_path(spec: JobSpec, spec_path: str) -> None:
 def _run(
     spec_path: str, task_index: int | None, num_tasks: int | None, force_new_run: bool, progress: bool
 ) -> None:
+    from jobs.finished import finished_summary
     from jobs.lease import LeaseHeld
     from jobs.run import EngineFailed, JobFailed, JobInterrupted
     from jobs.workers import run_node
@@ -106,9 +107,11 @@ def _run(
     from runner.store import CheckpointError, FingerprintMismatch
 
     spec = _load(spec_path, task_index, num_tasks)
-    _preflight(spec, spec_path)
     try:
-        summary = run_node(spec, force_new_run=force_new_run, show_progress=progress)
+        summary = None if force_new_run else finished_summary(spec)  # nothing to do: no torch, no GPU
+        if summary is None:
+            _preflight(spec, spec_path)
+            summary = run_node(spec, force_new_run=force_new_run, show_progress=progress)
     except JobInterrupted as e:
         _echo_summary(e.summary.lines())
         click.echo(

@@ -25,13 +25,19 @@ def assign_shards(shards: list[Shard], task_index: int, num_tasks: int) -> list[
 def run_fingerprint(spec: JobSpec, model_fingerprint: dict[str, Any], tokenizer) -> dict[str, Any]:
     """Everything that changes what a row's output would be; a resume must match it exactly."""
     template = getattr(tokenizer, "chat_template", None) or ""
+    tokenizer_part = {
+        "vocab_size": len(tokenizer),
+        "eos_token": tokenizer.eos_token,
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16] if template else None,
+    }
+    return {**spec_fingerprint(spec, model_fingerprint), "tokenizer": tokenizer_part}
+
+
+def spec_fingerprint(spec: JobSpec, model_fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The run fingerprint less its tokenizer part: what the spec and the model's files alone decide
+    (known without loading the tokenizer, so without importing transformers or torch)."""
     return {
         "model": {**model_fingerprint, "revision": spec.model.revision},
-        "tokenizer": {
-            "vocab_size": len(tokenizer),
-            "eos_token": tokenizer.eos_token,
-            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16] if template else None,
-        },
         "prompt": spec.prompt.model_dump(mode="json"),
         "sampling": spec.sampling.model_dump(mode="json"),
         "input": spec.input.model_dump(mode="json", exclude={"storage_options"}),

@@ -9,6 +9,7 @@ job exits with `JobInterrupted`; running the same command again finishes exactly
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 
@@ -22,8 +23,10 @@ from runner.cpu_threads import configure_cpu_threads, cuda_available
 from runner.error_budget import ErrorBudgetExceeded
 from runner.loop import GenerationLoop, LoopSettings, OutputRows
 from runner.memory import return_freed_buffers_to_os
+from runner.model_cache import use_kernel_cache
 from runner.model_resolve import ResolvedModel, load_tokenizer, resolve_model
 from runner.monitor import Counters, Monitor, clear_heartbeat_temps
+from runner.phases import Phases
 from runner.progress import Summary
 from runner.prompts import PromptBuilder, PromptConfig, PromptSetupError
 from runner.signals import StopRequested
@@ -64,19 +67,28 @@ class EngineFailed(JobFailed):
         self.reason = reason
 
 
-def run_job(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True) -> Summary:
+def run_job(
+    spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True, phases: Phases | None = None
+) -> Summary:
     """Run (or resume) this task's share of the job; returns the summary, also in report.json.
 
-    Raises JobInterrupted after a stop signal, JobFailed if a shard could not be read,
-    FingerprintMismatch if the output belongs to a different run, LeaseHeld if another live job
-    is running this task on the same output.
+    `phases`: the start-up phases this process went through already (default: from its start to now,
+    as "launch"); the job adds its own. Raises JobInterrupted after a stop signal, JobFailed if a
+    shard could not be read, FingerprintMismatch if the output belongs to a different run, LeaseHeld
+    if another live job is running this task on the same output.
     """
+    if phases is None:
+        phases = Phases()
+        phases.done("launch")
+    log.debug("compiled kernels are kept in %s", use_kernel_cache())  # before any kernel compiles
+    importlib.import_module("torch")  # here, where its time shows as a phase of its own
+    phases.done("imports")
     return_freed_buffers_to_os()
     if spec.engine.device == "cpu" or not cuda_available():
         configure_cpu_threads()
     store = OutputStore.for_output(spec.output)
     with TaskLease(store.fs, store.root, spec.runtime.task_index, spec.runtime.num_tasks):
-        return _run_leased(spec, store, force_new_run, show_progress)
+        return _run_leased(spec, store, force_new_run, show_progress, phases)
 
 
 def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> tuple[ResolvedModel, object]:
@@ -127,19 +139,23 @@ def loop_settings(spec: JobSpec) -> LoopSettings:
     )
 
 
-def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_progress: bool) -> Summary:
+def _run_leased(
+    spec: JobSpec, store: OutputStore, force_new_run: bool, show_progress: bool, phases: Phases
+) -> Summary:
     started = time.monotonic()
     rt = spec.runtime
+    model, tokenizer = check_run(spec, store, force_new_run)
+    phases.done("resolve_model")
     shards = assign_shards(
         list_shards(spec.input.path, spec.input.storage_options, spec.input.format),
         rt.task_index,
         rt.num_tasks,
     )
     sweep_stale_uploads(store, [s.id for s in shards], rt.task_index, rt.num_tasks)
-    model, tokenizer = check_run(spec, store, force_new_run)
     clear_heartbeat_temps(store, rt.task_index, rt.num_tasks)
     work, done_shards, failed = plan_work(store, shards, spec.input.storage_options)
     history = TaskHistory(store, spec, shards)
+    phases.done("plan")
     counters = Counters(
         shards_owned=len(shards),
         shards_done=done_shards,
@@ -149,7 +165,9 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
         log.info("all %d shards of this task are done already; nothing to do", len(shards))
         if history.previous:  # the report of the runs that did the work stays as it is
             return summary_from_report(history.previous)
-        return _summarize(store, spec, "finished", counters, started, None, {}, {}, history=None)
+        return _summarize(
+            store, spec, "finished", counters, started, None, {}, {}, history=None, phases=phases.seconds
+        )
 
     backend = load_backend(
         model.local_path, spec.engine.backend, spec.engine.config(), spec.model.revision, tokenizer
@@ -180,9 +198,11 @@ def _run_leased(spec: JobSpec, store: OutputStore, force_new_run: bool, show_pro
     finally:
         monitor.finish(state)
         _close_backend(backend, loop.engine_error)
+    phases.add_marks(backend.startup)
     summary = _summarize(
         store, spec, state, counters, started, monitor.gpu_busy_mean(), loop.failed, engine_stats,
         history=history, started_at=monitor.started, stopped=over_budget, error_shards=loop.error_shards,
+        phases=phases.seconds,
     )  # fmt: skip
     if loop.engine_error:
         raise EngineFailed(summary, loop.engine_error)
@@ -219,6 +239,7 @@ def _summarize(
     started_at: float = 0.0,
     stopped: str | None = None,
     error_shards: set[str] | None = None,
+    phases: dict[str, float],
 ) -> Summary:
     """This attempt's summary with every earlier attempt added in, written to report.json (not for a
     run with nothing to do: `history` None)."""
@@ -238,6 +259,7 @@ def _summarize(
         failed_shards=failed,
         engine=engine_stats,
         stopped=stopped,
+        phases=phases,
     )
     if history is None:
         return summary

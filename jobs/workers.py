@@ -20,6 +20,7 @@ from tqdm import tqdm
 from jobs.run import JobFailed, JobInterrupted, check_run, run_job
 from jobs.spec import JobSpec, SpecError
 from runner.attempts import attempt_of, summary_from_report, with_history
+from runner.phases import Phases
 from runner.progress import Summary
 from runner.store import OutputStore
 
@@ -44,23 +45,30 @@ def worker_devices(gpus: str | int | list[int], visible: int) -> list[str | None
 
 def run_node(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True) -> Summary:
     """Run this task on every worker of the node (see the module docstring); same errors as run_job."""
+    phases = Phases()
+    phases.done("launch")
     import torch
 
     devices = worker_devices(spec.runtime.gpus, torch.cuda.device_count())
+    phases.done("imports")
     if len(devices) == 1:
         if devices[0] is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]
-        return run_job(spec, force_new_run=force_new_run, show_progress=show_progress)
+        return run_job(spec, force_new_run=force_new_run, show_progress=show_progress, phases=phases)
     store = OutputStore.for_output(spec.output)
-    check_run(spec, store, force_new_run)  # once, before the workers: they must not discard each other
-    return _Node(spec, store, devices).run(show_progress)
+    if force_new_run:  # once, before the workers: they must not discard each other's new progress
+        check_run(spec, store, force_new_run)
+        phases.done("resolve_model")
+    # else each worker checks the fingerprint itself, all at once (the first to find none records it)
+    return _Node(spec, store, devices, phases).run(show_progress)
 
 
 class _Node:
-    def __init__(self, spec: JobSpec, store: OutputStore, devices: list[str]):
+    def __init__(self, spec: JobSpec, store: OutputStore, devices: list[str], phases: Phases):
         self.spec = spec
         self.store = store
         self.devices = devices
+        self.phases = phases
         rt = spec.runtime
         self.total = rt.num_tasks * len(devices)
         self.tasks = [rt.task_index * len(devices) + w for w in range(len(devices))]
@@ -87,6 +95,7 @@ class _Node:
             )
             p.start()
             self.procs.append(p)
+        self.phases.done("start_workers")
         log.info(
             "started %d workers (tasks %s of %d) on devices %s",
             len(self.procs),
@@ -171,6 +180,7 @@ class _Node:
             },
             stopped="\n".join(stopped) or None,
             error_files={k: v for s in summaries for k, v in s["error_files"].items()},
+            phases=self.phases.seconds | _slowest_start(attempts),
         )
         if self.spec.runtime.num_tasks == 1:  # else the workers' own reports are the task's record
             previous = self.store.read_json("report.json")
@@ -183,6 +193,13 @@ class _Node:
         if status == "interrupted":
             raise JobInterrupted(signal.SIGTERM, summary)
         return summary
+
+
+def _slowest_start(attempts: list[dict]) -> dict[str, float]:
+    """The start-up phases of the worker that took longest to its last phase (its first token), named
+    `worker_<phase>`: the workers start together, so the node waits for that one."""
+    slowest = max((a.get("phases", {}) for a in attempts), key=lambda p: sum(p.values()), default={})
+    return {f"worker_{name}": seconds for name, seconds in slowest.items()}
 
 
 def _worker(spec_data: dict, device: str, results: mp.Queue) -> None:

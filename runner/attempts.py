@@ -1,16 +1,17 @@
 """A job's figures over all its attempts: each run of the same command adds one, none is forgotten.
 
-`report.json` holds the totals and one record per attempt. An attempt that ended (finished,
-interrupted, failed) wrote its own record; one killed outright (`kill -9`, node loss) left only its
-last heartbeat, which the next attempt folds in as a "killed" attempt. A run with nothing to do
-adds nothing and writes nothing.
+`report.json` holds the totals (start-up phases too: what the job paid for each) and one record per
+attempt. An attempt that ended (finished, interrupted, failed) wrote its own record; one killed
+outright (`kill -9`, node loss) left only its last heartbeat, which the next attempt folds in as a
+"killed" attempt. A run with nothing to do adds nothing and writes nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
+from runner.phases import summed
 from runner.progress import Summary
 
 _SUMMED = ("rows_ok", "rows_error", "prompt_tokens", "generated_tokens", "wall_seconds")
@@ -28,6 +29,7 @@ class Attempt:
     generated_tokens: int
     wall_seconds: float
     generated_tokens_per_s: float
+    phases: dict[str, float] = field(default_factory=dict)  # start-up seconds by phase (none if killed)
 
 
 def attempt_of(summary: Summary, started_at: float) -> Attempt:
@@ -41,6 +43,7 @@ def attempt_of(summary: Summary, started_at: float) -> Attempt:
         summary.generated_tokens,
         summary.wall_seconds,
         summary.generated_tokens_per_s,
+        summary.phases,
     )
 
 
@@ -80,7 +83,8 @@ def with_history(summary: Summary, this: Attempt, previous: dict | None, killed:
     totals = {k: sum(a[k] for a in attempts) for k in _SUMMED}
     totals["wall_seconds"] = round(totals["wall_seconds"], 3)
     rate = round(totals["generated_tokens"] / max(totals["wall_seconds"], 1e-9), 1)
-    return replace(summary, **totals, generated_tokens_per_s=rate, attempts=attempts)
+    phases = summed([a.get("phases", {}) for a in attempts])  # reports before phases have none
+    return replace(summary, **totals, generated_tokens_per_s=rate, phases=phases, attempts=attempts)
 
 
 def summary_from_report(report: dict) -> Summary:

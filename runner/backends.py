@@ -20,6 +20,8 @@ class Backend(Protocol):
 
     tokenizer: object  # the model's tokenizer (prompts are tokenized with it)
     max_model_len: int  # prompt + generated tokens that one request may take
+    # start-up phases so far, {phase: time.monotonic() at its end}: model_load ... first_token
+    startup: dict[str, float]
 
     @property
     def num_unfinished(self) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import threading
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class TransformersBackend:
         the cache holds 8192 tokens and batches are capped at 256 tokens."""
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.startup: dict[str, float] = {}  # {phase: time.monotonic() at its end}, as the engine's
         positions = model.config.get_text_config().max_position_embeddings
         if model.device.type == "cpu":
             self.max_model_len: int = min(positions, _CPU_KV_TOKENS)
@@ -113,6 +115,7 @@ class TransformersBackend:
         ).to(torch_device)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(local_path, revision)
         backend = cls(model, tokenizer, max_batch_tokens=max_batch_tokens)
+        backend.startup["model_load"] = time.monotonic()
         if max_model_len is not None:
             backend.max_model_len = min(backend.max_model_len, max_model_len)
         return backend

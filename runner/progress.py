@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from runner.monitor import Counters
+from runner.phases import describe
 
 
 @dataclass(slots=True)
@@ -30,7 +31,9 @@ class Summary:
     failed_workers: dict[str, str] = field(default_factory=dict)  # worker processes that died
     stopped: str | None = None  # why the job stopped early on its own (the error budget)
     error_files: dict[str, str] = field(default_factory=dict)  # shard -> where its error rows are
-    # every attempt so far (runner/attempts.py); rows, tokens and time above are their sums
+    # start-up seconds by phase (runner/phases.py): this attempt's, summed over attempts in a report
+    phases: dict[str, float] = field(default_factory=dict)
+    # every attempt so far (runner/attempts.py); rows, tokens, time and phases above are their sums
     attempts: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -51,6 +54,9 @@ class Summary:
                 f"this attempt: {a['rows_ok']} rows ok, {a['rows_error']} error rows, "
                 f"{a['generated_tokens']} tokens generated in {a['wall_seconds']:.1f} s"
             )
+        phases = self.attempts[-1].get("phases") if self.attempts else self.phases
+        if phases:
+            out.append(f"start-up{' of this attempt' if len(self.attempts) > 1 else ''}: {describe(phases)}")
         if self.error_files:
             out.append(f"error rows (with their reasons) are in: {', '.join(self.error_files.values())}")
         out += [f"shard {s} failed: {why}" for s, why in self.failed_shards.items()]

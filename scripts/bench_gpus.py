@@ -3,13 +3,17 @@
 Builds the workload's random-weight model as a local Hugging Face folder with a word-level tokenizer
 over its whole vocabulary (token i is the word "w<i>", no EOS: every row generates exactly `new`
 tokens), writes `--shards` Parquet shards of `--rows` prompts in all (lengths uniform in [64, 768]
-words, seed 0), then runs `batchrun submit` once per `--gpus` value into a fresh output. For each run
-it reports the end-to-end rate (generated tokens / wall time of the command, model load and engine
-build included) and the generation rate (generated tokens / time from the first heartbeat that saw
-a generated token, less one heartbeat interval, to the last heartbeat), and checks that every run's
-output holds the same rows as the first one's. Writes JSON.
+words, seed 0), then runs `batchrun submit` once per `--gpus` value, each into a new output folder
+(never one an earlier run of this script left: its heartbeats would be read as this run's). For
+each run it reports the end-to-end rate (generated tokens / wall time of the command, model load and
+engine build included), the generation rate (generated tokens / time from the first heartbeat that
+saw a generated token, less one heartbeat interval, to the last heartbeat), the start-up phases from
+the output's report.json (the node's, and each worker's: they should overlap, not queue) with the
+time to the first token, and checks that every run's output holds the same rows as the first one's.
+With `--resubmit`, the same command runs again on the finished output and its wall time is
+reported (a no-op resubmit: nothing to do). Writes JSON.
 
-    python scripts/bench_gpus.py --workload W1 --rows 8192 --shards 16 --gpus 1,2 --out gpus.json
+    python scripts/bench_gpus.py --workload W1 --rows 8192 --shards 16 --gpus 1,2 --resubmit --out gpus.json
 """
 
 from __future__ import annotations
@@ -58,10 +62,54 @@ def write_shards(folder: Path, vocab: int, rows: int, shards: int) -> None:
         pq.write_table(pa.table({"text": texts}), folder / f"part-{s:03d}.parquet", row_group_size=256)
 
 
-def run(work: Path, model: Path, gpus: int, new: int, engine: dict, sampling: dict) -> dict:
+def fresh_output(work: Path, gpus: int) -> Path:
+    """An output folder no run has used: `out-<gpus>gpu-<date-time>[-n]`, created here."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        out = work / f"out-{gpus}gpu-{stamp}" if n == 0 else work / f"out-{gpus}gpu-{stamp}-{n}"
+        try:
+            out.mkdir(parents=True)
+            return out
+        except FileExistsError:
+            continue
+    raise SystemExit(f"no free output folder name in {work}")
+
+
+def submit(path: Path) -> tuple[float, subprocess.CompletedProcess]:
+    """`batchrun submit` of the spec at `path` as a user runs it: its wall time and the process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", str(path), "--no-progress"],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    return time.perf_counter() - t0, proc
+
+
+def start_up(out: Path) -> dict:
+    """The run's start-up phases (report.json's last attempt), the time from the command's start to
+    its first token (their sum), and each worker's phases when there were several."""
+    report = json.loads((out / "_batchrun" / "report.json").read_text())
+    phases = report["attempts"][-1].get("phases", {})
+    workers = {
+        f.stem.removeprefix("report-"): json.loads(f.read_text())["attempts"][-1].get("phases", {})
+        for f in sorted((out / "_batchrun").glob("report-task*.json"))
+    }
+    engines = report["engine"].values() if len(workers) > 1 else [report["engine"]]  # {task-i: ...} on a node
+    graphs = {
+        "graphs_captured": sum(e.get("graphs_captured", 0) for e in engines),
+        "graph_capture_s": round(max((e.get("graph_capture_s", 0.0) for e in engines), default=0.0), 2),
+    }  # captured on first use, during generation: the time they take out of it (the slowest worker's)
+    return {
+        "first_token_s": round(sum(phases.values()), 2),
+        "phases": phases,
+        "worker_phases": workers,
+        **graphs,
+    }
+
+
+def run(work: Path, model: Path, gpus: int, new: int, engine: dict, sampling: dict, resubmit: bool) -> dict:
     """`batchrun submit` on `gpus` GPUs into a fresh output (spec sections `engine` and `sampling` added);
-    its rates and its output's row set."""
-    out = work / f"out-{gpus}gpu-{len(list(work.glob('out-*')))}"
+    its rates, start-up phases and output's row set; with `resubmit`, the no-op resubmit's wall time."""
+    out = fresh_output(work, gpus)
     spec = {
         "input": {"path": str(work / "in" / "*.parquet")},
         "prompt": {"column": "text"},
@@ -73,11 +121,7 @@ def run(work: Path, model: Path, gpus: int, new: int, engine: dict, sampling: di
     }
     path = work / f"spec-{out.name}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", str(path), "--no-progress"],
-                          capture_output=True, text=True, env=env)  # fmt: skip
-    wall = time.perf_counter() - t0
+    wall, proc = submit(path)
     if proc.returncode != 0:
         raise SystemExit(f"{gpus} GPU run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = [
@@ -95,17 +139,24 @@ def run(work: Path, model: Path, gpus: int, new: int, engine: dict, sampling: di
         for f in out.glob("*.parquet")
         for r in pq.read_table(f, columns=["_row"])["_row"].to_pylist()
     )
-    return {
+    result = {
         "gpus": gpus,
+        "output": str(out),
         "generated_tokens": generated,
         "wall_s": round(wall, 2),
         "end_to_end_tok_s": round(generated / wall, 1),
         "generation_s": round(last - first, 2),
         "generation_tok_s": round(generated / (last - first), 1),
+        **start_up(out),
         "rows": len(rows),
         "row_set": rows,
-        "summary": [x for x in (proc.stdout + proc.stderr).splitlines() if "generated tok/s" in x],
+        "summary": [x for x in (proc.stdout + proc.stderr).splitlines() if "tok/s" in x or "start-up" in x],
     }
+    if resubmit:
+        again, proc = submit(path)
+        nothing = proc.returncode == 0 and "nothing to do" in proc.stderr
+        result |= {"resubmit_wall_s": round(again, 2), "resubmit_did_nothing": nothing}
+    return result
 
 
 def main() -> None:
@@ -117,6 +168,7 @@ def main() -> None:
     ap.add_argument("--gpus", default="1,2")
     ap.add_argument("--work", default="bench-gpus", help="folder for the model, the shards and the outputs")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--resubmit", action="store_true", help="then time the same command again (a no-op)")
     ap.add_argument(
         "--engine", default="{}", help='the spec\'s engine section as JSON, e.g. {"max_seqs": 1024}'
     )
@@ -131,7 +183,7 @@ def main() -> None:
     write_shards(work / "in", WORKLOADS[args.workload].vocab, args.rows, args.shards)
     new = args.new or WORKLOADS[args.workload].new
     engine, sampling = json.loads(args.engine), json.loads(args.sampling)
-    runs = [run(work, model, int(g), new, engine, sampling) for g in args.gpus.split(",")]
+    runs = [run(work, model, int(g), new, engine, sampling, args.resubmit) for g in args.gpus.split(",")]
     base, base_rows = runs[0], runs[0]["row_set"]
     for r in runs:
         r["same_rows_as_first"] = r.pop("row_set") == base_rows

@@ -1,7 +1,24 @@
-"""batchrun's continuous-batching engine: paged KV cache, chunked prefill, device-side sampling."""
+"""batchrun's continuous-batching engine: paged KV cache, chunked prefill, device-side sampling.
 
-from runner.engine.config import EngineConfig, UnsupportedModel
-from runner.engine.engine import Engine
-from runner.engine.types import Completion, Request, SamplingParams
+The names below load on first use: `import runner.engine.config` (the job spec's settings) must not
+import torch, so that a job with nothing to do, `batchrun status` and `batchrun validate` start fast.
+"""
 
-__all__ = ["Completion", "Engine", "EngineConfig", "Request", "SamplingParams", "UnsupportedModel"]
+import importlib
+
+_HOMES = {
+    "Completion": "runner.engine.types",
+    "Engine": "runner.engine.engine",
+    "EngineConfig": "runner.engine.config",
+    "Request": "runner.engine.types",
+    "SamplingParams": "runner.engine.types",
+    "UnsupportedModel": "runner.engine.config",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'runner.engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import torch
 from annotated_types import Gt, Le
 
 from runner.engine.types import Positive, check_bounds
+
+if TYPE_CHECKING:  # torch loads when a device is resolved: the job spec reads this module without it
+    import torch
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -64,6 +66,8 @@ class EngineConfig:
 
 def resolve_device(device: str) -> torch.device:
     """`device` as a torch device: `auto` picks CUDA when it is available (shared by both backends)."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
@@ -74,6 +78,8 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     """`dtype` as a torch dtype: `auto` is bf16 on CUDA, fp32 on CPU (shared by both backends)."""
+    import torch
+
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

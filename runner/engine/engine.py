@@ -81,6 +81,8 @@ class Engine:
         self._host_wait_s = 0.0
         self._grammar_s = 0.0  # host time in grammar work: bitmasks and matcher updates
         self._rng = random.Random()
+        # start-up phases, as {phase: time.monotonic() at its end} (runner/phases.py reads them)
+        self.startup: dict[str, float] = {"engine_build": time.monotonic()}
         log.info(
             "batchrun engine: %s on %s (%s), %d KV pages x %d tokens",
             model.config.model_type,
@@ -113,6 +115,10 @@ class Engine:
         hf_config = AutoConfig.from_pretrained(path, revision=revision)
         model_shape(hf_config)  # unsupported models fail before loading weights
         device = config.resolve_device()
+        marks = {}
+        if device.type == "cuda":
+            torch.zeros(1, device=device)  # the CUDA context: a phase of its own, not part of the load
+            marks["cuda_init"] = time.monotonic()
         dtype = config.resolve_dtype(device)
         fp8 = config.quantization == "fp8"
         model = load_hf_model(path, dtype, device, fp8, hf_config, revision=revision)
@@ -121,7 +127,10 @@ class Engine:
                 tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
             except (OSError, ValueError):
                 log.warning("no tokenizer in %s: completions will carry token ids only", path)
-        return cls(model, config, tokenizer)
+        marks["model_load"] = time.monotonic()
+        engine = cls(model, config, tokenizer)
+        engine.startup = marks | engine.startup
+        return engine
 
     def _num_pages(self, shape, device: torch.device, dtype: torch.dtype, weights: int) -> int:
         # after build_model: the model reports its activations (MoE experts included)
@@ -254,6 +263,7 @@ class Engine:
         t0 = time.perf_counter()
         tokens, logprobs = self.model_runner.wait(launched)
         self._host_wait_s += time.perf_counter() - t0
+        self.startup.setdefault("first_token", time.monotonic())
         self._graph_steps += launched.graphed
         return batch, tokens, logprobs
 
@@ -296,6 +306,9 @@ class Engine:
             grammar_s=round(self._grammar_s, 6),
             graph_steps=self._graph_steps,
             graphs_captured=len(self.model_runner.graphs or ()),
+            graph_capture_s=round(self.model_runner.graphs.capture_seconds, 3)
+            if self.model_runner.graphs
+            else 0.0,
             requests_added=self._num_added,
         )
         return out

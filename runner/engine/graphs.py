@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ class DecodeGraphs:
         self.buckets = row_buckets(max_rows)
         self.max_width = max_width
         self._graphs: dict[GraphKey, _Graph] = {}
+        self.capture_seconds = 0.0  # host time spent capturing (each capture syncs the device)
         self._pool = torch.cuda.graph_pool_handle()
         self._warmup = torch.cuda.Stream()  # one for every warm-up: each new stream gets a cuBLAS workspace
 
@@ -84,7 +86,9 @@ class DecodeGraphs:
         Returns the step's outputs and the views of the graph's static inputs."""
         graph = self._graphs.get(key)
         if graph is None:
+            t0 = time.perf_counter()
             graph = self._graphs[key] = self._capture(key, padding(), layout)
+            self.capture_seconds += time.perf_counter() - t0
         graph.inputs.copy_(inputs)
         graph.graph.replay()
         return graph.tokens, graph.logprobs, graph.views

@@ -168,3 +168,26 @@ def test_template_and_messages_prompts(tmp_path: Path, tiny_model_dir: Path):
     assert (
         out[1]["error"] == f"{inp / 't.jsonl'} line 2: prompt.template needs field 'body' which the row lacks"
     )
+
+
+def test_start_up_phases_in_the_summary_and_summed_over_attempts_in_the_report(
+    tmp_path: Path, tiny_model_dir
+):
+    write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=2)
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir))
+    first = run_job(spec, show_progress=False)
+    # the CPU path: no CUDA context, no graphs
+    assert list(first.phases) == [
+        "launch", "imports", "resolve_model", "plan", "model_load", "engine_build", "first_token"
+    ]  # fmt: skip
+    assert all(s >= 0 for s in first.phases.values()) and first.phases["model_load"] > 0
+    assert any(line.startswith("start-up: launch ") for line in first.lines())
+
+    write_inputs(tmp_path / "in2", parquet=1, jsonl=0, rows=3)
+    (tmp_path / "in2/a0.parquet").rename(tmp_path / "in/a9.parquet")  # new work: a second attempt
+    second = run_job(spec, show_progress=False)
+    report = json.loads((tmp_path / "out/_batchrun/report.json").read_text())
+    mine, theirs = report["attempts"][1]["phases"], report["attempts"][0]["phases"]
+    assert theirs == first.phases and mine.keys() == first.phases.keys()
+    assert report["phases"] == {k: round(theirs[k] + mine[k], 3) for k in mine} == second.phases
+    assert any(line.startswith("start-up of this attempt: launch ") for line in second.lines())

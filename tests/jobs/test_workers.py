@@ -52,6 +52,18 @@ def test_three_cpu_workers_write_the_single_worker_output_each_shard_once(
     assert owned == [["a0.parquet", "b0.jsonl.gz"], ["a1.parquet", "b1.jsonl"], ["a2.parquet"]]
     report = json.loads((tmp_path / "out/_batchrun/report.json").read_text())
     assert (report["status"], report["rows_ok"], report["shards_done"]) == ("finished", 4 + 5 + 6 + 4 + 5, 5)
+    # the node's start-up: its own phases (no tokenizer, no fingerprint: each worker checks it), then
+    # those of the worker that reached its first token last
+    workers = [json.loads((tmp_path / f"out/_batchrun/report-task{t}.json").read_text()) for t in range(3)]
+    worker_phases = [w["attempts"][-1]["phases"] for w in workers]
+    assert all(p.keys() >= {"launch", "resolve_model", "model_load", "first_token"} for p in worker_phases)
+    slowest = max(worker_phases, key=lambda p: sum(p.values()))
+    node = report["attempts"][-1]["phases"]
+    assert node == {
+        "launch": node["launch"],
+        "imports": node["imports"],
+        "start_workers": node["start_workers"],
+    } | {f"worker_{k}": v for k, v in slowest.items()}
 
 
 @pytest.mark.slow

@@ -11,7 +11,11 @@ from runner.engine import Engine, EngineConfig
 from runner.hf_backend import TransformersBackend
 from tests.helpers import tiny_llama, tiny_tokenizer
 
-_MEMBERS = [name for name in dir(Backend) if not name.startswith("_")] + ["tokenizer", "max_model_len"]
+_MEMBERS = [name for name in dir(Backend) if not name.startswith("_")] + [
+    "tokenizer",
+    "max_model_len",
+    "startup",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +51,16 @@ def test_max_model_len_caps_either_backend(tiny_model_dir, kind):
         assert backend.max_model_len == 64
     finally:
         backend.close()
+
+
+def test_the_engine_marks_its_start_up_phases_in_order(tiny_model_dir):
+    from runner.engine import Request, SamplingParams
+
+    engine = load_backend(str(tiny_model_dir), "batchrun", EngineConfig(device="cpu", kv_cache_tokens=1024))
+    assert list(engine.startup) == ["model_load", "engine_build"]  # CPU: no CUDA context, no graphs
+    assert list(engine.generate([Request(0, [5, 6, 7], SamplingParams(max_new_tokens=3))]))
+    marks = engine.startup
+    assert list(marks) == ["model_load", "engine_build", "first_token"]
+    assert marks["model_load"] <= marks["engine_build"] <= marks["first_token"]
+    assert engine.stats()["graph_capture_s"] == 0.0
+    engine.close()
