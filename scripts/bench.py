@@ -329,7 +329,13 @@ def run_hf(model, prompts: list[list[int]], new: int, async_mode: bool) -> tuple
 
 
 def bench(
-    name: str, backend: str, model, prompts: list[list[int]], new: int, engine: dict, rates: Rates,
+    name: str,
+    backend: str,
+    model,
+    prompts: list[list[int]],
+    new: int,
+    engine: dict,
+    rates: Rates,
     temperature: float = 0.0,
 ) -> Result:
     if backend.startswith("batchrun"):
