@@ -6,9 +6,6 @@ field path and a hint, before any data is touched (`load_spec` raises `SpecError
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,37 +21,17 @@ from pydantic import (
     model_validator,
 )
 
+from jobs.spec_base import Section, SpecError, fields_of
+from jobs.spec_sampling import SamplingSpec, with_schema_file_read
 from runner.engine.config import EngineConfig
-from runner.engine.grammar import GrammarError, check_grammar
-from runner.engine.types import SamplingParams
-from runner.storage import url_to_fs
+
+__all__ = ["JobSpec", "SamplingSpec", "SpecError", "load_spec", "parse_spec"]
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
-class SpecError(Exception):
-    """A spec the job can't run; the message lists every problem with its field path."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _fields_of(cls: type, exclude: set[str] = frozenset(), **overrides: Any) -> dict[str, Any]:
-    """pydantic field definitions of a dataclass's fields: the same types, defaults and bounds (the
-    annotated_types bounds in its annotations), so that a section and the engine cannot drift;
-    `overrides` replace or add fields."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    fields: dict[str, Any] = {
-        f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        for f in dataclasses.fields(cls)
-        if f.name not in exclude
-    }
-    return fields | overrides
-
-
-class InputSpec(_Section):
+class InputSpec(Section):
     path: list[str] = Field(description="glob, file, directory or URL (or a list of them)")
     format: Literal["parquet", "jsonl"] | None = Field(None, description="inferred from the suffix")
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -73,7 +50,7 @@ class InputSpec(_Section):
         return v
 
 
-class PromptSpec(_Section):
+class PromptSpec(Section):
     column: str | None = Field(None, description="a column holding the prompt text")
     template: str | None = Field(None, description="a Python format string over row fields: '{title}'")
     messages_column: str | None = Field(None, description="a column of chat messages [{role, content}]")
@@ -103,7 +80,7 @@ class PromptSpec(_Section):
         return bool(self.messages_column) if self.chat_template is None else self.chat_template
 
 
-class ModelSpec(_Section):
+class ModelSpec(Section):
     path: str = Field(
         "builtin:smollm2-135m-instruct",
         description="local HF folder, .gguf file, hub id, builtin:smollm2-135m-instruct, or a folder URL "
@@ -113,90 +90,7 @@ class ModelSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="for a model URL")
 
 
-GRAMMAR_KEYS = ("json_schema", "regex", "choice")
-
-
-class _SamplingSection(_Section):
-    @field_validator("stop", mode="before", check_fields=False)
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    @field_validator("json_schema", check_fields=False)
-    @classmethod
-    def _schema_compiles(cls, v: Any) -> Any:
-        if isinstance(v, dict):  # a path or URL is read and checked once anchored (`_load_schema`)
-            _check(("json_schema", json.dumps(v, sort_keys=True)))
-        return v
-
-    @field_validator("regex", check_fields=False)
-    @classmethod
-    def _regex_compiles(cls, v: Any) -> Any:
-        if v is not None:
-            _check(("regex", v))
-        return v
-
-    @field_validator("choice", check_fields=False)
-    @classmethod
-    def _choice_compiles(cls, v: Any) -> Any:
-        if v is not None:
-            _check(("choice", tuple(v)))
-        return v
-
-    @model_validator(mode="after")
-    def _one_grammar(self) -> _SamplingSection:
-        given = [k for k in GRAMMAR_KEYS if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(
-                f"set at most one of sampling.{', sampling.'.join(GRAMMAR_KEYS)} (got {', '.join(given)})"
-            )
-        return self
-
-    def params(self) -> SamplingParams:
-        """The job's sampling as the engine takes it (each row's seed is derived from `seed`)."""
-        values = self.model_dump(exclude={"overrides_column"})
-        schema = values["json_schema"]
-        assert not isinstance(schema, str), "a schema path is read by parse_spec"
-        values["json_schema"] = None if schema is None else json.dumps(schema, sort_keys=True)
-        values["choice"] = tuple(values["choice"] or ())
-        return SamplingParams(**values)
-
-
-def _check(grammar) -> None:
-    try:
-        check_grammar(grammar)
-    except GrammarError as e:
-        raise ValueError(str(e)) from None
-
-
-# The engine's SamplingParams fields, with their types, defaults and bounds (runner/engine/types.py)
-SamplingSpec = create_model(
-    "SamplingSpec",
-    __base__=_SamplingSection,
-    **_fields_of(
-        SamplingParams,
-        exclude={"logprobs"},  # not offered by the job yet
-        seed=(int, Field(0, description="the job's seed; each row samples with one derived from it")),
-        json_schema=(
-            dict[str, Any] | str | None,
-            Field(
-                None,
-                description="the output is JSON under this schema: an inline mapping, or a path/URL "
-                "of a .json file",
-            ),
-        ),  # fmt: skip
-        choice=(list[str] | None, Field(None, description="the output is exactly one of these strings")),
-        overrides_column=(
-            str | None,
-            Field(
-                None, description="a column of per-row overrides, e.g. {max_new_tokens: 64, temperature: 0.5}"
-            ),
-        ),
-    ),
-)
-
-
-class OutputSpec(_Section):
+class OutputSpec(Section):
     path: str = Field(description="output directory or URL")
     format: Literal["parquet", "jsonl"] = "parquet"
     compression: Literal["gzip", "zstd"] | None = Field(None, description="jsonl only")
@@ -218,7 +112,7 @@ class OutputSpec(_Section):
         return self
 
 
-class _EngineSection(_Section):
+class _EngineSection(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     def config(self) -> EngineConfig:
@@ -231,7 +125,7 @@ EngineSpec = create_model(
     "EngineSpec",
     __base__=_EngineSection,
     backend=(Literal["auto", "batchrun", "transformers"], "auto"),
-    **_fields_of(EngineConfig, async_mode=(bool, Field(True, alias="async"))),
+    **fields_of(EngineConfig, async_mode=(bool, Field(True, alias="async"))),
     max_inflight=(
         PositiveInt | None,
         Field(None, description="requests kept in the engine at once (default: 4 x max_seqs)"),
@@ -239,7 +133,7 @@ EngineSpec = create_model(
 )
 
 
-class SlurmSpec(_Section):
+class SlurmSpec(Section):
     """How `batchrun submit` asks Slurm for an array job (runtime.executor: slurm)."""
 
     tasks: PositiveInt = Field(1, description="array tasks; shard i goes to task i % tasks")
@@ -262,7 +156,7 @@ class SlurmSpec(_Section):
     )
 
 
-class RuntimeSpec(_Section):
+class RuntimeSpec(Section):
     executor: Literal["local", "slurm"] = Field("local", description="where `batchrun submit` runs the job")
     task_index: NonNegInt = 0
     num_tasks: PositiveInt = 1
@@ -296,7 +190,7 @@ class RuntimeSpec(_Section):
         return self
 
 
-class JobSpec(_Section):
+class JobSpec(Section):
     """A whole job, as written in spec.yaml."""
 
     name: str | None = None
@@ -353,29 +247,7 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
         raise SpecError(format_errors(e, source)) from None
     spec = _anchor_paths(spec, base_dir) if base_dir else spec
     _check_output_outside_input(spec, source)
-    return _load_schema(spec, source)
-
-
-def _load_schema(spec: JobSpec, source: str) -> JobSpec:
-    """A `sampling.json_schema` given as a path or URL, read and checked (it becomes the mapping)."""
-    path = spec.sampling.json_schema
-    if not isinstance(path, str):
-        return spec
-    try:
-        fs, fs_path = url_to_fs(path, {})
-        with fs.open(fs_path, "r") as f:
-            schema = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SpecError(
-            f"{source}: sampling.json_schema: cannot read a JSON schema from {path!r} ({e})"
-        ) from None
-    if not isinstance(schema, dict):
-        raise SpecError(f"{source}: sampling.json_schema: {path!r} must hold a JSON object")
-    try:
-        check_grammar(("json_schema", json.dumps(schema, sort_keys=True)))
-    except GrammarError as e:
-        raise SpecError(f"{source}: sampling.json_schema ({path}): {e}") from None
-    return spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"json_schema": schema})})
+    return spec.model_copy(update={"sampling": with_schema_file_read(spec.sampling, source)})
 
 
 def _check_output_outside_input(spec: JobSpec, source: str) -> None:

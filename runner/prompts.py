@@ -16,10 +16,10 @@ from typing import Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from runner.engine.grammar import GrammarError, check_grammar
-from runner.engine.types import SamplingParams
+from runner.engine.types import GRAMMAR_KEYS, SamplingParams
 
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
-GRAMMAR_KEYS = ("json_schema", "regex", "choice")  # a row's grammar replaces the job's
+# a row's grammar replaces the job's
 OVERRIDABLE = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", *GRAMMAR_KEYS}
 
 

@@ -12,6 +12,7 @@ from annotated_types import Ge, Gt, Le, Lt
 
 FinishReason = Literal["stop", "length"]
 GrammarKind = Literal["json_schema", "regex", "choice"]
+GRAMMAR_KEYS: tuple[GrammarKind, ...] = typing.get_args(GrammarKind)  # SamplingParams fields, one at most
 Grammar = tuple[GrammarKind, "str | tuple[str, ...]"]  # (kind, source): a request's output grammar
 Positive = Annotated[int, Gt(0)]
 NonNegative = Annotated[int, Ge(0)]
