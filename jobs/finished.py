@@ -1,10 +1,11 @@
 """A task with nothing to do, answered from the output alone: before torch, the tokenizer or a GPU.
 
 A cron slot, a requeued Slurm task or a second `batchrun submit` of a finished job asks the output:
-are all of this task's shards done, and is the run recorded there this spec's run? If so, the report
-of the attempts that did the work is the answer, and nothing is written. Anything less certain (a
-shard not done, leftover parts, no recorded run, a fingerprint that differs) goes the full way, which
-repairs, resumes or refuses with the whole fingerprint diff.
+are all of this task's shards done, did its last attempt end cleanly, and is the run recorded there
+this spec's run? If so, the report of the attempts that did the work is the answer, and nothing is
+written. Anything less certain (a shard not done, leftover parts, the lease of a killed or running
+attempt, no recorded run, a fingerprint that differs) goes the full way, which repairs, clears what a
+killed attempt left, resumes, or refuses with the whole fingerprint diff.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 
+from jobs.history import report_name
+from jobs.lease import lease_path
 from jobs.plan import assign_shards, spec_fingerprint
 from jobs.spec import JobSpec
 from runner.attempts import summary_from_report
@@ -29,6 +32,8 @@ def finished_summary(spec: JobSpec) -> Summary | None:
     None when there is anything to do or to check, which the full run then does."""
     store = OutputStore.for_output(spec.output)
     rt = spec.runtime
+    if store.fs.exists(lease_path(store.root, rt.task_index, rt.num_tasks)):
+        return None  # a killed attempt's (its heartbeat temps and report need the full run) or a live one's
     try:
         listing = list_shards(spec.input.path, spec.input.storage_options, spec.input.format)
         shards = assign_shards(listing, rt.task_index, rt.num_tasks)
@@ -37,7 +42,7 @@ def finished_summary(spec: JobSpec) -> Summary | None:
     except (InputError, ModelError):  # the full run's preflight reports these, with the fix
         return None
     log.info("all %d shards of this task are done already; nothing to do", len(shards))
-    report = store.read_json("report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json")
+    report = store.read_json(report_name(rt.task_index, rt.num_tasks))
     if report is not None:
         return summary_from_report(report)
     return Summary("finished", len(shards), len(shards), 0, 0, 0, 0, 0, 0.0, 0.0, None, {}, {})

@@ -14,13 +14,19 @@ from runner.storage import is_local
 from runner.store import OutputStore
 
 
+def report_name(task_index: int, num_tasks: int) -> str:
+    """The task's report under `_batchrun/`: report.json for a single task."""
+    return "report.json" if num_tasks == 1 else f"report-task{task_index}.json"
+
+
 class TaskHistory:
     """This task's report of earlier attempts, and its heartbeat if the last attempt was killed; read
     before this attempt's monitor replaces the heartbeat."""
 
     def __init__(self, store: OutputStore, spec: JobSpec, shards: list[Shard]):
         rt = spec.runtime
-        self.name = "report.json" if rt.num_tasks == 1 else f"report-task{rt.task_index}.json"
+        self.name = report_name(rt.task_index, rt.num_tasks)
+        store.clear_state_temps(self.name)  # a report killed mid-write: a run with nothing to do writes none
         self.previous = store.read_json(self.name)
         beat = store.read_json(f"progress/{task_name(rt.task_index, rt.num_tasks)}.json")
 

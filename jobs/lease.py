@@ -56,6 +56,11 @@ def process_alive(host: str, pid: int) -> bool | None:
     return True
 
 
+def lease_path(root: str, task_index: int, num_tasks: int) -> str:
+    """The lease file of one task under the output `root`."""
+    return posixpath.join(root, "_batchrun", "leases", f"task-{task_index}-of-{num_tasks}.json")
+
+
 class TaskLease:
     """Held for the duration of a `with` block; raises LeaseHeld on entry if a live job holds it."""
 
@@ -68,7 +73,7 @@ class TaskLease:
         ttl_s: float = DEFAULT_TTL_S,
     ):
         self.fs = fs
-        self.path = posixpath.join(root, "_batchrun", "leases", f"task-{task_index}-of-{num_tasks}.json")
+        self.path = lease_path(root, task_index, num_tasks)
         self.ttl_s = ttl_s
         self.me = _Holder(socket.gethostname(), os.getpid(), os.urandom(6).hex(), time.time())
         self._stop = threading.Event()

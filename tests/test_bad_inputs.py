@@ -150,8 +150,8 @@ CASES = [
     # ---- the spec is refused before any data is touched
     Case("unknown_spec_key", spec={"output": {"colour": "red"}},
          raises="SpecError: <spec>: 1 problem(s) in the spec:\n  output.colour: Extra inputs are not permitted — "
-                "unknown key; known here: path, format, compression, keep_columns, include_token_ids, flush_rows, "
-                "flush_seconds, storage_options"),
+                "unknown key; known here: path, format, compression, keep_columns, include_token_ids, parse_json, "
+                "flush_rows, flush_seconds, storage_options"),
     Case("wrong_type_in_spec", spec={"sampling": {"max_new_tokens": "lots"}},
          raises="SpecError: <spec>: 1 problem(s) in the spec:\n  sampling.max_new_tokens: Input should be a valid "
                 "integer, unable to parse string as an integer (got 'lots') — write a whole number"),
