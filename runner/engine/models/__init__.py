@@ -11,6 +11,8 @@ import torch
 
 from runner.engine.config import UnsupportedModel
 from runner.engine.models.base import ModelShape, PagedModel
+from runner.engine.models.gemma2 import PagedGemma2
+from runner.engine.models.gemma3 import PagedGemma3
 from runner.engine.models.llama import PagedLlama
 from runner.engine.models.mixtral import PagedMixtral
 from runner.engine.models.olmoe import PagedOlmoe
@@ -22,6 +24,8 @@ FAMILIES: dict[str, type[PagedModel]] = {
     "mistral": PagedLlama,
     "qwen2": PagedLlama,
     "qwen3": PagedLlama,
+    "gemma2": PagedGemma2,
+    "gemma3_text": PagedGemma3,
     "qwen2_moe": PagedQwen2Moe,  # routed experts + a shared expert
     "qwen3_moe": PagedQwen3Moe,
     "mixtral": PagedMixtral,
