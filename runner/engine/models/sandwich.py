@@ -20,7 +20,7 @@ from runner.engine.layers.fp8 import Fp8Linear
 from runner.engine.layers.linear import DenseLinear, load
 from runner.engine.layers.ops import ops_for
 from runner.engine.layers.rope import rope_tables
-from runner.engine.models.base import MLP, ModelShape
+from runner.engine.models.base import MLP
 
 
 @dataclass(slots=True)
