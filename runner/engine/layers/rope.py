@@ -2,9 +2,11 @@
 
 Tables come from the model's own transformers rotary module, so every rope type that transformers
 implements is honoured: the static ones (default, linear, yarn, llama3) through its `inv_freq` and
-`attention_scaling`; `dynamic` equals the default below `max_position_embeddings`, where the engine
-caps sequences; `longrope` takes the short factors below `original_max_position_embeddings` and the
-long ones from there on, position by position.
+`attention_scaling`; `dynamic` equals the default up to `max_position_embeddings`; `longrope` takes its short
+factors up to `original_max_position_embeddings`. Past those lengths the rope depends on the
+sequence's length (transformers recomputes the whole cache of a Phi-3 sequence with the long factors
+once it crosses `original_max_position_embeddings`), which a paged cache shared by a batch cannot
+follow, so `rope_max_len` caps sequences there.
 
 Partial rotary embeddings (`partial_rotary_factor` < 1: rope on the first R of D dims) use the same
 full-width kernels: the model permutes the rows of its q and k projections with `partial_rotary_order`
@@ -15,7 +17,15 @@ apart, and the tables give the passed-through dims cos 1, sin 0.
 from __future__ import annotations
 
 import torch
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def rope_max_len(config) -> int:
+    """The longest sequence whose rope does not depend on its length: `max_position_embeddings`, or
+    `original_max_position_embeddings` with longrope."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "longrope":
+        return min(config.max_position_embeddings, rope["original_max_position_embeddings"])
+    return config.max_position_embeddings
 
 
 def rope_tables(
@@ -34,14 +44,6 @@ def rope_tables(
     scaling = getattr(rotary, f"{prefix}attention_scaling")
     positions = torch.arange(max_len, dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]  # [L, R/2]
-    rope_type = rotary.rope_type[layer_type] if layer_type else rotary.rope_type
-    if rope_type == "longrope":
-        params = rotary.config.rope_parameters
-        original = (params[layer_type] if layer_type else params)["original_max_position_embeddings"]
-        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](
-            rotary.config, None, seq_len=original + 1, layer_type=layer_type
-        )
-        freqs[original:] = positions[original:, None] * long_inv_freq.float().cpu()[None, :]
     passed = head_dim // 2 - freqs.shape[1]  # dims per half that rope leaves alone
     cos = torch.cat([freqs.cos() * scaling, torch.ones(max_len, passed)], dim=1)  # [L, D/2]
     sin = torch.cat([freqs.sin() * scaling, torch.zeros(max_len, passed)], dim=1)

@@ -16,6 +16,7 @@ from runner.engine.models.gemma3 import PagedGemma3
 from runner.engine.models.llama import PagedLlama
 from runner.engine.models.mixtral import PagedMixtral
 from runner.engine.models.olmoe import PagedOlmoe
+from runner.engine.models.phi3 import PagedPhi3
 from runner.engine.models.qwen2_moe import PagedQwen2Moe
 from runner.engine.models.qwen3_moe import PagedQwen3Moe
 
@@ -26,6 +27,7 @@ FAMILIES: dict[str, type[PagedModel]] = {
     "qwen3": PagedLlama,
     "gemma2": PagedGemma2,
     "gemma3_text": PagedGemma3,
+    "phi3": PagedPhi3,  # Phi-3, Phi-3.5, Phi-4-mini
     "qwen2_moe": PagedQwen2Moe,  # routed experts + a shared expert
     "qwen3_moe": PagedQwen3Moe,
     "mixtral": PagedMixtral,

@@ -19,7 +19,7 @@ from runner.engine.layers.attention import AttentionBatch, AttentionFn
 from runner.engine.layers.fp8 import Fp8Linear
 from runner.engine.layers.linear import DenseLinear, GatedMLP, fused_linear, load
 from runner.engine.layers.ops import ops_for
-from runner.engine.layers.rope import rope_tables
+from runner.engine.layers.rope import rope_max_len, rope_tables
 from runner.engine.models.base import MLP, ModelShape
 
 
@@ -29,8 +29,7 @@ def llama_shape(config) -> ModelShape:
         raise UnsupportedModel(f"hidden_act {config.hidden_act!r} (the fast path implements silu)")
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModel("mlp_bias=True is not implemented in the fast path")
-    # within max_position_embeddings, `dynamic` rope is the default one (layers/rope.py)
-    max_len = config.max_position_embeddings
+    max_len = rope_max_len(config)
     if getattr(config, "sliding_window", None):
         max_len = min(
             max_len, config.sliding_window
@@ -69,7 +68,7 @@ class PagedLlama:
         """Copy `hf_model`'s weights; `fp8`: quantize the decoder's linear weights (fp8 ones stay)."""
         config = hf_model.config
         self.fp8 = fp8
-        self.shape = llama_shape(config)
+        self.shape = self.shape_of(config)
         s = self.shape
 
         def w(t: torch.Tensor) -> torch.Tensor:
@@ -86,7 +85,7 @@ class PagedLlama:
             self.layers.append(
                 _Layer(
                     ln_attn=w(layer.input_layernorm.weight),
-                    qkv=fused_linear([att.q_proj, att.k_proj, att.v_proj], device, dtype, fp8),
+                    qkv=self.qkv_of(att, device, dtype),
                     q_norm=w(att.q_norm.weight) if qk_norm else None,
                     k_norm=w(att.k_norm.weight) if qk_norm else None,
                     o=fused_linear([att.o_proj], device, dtype, fp8),
@@ -112,6 +111,10 @@ class PagedLlama:
     def project_qkv(self, x: torch.Tensor, index: int, layer: _Layer) -> torch.Tensor:
         """q, k, v of layer `index` side by side: [T, hidden] -> [T, (H + 2 Hkv) D]."""
         return layer.qkv(x)
+
+    def qkv_of(self, att, device: torch.device, dtype: torch.dtype) -> DenseLinear | Fp8Linear:
+        """q, k and v of a transformers attention module as one linear (fp8 with `self.fp8`)."""
+        return fused_linear([att.q_proj, att.k_proj, att.v_proj], device, dtype, self.fp8)
 
     def mlp_of(self, layer, config, device: torch.device, dtype: torch.dtype):
         """The MLP of a transformers decoder layer: gated here (fp8 with `self.fp8`); a sparse MoE in the

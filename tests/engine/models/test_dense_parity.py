@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma3TextConfig
+from transformers import Gemma2Config, Gemma3TextConfig, Phi3Config
 
 from runner.engine import EngineConfig
 from tests.engine.conftest import COMMON, hf_greedy, random_prompts, tiny_model
@@ -16,6 +16,9 @@ from tests.engine.test_greedy_parity import check, run_engine
 
 WINDOW = 24  # prompts run to 90 tokens: most of them leave the window
 # untied: with tied embeddings (scaled by sqrt(hidden)) a tiny random Gemma repeats its input token
+# longrope models run to original_max_position_embeddings (past it transformers recomputes a sequence's
+# cache with the long factors): prompts and generations stay within it
+LONGROPE_ORIGINAL = 64
 DENSE_CONFIGS = {
     # sliding / full alternation, attention and final soft-capping (small caps: tanh far from linear)
     "gemma2": lambda: Gemma2Config(
@@ -40,7 +43,23 @@ DENSE_CONFIGS = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
         },
     ),  # fmt: skip
+    # Phi-3-mini-4k: a sliding window over every layer, fused qkv and gate_up
+    "phi3": lambda: Phi3Config(**COMMON, sliding_window=WINDOW, tie_word_embeddings=False),
+    # Phi-4-mini / Phi-3.5: longrope (its short factors and attention scaling), partial rotary
+    "phi3-longrope-partial": lambda: Phi3Config(
+        **COMMON,
+        tie_word_embeddings=False,
+        original_max_position_embeddings=LONGROPE_ORIGINAL,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 1e4,
+            "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.1, 1.3, 1.6],
+            "long_factor": [2.0, 3.0, 5.0, 9.0],
+        },
+    ),  # fmt: skip
 }
+LONGEST_PROMPT = {"phi3-longrope-partial": LONGROPE_ORIGINAL - 24}
 NUM_PROMPTS = 20
 TINY_POOL = dict(kv_cache_tokens=120, page_size=8, max_batch_tokens=24, max_seqs=8)
 
@@ -58,7 +77,7 @@ def one_thread():
 def case(request, one_thread):
     """(model, prompts, max_new per prompt, transformers' tokens) for one dense configuration."""
     model = tiny_model(DENSE_CONFIGS[request.param]())
-    prompts = random_prompts(NUM_PROMPTS, 1, 90, seed=4)
+    prompts = random_prompts(NUM_PROMPTS, 1, LONGEST_PROMPT.get(request.param, 90), seed=4)
     rng = random.Random(5)
     max_new = [rng.randint(1, 24) for _ in prompts]
     reference = [hf_greedy(model, p, n) for p, n in zip(prompts, max_new, strict=True)]
