@@ -13,8 +13,10 @@ from runner.engine.config import UnsupportedModel
 from runner.engine.models.base import ModelShape, PagedModel
 from runner.engine.models.gemma2 import PagedGemma2
 from runner.engine.models.gemma3 import PagedGemma3
+from runner.engine.models.granite import PagedGranite
 from runner.engine.models.llama import PagedLlama
 from runner.engine.models.mixtral import PagedMixtral
+from runner.engine.models.olmo2 import PagedOlmo2
 from runner.engine.models.olmoe import PagedOlmoe
 from runner.engine.models.phi3 import PagedPhi3
 from runner.engine.models.qwen2_moe import PagedQwen2Moe
@@ -28,6 +30,8 @@ FAMILIES: dict[str, type[PagedModel]] = {
     "gemma2": PagedGemma2,
     "gemma3_text": PagedGemma3,
     "phi3": PagedPhi3,  # Phi-3, Phi-3.5, Phi-4-mini
+    "olmo2": PagedOlmo2,
+    "granite": PagedGranite,
     "qwen2_moe": PagedQwen2Moe,  # routed experts + a shared expert
     "qwen3_moe": PagedQwen3Moe,
     "mixtral": PagedMixtral,

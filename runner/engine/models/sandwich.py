@@ -86,8 +86,8 @@ class PagedSandwich:
         qkv_width = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
         return 5 * s.hidden + 2 * qkv_width + max(layer.mlp.activation_width() for layer in self.layers)
 
-    def project_qkv(self, x: torch.Tensor, layer: SandwichLayer) -> torch.Tensor:
-        """q, k, v side by side: [T, hidden] -> [T, (H + 2 Hkv) D] (OLMo 2 norms q and k here)."""
+    def project_qkv(self, x: torch.Tensor, index: int, layer: SandwichLayer) -> torch.Tensor:
+        """q, k, v of layer `index` side by side: [T, hidden] -> [T, (H + 2 Hkv) D] (OLMo 2 norms q and k here)."""
         return layer.qkv(x)
 
     def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None):
@@ -116,7 +116,7 @@ class PagedSandwich:
         delta = None  # the last layer's normalised MLP output, not yet added to h
         for i, layer in enumerate(self.layers):
             x = self._add_norm(h, delta, layer.norm_in)
-            qkv = self.project_qkv(x, layer)  # [T, (H + 2 Hkv) D]
+            qkv = self.project_qkv(x, i, layer)  # [T, (H + 2 Hkv) D]
             cos, sin = rope[layer.rope]
             q = ops.rope_store(
                 qkv, cos, sin, kv_cache[i, 0], kv_cache[i, 1], batch.slot_mapping,

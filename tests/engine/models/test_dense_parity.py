@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma3TextConfig, Phi3Config
+from transformers import Gemma2Config, Gemma3TextConfig, GraniteConfig, Olmo2Config, Phi3Config
 
 from runner.engine import EngineConfig
 from tests.engine.conftest import COMMON, hf_greedy, random_prompts, tiny_model
@@ -57,6 +57,17 @@ DENSE_CONFIGS = {
             "short_factor": [1.0, 1.1, 1.3, 1.6],
             "long_factor": [2.0, 3.0, 5.0, 9.0],
         },
+    ),  # fmt: skip
+    # norms after attention and MLP only, q/k norms over all heads
+    "olmo2": lambda: Olmo2Config(**COMMON, tie_word_embeddings=False),
+    # embedding / residual / attention / logit multipliers; dynamic rope (the default one within 512)
+    "granite": lambda: GraniteConfig(
+        **COMMON,
+        embedding_multiplier=6.0,
+        residual_multiplier=0.3,
+        attention_multiplier=0.2,
+        logits_scaling=0.5,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0},
     ),  # fmt: skip
 }
 LONGEST_PROMPT = {"phi3-longrope-partial": LONGROPE_ORIGINAL - 24}
