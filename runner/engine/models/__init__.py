@@ -52,10 +52,19 @@ def model_shape(config) -> ModelShape:
     return family(config).shape_of(config)
 
 
+def fast_path_reason(config) -> str | None:
+    """None when the fast path runs `config`, else why the model falls back to transformers."""
+    try:
+        model_shape(config)
+    except UnsupportedModel as e:
+        return str(e)
+    return None
+
+
 def build_model(hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> PagedModel:
     """Our forward for a loaded transformers model, its weights copied to `device` / `dtype` (`fp8`: the
     decoder's linear weights quantized to fp8; weights stored in fp8 stay fp8 either way)."""
     return family(hf_model.config)(hf_model, device, dtype, fp8)
 
 
-__all__ = ["FAMILIES", "ModelShape", "PagedModel", "build_model", "family", "model_shape"]
+__all__ = ["FAMILIES", "ModelShape", "PagedModel", "build_model", "family", "fast_path_reason", "model_shape"]

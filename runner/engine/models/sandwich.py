@@ -87,7 +87,7 @@ class PagedSandwich:
         return 5 * s.hidden + 2 * qkv_width + max(layer.mlp.activation_width() for layer in self.layers)
 
     def project_qkv(self, x: torch.Tensor, index: int, layer: SandwichLayer) -> torch.Tensor:
-        """q, k, v of layer `index` side by side: [T, hidden] -> [T, (H + 2 Hkv) D] (OLMo 2 norms q and k here)."""
+        """q, k, v of layer `index` side by side: [T, hidden] -> [T, (H + 2 Hkv) D] (OLMo 2 norms q, k)."""
         return layer.qkv(x)
 
     def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor | None):
