@@ -40,6 +40,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
     SOFTCAP: tl.constexpr,  # 0.0: none
+    WINDOWED: tl.constexpr,  # window > 0 (compiled out of full-attention layers)
 ):  # fmt: skip
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -71,10 +72,9 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     kv_end = tl.minimum(kv_len, kv_len - q_len + q_first + BLOCK_Q)  # past the block's last query
-    # a sliding window: keys before the block's first query's window are invisible to the whole block
-    first_visible = tl.maximum(kv_len - q_len + q_first - window + 1, 0)
-    kv_start = tl.where(window > 0, first_visible, 0) // BLOCK_N * BLOCK_N
-    lowest = tl.where(window > 0, q_pos - window, -1)  # [M]: each row sees keys above this
+    kv_start = 0
+    if WINDOWED:  # keys before the block's first query's window are invisible to the whole block
+        kv_start = tl.maximum(kv_len - q_len + q_first - window + 1, 0) // BLOCK_N * BLOCK_N
     for start in range(kv_start, kv_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_end
@@ -87,11 +87,14 @@ def _paged_attention_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = s * scale
         if SOFTCAP > 0:  # tanh(x) = 2 sigmoid(2x) - 1
-            s = SOFTCAP * (2.0 * tl.sigmoid(s * (2.0 / SOFTCAP)) - 1.0)
-        visible = (n[None, :] <= q_pos[:, None]) & (n[None, :] > lowest[:, None]) & n_ok[None, :]
-        s = tl.where(visible, s * LOG2E, float("-inf"))  # [M, N]
+            s = SOFTCAP * (2.0 * tl.sigmoid(s * (scale * 2.0 / SOFTCAP)) - 1.0) * LOG2E
+        else:
+            s = s * (scale * LOG2E)
+        visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        if WINDOWED:  # each row sees the last `window` keys up to its own position
+            visible = visible & (n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))  # [M, N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -123,7 +126,7 @@ def _launch(
         out.stride(0), out.stride(1), batch.page_table.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
         BLOCK_N=BLOCK_N, PAGE=k_cache.shape[1], D=dim, D_PAD=max(16, triton.next_power_of_2(dim)),
-        DECODE=decode, IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
+        DECODE=decode, IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap), WINDOWED=window > 0,
         num_warps=4, num_stages=2,
     )  # fmt: skip
 
