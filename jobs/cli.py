@@ -300,5 +300,27 @@ def report(spec_path: str, out_path: str | None) -> None:
     click.echo(out_path)
 
 
+@main.command()
+@click.argument("model", required=False)
+@click.option("--revision", default=None, help="The model's revision (with MODEL).")
+def models(model: str | None, revision: str | None) -> None:
+    """List the `model_type`s the engine's fast path runs (the rest run on transformers' continuous
+    batching); with MODEL (a Hugging Face id or folder: only its config is read), say which path it takes
+    and why."""
+    from runner.engine.models import FAMILIES, fast_path_reason
+
+    if model is None:
+        for kind, cls in FAMILIES.items():
+            click.echo(f"{kind:<12} fast path ({cls.__module__.rsplit('.', 1)[-1]}.py)")
+        click.echo("anything else: the transformers backend")
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, revision=revision)
+    reason = fast_path_reason(config)
+    kind = getattr(config, "model_type", None)
+    click.echo(f"{kind}: fast path" if reason is None else f"{kind}: transformers backend ({reason})")
+
+
 if __name__ == "__main__":
     main()

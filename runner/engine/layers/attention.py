@@ -42,7 +42,27 @@ def prefill_blocks(q_lens: np.ndarray, first_row: int) -> tuple[np.ndarray, np.n
     return block_seq, block_start
 
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch, float], torch.Tensor]
+# (q, k_cache, v_cache, batch, scale, window, softcap) -> out: `window` > 0 lets a query see only the last
+# `window` positions (its own included; 0: all), `softcap` > 0 caps the scaled logits at softcap *
+# tanh(logit / softcap) (0: none), as transformers' sliding-window masks and Gemma 2's soft-capping do.
+AttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch, float, int, float], torch.Tensor
+]
+
+
+def visible_keys(q_pos: torch.Tensor, kv_len: int, window: int) -> torch.Tensor:
+    """Which of a sequence's keys each query sees: causal, and within the last `window` positions when
+    `window` > 0. q_pos: [L] -> [L, kv_len] bool."""
+    k_pos = torch.arange(kv_len, device=q_pos.device)[None, :]
+    visible = k_pos <= q_pos[:, None]
+    if window:
+        visible &= k_pos > q_pos[:, None] - window
+    return visible
+
+
+def soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """softcap * tanh(scores / softcap) when softcap > 0 (Gemma 2's attention and final logits)."""
+    return torch.tanh(scores / softcap) * softcap if softcap else scores
 
 
 def write_kv(
@@ -59,7 +79,13 @@ def _gather(cache: torch.Tensor, pages: torch.Tensor, kv_len: int) -> torch.Tens
 
 
 def reference_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Plain per-sequence attention in fp32: the oracle. q: [T, H, D] -> [T, H, D]."""
     page = k_cache.shape[1]
@@ -74,9 +100,8 @@ def reference_attention(
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [S, H, D]
         qi = q[start : start + q_len].float()  # [L, H, D]
-        scores = torch.einsum("lhd,shd->hls", qi, k) * scale  # [H, L, S]
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
-        visible = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]  # [L, S]
+        scores = soft_cap(torch.einsum("lhd,shd->hls", qi, k) * scale, softcap)  # [H, L, S]
+        visible = visible_keys(torch.arange(kv_len - q_len, kv_len, device=q.device), kv_len, window)
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         out[start : start + q_len] = torch.einsum("hls,shd->lhd", probs, v).to(q.dtype)
         start += q_len

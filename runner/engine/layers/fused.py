@@ -7,7 +7,8 @@ KV store and SiLU·mul are ~30 kernels that each read and write the activations.
 - `add_rms_norm`: residual add (in place) and RMSNorm of the sum, one program per token;
 - `rope_store`: (QK-norm,) RoPE of q in place and of k, and the store of k and v into the paged
   cache, one program per token;
-- `silu_mul`: SiLU(gate) · up from the fused gate/up projection.
+- `silu_mul` / `gelu_tanh_mul`: SiLU(gate) · up (GELU with the tanh approximation for Gemma) from
+  the fused gate/up projection.
 
 Each rounds to the activation dtype where transformers' Llama does (after the add, after the
 normalisation, after each RoPE product), so bf16 results track transformers' closely.
@@ -173,7 +174,7 @@ def _silu_mul_kernel(
     gu_ptr,  # [T, 2 I]
     out_ptr,  # [T, I]
     stride_gu, stride_o,
-    INTER: tl.constexpr, BLOCK: tl.constexpr,
+    INTER: tl.constexpr, BLOCK: tl.constexpr, GELU: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -181,17 +182,30 @@ def _silu_mul_kernel(
     dtype = out_ptr.dtype.element_ty
     g = tl.load(gu_ptr + t * stride_gu + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + t * stride_gu + INTER + cols, mask=ok, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    if GELU:  # noqa: SIM108 (constexpr) 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanh(x) = 2 sigmoid(2x) - 1
+        act = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+    else:
+        act = g / (1.0 + tl.exp(-g))
+    act = act.to(dtype).to(tl.float32)
     tl.store(out_ptr + t * stride_o + cols, (act * u).to(dtype), mask=ok)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of the fused projection's output [T, 2 I] -> [T, I]."""
+    return _act_mul(gate_up, gelu=False)
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """GELU(gate) (tanh approximation, transformers' `gelu_pytorch_tanh`) * up: [T, 2 I] -> [T, I]."""
+    return _act_mul(gate_up, gelu=True)
+
+
+def _act_mul(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
     assert gate_up.stride(1) == 1
     inter = gate_up.shape[1] // 2
     out = torch.empty((gate_up.shape[0], inter), device=gate_up.device, dtype=gate_up.dtype)
     block = min(1024, triton.next_power_of_2(inter))
     _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(inter, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), INTER=inter, BLOCK=block, num_warps=4
+        gate_up, out, gate_up.stride(0), out.stride(0), INTER=inter, BLOCK=block, GELU=gelu, num_warps=4
     )
     return out

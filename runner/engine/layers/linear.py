@@ -122,23 +122,30 @@ def _share(modules: list[nn.Module], fused: torch.Tensor) -> None:
         start += rows
 
 
+# transformers' `hidden_act` names -> the `ops` function that applies them to a fused gate/up output
+ACTIVATIONS = {"silu": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul"}
+
+
 @dataclass(slots=True)
 class GatedMLP:
-    """down(SiLU(gate(x)) * up(x)) with gate and up fused into one matrix (Llama, Mistral, Qwen, ...)."""
+    """down(act(gate(x)) * up(x)) with gate and up fused into one matrix (Llama, Gemma, Phi-3, ...)."""
 
     gate_up: DenseLinear | Fp8Linear  # [2 I, hidden]
     down: DenseLinear | Fp8Linear  # [hidden, I]
+    act: str = "silu_mul"  # a value of ACTIVATIONS
 
     @classmethod
-    def from_hf(cls, mlp, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> GatedMLP:
+    def from_hf(
+        cls, mlp, device: torch.device, dtype: torch.dtype, fp8: bool = False, hidden_act: str = "silu"
+    ) -> GatedMLP:
         """From a transformers MLP with `gate_proj`, `up_proj` and `down_proj` (no biases), maybe fp8."""
         gate_up = fused_linear([mlp.gate_proj, mlp.up_proj], device, dtype, fp8)
-        return cls(gate_up=gate_up, down=fused_linear([mlp.down_proj], device, dtype, fp8))
+        return cls(gate_up, fused_linear([mlp.down_proj], device, dtype, fp8), ACTIVATIONS[hidden_act])
 
     def activation_width(self) -> int:
-        """Activation elements per token live in a call: gate/up [2 I] and SiLU·mul [I]."""
+        """Activation elements per token live in a call: gate/up [2 I] and act·mul [I]."""
         return 3 * self.down.weight.shape[1]
 
     def __call__(self, x: torch.Tensor, ops) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]; `ops.silu_mul` is the activation (fused kernel or torch)."""
-        return self.down(ops.silu_mul(self.gate_up(x)))
+        """x: [T, hidden] -> [T, hidden]; `ops` gives the activation (fused kernel or torch)."""
+        return self.down(getattr(ops, self.act)(self.gate_up(x)))

@@ -1,6 +1,6 @@
 """The small ops between the matmuls, in plain torch (`TorchOps`), and the choice of implementation.
 
-`TorchOps` is the CPU path and the oracle of `fused.py`'s Triton kernels, which offer the same three
+`TorchOps` is the CPU path and the oracle of `fused.py`'s Triton kernels, which offer the same
 functions with the same signatures; `ops_for(device)` picks the kernels on CUDA, torch elsewhere.
 """
 
@@ -57,10 +57,16 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    @staticmethod
+    def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """GELU(gate) with the tanh approximation (`gelu_pytorch_tanh`) * up. [T, 2 I] -> [T, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
 
 def ops_for(device: torch.device):
     """The fused Triton kernels on CUDA (the `fused` module), plain torch elsewhere (`TorchOps`): both
-    offer add_rms_norm, rope_store and silu_mul with the same signatures."""
+    offer add_rms_norm, rope_store, silu_mul and gelu_tanh_mul with the same signatures."""
     if device.type == "cuda":
         from runner.engine.layers import fused
 

@@ -4,7 +4,9 @@ One kernel, two launches per layer: decodes (one query per sequence, grid [Bd, H
 chunks (blocks of BLOCK_Q queries, grid [blocks, Hkv], block -> sequence mapped on the host). A
 program takes the GROUP query heads that share one KV head, so K/V pages are read once per GROUP
 (GQA packing: M = queries x GROUP rows feed the tensor cores). K/V are gathered token by token
-through the page table, BLOCK_N tokens per iteration, with an online softmax in fp32.
+through the page table, BLOCK_N tokens per iteration, with an online softmax in fp32. A sliding
+window starts the key loop at the block's first visible key (pages that left the window are never
+read); soft-capping applies softcap * tanh(logit / softcap) to the scaled logits.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ BLOCK_N = 64  # keys per iteration
 # Triton compiles one variant per specialization of its integer arguments (== 1, divisible by 16) and
 # of its pointers' 16-byte alignment: the table width changes from step to step, so it is not
 # specialized, and the step's packed inputs are laid out 16-byte aligned (runner/engine/inputs.py).
-@triton.jit(do_not_specialize=["stride_table"])
+@triton.jit(do_not_specialize=["stride_table", "window"])
 def _paged_attention_kernel(
     q_ptr,  # [T, H, D]
     k_ptr,  # [P, PAGE, Hkv, D]
@@ -33,9 +35,12 @@ def _paged_attention_kernel(
     blk_seq_ptr,  # [NB] sequence of each prefill block (unused for decodes)
     blk_start_ptr,  # [NB] first query (within its sequence) of each prefill block
     scale,
+    window,  # 0: full attention
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_ot, stride_oh, stride_table,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # 0.0: none
+    WINDOWED: tl.constexpr,  # window > 0 (compiled out of full-attention layers)
 ):  # fmt: skip
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -62,12 +67,15 @@ def _paged_attention_kernel(
         other=0.0,
     )  # [M, D]
 
-    qk_scale = scale * 1.4426950408889634  # softmax in base 2
+    LOG2E: tl.constexpr = 1.4426950408889634  # softmax in base 2
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     kv_end = tl.minimum(kv_len, kv_len - q_len + q_first + BLOCK_Q)  # past the block's last query
-    for start in range(0, kv_end, BLOCK_N):
+    kv_start = 0
+    if WINDOWED:  # keys before the block's first query's window are invisible to the whole block
+        kv_start = tl.maximum(kv_len - q_len + q_first - window + 1, 0) // BLOCK_N * BLOCK_N
+    for start in range(kv_start, kv_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_end
         page = tl.load(table_ptr + seq * stride_table + n // PAGE, mask=n_ok, other=0)
@@ -79,8 +87,14 @@ def _paged_attention_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        if SOFTCAP > 0:  # tanh(x) = 2 sigmoid(2x) - 1
+            s = SOFTCAP * (2.0 * tl.sigmoid(s * (scale * 2.0 / SOFTCAP)) - 1.0) * LOG2E
+        else:
+            s = s * (scale * LOG2E)
         visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
-        s = tl.where(visible, s * qk_scale, float("-inf"))  # [M, N]
+        if WINDOWED:  # each row sees the last `window` keys up to its own position
+            visible = visible & (n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))  # [M, N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -99,30 +113,41 @@ def _paged_attention_kernel(
     )
 
 
-def _launch(q, k_cache, v_cache, out, batch: AttentionBatch, scale: float, grid: int, decode: bool) -> None:
+def _launch(
+    q, k_cache, v_cache, out, batch: AttentionBatch, scale, window, softcap, grid: int, decode: bool
+) -> None:
     group = q.shape[1] // k_cache.shape[2]
     block_q = 1 if decode else PREFILL_BLOCK_Q
     dim = q.shape[2]
     _paged_attention_kernel[(grid, k_cache.shape[2])](
         q, k_cache, v_cache, out, batch.page_table, batch.cu_seqlens_q, batch.kv_lens,
-        batch.block_seq, batch.block_start, scale,
+        batch.block_seq, batch.block_start, scale, window,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), batch.page_table.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
         BLOCK_N=BLOCK_N, PAGE=k_cache.shape[1], D=dim, D_PAD=max(16, triton.next_power_of_2(dim)),
-        DECODE=decode, IEEE=q.dtype == torch.float32,
+        DECODE=decode, IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap), WINDOWED=window > 0,
         num_warps=4, num_stages=2,
     )  # fmt: skip
 
 
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Attention of every query over its sequence's cached K/V. q: [T, H, D] -> [T, H, D]."""
+    """Attention of every query over its sequence's cached K/V (the last `window` positions when > 0,
+    logits soft-capped when `softcap` > 0). q: [T, H, D] -> [T, H, D]."""
     assert k_cache.stride(3) == 1 and q.stride(2) == 1
     out = torch.empty_like(q)
     if batch.num_decodes:
-        _launch(q, k_cache, v_cache, out, batch, scale, batch.num_decodes, decode=True)
+        _launch(q, k_cache, v_cache, out, batch, scale, window, softcap, batch.num_decodes, decode=True)
     if batch.block_seq.numel():
-        _launch(q, k_cache, v_cache, out, batch, scale, batch.block_seq.numel(), decode=False)
+        _launch(
+            q, k_cache, v_cache, out, batch, scale, window, softcap, batch.block_seq.numel(), decode=False
+        )
     return out

@@ -11,9 +11,14 @@ import torch
 
 from runner.engine.config import UnsupportedModel
 from runner.engine.models.base import ModelShape, PagedModel
+from runner.engine.models.gemma2 import PagedGemma2
+from runner.engine.models.gemma3 import PagedGemma3
+from runner.engine.models.granite import PagedGranite
 from runner.engine.models.llama import PagedLlama
 from runner.engine.models.mixtral import PagedMixtral
+from runner.engine.models.olmo2 import PagedOlmo2
 from runner.engine.models.olmoe import PagedOlmoe
+from runner.engine.models.phi3 import PagedPhi3
 from runner.engine.models.qwen2_moe import PagedQwen2Moe
 from runner.engine.models.qwen3_moe import PagedQwen3Moe
 
@@ -22,6 +27,11 @@ FAMILIES: dict[str, type[PagedModel]] = {
     "mistral": PagedLlama,
     "qwen2": PagedLlama,
     "qwen3": PagedLlama,
+    "gemma2": PagedGemma2,
+    "gemma3_text": PagedGemma3,
+    "phi3": PagedPhi3,  # Phi-3, Phi-3.5, Phi-4-mini
+    "olmo2": PagedOlmo2,
+    "granite": PagedGranite,
     "qwen2_moe": PagedQwen2Moe,  # routed experts + a shared expert
     "qwen3_moe": PagedQwen3Moe,
     "mixtral": PagedMixtral,
@@ -42,10 +52,19 @@ def model_shape(config) -> ModelShape:
     return family(config).shape_of(config)
 
 
+def fast_path_reason(config) -> str | None:
+    """None when the fast path runs `config`, else why the model falls back to transformers."""
+    try:
+        model_shape(config)
+    except UnsupportedModel as e:
+        return str(e)
+    return None
+
+
 def build_model(hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> PagedModel:
     """Our forward for a loaded transformers model, its weights copied to `device` / `dtype` (`fp8`: the
     decoder's linear weights quantized to fp8; weights stored in fp8 stay fp8 either way)."""
     return family(hf_model.config)(hf_model, device, dtype, fp8)
 
 
-__all__ = ["FAMILIES", "ModelShape", "PagedModel", "build_model", "family", "model_shape"]
+__all__ = ["FAMILIES", "ModelShape", "PagedModel", "build_model", "family", "fast_path_reason", "model_shape"]

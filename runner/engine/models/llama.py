@@ -1,9 +1,10 @@
 """Our own forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM) over the paged KV cache.
 
 Weights are taken from a loaded Hugging Face model (q/k/v and gate/up fused into one matrix each);
-rotary tables come from the model's own rotary module, so every static rope scaling that
-transformers implements (llama3, linear, yarn, ...) is honoured. Anything else raises
-`UnsupportedModel`, and the caller falls back to the transformers backend.
+rotary tables come from the model's own rotary module (`layers.rope`), so every rope type that
+transformers implements is honoured. Anything else raises `UnsupportedModel`, and the caller falls
+back to the transformers backend. Phi-3 and Granite are this decoder with their own weights and
+multipliers (`embed_tokens`, `residual`, `logits` are the hooks).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from runner.engine.layers.attention import AttentionBatch, AttentionFn
 from runner.engine.layers.fp8 import Fp8Linear
 from runner.engine.layers.linear import DenseLinear, GatedMLP, fused_linear, load
 from runner.engine.layers.ops import ops_for
-from runner.engine.layers.rope import rope_tables
+from runner.engine.layers.rope import rope_max_len, rope_tables
 from runner.engine.models.base import MLP, ModelShape
 
 
@@ -28,10 +29,7 @@ def llama_shape(config) -> ModelShape:
         raise UnsupportedModel(f"hidden_act {config.hidden_act!r} (the fast path implements silu)")
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModel("mlp_bias=True is not implemented in the fast path")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") in ("dynamic", "longrope"):
-        raise UnsupportedModel(f"rope_type {rope['rope_type']!r} changes with sequence length")
-    max_len = config.max_position_embeddings
+    max_len = rope_max_len(config)
     if getattr(config, "sliding_window", None):
         max_len = min(
             max_len, config.sliding_window
@@ -70,7 +68,7 @@ class PagedLlama:
         """Copy `hf_model`'s weights; `fp8`: quantize the decoder's linear weights (fp8 ones stay)."""
         config = hf_model.config
         self.fp8 = fp8
-        self.shape = llama_shape(config)
+        self.shape = self.shape_of(config)
         s = self.shape
 
         def w(t: torch.Tensor) -> torch.Tensor:
@@ -87,7 +85,7 @@ class PagedLlama:
             self.layers.append(
                 _Layer(
                     ln_attn=w(layer.input_layernorm.weight),
-                    qkv=fused_linear([att.q_proj, att.k_proj, att.v_proj], device, dtype, fp8),
+                    qkv=self.qkv_of(att, device, dtype),
                     q_norm=w(att.q_norm.weight) if qk_norm else None,
                     k_norm=w(att.k_norm.weight) if qk_norm else None,
                     o=fused_linear([att.o_proj], device, dtype, fp8),
@@ -95,8 +93,11 @@ class PagedLlama:
                     mlp=self.mlp_of(layer, config, device, dtype),
                 )
             )
-        self.cos, self.sin = rope_tables(inner.rotary_emb, s.max_model_len, device, dtype)  # [L, D]
+        self.cos, self.sin = rope_tables(
+            inner.rotary_emb, s.head_dim, s.max_model_len, device, dtype
+        )  # [L, D]
         self.scale = s.head_dim**-0.5
+        self.window = 0  # a sliding window over every layer (Phi-3); 0: full attention
         self.device, self.dtype = device, dtype
         self.ops = ops_for(device)
 
@@ -111,10 +112,26 @@ class PagedLlama:
         """q, k, v of layer `index` side by side: [T, hidden] -> [T, (H + 2 Hkv) D]."""
         return layer.qkv(x)
 
+    def qkv_of(self, att, device: torch.device, dtype: torch.dtype) -> DenseLinear | Fp8Linear:
+        """q, k and v of a transformers attention module as one linear (fp8 with `self.fp8`)."""
+        return fused_linear([att.q_proj, att.k_proj, att.v_proj], device, dtype, self.fp8)
+
     def mlp_of(self, layer, config, device: torch.device, dtype: torch.dtype):
         """The MLP of a transformers decoder layer: gated here (fp8 with `self.fp8`); a sparse MoE in the
         MoE families (their experts stay in the model dtype)."""
         return GatedMLP.from_hf(layer.mlp, device, dtype, self.fp8)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream's start: [T] -> [T, hidden] (Granite scales it)."""
+        return self.embed[input_ids]
+
+    def residual(self, delta: torch.Tensor) -> torch.Tensor:
+        """What an attention or MLP output adds to the residual stream (Granite scales it). [T, hidden]"""
+        return delta
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [S, V] of the last hidden states h [S, hidden] (Granite scales them)."""
+        return F.linear(self.ops.add_rms_norm(h, None, self.norm, self.shape.eps), self.lm_head).float()
 
     @torch.inference_mode()
     def forward(
@@ -128,7 +145,7 @@ class PagedLlama:
     ) -> torch.Tensor:
         """Run the decoder; returns fp32 logits [S, V] for `logits_rows`."""
         s, ops = self.shape, self.ops
-        h = self.embed[input_ids]  # [T, hidden]: the residual stream, updated in place
+        h = self.embed_tokens(input_ids)  # [T, hidden]: the residual stream, updated in place
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
         delta = None  # the last layer's MLP output, not yet added to h
         for i, layer in enumerate(self.layers):
@@ -138,8 +155,7 @@ class PagedLlama:
                 qkv, cos, sin, kv_cache[i, 0], kv_cache[i, 1], batch.slot_mapping,
                 s.num_heads, layer.q_norm, layer.k_norm, s.eps,
             )  # fmt: skip
-            o = attention(q, kv_cache[i, 0], kv_cache[i, 1], batch, self.scale)  # [T, H, D]
-            x = ops.add_rms_norm(h, layer.o(o.flatten(1)), layer.ln_mlp, s.eps)
-            delta = layer.mlp(x, ops)
-        h = h[logits_rows] + delta[logits_rows]  # [S, hidden]
-        return F.linear(ops.add_rms_norm(h, None, self.norm, s.eps), self.lm_head).float()
+            o = attention(q, kv_cache[i, 0], kv_cache[i, 1], batch, self.scale, self.window, 0.0)  # [T, H, D]
+            x = ops.add_rms_norm(h, self.residual(layer.o(o.flatten(1))), layer.ln_mlp, s.eps)
+            delta = self.residual(layer.mlp(x, ops))
+        return self.logits(h[logits_rows] + delta[logits_rows])  # [S, V]

@@ -59,6 +59,7 @@ def max_errors(case, device: str, dtype: torch.dtype) -> dict[str, float]:
 
     gate_up = rand(tokens, 2 * inter)
     errors["silu_mul"] = _error(fused.silu_mul(gate_up), TorchOps.silu_mul(gate_up))
+    errors["gelu_tanh_mul"] = _error(fused.gelu_tanh_mul(gate_up), TorchOps.gelu_tanh_mul(gate_up))
     return errors
 
 

@@ -14,7 +14,8 @@ import torch
 
 from runner.engine.layers.attention import AttentionBatch, prefill_blocks, reference_attention
 
-# (seed, decodes, [(q_len, kv_len) of each prefill chunk], page size, heads, kv heads, head dim)
+# (seed, decodes, [(q_len, kv_len) of each prefill chunk], page size, heads, kv heads, head dim
+#  [, sliding window, soft cap])
 CASES = [
     (0, 5, [], 4, 6, 2, 16),
     (1, 0, [(7, 7)], 4, 6, 2, 16),
@@ -28,6 +29,12 @@ CASES = [
     (7, 20, [(33, 120)], 8, 8, 2, 16),
     (8, 6, [(70, 300)], 64, 8, 2, 32),
     (9, 4, [(20, 90)], 64, 32, 8, 128),
+    # sliding windows (Gemma 2/3, Phi-3) smaller than the sequences, over several key blocks, and
+    # attention-logit soft-capping (Gemma 2)
+    (10, 6, [(5, 13), (40, 150)], 4, 6, 2, 16, 7, 0.0),
+    (11, 4, [(70, 300)], 16, 8, 2, 32, 100, 0.0),
+    (12, 5, [(33, 120)], 8, 8, 4, 16, 0, 1.5),
+    (13, 3, [(40, 200), (1, 9)], 8, 4, 2, 32, 64, 2.0),
 ]
 
 
@@ -82,13 +89,14 @@ def relative_error(case, device: str, dtype: torch.dtype) -> float:
     """‖kernel − reference‖ / ‖reference‖ on one case (the reference in fp32 on the CPU)."""
     from runner.engine.layers.paged_attention import paged_attention
 
-    seed, nd, prefills, page, heads, kv_heads, dim = case
+    seed, nd, prefills, page, heads, kv_heads, dim, *masking = case
+    window, softcap = masking or (0, 0.0)
     q, k_cache, v_cache, batch = random_batch(seed, nd, prefills, page, heads, kv_heads, dim, device, dtype)
     scale = dim**-0.5
     ref = reference_attention(
-        q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(), to_cpu(batch), scale
+        q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(), to_cpu(batch), scale, window, softcap
     )
-    out = paged_attention(q, k_cache, v_cache, batch, scale).cpu().float()
+    out = paged_attention(q, k_cache, v_cache, batch, scale, window, softcap).cpu().float()
     assert out.shape == ref.shape and torch.isfinite(out).all()
     return ((out - ref).norm() / ref.norm()).item()
 

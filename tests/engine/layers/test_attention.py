@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from runner.engine.layers.attention import PREFILL_BLOCK_Q, prefill_blocks, reference_attention, write_kv
+from runner.engine.layers.cpu_attention import batched_attention
 from tests.engine.conftest import run_in_triton_interpreter
 from tests.engine.layers.paged_cases import CASES, random_batch, relative_error
 
@@ -37,6 +38,36 @@ def test_reference_masks_future_and_other_sequences():
     after = reference_attention(q, k_cache, v_cache, batch, 0.35)
     changed = (after - before).abs().amax(dim=(1, 2)) > 0
     assert changed.tolist() == [False, False, False, False, False, False, False, True]
+
+
+def test_reference_window_hides_keys_that_left_it():
+    """With a window of 4, the query at position 9 sees keys 6..9 only; the one at 5 sees 2..5."""
+    q, k_cache, v_cache, batch = random_batch(4, 0, [(6, 10)])
+    before = reference_attention(q, k_cache, v_cache, batch, 0.35, window=4)
+    pages = batch.page_table[0].tolist()
+    k_cache[pages[1], 1] += 5.0  # position 5: seen by queries at 5..8 (rows 1..4), not 9 (row 5)
+    k_cache[pages[0], 0] += 5.0  # position 0: left every query's window
+    after = reference_attention(q, k_cache, v_cache, batch, 0.35, window=4)
+    changed = (after - before).abs().amax(dim=(1, 2)) > 0
+    assert changed.tolist() == [False, True, True, True, True, False]
+
+
+def test_soft_cap_bounds_the_logits():
+    """One key with a huge logit among zero ones: capped at 2, its weight is e^2 / (e^2 + 2)."""
+    q, k_cache, v_cache, batch = random_batch(5, 0, [(1, 3)], dim=4)
+    page = batch.page_table[0, 0]
+    k_cache.zero_(), v_cache.zero_()
+    k_cache[page, 0], v_cache[page, 0] = 1e4, 1.0  # position 0
+    out = reference_attention(q.abs(), k_cache, v_cache, batch, 1.0, softcap=2.0)
+    assert torch.allclose(out, torch.full_like(out, 1 / (1 + 2 * torch.e**-2)))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if len(c) > 7], ids=lambda c: str(c[0]))
+def test_cpu_batched_attention_windows_and_caps_like_the_reference(case):
+    seed, nd, prefills, page, heads, kv_heads, dim, window, softcap = case
+    q, k_cache, v_cache, batch = random_batch(seed, nd, prefills, page, heads, kv_heads, dim)
+    ref = reference_attention(q, k_cache, v_cache, batch, 0.3, window, softcap)
+    assert torch.allclose(batched_attention(q, k_cache, v_cache, batch, 0.3, window, softcap), ref, atol=1e-6)
 
 
 def test_write_kv_puts_tokens_at_their_slots():

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from transformers import GPT2Config, LlamaConfig, MistralConfig
+from transformers import Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Phi3Config
 
 from runner.engine import UnsupportedModel
-from runner.engine.models import FAMILIES, family, model_shape
+from runner.engine.models import FAMILIES, family, fast_path_reason, model_shape
 from runner.engine.models.llama import PagedLlama
 from tests.engine.conftest import COMMON, CONFIGS
 
@@ -23,7 +23,23 @@ def test_moe_types_map_to_their_files():
     expected = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "mixtral": mixtral, "olmoe": olmoe}
     for kind, module in expected.items():
         assert FAMILIES[kind].__module__ == module.__name__
-    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", *expected}
+    dense = {"gemma2", "gemma3_text", "phi3", "olmo2", "granite"}
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", *dense, *expected}
+
+
+def test_dense_types_map_to_their_files():
+    files = {"gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "olmo2": "olmo2"}
+    files["granite"] = "granite"
+    for kind, module in files.items():
+        assert FAMILIES[kind].__module__ == f"runner.engine.models.{module}"
+
+
+def test_longrope_sequences_stop_at_the_original_length():
+    rope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    config = Phi3Config(**COMMON, original_max_position_embeddings=64, rope_parameters=rope)
+    assert model_shape(config).max_model_len == 64
+    assert fast_path_reason(config) is None
+    assert "is not in the fast path" in fast_path_reason(GPT2Config(n_layer=1))
 
 
 def test_shape_is_read_from_the_config():
@@ -40,13 +56,15 @@ def test_shape_is_read_from_the_config():
     [
         (
             GPT2Config(n_layer=1),
-            r"model_type 'gpt2' is not in the fast path \(llama, mistral, qwen2, qwen3, qwen2_moe, "
-            r"qwen3_moe, mixtral, olmoe\)",
+            r"model_type 'gpt2' is not in the fast path \(llama, mistral, qwen2, qwen3, gemma2, gemma3_text, "
+            r"phi3, olmo2, granite, qwen2_moe, qwen3_moe, mixtral, olmoe\)",
         ),
         (LlamaConfig(**COMMON, hidden_act="gelu"), "hidden_act 'gelu'"),
         (LlamaConfig(**COMMON, mlp_bias=True), "mlp_bias=True"),
+        (Gemma2Config(**COMMON, hidden_activation="relu"), "hidden_activation 'relu'"),
+        (Gemma2Config(**COMMON, use_bidirectional_attention=True), "use_bidirectional_attention"),
     ],
-    ids=["gpt2", "gelu", "mlp-bias"],
+    ids=["gpt2", "gelu", "mlp-bias", "gemma-relu", "gemma-bidirectional"],
 )
 def test_unsupported_configs_say_why(config, reason):
     with pytest.raises(UnsupportedModel, match=reason):
