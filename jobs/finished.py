@@ -30,7 +30,7 @@ def finished_summary(spec: JobSpec) -> Summary | None:
     store = OutputStore.for_output(spec.output)
     rt = spec.runtime
     try:
-        listing = list_shards(spec.input.path, spec.input.storage_options, spec.input.format)
+        listing = list_shards(spec.input.path, spec.input.storage_options, spec.input.shard_format)
         shards = assign_shards(listing, rt.task_index, rt.num_tasks)
         if not all(_cleanly_done(store, s.id) for s in shards) or not _same_run(spec, store):
             return None
