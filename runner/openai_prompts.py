@@ -26,6 +26,8 @@ ModelMismatch = Literal["ignore", "error"]
 class BatchRequestBuilder(PromptBuilder):
     """A `PromptBuilder` over request lines (input.format: openai-batch)."""
 
+    limits_per_row = True  # a request's max_tokens may be anything its prompt leaves room for
+
     def __init__(
         self,
         spec: PromptConfig,
@@ -87,9 +89,11 @@ class BatchRequestBuilder(PromptBuilder):
             params = replace(params, regex=None, choice=())
         params = replace(params, **over)
         if params.max_new_tokens >= self.max_model_len:
+            given = "max_new_tokens" in over
+            what = "body.max_tokens" if given else "sampling.max_new_tokens (the request sets no max_tokens)"
             raise RowError(
-                f"body.max_tokens {params.max_new_tokens} leaves no room for a prompt in the model's "
-                f"context of {self.max_model_len} tokens"
+                f"{what} {params.max_new_tokens} leaves no room for a prompt in the model's context of "
+                f"{self.max_model_len} tokens"
             )
         return params
 

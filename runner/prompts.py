@@ -64,6 +64,8 @@ class PreparedRow:
 class PromptBuilder:
     """Turns batches of rows into token ids with one batched call of the fast tokenizer."""
 
+    limits_per_row = False  # True: each row's max_new_tokens decides its prompt limit (`_limit`)
+
     def __init__(self, spec: PromptConfig, sampling: SamplingParams, tokenizer, max_model_len: int):
         """`sampling`: the job's; its `seed` is the job seed that each row's seed is derived from."""
         self.spec = spec
@@ -74,7 +76,7 @@ class PromptBuilder:
         limit = max_model_len - sampling.max_new_tokens
         if spec.max_tokens is not None:
             limit = min(limit, spec.max_tokens)
-        if limit <= 0:
+        if limit <= 0 and not self.limits_per_row:
             raise PromptSetupError(
                 f"sampling.max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the "
                 f"model's context of {max_model_len} tokens; lower it"
