@@ -132,7 +132,7 @@ def _check_requests(rows: list[dict], where: str) -> list[Problem]:
             return []
         except RequestError as e:
             errors.append(str(e))
-    return [Problem("input.format", f"none of {where} is a request batchrun can run; the first: {errors[0]}")]
+    return [Problem("input.format", f"no request in {where} can run; the first: {errors[0]}")]
 
 
 def _is_messages(value) -> bool:

@@ -267,3 +267,16 @@ def test_spec_rules_for_openai_batch():
         with pytest.raises(SpecError) as e:
             parse_spec(data)
         assert message in str(e.value)
+
+
+def test_preflight_refuses_a_file_of_no_runnable_requests(tmp_path: Path, tiny_model_dir: Path):
+    from jobs.preflight import check_inputs
+
+    write_requests(tmp_path / "in/r.jsonl", [{"custom_id": "a", "url": "/v1/embeddings", "body": {}}])
+    [problem] = check_inputs(load_spec(batch_spec(tmp_path, tiny_model_dir)))
+    assert (problem.field, problem.message) == (
+        "input.format",
+        f"no request in the first row of {tmp_path}/in/r.jsonl can run; the first: url: must be one of /v1/chat/completions, /v1/completions (got '/v1/embeddings')",
+    )
+    write_requests(tmp_path / "in/r.jsonl", [request("ok")])
+    assert check_inputs(load_spec(batch_spec(tmp_path, tiny_model_dir))) == []
