@@ -245,6 +245,34 @@ def _submit_slurm(spec: JobSpec, spec_path: str, dry_run: bool) -> None:
 
 
 @main.command(epilog=EXIT_CODES)
+@click.argument("inputs", metavar="IN...", nargs=-1, required=True)
+@click.option(
+    "--model", required=True, help="The model: a local Hugging Face folder, .gguf file, hub id or URL."
+)
+@click.option("--output", required=True, help="The output directory; the job's spec is written there.")
+@click.option(
+    "--force-new-run", is_flag=True, help="Discard this output's progress from an earlier, different run."
+)
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+def batch(inputs: tuple[str, ...], model: str, output: str, force_new_run: bool, progress: bool) -> None:
+    """Run OpenAI Batch API request files IN... (.jsonl, .jsonl.gz, .jsonl.zst; globs) with MODEL into
+    OUTPUT, as OpenAI output lines. The equivalent spec is written to OUTPUT/spec.yaml: `batchrun status`
+    and `batchrun submit` take it (to resume, or on Slurm with --executor slurm)."""
+    from jobs.batch import write_batch_spec
+
+    try:
+        spec_path = str(write_batch_spec(list(inputs), model, output))
+    except SpecError as e:
+        click.echo(str(e), err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    click.echo(f"spec: {spec_path} (`batchrun status {spec_path}` shows progress)", err=True)
+    click.get_current_context().invoke(
+        submit, spec_path=spec_path, task_index=None, num_tasks=None, force_new_run=force_new_run,
+        progress=progress, executor="local", dry_run=False,
+    )  # fmt: skip
+
+
+@main.command(epilog=EXIT_CODES)
 @click.argument("spec_path", metavar="SPEC")
 @_with_task_opts
 def run(spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bool) -> None:

@@ -35,7 +35,7 @@ def finished_summary(spec: JobSpec) -> Summary | None:
     if store.fs.exists(lease_path(store.root, rt.task_index, rt.num_tasks)):
         return None  # a killed attempt's (its heartbeat temps and report need the full run) or a live one's
     try:
-        listing = list_shards(spec.input.path, spec.input.storage_options, spec.input.format)
+        listing = list_shards(spec.input.path, spec.input.storage_options, spec.input.shard_format)
         shards = assign_shards(listing, rt.task_index, rt.num_tasks)
         if not all(_cleanly_done(store, s.id) for s in shards) or not _same_run(spec, store):
             return None

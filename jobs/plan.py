@@ -76,7 +76,7 @@ def plan_work(
 
 def input_columns(spec: JobSpec) -> list[str] | None:
     """The input fields the job reads (None: all of them, for keep_columns: all)."""
-    if spec.output.keep_columns == "all":
+    if spec.output.keep_columns == "all" or spec.openai_batch:  # a request line is read whole
         return None
     p = spec.prompt
     names = [p.column, p.messages_column, spec.input.id_column, spec.sampling.overrides_column]

@@ -21,6 +21,7 @@ from pathlib import Path
 from jobs.spec import JobSpec
 from runner.model_fetch import is_url
 from runner.model_resolve import BUILTIN_PREFIX, ModelError, builtin_gguf, looks_local, missing_model_message
+from runner.openai_batch import RequestError, parse_request
 from runner.sources import InputError, Shard, list_shards, read_shard
 from runner.storage import is_local, url_to_fs
 
@@ -54,7 +55,7 @@ def format_problems(problems: list[Problem], source: str) -> str:
 def check_inputs(spec: JobSpec) -> list[Problem]:
     """The shards exist, and the first rows of each kind of shard carry the fields the prompt uses."""
     try:
-        shards = list_shards(spec.input.path, spec.input.storage_options, spec.input.format)
+        shards = list_shards(spec.input.path, spec.input.storage_options, spec.input.shard_format)
     except InputError as e:
         return [Problem("input.path", str(e))]
     kinds: dict[tuple[str, str | None], Shard] = {}
@@ -94,6 +95,8 @@ def _check_rows(spec: JobSpec, shard: Shard, rows: list[dict]) -> list[Problem]:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return Problem(field, f"no {what} {name!r} in {where} (they have: {', '.join(seen)}){hint}")
 
+    if spec.openai_batch:
+        return _check_requests(rows, where)
     p = spec.prompt
     found: list[Problem | None] = []
     if p.column:
@@ -118,6 +121,18 @@ def _check_rows(spec: JobSpec, shard: Shard, rows: list[dict]) -> list[Problem]:
         if isinstance(spec.output.keep_columns, list):
             found += [missing("output.keep_columns", c) for c in spec.output.keep_columns]
     return [x for x in found if x is not None]
+
+
+def _check_requests(rows: list[dict], where: str) -> list[Problem]:
+    """OpenAI request lines: a problem when none of the first ones can run."""
+    errors = []
+    for r in rows:
+        try:
+            parse_request(r)
+            return []
+        except RequestError as e:
+            errors.append(str(e))
+    return [Problem("input.format", f"no request in {where} can run; the first: {errors[0]}")]
 
 
 def _is_messages(value) -> bool:

@@ -21,11 +21,13 @@ from runner.attempts import attempt_of, summary_from_report, with_history
 from runner.backends import load_backend
 from runner.cpu_threads import configure_cpu_threads, cuda_available
 from runner.error_budget import ErrorBudgetExceeded
-from runner.loop import GenerationLoop, LoopSettings, OutputRows
+from runner.loop import GenerationLoop, LoopSettings, OutputRows, RowBuilder
 from runner.memory import return_freed_buffers_to_os
 from runner.model_cache import use_kernel_cache
 from runner.model_resolve import ResolvedModel, load_tokenizer, resolve_model
 from runner.monitor import Counters, Monitor, clear_heartbeat_temps
+from runner.openai_prompts import BatchRequestBuilder, ModelMismatch
+from runner.openai_response import BatchOutputRows
 from runner.phases import Phases
 from runner.progress import Summary
 from runner.prompts import PromptBuilder, PromptConfig, PromptSetupError
@@ -100,10 +102,23 @@ def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> tuple[R
     return model, tokenizer
 
 
+def job_prompt_builder(spec: JobSpec, tokenizer, max_model_len: int) -> PromptBuilder:
+    """The job's prompt builder: over OpenAI request lines for openai-batch input."""
+    if not spec.openai_batch:
+        return prompt_builder(spec.prompt, spec.sampling, tokenizer, max_model_len)
+    mismatch = spec.input.model_mismatch
+    return prompt_builder(spec.prompt, spec.sampling, tokenizer, max_model_len, (spec.model.path, mismatch))
+
+
 def prompt_builder(
-    prompt: PromptSpec, sampling: SamplingSpec, tokenizer, max_model_len: int
+    prompt: PromptSpec,
+    sampling: SamplingSpec,
+    tokenizer,
+    max_model_len: int,
+    requests: tuple[str, ModelMismatch] | None = None,
 ) -> PromptBuilder:
-    """The job's prompt builder; settings that cannot work with this model are spec errors."""
+    """The prompt builder of these sections (`requests`: over OpenAI request lines, with the model.path
+    and the model mismatch policy); settings that cannot work with this model are spec errors."""
     config = PromptConfig(
         column=prompt.column,
         template=prompt.template,
@@ -115,12 +130,14 @@ def prompt_builder(
         overrides_column=sampling.overrides_column,
     )
     try:
+        if requests:
+            return BatchRequestBuilder(config, sampling.params(), tokenizer, max_model_len, *requests)
         return PromptBuilder(config, sampling.params(), tokenizer, max_model_len)
     except PromptSetupError as e:
         raise SpecError(str(e)) from None
 
 
-def loop_settings(spec: JobSpec) -> LoopSettings:
+def loop_settings(spec: JobSpec, tokenizer) -> LoopSettings:
     """What the generation loop needs from the spec, as plain values."""
     out, rt = spec.output, spec.runtime
     return LoopSettings(
@@ -133,9 +150,17 @@ def loop_settings(spec: JobSpec) -> LoopSettings:
         columns=input_columns(spec),
         max_error_fraction=rt.max_error_fraction,
         error_window_rows=rt.error_window_rows,
-        rows=OutputRows(
-            out.keep_columns, spec.input.id_column, spec.sampling.n, out.include_token_ids, out.parse_json
-        ),
+        rows=row_builder(spec, tokenizer),
+    )
+
+
+def row_builder(spec: JobSpec, tokenizer) -> RowBuilder:
+    """How the job's output rows are made: the spec's columns, or OpenAI output lines."""
+    if spec.openai_batch:
+        return BatchOutputRows(spec.model.path, lambda token_id: tokenizer.decode([token_id]))
+    out = spec.output
+    return OutputRows(
+        out.keep_columns, spec.input.id_column, spec.sampling.n, out.include_token_ids, out.parse_json
     )
 
 
@@ -147,7 +172,7 @@ def _run_leased(
     model, tokenizer = check_run(spec, store, force_new_run)
     phases.done("resolve_model")
     shards = assign_shards(
-        list_shards(spec.input.path, spec.input.storage_options, spec.input.format),
+        list_shards(spec.input.path, spec.input.storage_options, spec.input.shard_format),
         rt.task_index,
         rt.num_tasks,
     )
@@ -172,7 +197,7 @@ def _run_leased(
     backend = load_backend(
         model.local_path, spec.engine.backend, spec.engine.config(), spec.model.revision, tokenizer
     )
-    loop = GenerationLoop(loop_settings(spec), backend, work, failed, counters)
+    loop = GenerationLoop(loop_settings(spec, backend.tokenizer), backend, work, failed, counters)
     monitor = Monitor(
         store,
         rt.task_index,
@@ -185,11 +210,14 @@ def _run_leased(
     state, over_budget = "failed", None
     try:
         with StopRequested() as stop, monitor:
-            builder = prompt_builder(spec.prompt, spec.sampling, backend.tokenizer, backend.max_model_len)
+            builder = job_prompt_builder(spec, backend.tokenizer, backend.max_model_len)
             try:
                 loop.run(store, builder, stop, show_progress)
             except ErrorBudgetExceeded as e:
                 over_budget = str(e)
+            if isinstance(builder, BatchRequestBuilder):
+                for line in builder.report():
+                    log.warning("%s", line)
         engine_stats = backend.stats()
         state = (
             "interrupted" if stop.requested else "failed" if loop.failed or loop.engine_error else "finished"

@@ -176,7 +176,7 @@ def active_job(store: OutputStore) -> str | None:
 
 def all_done(spec: JobSpec, store: OutputStore) -> bool:
     """Whether every shard of the job has its final file (the job is finished)."""
-    shards = list_shards(spec.input.path, spec.input.storage_options, spec.input.format)
+    shards = list_shards(spec.input.path, spec.input.storage_options, spec.input.shard_format)
     return all(store.scan(shard.id, repair=False).done for shard in shards)
 
 

@@ -27,15 +27,28 @@ from runner.engine.config import EngineConfig
 
 __all__ = ["JobSpec", "SamplingSpec", "SpecError", "load_spec", "parse_spec"]
 
+_ONE_SOURCE = "set exactly one of prompt.column, prompt.template, prompt.messages_column"
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
 class InputSpec(Section):
     path: list[str] = Field(description="glob, file, directory or URL (or a list of them)")
-    format: Literal["parquet", "jsonl"] | None = Field(None, description="inferred from the suffix")
+    format: Literal["parquet", "jsonl", "openai-batch"] | None = Field(
+        None, description="inferred from the suffix; openai-batch: OpenAI Batch API request lines (JSONL)"
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict)
     id_column: str | None = Field(None, description="an input column copied to the output as `id`")
+    model_mismatch: Literal["ignore", "error"] = Field(
+        "ignore",
+        description="openai-batch: a request whose body.model is not model.path is run anyway (one warning "
+        "per job) or is an error line",
+    )
+
+    @property
+    def shard_format(self) -> Literal["parquet", "jsonl"] | None:
+        """How the shards are read (openai-batch request files are JSONL)."""
+        return "jsonl" if self.format == "openai-batch" else self.format
 
     @field_validator("path", mode="before")
     @classmethod
@@ -62,18 +75,20 @@ class PromptSpec(Section):
     on_too_long: Literal["error", "skip", "truncate"] = "skip"
 
     @model_validator(mode="after")
-    def _exactly_one_source(self) -> PromptSpec:
-        given = [k for k in ("column", "template", "messages_column") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError(
-                "set exactly one of prompt.column, prompt.template, prompt.messages_column"
-                + (f" (got {', '.join(given)})" if given else "")
-            )
+    def _at_most_one_source(self) -> PromptSpec:
+        given = self.sources
+        if len(given) > 1:
+            raise ValueError(f"{_ONE_SOURCE} (got {', '.join(given)})")
         if self.messages_column and self.chat_template is False:
             raise ValueError("prompt.messages_column needs chat_template: true")
         if self.system and not self.uses_chat_template:
             raise ValueError("prompt.system needs the chat template (set chat_template: true)")
         return self
+
+    @property
+    def sources(self) -> list[str]:
+        """The prompt sources set (column, template, messages_column)."""
+        return [k for k in ("column", "template", "messages_column") if getattr(self, k)]
 
     @property
     def uses_chat_template(self) -> bool:
@@ -92,7 +107,9 @@ class ModelSpec(Section):
 
 class OutputSpec(Section):
     path: str = Field(description="output directory or URL")
-    format: Literal["parquet", "jsonl"] = "parquet"
+    format: Literal["parquet", "jsonl", "openai-batch"] = Field(
+        "parquet", description="openai-batch: OpenAI Batch API output lines (JSONL), for openai-batch input"
+    )
     compression: Literal["gzip", "zstd"] | None = Field(None, description="jsonl only")
     keep_columns: list[str] | Literal["all"] = Field(
         default_factory=list, description="input columns copied to each output row"
@@ -107,8 +124,13 @@ class OutputSpec(Section):
 
     @model_validator(mode="after")
     def _compression_for_jsonl(self) -> OutputSpec:
-        if self.compression and self.format != "jsonl":
+        if self.compression and self.format == "parquet":
             raise ValueError("output.compression applies to jsonl (parquet compresses internally)")
+        if self.format == "openai-batch":
+            given = [k for k in ("keep_columns", "include_token_ids", "parse_json") if getattr(self, k)]
+            if given:
+                fields = ", ".join(f"output.{k}" for k in given)
+                raise ValueError(f"{fields}: not with format openai-batch (its lines have a fixed shape)")
         return self
 
 
@@ -195,12 +217,31 @@ class JobSpec(Section):
 
     name: str | None = None
     input: InputSpec
-    prompt: PromptSpec
+    prompt: PromptSpec = Field(default_factory=PromptSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     output: OutputSpec
     engine: EngineSpec = Field(default_factory=EngineSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+
+    @model_validator(mode="after")
+    def _prompt_source(self) -> JobSpec:
+        requests = self.input.format == "openai-batch"
+        if requests != (self.output.format == "openai-batch"):
+            raise ValueError("input.format and output.format: openai-batch goes with openai-batch")
+        if requests and (self.prompt.sources or self.prompt.chat_template is not None):
+            raise ValueError(
+                "prompt: with input.format openai-batch each request's body is the prompt; set only "
+                "prompt.system, max_tokens or on_too_long"
+            )
+        if not requests and not self.prompt.sources:
+            raise ValueError(_ONE_SOURCE)
+        return self
+
+    @property
+    def openai_batch(self) -> bool:
+        """Input and output are OpenAI Batch API files."""
+        return self.input.format == "openai-batch"
 
 
 _HINTS = {

@@ -90,7 +90,7 @@ def job_status(spec: JobSpec) -> JobStatus:
         spec.output.path, store.read_json("run.json") is not None, last_report=store.read_json("report.json")
     )
     reasons: Counter[str] = Counter()
-    for shard in list_shards(spec.input.path, spec.input.storage_options, spec.input.format):
+    for shard in list_shards(spec.input.path, spec.input.storage_options, spec.input.shard_format):
         progress = store.scan(shard.id, repair=False)
         total = count_rows(shard, spec.input.storage_options)
         reasons.update(map(error_reason, store.error_reasons(shard.id)))

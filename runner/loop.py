@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from runner.backends import Backend
 from runner.budget import HeldBytes
@@ -32,6 +32,17 @@ log = logging.getLogger(__name__)
 DRAIN_SHARE = 0.5  # of the grace period spent finishing in-flight rows; the rest is for commits
 
 
+class RowBuilder(Protocol):
+    """Makes the output rows of one input row: `OutputRows`, or OpenAI lines (runner/openai_response.py).
+    Each row holds `_shard`, `_row`, `finish_reason`, `error`, `prompt_tokens`, `generated_tokens`."""
+
+    def error_rows(self, prep: PreparedRow, error: str) -> list[dict]: ...
+
+    def sample_rows(
+        self, prep: PreparedRow, samples: list[Completion], errors: list[str | None]
+    ) -> list[dict]: ...
+
+
 @dataclass(slots=True, frozen=True)
 class OutputRows:
     """What an output row holds besides the generation (the spec's output and input sections)."""
@@ -41,6 +52,16 @@ class OutputRows:
     samples: int  # samples per input row (`_sample` is added when > 1)
     include_token_ids: bool
     parse_json: bool = False  # add `generated_json`: the parsed output of rows under a JSON schema
+
+    def error_rows(self, prep: PreparedRow, error: str) -> list[dict]:
+        """The error row of an input row that could not run."""
+        return [self.row(prep, error=error)]
+
+    def sample_rows(
+        self, prep: PreparedRow, samples: list[Completion], errors: list[str | None]
+    ) -> list[dict]:
+        """One row per sample, with its error (if any)."""
+        return [self.row(prep, s, e) for s, e in zip(samples, errors, strict=True)]
 
     def row(self, prep: PreparedRow, completion: Completion | None = None, error: str | None = None) -> dict:
         """The output row of one sample of `prep`, or its error row (with what was generated, if any)."""
@@ -90,7 +111,7 @@ class LoopSettings:
     max_held_bytes: int  # input values held between reading and committing
     storage_options: dict  # for reading the input
     columns: list[str] | None  # input columns to read (None: all)
-    rows: OutputRows
+    rows: RowBuilder
     max_error_fraction: float  # the error budget (runner/error_budget.py)
     error_window_rows: int
 
@@ -193,12 +214,12 @@ class GenerationLoop:
                 self.counters.rows_total -= self._rows_of(item.shard)
                 self.failed[item.shard] = item.reason
             elif item.error is not None:
-                self._emit(item, [self.settings.rows.row(item, error=item.error)], is_error=True)
+                self._emit(item, self.settings.rows.error_rows(item, item.error), is_error=True)
             else:
                 try:
                     self.backend.add(Request((item.shard, item.row), item.prompt_ids, item.sampling))
                 except ValueError as e:  # a request this backend can never run: this row's error
-                    self._emit(item, [self.settings.rows.row(item, error=str(e))], is_error=True)
+                    self._emit(item, self.settings.rows.error_rows(item, str(e)), is_error=True)
                     continue
                 self.inflight[(item.shard, item.row)] = _PendingSamples(item)
         self.counters.inflight = self.backend.num_unfinished
@@ -212,7 +233,7 @@ class GenerationLoop:
         prep = entry.prep
         samples = [entry.samples[i] for i in range(prep.sampling.n)]
         errors = [_grammar_unfinished(prep, s) for s in samples]
-        rows = [self.settings.rows.row(prep, s, e) for s, e in zip(samples, errors, strict=True)]
+        rows = self.settings.rows.sample_rows(prep, samples, errors)
         self._emit(prep, rows, is_error=any(errors))
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:

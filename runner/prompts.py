@@ -64,6 +64,8 @@ class PreparedRow:
 class PromptBuilder:
     """Turns batches of rows into token ids with one batched call of the fast tokenizer."""
 
+    limits_per_row = False  # True: each row's max_new_tokens decides its prompt limit (`_limit`)
+
     def __init__(self, spec: PromptConfig, sampling: SamplingParams, tokenizer, max_model_len: int):
         """`sampling`: the job's; its `seed` is the job seed that each row's seed is derived from."""
         self.spec = spec
@@ -74,12 +76,13 @@ class PromptBuilder:
         limit = max_model_len - sampling.max_new_tokens
         if spec.max_tokens is not None:
             limit = min(limit, spec.max_tokens)
-        if limit <= 0:
+        if limit <= 0 and not self.limits_per_row:
             raise PromptSetupError(
                 f"sampling.max_new_tokens {sampling.max_new_tokens} leaves no room for a prompt in the "
                 f"model's context of {max_model_len} tokens; lower it"
             )
         self.max_prompt_tokens = limit
+        self.max_model_len = max_model_len
         if spec.uses_chat_template and not getattr(tokenizer, "chat_template", None):
             raise PromptSetupError(
                 "prompt asks for the chat template but the model's tokenizer has none; set "
@@ -100,8 +103,7 @@ class PromptBuilder:
         """
         where = source or shard
         out: list[PreparedRow] = []
-        texts: list[str] = []
-        pending: list[tuple[PreparedRow, str]] = []
+        pending: list[tuple[PreparedRow, str, str, bool]] = []  # (row, place, text, add special tokens)
         for i, (row, values, read_error) in enumerate(rows):
             prep = PreparedRow(shard, row, values)
             out.append(prep)
@@ -110,38 +112,46 @@ class PromptBuilder:
                 continue
             place = f"{where} {places[i] if places else f'row {row}'}"
             try:
-                text = self._text(values)
-                prep.sampling = self._sampling(shard, row, values)
-            except _RowError as e:
+                text, prep.sampling, add_special = self._prepare(shard, row, values)
+            except RowError as e:
                 prep.error = f"{place}: {e}"
                 continue
-            texts.append(text)
-            pending.append((prep, place))
-        if texts:
-            # chat-templated text already carries its special tokens
-            add_special = not self.spec.uses_chat_template
-            encoded = self.tokenizer(texts, add_special_tokens=add_special)["input_ids"]
-            for (prep, place), ids in zip(pending, encoded, strict=True):
-                self._fit(prep, list(ids), place)
+            pending.append((prep, place, text, add_special))
+        for add_special in (True, False):
+            group = [p for p in pending if p[3] == add_special]
+            if group:
+                encoded = self.tokenizer([p[2] for p in group], add_special_tokens=add_special)["input_ids"]
+                for (prep, place, _, _), ids in zip(group, encoded, strict=True):
+                    self._fit(prep, list(ids), place)
         return out
+
+    def _prepare(self, shard: str, row: int, values: dict[str, Any]) -> tuple[str, SamplingParams, bool]:
+        """(prompt text, sampling, whether the tokenizer adds its special tokens) of one row; raises
+        RowError. Chat-templated text already carries its special tokens."""
+        text = self._text(values)
+        return text, self._sampling(shard, row, values), not self.spec.uses_chat_template
+
+    def _limit(self, sampling: SamplingParams) -> int:
+        """The longest prompt a row sampled with `sampling` may have."""
+        return self.max_prompt_tokens
 
     def _text(self, values: dict[str, Any]) -> str:
         spec = self.spec
         if spec.column:
             text = _field(values, spec.column)
             if not isinstance(text, str):
-                raise _RowError(f"field '{spec.column}' must be text (got {type(text).__name__})")
+                raise RowError(f"field '{spec.column}' must be text (got {type(text).__name__})")
         elif spec.template:
             try:
                 text = spec.template.format_map(values)
             except KeyError as e:
-                raise _RowError(f"prompt.template needs field {e} which the row lacks") from None
+                raise RowError(f"prompt.template needs field {e} which the row lacks") from None
             except (ValueError, IndexError, AttributeError) as e:
-                raise _RowError(f"prompt.template failed on this row: {e}") from None
+                raise RowError(f"prompt.template failed on this row: {e}") from None
         else:
             return self._chat(_messages(_field(values, spec.messages_column), spec.messages_column))
         if not text.strip():
-            raise _RowError("empty prompt")
+            raise RowError("empty prompt")
         return self._chat([{"role": "user", "content": text}]) if spec.uses_chat_template else text
 
     def _chat(self, messages: list[dict[str, str]]) -> str:
@@ -150,20 +160,20 @@ class PromptBuilder:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # a template is user code: any failure is this row's error
-            raise _RowError(f"chat template failed: {type(e).__name__}: {e}") from None
+            raise RowError(f"chat template failed: {type(e).__name__}: {e}") from None
 
     def _sampling(self, shard: str, row: int, values: dict[str, Any]) -> SamplingParams:
         # a per-row seed derived from (job seed, shard, row): same tokens on every resume, any batch mix
-        seed = _row_seed(self.seed, shard, row)
+        seed = row_seed(self.seed, shard, row)
         params = replace(self.base_sampling, seed=seed)
         if not self.overrides_column or values.get(self.overrides_column) is None:
             return params
         over = values[self.overrides_column]
         if not isinstance(over, dict):
-            raise _RowError(f"field '{self.overrides_column}' must be a mapping of sampling overrides")
+            raise RowError(f"field '{self.overrides_column}' must be a mapping of sampling overrides")
         unknown = set(over) - OVERRIDABLE
         if unknown:
-            raise _RowError(
+            raise RowError(
                 f"field '{self.overrides_column}': unknown sampling keys {sorted(unknown)} "
                 f"(allowed: {sorted(OVERRIDABLE)})"
             )
@@ -175,11 +185,11 @@ class PromptBuilder:
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise _RowError(f"field '{self.overrides_column}': {where}: {first['msg']}") from None
+            raise RowError(f"field '{self.overrides_column}': {where}: {first['msg']}") from None
         if checked.seed is None:  # the job's seed is an integer; a row's too
-            raise _RowError(f"field '{self.overrides_column}': seed: Input should be a valid integer")
+            raise RowError(f"field '{self.overrides_column}': seed: Input should be a valid integer")
         if checked.max_new_tokens > self.base_sampling.max_new_tokens:
-            raise _RowError(
+            raise RowError(
                 f"field '{self.overrides_column}': max_new_tokens {checked.max_new_tokens} is over the "
                 f"job's sampling.max_new_tokens {self.base_sampling.max_new_tokens}"
             )
@@ -206,7 +216,7 @@ class PromptBuilder:
         if not given:
             return {k: v for k, v in over.items() if k not in GRAMMAR_KEYS}
         if len(given) > 1:
-            raise _RowError(
+            raise RowError(
                 f"field '{col}': set at most one of {', '.join(GRAMMAR_KEYS)} (got {', '.join(given)})"
             )
         kind = given[0]
@@ -216,24 +226,24 @@ class PromptBuilder:
                 try:
                     value = json.loads(value)
                 except ValueError as e:
-                    raise _RowError(f"field '{col}': json_schema: not valid JSON: {e}") from None
+                    raise RowError(f"field '{col}': json_schema: not valid JSON: {e}") from None
             if not isinstance(value, dict):
-                raise _RowError(f"field '{col}': json_schema: must be a JSON object (a mapping)")
+                raise RowError(f"field '{col}': json_schema: must be a JSON object (a mapping)")
             value = json.dumps(value, sort_keys=True)
         elif kind == "choice":
             if not isinstance(value, list | tuple) or not all(isinstance(c, str) for c in value):
-                raise _RowError(f"field '{col}': choice: must be a list of strings")
+                raise RowError(f"field '{col}': choice: must be a list of strings")
             value = tuple(value)
         elif not isinstance(value, str):
-            raise _RowError(f"field '{col}': regex: must be a string")
+            raise RowError(f"field '{col}': regex: must be a string")
         try:
             check_grammar((kind, value))
         except GrammarError as e:
-            raise _RowError(f"field '{col}': {kind}: {e}") from None
+            raise RowError(f"field '{col}': {kind}: {e}") from None
         return {**over, "json_schema": None, "regex": None, "choice": (), kind: value}
 
     def _fit(self, prep: PreparedRow, ids: list[int], place: str) -> None:
-        limit = self.max_prompt_tokens
+        limit = self._limit(prep.sampling)
         if len(ids) <= limit:
             prep.prompt_ids = ids
             return
@@ -250,33 +260,34 @@ class PromptBuilder:
             )
 
 
-class _RowError(Exception):
-    pass
+class RowError(Exception):
+    """This row cannot become a prompt; the message says why (the builder adds where)."""
 
 
 def _field(values: dict[str, Any], name: str) -> Any:
     if name not in values:
-        raise _RowError(f"row has no field '{name}' (fields: {', '.join(sorted(values)) or 'none'})")
+        raise RowError(f"row has no field '{name}' (fields: {', '.join(sorted(values)) or 'none'})")
     if values[name] is None:
-        raise _RowError(f"field '{name}' is null")
+        raise RowError(f"field '{name}' is null")
     return values[name]
 
 
 def _messages(value: Any, column: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise _RowError(f"field '{column}' must be a non-empty list of {{role, content}} messages")
+        raise RowError(f"field '{column}' must be a non-empty list of {{role, content}} messages")
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise _RowError(f"field '{column}' message {i}: needs a text 'content'")
+            raise RowError(f"field '{column}' message {i}: needs a text 'content'")
         if m.get("role") not in CHAT_ROLES:
-            raise _RowError(
+            raise RowError(
                 f"field '{column}' message {i}: role {m.get('role')!r} is not one of {sorted(CHAT_ROLES)}"
             )
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
 
-def _row_seed(seed: int, shard: str, row: int) -> int:
+def row_seed(seed: int, shard: str, row: int) -> int:
+    """A row's own seed, derived from the job's: the same on every resume, whatever the batch mix."""
     digest = hashlib.blake2b(f"{seed}\0{shard}\0{row}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF

@@ -177,7 +177,7 @@ class OutputStore(StateStore):
         """The `error` of each committed error row of a shard (read only; for `batchrun status`)."""
         try:
             with self.fs.open(self._errors_path(shard_id), "rb") as f:
-                return [json.loads(line).get("error") or "" for line in f if line.strip()]
+                return [_reason(json.loads(line)) for line in f if line.strip()]
         except FileNotFoundError:
             pass
         reasons = []
@@ -224,12 +224,15 @@ class OutputStore(StateStore):
                 self._quarantine(shard_id, path, str(e))
         shard = ShardCompaction(parts, self._open_part)
         self._check_complete(shard_id, shard.index, num_rows)
+        errors_format = "openai-batch" if self.format == "openai-batch" else "jsonl"  # as the output's lines
         try:
             if shard.error_rows:
                 path = self._errors_path(shard_id)
                 retry(
                     f"writing {self._name(path)}",
-                    lambda: write_tables_atomic(self.fs, path, shard.schema, shard.windows(True), "jsonl"),
+                    lambda: write_tables_atomic(
+                        self.fs, path, shard.schema, shard.windows(True), errors_format
+                    ),
                 )
             kill_point("compaction_started")
             retry(
@@ -329,6 +332,12 @@ class OutputStore(StateStore):
                 self.fs.rm(directory, recursive=True)
 
         retry(f"removing {self._name(directory)}", remove)
+
+
+def _reason(line: dict) -> str:
+    """An errors-file line's reason: its `error` (an OpenAI output line's is {code, message})."""
+    error = line.get("error") or ""
+    return error.get("message") or "" if isinstance(error, dict) else error
 
 
 def _check_rows(table: pa.Table) -> None:

@@ -15,7 +15,7 @@ import io
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, Literal
 
 import fsspec
@@ -23,18 +23,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from runner.openai_response import output_line
 from runner.store.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
-OutputFormat = Literal["parquet", "jsonl"]
+OutputFormat = Literal["parquet", "jsonl", "openai-batch"]  # openai-batch: JSONL of OpenAI output lines
 _JSON_KEY = b"batchrun.json"  # field metadata marking a column of JSON-encoded values
 ROW_GROUP_BYTES = 4 * 2**20  # Parquet row groups of about this many uncompressed bytes: a part's
 # or a final file's rows are read back one row group at a time (compaction, readers of the output)
 
 
 def output_suffix(format: OutputFormat, compression: str | None) -> str:
-    """File suffix of an output shard: `.parquet`, `.jsonl`, `.jsonl.gz` or `.jsonl.zst`."""
+    """Suffix of an output shard: `.parquet`, `.jsonl`, `.jsonl.gz` or `.jsonl.zst` (openai-batch: jsonl)."""
     if format == "parquet":
         assert compression is None, "Parquet output compresses internally"
         return ".parquet"
@@ -144,7 +145,7 @@ def write_table_atomic(
     """Write `table` to `path` so that the file is visible only once complete.
 
     JSONL: one JSON object per line, UTF-8, gzip/zstd when `compression` says so; JSON-text
-    columns are decoded back to their values.
+    columns are decoded back to their values. openai-batch: JSONL of each row's OpenAI output line.
     """
     write_tables_atomic(fs, path, table.schema, [table], format, compression)
 
@@ -163,7 +164,8 @@ def write_tables_atomic(
         assert compression is None, "Parquet output compresses internally"
         write_atomic(fs, path, lambda f: _write_parquet(schema, tables, f))
     else:
-        write_atomic(fs, path, lambda f: _write_jsonl(tables, f, compression))
+        line_of = output_line if format == "openai-batch" else None
+        write_atomic(fs, path, lambda f: _write_jsonl(tables, f, compression, line_of))
 
 
 def _write_parquet(schema: pa.Schema, tables: Iterable[pa.Table], f: IO[bytes]) -> None:
@@ -173,24 +175,27 @@ def _write_parquet(schema: pa.Schema, tables: Iterable[pa.Table], f: IO[bytes]) 
             writer.write_table(table, row_group_size=rows_per_group)
 
 
-def _write_jsonl(tables: Iterable[pa.Table], f: IO[bytes], compression: str | None) -> None:
+LineOf = Callable[[dict], dict] | None  # makes a row's line (None: the row itself)
+
+
+def _write_jsonl(tables: Iterable[pa.Table], f: IO[bytes], compression: str | None, line_of: LineOf) -> None:
     if compression == "gzip":
         with gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as z:
-            _write_lines(tables, z)
+            _write_lines(tables, z, line_of)
     elif compression == "zstd":
         with zstandard.ZstdCompressor().stream_writer(f, closefd=False) as z:
-            _write_lines(tables, z)
+            _write_lines(tables, z, line_of)
     else:
         assert compression is None, compression
-        _write_lines(tables, f)
+        _write_lines(tables, f, line_of)
 
 
-def _write_lines(tables: Iterable[pa.Table], f: IO[bytes]) -> None:
+def _write_lines(tables: Iterable[pa.Table], f: IO[bytes], line_of: LineOf) -> None:
     for table in tables:
-        _write_table_lines(table, f)
+        _write_table_lines(table, f, line_of)
 
 
-def _write_table_lines(table: pa.Table, f: IO[bytes]) -> None:
+def _write_table_lines(table: pa.Table, f: IO[bytes], line_of: LineOf) -> None:
     json_cols = {field.name for field in table.schema if _is_json(field)}
     rows_per_mib = 2**20 * table.num_rows // max(table.nbytes, 1)  # as Python objects, a batch is larger
     for batch in table.to_batches(max_chunksize=min(1024, max(1, rows_per_mib))):
@@ -199,6 +204,7 @@ def _write_table_lines(table: pa.Table, f: IO[bytes]) -> None:
             for name in json_cols:
                 if row[name] is not None:
                     row[name] = json.loads(row[name])
+            row = line_of(row) if line_of else row
             out.write(json.dumps(row, ensure_ascii=False, default=str))
             out.write("\n")
         f.write(out.getvalue().encode("utf-8"))

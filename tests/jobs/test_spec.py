@@ -41,7 +41,7 @@ def test_every_problem_is_listed_with_its_field_path(tmp_path: Path):
     assert msg.startswith(f"{bad}: 7 problem(s) in the spec:")
     for line in [
         "  input.colour: Extra inputs are not permitted — unknown key; known here: path, format, "
-        "storage_options, id_column",
+        "storage_options, id_column, model_mismatch",
         "  prompt: set exactly one of prompt.column, prompt.template, prompt.messages_column "
         "(got column, template)",
         "  sampling.temperature: Input should be greater than or equal to 0 (got -1)",

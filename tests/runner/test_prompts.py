@@ -6,7 +6,7 @@ import pytest
 
 from jobs.run import prompt_builder
 from jobs.spec import PromptSpec, SamplingSpec, SpecError
-from runner.prompts import PromptBuilder, _row_seed
+from runner.prompts import PromptBuilder, row_seed
 from tests.helpers import tiny_tokenizer
 
 
@@ -80,7 +80,7 @@ def test_per_row_overrides_and_seeds():
     )
     assert (rows[0].sampling.max_new_tokens, rows[0].sampling.temperature) == (4, 0.0)
     assert (rows[1].sampling.max_new_tokens, rows[1].sampling.temperature) == (16, 0.5)
-    assert rows[0].sampling.seed == _row_seed(7, "s.jsonl", 0) != rows[1].sampling.seed
+    assert rows[0].sampling.seed == row_seed(7, "s.jsonl", 0) != rows[1].sampling.seed
     assert (
         rows[2].error
         == "s.jsonl row 2: field 'o': max_new_tokens 99 is over the job's sampling.max_new_tokens 16"
