@@ -358,10 +358,11 @@ def cpu_threads_follow_affinity_and_quota(tmp: Path, model: Path) -> None:
 
 
 def batched_cpu_attention_equals_the_reference(tmp: Path, model: Path) -> None:
-    for seed, decodes, prefills, page, heads, kv_heads, dim in PAGED_CASES:
+    for seed, decodes, prefills, page, heads, kv_heads, dim, *window_softcap in PAGED_CASES:
         q, k, v, batch = random_batch(seed, decodes, prefills, page, heads, kv_heads, dim)
-        ref = reference_attention(q, k, v, batch, 0.3)
-        assert torch.allclose(batched_attention(q, k, v, batch, 0.3), ref, atol=1e-5, rtol=1e-5), seed
+        ref = reference_attention(q, k, v, batch, 0.3, *window_softcap)
+        out = batched_attention(q, k, v, batch, 0.3, *window_softcap)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), seed
 
 
 CASES = [
