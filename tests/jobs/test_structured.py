@@ -12,30 +12,11 @@ import pytest
 import yaml
 
 from tests.conftest import read_output, write_spec
+from tests.engine.test_grammar import SCHEMA
 from tests.test_first_use import cli, jsonl
 
 pytest.importorskip("xgrammar")
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "color": {"enum": ["red", "green", "blue"]},
-        "count": {"type": "integer", "minimum": 1, "maximum": 9},
-        "size": {
-            "type": "object",
-            "properties": {
-                "w": {"type": "integer", "minimum": 0, "maximum": 99},
-                "unit": {"enum": ["cm", "in"]},
-            },
-            "required": ["w", "unit"],
-            "additionalProperties": False,
-        },
-        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
-        "name": {"type": "string", "maxLength": 6},
-    },
-    "required": ["color", "count", "size", "tags", "name"],
-    "additionalProperties": False,
-}
 OWN = {
     "type": "object",
     "properties": {"k": {"enum": ["v", "w"]}},
