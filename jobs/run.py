@@ -93,12 +93,18 @@ def run_job(
         return _run_leased(spec, store, force_new_run, show_progress, phases)
 
 
-def check_run(spec: JobSpec, store: OutputStore, force_new_run: bool) -> tuple[ResolvedModel, object]:
+def check_run(
+    spec: JobSpec, store: OutputStore, force_new_run: bool, phases: Phases
+) -> tuple[ResolvedModel, object]:
     """Resolve the model and record (or check) the run's fingerprint in the output; returns the model
-    and its tokenizer (loaded once, at `model.revision`, for the fingerprint and the backend)."""
+    and its tokenizer (loaded once, at `model.revision`, for the fingerprint and the backend). Marks
+    the phases resolve_model, tokenizer (transformers' import included) and fingerprint."""
     model = resolve_model(spec.model.path, spec.model.revision, spec.model.storage_options)
+    phases.done("resolve_model")
     tokenizer = load_tokenizer(model.local_path, spec.model.revision)
+    phases.done("tokenizer")
     store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
+    phases.done("fingerprint")
     return model, tokenizer
 
 
@@ -169,8 +175,7 @@ def _run_leased(
 ) -> Summary:
     started = time.monotonic()
     rt = spec.runtime
-    model, tokenizer = check_run(spec, store, force_new_run)
-    phases.done("resolve_model")
+    model, tokenizer = check_run(spec, store, force_new_run, phases)
     shards = assign_shards(
         list_shards(spec.input.path, spec.input.storage_options, spec.input.shard_format),
         rt.task_index,

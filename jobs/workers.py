@@ -57,8 +57,7 @@ def run_node(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool 
         return run_job(spec, force_new_run=force_new_run, show_progress=show_progress, phases=phases)
     store = OutputStore.for_output(spec.output)
     if force_new_run:  # once, before the workers: they must not discard each other's new progress
-        check_run(spec, store, force_new_run)
-        phases.done("resolve_model")
+        check_run(spec, store, force_new_run, phases)
     # else each worker checks the fingerprint itself, all at once (the first to find none records it)
     return _Node(spec, store, devices, phases).run(show_progress)
 

@@ -178,7 +178,8 @@ def test_start_up_phases_in_the_summary_and_summed_over_attempts_in_the_report(
     first = run_job(spec, show_progress=False)
     # the CPU path: no CUDA context, no graphs
     assert list(first.phases) == [
-        "launch", "imports", "resolve_model", "plan", "model_load", "engine_build", "first_token"
+        "launch", "imports", "resolve_model", "tokenizer", "fingerprint", "plan",
+        "model_load", "engine_build", "first_token",
     ]  # fmt: skip
     assert all(s >= 0 for s in first.phases.values()) and first.phases["model_load"] > 0
     assert any(line.startswith("start-up: launch ") for line in first.lines())

@@ -56,7 +56,8 @@ def test_three_cpu_workers_write_the_single_worker_output_each_shard_once(
     # those of the worker that reached its first token last
     workers = [json.loads((tmp_path / f"out/_batchrun/report-task{t}.json").read_text()) for t in range(3)]
     worker_phases = [w["attempts"][-1]["phases"] for w in workers]
-    assert all(p.keys() >= {"launch", "resolve_model", "model_load", "first_token"} for p in worker_phases)
+    expected = {"launch", "resolve_model", "tokenizer", "fingerprint", "model_load", "first_token"}
+    assert all(p.keys() >= expected for p in worker_phases)
     slowest = max(worker_phases, key=lambda p: sum(p.values()))
     node = report["attempts"][-1]["phases"]
     assert node == {
