@@ -7,12 +7,14 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from transformers import Gemma2Config, Gemma3TextConfig, GraniteConfig, Olmo2Config, Phi3Config
 
-from runner.engine import EngineConfig
 from tests.engine.conftest import COMMON, hf_greedy, random_prompts, tiny_model
-from tests.engine.test_greedy_parity import check, run_engine
+from tests.engine.models.parity import (  # noqa: F401 (collected here, on this module's `case`)
+    test_cuda_fp32_roomy_and_tiny,
+    test_roomy_pool,
+    test_tiny_pool_chunks_and_preempts,
+)
 
 WINDOW = 24  # prompts run to 90 tokens: most of them leave the window
 # untied: with tied embeddings (scaled by sqrt(hidden)) a tiny random Gemma repeats its input token
@@ -72,16 +74,6 @@ DENSE_CONFIGS = {
 }
 LONGEST_PROMPT = {"phi3-longrope-partial": LONGROPE_ORIGINAL - 24}
 NUM_PROMPTS = 20
-TINY_POOL = dict(kv_cache_tokens=120, page_size=8, max_batch_tokens=24, max_seqs=8)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny matmuls run ~8x faster on one thread than on two contended ones (CI machines are small)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=sorted(DENSE_CONFIGS))
@@ -93,35 +85,6 @@ def case(request, one_thread):
     max_new = [rng.randint(1, 24) for _ in prompts]
     reference = [hf_greedy(model, p, n) for p, n in zip(prompts, max_new, strict=True)]
     return model, prompts, max_new, reference
-
-
-def test_roomy_pool(case):
-    model, prompts, max_new, reference = case
-    done, stats = run_engine(model, prompts, max_new, EngineConfig(device="cpu", kv_cache_tokens=8192))
-    check(done, prompts, max_new, reference)
-    assert stats["preemptions"] == 0
-
-
-def test_tiny_pool_chunks_and_preempts(case):
-    model, prompts, max_new, reference = case
-    done, stats = run_engine(model, prompts, max_new, EngineConfig(device="cpu", **TINY_POOL))
-    check(done, prompts, max_new, reference)
-    assert stats["partial_prefill_chunks"] > 0 and stats["preemptions"] > 0, stats
-
-
-@pytest.mark.gpu
-def test_cuda_fp32_roomy_and_tiny(case):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    model, prompts, max_new, reference = case
-    for config in (
-        EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=8192),
-        EngineConfig(device="cuda", dtype="float32", **TINY_POOL),
-        EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=8192, async_mode=False),
-    ):
-        done, stats = run_engine(model, prompts, max_new, config)
-        check(done, prompts, max_new, reference)
-    assert stats["graph_steps"] > 0, stats
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])

@@ -7,13 +7,16 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from runner.engine import EngineConfig
 from runner.engine.layers.moe import SparseMoE
 from tests.engine.conftest import COMMON, hf_greedy, random_prompts, tiny_model
-from tests.engine.test_greedy_parity import check, run_engine
+from tests.engine.models.parity import (  # noqa: F401 (collected here, on this module's `case`)
+    test_cuda_fp32_roomy_and_tiny,
+    test_roomy_pool,
+    test_tiny_pool_chunks_and_preempts,
+)
 
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=48)
 MOE_CONFIGS = {
@@ -41,16 +44,6 @@ MOE_CONFIGS = {
     ),
 }
 NUM_PROMPTS = 20
-TINY_POOL = dict(kv_cache_tokens=120, page_size=8, max_batch_tokens=24, max_seqs=8)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny matmuls run ~8x faster on one thread than on two contended ones (CI machines are small)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=sorted(MOE_CONFIGS))
@@ -72,32 +65,3 @@ def test_moe_layers_are_sparse_where_transformers_made_them_sparse(case):
     sparse = [isinstance(layer.mlp, SparseMoE) for layer in engine.model.layers]
     assert sparse == [hasattr(getattr(layer, "mlp", None), "experts") for layer in model.model.layers]
     assert any(sparse)
-
-
-def test_roomy_pool(case):
-    model, prompts, max_new, reference = case
-    done, stats = run_engine(model, prompts, max_new, EngineConfig(device="cpu", kv_cache_tokens=8192))
-    check(done, prompts, max_new, reference)
-    assert stats["preemptions"] == 0
-
-
-def test_tiny_pool_chunks_and_preempts(case):
-    model, prompts, max_new, reference = case
-    done, stats = run_engine(model, prompts, max_new, EngineConfig(device="cpu", **TINY_POOL))
-    check(done, prompts, max_new, reference)
-    assert stats["partial_prefill_chunks"] > 0 and stats["preemptions"] > 0, stats
-
-
-@pytest.mark.gpu
-def test_cuda_fp32_roomy_and_tiny(case):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    model, prompts, max_new, reference = case
-    for config in (
-        EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=8192),
-        EngineConfig(device="cuda", dtype="float32", **TINY_POOL),
-        EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=8192, async_mode=False),
-    ):
-        done, stats = run_engine(model, prompts, max_new, config)
-        check(done, prompts, max_new, reference)
-    assert stats["graph_steps"] > 0, stats  # decode steps replayed CUDA graphs through the MoE kernels
