@@ -26,7 +26,6 @@ class TaskHistory:
     def __init__(self, store: OutputStore, spec: JobSpec, shards: list[Shard]):
         rt = spec.runtime
         self.name = report_name(rt.task_index, rt.num_tasks)
-        store.clear_state_temps(self.name)  # a report killed mid-write: a run with nothing to do writes none
         self.previous = store.read_json(self.name)
         beat = store.read_json(f"progress/{task_name(rt.task_index, rt.num_tasks)}.json")
 

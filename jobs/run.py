@@ -13,7 +13,7 @@ import importlib
 import logging
 import time
 
-from jobs.history import TaskHistory, error_location
+from jobs.history import TaskHistory, error_location, report_name
 from jobs.lease import TaskLease
 from jobs.plan import assign_shards, input_columns, plan_work, run_fingerprint
 from jobs.spec import JobSpec, PromptSpec, SamplingSpec, SpecError
@@ -183,6 +183,8 @@ def _run_leased(
     )
     sweep_stale_uploads(store, [s.id for s in shards], rt.task_index, rt.num_tasks)
     clear_heartbeat_temps(store, rt.task_index, rt.num_tasks)
+    # a report killed mid-write: a run with nothing to do writes none to replace its temp file
+    store.clear_state_temps(report_name(rt.task_index, rt.num_tasks))
     work, done_shards, failed = plan_work(store, shards, spec.input.storage_options)
     history = TaskHistory(store, spec, shards)
     phases.done("plan")
