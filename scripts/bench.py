@@ -49,6 +49,7 @@ class Workload:
     top_k: int = 0
     prompt_len: tuple[int, int] = (64, 768)  # prompt lengths uniform in [lo, hi]
     fp8_only: bool = False  # built on the meta device, fp8 weights filled layer by layer (no bf16 copy)
+    family: str = "llama"  # llama | gemma2 | phi3: the transformers config class (dense only)
 
 
 WORKLOADS = {
@@ -58,6 +59,8 @@ WORKLOADS = {
     "W3": Workload(4096, 14336, 32, 32, 8, 128, 128256, False, 4096, 128, prompt_len=(128, 128)),
     "W70": Workload(8192, 28672, 80, 64, 8, 128, 128256, False, 256, 128, fp8_only=True),  # llama-3.1-70b
     "M1": Workload(2048, 768, 48, 32, 4, 128, 151936, False, 256, 128, experts=128, top_k=8),  # qwen3-30b-a3b
+    "G2": Workload(2304, 9216, 26, 8, 4, 256, 256000, True, 512, 256, family="gemma2"),  # gemma-2-2b
+    "P3": Workload(3072, 8192, 32, 32, 32, 96, 32064, False, 512, 256, family="phi3"),  # phi-3-mini
 }
 
 
@@ -115,7 +118,7 @@ class Result:
 def build_model(name: str, device: str = "cuda", positions: int = 4096):
     """The workload's random-weight model, built in bf16 directly on `device` (M1's 30B parameters would
     not fit twice, in fp32 first)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Phi3Config, Qwen3MoeConfig
 
     w = WORKLOADS[name]
     common = dict(
@@ -130,6 +133,13 @@ def build_model(name: str, device: str = "cuda", positions: int = 4096):
             **common, intermediate_size=6144, moe_intermediate_size=w.inter, num_experts=w.experts,
             num_experts_per_tok=w.top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
         )  # fmt: skip
+    elif w.family == "gemma2":  # Gemma 2's sliding window (4096), soft-capping and scalings as released
+        config = Gemma2Config(
+            **common, intermediate_size=w.inter, sliding_window=4096, attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0, query_pre_attn_scalar=w.head_dim,
+        )  # fmt: skip
+    elif w.family == "phi3":
+        config = Phi3Config(**common, intermediate_size=w.inter)
     else:
         config = LlamaConfig(**common, intermediate_size=w.inter)
     torch.manual_seed(0)
