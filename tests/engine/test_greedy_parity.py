@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from runner.engine import Engine, EngineConfig, Request, SamplingParams
 from tests.engine.conftest import hf_greedy, random_prompts, tiny_model
@@ -34,13 +35,38 @@ def run_engine(model, prompts, max_new, config: EngineConfig) -> tuple[dict, dic
     return done, engine.stats()
 
 
-def check(done: dict, prompts, max_new, reference) -> None:
+def check(done: dict, prompts, max_new, reference, skip=()) -> None:
     assert sorted(done) == list(range(len(prompts)))
     for i, ref in enumerate(reference):
+        if i in skip:
+            continue
         c = done[i]
         assert c.token_ids == ref, f"prompt {i}"
         assert c.prompt_tokens == len(prompts[i])
         assert c.finish_reason == ("length" if len(ref) == max_new[i] and ref[-1] != 2 else "stop")
+
+
+NEAR_TIE = 1e-3  # top-2 logit gap below which CUDA's fp32 (other kernels, other summation order) may flip
+
+
+def check_cuda(done: dict, model, prompts, max_new, reference) -> None:
+    """`check` for a CUDA run against transformers on the CPU: a prompt may diverge only where the
+    reference's two best logits are within NEAR_TIE (then the rest of it is not comparable), and at
+    most one prompt in ten may; every token before a divergence is equal, every other prompt exactly."""
+    diverged = []
+    for i, ref in enumerate(reference):
+        tokens = done[i].token_ids
+        step = next((j for j, (a, b) in enumerate(zip(tokens, ref, strict=False)) if a != b), None)
+        if step is None:
+            continue
+        ids = torch.tensor([prompts[i] + ref[:step]])
+        with torch.no_grad():
+            top = model(ids).logits[0, -1].topk(2).values
+        gap = (top[0] - top[1]).item()
+        assert gap < NEAR_TIE, f"prompt {i} diverged at token {step}; reference margin {gap:.2e}"
+        diverged.append(i)
+    assert len(diverged) <= len(prompts) // 10, f"prompts {diverged} diverged at near-ties"
+    check(done, prompts, max_new, reference, skip=diverged)
 
 
 def test_roomy_pool(case):
@@ -63,7 +89,6 @@ def test_tiny_pool_chunks_and_preempts(case):
 
 @pytest.mark.gpu
 def test_cuda_fp32_roomy_and_tiny(case):
-    torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     model, prompts, max_new, reference = case
@@ -74,5 +99,5 @@ def test_cuda_fp32_roomy_and_tiny(case):
         ),
     ):
         done, stats = run_engine(model, prompts, max_new, config)
-        check(done, prompts, max_new, reference)
+        check_cuda(done, model, prompts, max_new, reference)
     assert stats["preemptions"] > 0 and stats["partial_prefill_chunks"] > 0

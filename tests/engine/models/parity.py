@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from runner.engine import EngineConfig
-from tests.engine.test_greedy_parity import check, run_engine
+from tests.engine.test_greedy_parity import check, check_cuda, run_engine
 
 TINY_POOL = dict(kv_cache_tokens=120, page_size=8, max_batch_tokens=24, max_seqs=8)
 
@@ -38,5 +38,5 @@ def test_cuda_fp32_roomy_and_tiny(case):
         EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=8192, async_mode=False),
     ):
         done, stats = run_engine(model, prompts, max_new, config)
-        check(done, prompts, max_new, reference)
+        check_cuda(done, model, prompts, max_new, reference)
     assert stats["graph_steps"] > 0, stats  # decode steps replayed CUDA graphs (MoE: the fused kernels)
