@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
 from runner.engine.layers.attention import AttentionBatch, AttentionFn
+from runner.engine.layers.parallel import TensorParallel
 
 
 @dataclass(slots=True, frozen=True)
@@ -21,6 +22,19 @@ class ModelShape:
     vocab: int
     eps: float
     max_model_len: int  # positions the model can take (capped by a sliding window)
+
+
+def local_shape(shape: ModelShape, tp: TensorParallel) -> ModelShape:
+    """The shape one rank of `tp` runs: its share of the q heads and of the KV heads (one KV head each
+    when the ranks outnumber them: `shard.py` gives ranks copies) and of the MLP width."""
+    if tp.size == 1:
+        return shape
+    return replace(
+        shape,
+        num_heads=shape.num_heads // tp.size,
+        num_kv_heads=max(shape.num_kv_heads // tp.size, 1),
+        intermediate=shape.intermediate // tp.size,
+    )
 
 
 class MLP(Protocol):
@@ -48,9 +62,12 @@ class PagedModel(Protocol):
         the family's forward does not implement. Called before any weights are copied."""
         ...
 
-    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
+    def __init__(
+        self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False, tp: TensorParallel = ...
+    ) -> None:
         """Copy the weights of a loaded transformers model to `device` / `dtype`; `fp8`: quantize the
-        decoder's linear weights (weights stored in fp8 stay fp8 either way)."""
+        decoder's linear weights (weights stored in fp8 stay fp8 either way). `tp`: the rank's group
+        (one rank by default); the decoder layers of `hf_model` are then already this rank's slice."""
         ...
 
     def activation_width(self) -> int:

@@ -12,15 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from runner.engine.config import UnsupportedModel
 from runner.engine.layers.attention import AttentionBatch, AttentionFn
 from runner.engine.layers.fp8 import Fp8Linear
 from runner.engine.layers.linear import DenseLinear, GatedMLP, fused_linear, load
 from runner.engine.layers.ops import ops_for
+from runner.engine.layers.parallel import SINGLE, TensorParallel, VocabSlice
 from runner.engine.layers.rope import rope_max_len, rope_tables
-from runner.engine.models.base import MLP, ModelShape
+from runner.engine.models.base import MLP, ModelShape, local_shape
 
 
 def llama_shape(config) -> ModelShape:
@@ -64,19 +64,28 @@ class PagedLlama:
 
     shape_of = staticmethod(llama_shape)
 
-    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
-        """Copy `hf_model`'s weights; `fp8`: quantize the decoder's linear weights (fp8 ones stay)."""
+    def __init__(
+        self,
+        hf_model,
+        device: torch.device,
+        dtype: torch.dtype,
+        fp8: bool = False,
+        tp: TensorParallel = SINGLE,
+    ) -> None:
+        """Copy `hf_model`'s weights; `fp8`: quantize the decoder's linear weights (fp8 ones stay).
+        `tp`: this rank's group, `hf_model`'s decoder layers already cut to its slice (`shard.py`)."""
         config = hf_model.config
         self.fp8 = fp8
-        self.shape = self.shape_of(config)
+        self.shape = local_shape(self.shape_of(config), tp)
         s = self.shape
 
         def w(t: torch.Tensor) -> torch.Tensor:
             return load(t, device, dtype)
 
         inner = hf_model.model
-        self.embed = w(inner.embed_tokens.weight)  # [V, hidden]
-        self.lm_head = w(hf_model.lm_head.weight) if not config.tie_word_embeddings else self.embed
+        self.embed = VocabSlice.load(inner.embed_tokens.weight, device, dtype, tp)  # [V / ranks, hidden]
+        tied = config.tie_word_embeddings
+        self.lm_head = self.embed if tied else VocabSlice.load(hf_model.lm_head.weight, device, dtype, tp)
         self.norm = w(inner.norm.weight)
         self.layers = []
         for layer in inner.layers:
@@ -88,9 +97,9 @@ class PagedLlama:
                     qkv=self.qkv_of(att, device, dtype),
                     q_norm=w(att.q_norm.weight) if qk_norm else None,
                     k_norm=w(att.k_norm.weight) if qk_norm else None,
-                    o=fused_linear([att.o_proj], device, dtype, fp8),
+                    o=tp.reduced(fused_linear([att.o_proj], device, dtype, fp8)),
                     ln_mlp=w(layer.post_attention_layernorm.weight),
-                    mlp=self.mlp_of(layer, config, device, dtype),
+                    mlp=tp.reduced(self.mlp_of(layer, config, device, dtype)),
                 )
             )
         self.cos, self.sin = rope_tables(
@@ -123,7 +132,7 @@ class PagedLlama:
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The residual stream's start: [T] -> [T, hidden] (Granite scales it)."""
-        return self.embed[input_ids]
+        return self.embed.embed(input_ids)
 
     def residual(self, delta: torch.Tensor) -> torch.Tensor:
         """What an attention or MLP output adds to the residual stream (Granite scales it). [T, hidden]"""
@@ -131,7 +140,7 @@ class PagedLlama:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits [S, V] of the last hidden states h [S, hidden] (Granite scales them)."""
-        return F.linear(self.ops.add_rms_norm(h, None, self.norm, self.shape.eps), self.lm_head).float()
+        return self.lm_head.logits(self.ops.add_rms_norm(h, None, self.norm, self.shape.eps)).float()
 
     @torch.inference_mode()
     def forward(

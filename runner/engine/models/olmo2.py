@@ -11,6 +11,7 @@ import torch
 
 from runner.engine.layers.linear import GatedMLP, fused_linear, load
 from runner.engine.layers.norm import rms_norm
+from runner.engine.layers.parallel import SINGLE, TensorParallel
 from runner.engine.models.llama import llama_shape
 from runner.engine.models.sandwich import PagedSandwich, SandwichLayer
 
@@ -20,9 +21,16 @@ class PagedOlmo2(PagedSandwich):
 
     shape_of = staticmethod(llama_shape)
 
-    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
+    def __init__(
+        self,
+        hf_model,
+        device: torch.device,
+        dtype: torch.dtype,
+        fp8: bool = False,
+        tp: TensorParallel = SINGLE,
+    ) -> None:
         self.qk_norms = []  # per layer: q norm [H D], k norm [Hkv D]
-        super().__init__(hf_model, device, dtype, fp8)
+        super().__init__(hf_model, device, dtype, fp8, tp)
 
     def layer_of(self, layer, index: int, config, device: torch.device, dtype: torch.dtype) -> SandwichLayer:
         att = layer.self_attn

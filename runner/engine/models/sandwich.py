@@ -13,14 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from runner.engine.layers.attention import AttentionBatch, AttentionFn, soft_cap
 from runner.engine.layers.fp8 import Fp8Linear
 from runner.engine.layers.linear import DenseLinear, load
 from runner.engine.layers.ops import ops_for
+from runner.engine.layers.parallel import SINGLE, TensorParallel, VocabSlice
 from runner.engine.layers.rope import rope_tables
-from runner.engine.models.base import MLP
+from runner.engine.models.base import MLP, local_shape
 
 
 @dataclass(slots=True)
@@ -46,20 +46,28 @@ class PagedSandwich:
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
 
-    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> None:
+    def __init__(
+        self,
+        hf_model,
+        device: torch.device,
+        dtype: torch.dtype,
+        fp8: bool = False,
+        tp: TensorParallel = SINGLE,
+    ) -> None:
         """Copy `hf_model`'s weights; `fp8`: quantize the decoder's linear weights (fp8 ones stay)."""
         config = hf_model.config
         self.fp8 = fp8
-        self.shape = s = self.shape_of(config)
+        self.shape = s = local_shape(self.shape_of(config), tp)
         self.device, self.dtype = device, dtype
         self.ops = ops_for(device)
         inner = self.decoder_of(hf_model)
-        self.embed = load(inner.embed_tokens.weight, device, dtype)  # [V, hidden]
-        self.lm_head = (
-            self.embed if config.tie_word_embeddings else load(hf_model.lm_head.weight, device, dtype)
-        )
+        self.embed = VocabSlice.load(inner.embed_tokens.weight, device, dtype, tp)  # [V / ranks, hidden]
+        tied = config.tie_word_embeddings
+        self.lm_head = self.embed if tied else VocabSlice.load(hf_model.lm_head.weight, device, dtype, tp)
         self.norm = self.norm_weight(inner.norm, device, dtype)
         self.layers = [self.layer_of(layer, i, config, device, dtype) for i, layer in enumerate(inner.layers)]
+        for layer in self.layers:  # their outputs are partial sums over the ranks
+            layer.o, layer.mlp = tp.reduced(layer.o), tp.reduced(layer.mlp)
         self.tables = {  # rope name -> (cos, sin) [L, D]
             name: rope_tables(inner.rotary_emb, s.head_dim, s.max_model_len, device, dtype, name)
             for name in {layer.rope for layer in self.layers}
@@ -109,7 +117,7 @@ class PagedSandwich:
     ) -> torch.Tensor:
         """Run the decoder; returns fp32 logits [S, V] for `logits_rows`."""
         s, ops = self.shape, self.ops
-        h = self.embed[input_ids]  # [T, hidden]: the residual stream, updated in place
+        h = self.embed.embed(input_ids)  # [T, hidden]: the residual stream, updated in place
         if self.embed_scale is not None:
             h *= self.embed_scale
         rope = {name: (cos[positions], sin[positions]) for name, (cos, sin) in self.tables.items()}  # [T, D]
@@ -129,5 +137,5 @@ class PagedSandwich:
             x = self._add_norm(h, attn, layer.norm_pre_mlp)
             delta = ops.add_rms_norm(layer.mlp(x, ops), None, layer.norm_post_mlp, s.eps)
         h = h[logits_rows] + delta[logits_rows]  # [S, hidden]
-        logits = F.linear(ops.add_rms_norm(h, None, self.norm, s.eps), self.lm_head)
+        logits = self.lm_head.logits(ops.add_rms_norm(h, None, self.norm, s.eps))
         return soft_cap(logits, self.final_softcap).float()
