@@ -44,11 +44,19 @@ class EngineConfig:
     # fp8: decoder linear weights quantized to fp8 at load (per-channel scales, per-token activation
     # scales; torch._scaled_mm on sm90+). fp8 checkpoints (quantization_config) run in fp8 either way.
     quantization: Literal["none", "fp8"] = "none"
+    # ranks (GPUs; processes on the CPU) that split each layer's weights and heads; runtime.gpus then
+    # counts groups of this many GPUs
+    tensor_parallel: Positive = 1
 
     def __post_init__(self) -> None:
         check_bounds(self, "engine")
         if self.quantization not in ("none", "fp8"):
             raise ValueError(f"engine.quantization={self.quantization!r}: use 'none' or 'fp8'")
+        if self.tensor_parallel > 1 and self.device.startswith("cuda:"):
+            raise ValueError(
+                f"engine.device={self.device!r} with tensor_parallel={self.tensor_parallel}: rank r runs on "
+                "cuda:r of the visible GPUs; use 'cuda' (and CUDA_VISIBLE_DEVICES to pick them)"
+            )
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:
             raise ValueError(
                 f"engine.kv_cache_tokens={self.kv_cache_tokens}: the pool needs at least one page "

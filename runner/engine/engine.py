@@ -10,18 +10,22 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from runner.engine.config import EngineConfig
 from runner.engine.eos import eos_token_ids
 from runner.engine.grammar import GrammarError, Grammars
+from runner.engine.group import Group, ModelSource, StepChannel, rank_device, start_group
 from runner.engine.kv import KVManager
 from runner.engine.kv.budget import MemoryPlan, check_weights_fit, kv_pool_pages, step_workspace_bytes
 from runner.engine.layers.cpu_attention import batched_attention
 from runner.engine.layers.linear import engine_weight_bytes
+from runner.engine.layers.parallel import SINGLE, TensorParallel
 from runner.engine.model_runner import LaunchedStep, ModelRunner
-from runner.engine.models import build_model, model_shape
+from runner.engine.models import PagedModel, build_model, model_shape
 from runner.engine.scheduler import ScheduledBatch, Scheduler
 from runner.engine.sequence import Sequence
+from runner.engine.shard import check_split
 from runner.engine.stops import StopChecker
 from runner.engine.types import Completion, Request
 
@@ -41,30 +45,23 @@ class Engine:
     bitmask while the forward runs, and then launches N+1's sampling under it.
     """
 
-    def __init__(self, model, config: EngineConfig | None = None, tokenizer=None) -> None:
-        """`model`: a loaded transformers causal LM (its weights are copied to the engine's device/dtype)."""
+    def __init__(
+        self, model, config: EngineConfig | None = None, tokenizer=None, group: Group | None = None
+    ) -> None:
+        """`model`: a loaded transformers causal LM (its weights are copied to the engine's device/dtype).
+        `group`: with `tensor_parallel` > 1, the group `from_source` started (`model` is then rank 0's
+        slice)."""
         self.config = config = config or EngineConfig()
+        if config.tensor_parallel > 1 and group is None:
+            raise ValueError(
+                f"engine.tensor_parallel={config.tensor_parallel}: every rank loads its own slice of the "
+                "model; build the engine with Engine.from_pretrained or Engine.from_source"
+            )
         shape = model_shape(model.config)  # raises UnsupportedModel first, before any copying
-        device = config.resolve_device()
-        dtype = config.resolve_dtype(device)
         self.tokenizer = tokenizer
         self.max_model_len = min(shape.max_model_len, config.max_model_len or shape.max_model_len)
-        fp8 = config.quantization == "fp8"
-        weights, to_copy = engine_weight_bytes(model, device, dtype, fp8)
-        memory = _device_memory(device)
-        if memory is not None:
-            check_weights_fit(to_copy, *memory, str(device), str(dtype).removeprefix("torch."))
-        self.model = build_model(model, device, dtype, fp8=fp8)
-        num_pages = self._num_pages(shape, device, dtype, weights)
-        if device.type == "cuda":
-            from runner.engine.layers.paged_attention import paged_attention as attention
-        else:
-            attention = batched_attention
-        max_pages = -(-self.max_model_len // config.page_size)
-        self.kv = KVManager(num_pages, config.page_size, config.max_seqs, max_pages)
-        self.model_runner = ModelRunner(
-            self.model, self.kv.table, num_pages, config.page_size, attention, config.cuda_graphs
-        )
+        self.model, self.kv, self.model_runner = build_runner(model, config, group)
+        device, dtype, num_pages = self.model.device, self.model.dtype, self.kv.num_pages
         self._eos_ids = eos_token_ids(model, tokenizer)
         self._vocab = shape.vocab
         self._grammars: Grammars | None = None  # built on the first request with a grammar
@@ -83,10 +80,12 @@ class Engine:
         self._rng = random.Random()
         # start-up phases, as {phase: time.monotonic() at its end} (runner/phases.py reads them)
         self.startup: dict[str, float] = {"engine_build": time.monotonic()}
+        ranks = f" x {config.tensor_parallel} ranks (tensor parallel)" if group is not None else ""
         log.info(
-            "batchrun engine: %s on %s (%s), %d KV pages x %d tokens",
+            "batchrun engine: %s on %s%s (%s), %d KV pages x %d tokens",
             model.config.model_type,
             device,
+            ranks,
             dtype,
             num_pages,
             config.page_size,
@@ -107,13 +106,17 @@ class Engine:
         fp8 checkpoints (`quantization_config`), and any safetensors folder with `quantization="fp8"`,
         load tensor by tensor straight to the device (`loader.py`); others load with transformers.
         """
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         from runner.engine.loader import load_hf_model
 
         config = config or EngineConfig()
         hf_config = AutoConfig.from_pretrained(path, revision=revision)
         model_shape(hf_config)  # unsupported models fail before loading weights
+        if config.tensor_parallel > 1:
+            if tokenizer is None:
+                tokenizer = _load_tokenizer(path, revision)
+            return cls.from_source(ModelSource(path=str(path), revision=revision), config, tokenizer)
         device = config.resolve_device()
         marks = {}
         if device.type == "cuda":
@@ -123,32 +126,39 @@ class Engine:
         fp8 = config.quantization == "fp8"
         model = load_hf_model(path, dtype, device, fp8, hf_config, revision=revision)
         if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-            except (OSError, ValueError):
-                log.warning("no tokenizer in %s: completions will carry token ids only", path)
+            tokenizer = _load_tokenizer(path, revision)
         marks["model_load"] = time.monotonic()
         engine = cls(model, config, tokenizer)
         engine.startup = marks | engine.startup
         return engine
 
-    def _num_pages(self, shape, device: torch.device, dtype: torch.dtype, weights: int) -> int:
-        # after build_model: the model reports its activations (MoE experts included)
-        config = self.config
-        if config.kv_cache_tokens is not None:
-            return config.kv_cache_tokens // config.page_size
-        memory = _device_memory(device)
-        if memory is None:
-            return CPU_DEFAULT_KV_TOKENS // config.page_size
-        workspace = step_workspace_bytes(
-            config.max_batch_tokens, config.max_seqs, self.model.activation_width(), shape.vocab,
-            dtype.itemsize, config.cuda_graphs,
-        )  # fmt: skip
-        page_bytes = shape.num_layers * 2 * config.page_size * shape.num_kv_heads * shape.head_dim
-        plan = MemoryPlan(*memory, weights, workspace, page_bytes * dtype.itemsize, config.page_size)
-        return kv_pool_pages(
-            plan, config.kv_memory_fraction, self.max_model_len, config.max_seqs, config.max_batch_tokens
-        )
+    @classmethod
+    def from_source(cls, source: ModelSource, config: EngineConfig, tokenizer=None) -> Engine:
+        """An engine over `config.tensor_parallel` ranks: spawns ranks 1..N-1, each loading its slice of
+        the model from `source` and following this process's steps, which runs rank 0."""
+        device = config.resolve_device()
+        if source.path is not None:  # a factory's model is checked as each rank cuts it
+            from transformers import AutoConfig
+
+            check_split(
+                AutoConfig.from_pretrained(source.path, revision=source.revision), config.tensor_parallel
+            )
+        if device.type == "cuda" and torch.cuda.device_count() < config.tensor_parallel:
+            raise ValueError(
+                f"engine.tensor_parallel={config.tensor_parallel} needs as many GPUs; "
+                f"{torch.cuda.device_count()} visible"
+            )
+        group = start_group(source, config, device, follow)
+        try:
+            dtype = config.resolve_dtype(device)
+            model = source.load(dtype, rank_device(device, 0), config.quantization == "fp8", group.tp)
+            marks = {"model_load": time.monotonic()}
+            engine = cls(model, config, tokenizer, group)
+        except BaseException:
+            group.close()
+            raise
+        engine.startup = marks | engine.startup
+        return engine
 
     @property
     def num_unfinished(self) -> int:
@@ -346,6 +356,82 @@ class Engine:
             sample_index=seq.sample_index,
             logprobs=seq.logprobs,
         )
+
+
+def build_runner(
+    model, config: EngineConfig, group: Group | None
+) -> tuple[PagedModel, KVManager, ModelRunner]:
+    """Our forward of a transformers `model` (a rank's slice in a group), its KV pool and its model
+    runner: what every rank of a tensor-parallel group builds alike (the ranks agree on the pool)."""
+    tp = group.tp if group is not None else SINGLE
+    shape = model_shape(model.config)
+    device = rank_device(config.resolve_device(), tp.rank)
+    dtype = config.resolve_dtype(device)
+    max_model_len = min(shape.max_model_len, config.max_model_len or shape.max_model_len)
+    fp8 = config.quantization == "fp8"
+    weights, to_copy = engine_weight_bytes(model, device, dtype, fp8)
+    memory = _device_memory(device)
+    if memory is not None:
+        check_weights_fit(to_copy, *memory, str(device), str(dtype).removeprefix("torch."))
+    paged = build_model(model, device, dtype, fp8=fp8, tp=tp)
+    num_pages = _num_pages(config, paged, device, weights, max_model_len)
+    if group is not None:  # the smallest pool any rank has room for
+        pages = torch.tensor([num_pages])
+        dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=group.channel.group)
+        num_pages = int(pages)
+    if device.type == "cuda":
+        from runner.engine.layers.paged_attention import paged_attention as attention
+    else:
+        attention = batched_attention
+    kv = KVManager(num_pages, config.page_size, config.max_seqs, -(-max_model_len // config.page_size))
+    lead = group if group is not None and tp.rank == 0 else None
+    runner = ModelRunner(paged, kv.table, num_pages, config.page_size, attention, config.cuda_graphs, lead)
+    return paged, kv, runner
+
+
+def follow(
+    config: EngineConfig, tp: TensorParallel, channel: StepChannel, source: ModelSource, device
+) -> None:
+    """A spawned rank of a tensor-parallel group (`group.start_group`): load this rank's slice of the
+    model, build the same runner as rank 0, and run rank 0's steps until it closes the engine."""
+    model = source.load(config.resolve_dtype(device), device, config.quantization == "fp8", tp)
+    _, _, runner = build_runner(model, config, Group(tp, channel, []))
+    runner.follow(channel)
+
+
+def _num_pages(
+    config: EngineConfig, model: PagedModel, device: torch.device, weights: int, max_len: int
+) -> int:
+    """KV pages for the pool: `kv_cache_tokens`, a fixed default on the CPU, else what the device's free
+    memory holds after the weights and the step workspace (the model reports its activations)."""
+    if config.kv_cache_tokens is not None:
+        return config.kv_cache_tokens // config.page_size
+    memory = _device_memory(device)
+    if memory is None:
+        return CPU_DEFAULT_KV_TOKENS // config.page_size
+    s, itemsize = model.shape, model.dtype.itemsize
+    workspace = step_workspace_bytes(
+        config.max_batch_tokens,
+        config.max_seqs,
+        model.activation_width(),
+        s.vocab,
+        itemsize,
+        config.cuda_graphs,
+    )
+    page_bytes = s.num_layers * 2 * config.page_size * s.num_kv_heads * s.head_dim * itemsize
+    plan = MemoryPlan(*memory, weights, workspace, page_bytes, config.page_size)
+    return kv_pool_pages(plan, config.kv_memory_fraction, max_len, config.max_seqs, config.max_batch_tokens)
+
+
+def _load_tokenizer(path: str | Path, revision: str | None):
+    """The model folder's tokenizer, or None (with a warning) when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision)
+    except (OSError, ValueError):
+        log.warning("no tokenizer in %s: completions will carry token ids only", path)
+        return None
 
 
 def _device_memory(device: torch.device) -> tuple[int, int] | None:

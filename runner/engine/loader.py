@@ -23,7 +23,9 @@ from torch import nn
 
 from runner.engine.config import UnsupportedModel
 from runner.engine.layers.fp8 import FP8, quantize_weight
+from runner.engine.layers.parallel import SINGLE, TensorParallel
 from runner.engine.quant_config import UNUSED_SUFFIXES, read_quantization
+from runner.engine.shard import HeadSplit, cut, shard_decoder
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,17 @@ def safetensors_files(path: str | Path) -> list[Path] | None:
 
 
 def load_hf_model(
-    path: str | Path, dtype: torch.dtype, device: torch.device, fp8: bool, hf_config=None, revision=None
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    fp8: bool,
+    hf_config=None,
+    revision=None,
+    tp: TensorParallel = SINGLE,
 ):
     """The transformers model `Engine.from_pretrained` builds on: fp8 checkpoints (and any safetensors
-    checkpoint when `fp8`) through `load_checkpoint` onto `device`; others through transformers (host).
+    checkpoint when `fp8` or tensor-parallel) through `load_checkpoint` onto `device`; others through
+    transformers (host). `tp`: the decoder layers are cut to the rank's slice (`shard.py`).
 
     Raises UnsupportedModel for quantization schemes the fast path does not run.
     """
@@ -51,21 +60,26 @@ def load_hf_model(
 
     hf_config = hf_config or AutoConfig.from_pretrained(path, revision=revision)
     stored = read_quantization(hf_config)
-    if (stored or fp8) and safetensors_files(path):
-        return load_checkpoint(path, dtype, device, quantize=fp8)
+    if (stored or fp8 or tp.size > 1) and safetensors_files(path):
+        return load_checkpoint(path, dtype, device, quantize=fp8, tp=tp)
     if stored:
         raise UnsupportedModel(
             f"{path}: an fp8 checkpoint loads from a local folder of safetensors files (download it first)"
         )
     # fp8: the engine quantizes as it copies the weights
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+    shard_decoder(model, tp)
+    return model
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device, quantize: bool):
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype, device: torch.device, quantize: bool, tp: TensorParallel = SINGLE
+):
     """A transformers causal LM of the checkpoint at `path` with its tensors on `device`.
 
     fp8-stored linear weights stay fp8 (with `weight_scale`); with `quantize`, the decoder layers'
-    high-precision linear weights are quantized to fp8 on the device as they load.
+    high-precision linear weights are quantized to fp8 on the device as they load. `tp`: each decoder
+    tensor is cut to the rank's slice as it is read, so a rank holds only its part.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -80,11 +94,16 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device, 
     assert files, f"{path}: no safetensors files"  # the caller checks first
     from safetensors import safe_open
 
+    split = HeadSplit.of(config, tp) if tp.size > 1 else None
     num_fp8 = 0
     for file in files:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                num_fp8 += _load_tensor(model, key, f.get_tensor(key), dtype, quantizable)
+                t = f.get_tensor(key)
+                if split is not None and _in_layers(key):
+                    module = model.get_submodule(key.rpartition(".")[0])
+                    t = cut(key, t, split, tp, getattr(module, "is_transposed", False)).contiguous()
+                num_fp8 += _load_tensor(model, key, t, dtype, quantizable)
     if config.tie_word_embeddings and model.get_output_embeddings() is not None:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     rebuild_buffers(model, device)

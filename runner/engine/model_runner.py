@@ -9,22 +9,31 @@ engine can launch step N+1 before it waits for step N. On the CPU the same code 
 A step with grammar rows is launched `masked`: only its forward is queued, and its logits wait in
 the `LaunchedStep` until the host has filled the grammar bitmask (`bitmask`), which `sample` copies
 to the device and applies right before sampling (eager), while the forward may still be running.
+
+In a tensor-parallel group, rank 0's runner sends each step's host inputs (and bitmasks) to the
+other ranks (`group.py`), whose runners `follow`: every rank runs the same step on its slice of the
+model, in the same order, eager or from the same CUDA graph.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from runner.engine.graphs import DecodeGraphs
-from runner.engine.inputs import Staging, build_inputs, fill, layout_of, layout_words, unpack
+from runner.engine.graphs import DecodeGraphs, GraphKey
+from runner.engine.group import Group, StepChannel
+from runner.engine.inputs import Staging, StepInputs, build_inputs, fill, layout_of, layout_words, unpack
 from runner.engine.kv import PageTable
 from runner.engine.layers.attention import AttentionBatch, AttentionFn
 from runner.engine.models import PagedModel
 from runner.engine.sampling import SamplingTensors, apply_token_bitmask, sample
 from runner.engine.scheduler import ScheduledBatch
+
+GROUP_POLL_S = 50e-6  # rank 0 of a group: how often a wait checks that the other ranks are alive
 
 
 @dataclass(slots=True)
@@ -61,8 +70,11 @@ class ModelRunner:
         page_size: int,
         attention: AttentionFn,
         cuda_graphs: bool,
+        group: Group | None = None,
     ) -> None:
+        """`group`: set on rank 0 of a tensor-parallel group, which sends each step to the other ranks."""
         s = model.shape
+        self.group = group
         dev = model.device
         self.model = model
         self.table = table
@@ -104,13 +116,37 @@ class ModelRunner:
             )
         if key is None:
             inp = build_inputs(batch, self.table, self.page_size, self.spare_kv)
-            flat, layout = self.staging.pack(inp.arrays)
+        else:
+            inp = build_inputs(batch, self.table, self.page_size, self.spare_kv, pad_to=key[0], width=key[1])
+        if self.group is not None:
+            self.group.channel.send(("step", inp, key, masked))
+        return self._launch(inp, key, masked)
+
+    def follow(self, channel: StepChannel) -> None:
+        """A tensor-parallel rank other than 0: run every step rank 0 sends (the same inputs, so the
+        same forward and the same sampled tokens) until it sends None. Like rank 0, at most two steps
+        are in flight (a staging buffer is reused two steps later)."""
+        in_flight: deque[LaunchedStep] = deque()
+        while (message := channel.recv()) is not None:
+            kind, *payload = message
+            if kind == "step":
+                if len(in_flight) == 2:
+                    self.wait(in_flight.popleft())
+                in_flight.append(self._launch(*payload))
+            else:  # "mask": the bitmask of the masked step just launched
+                self._bitmask = torch.from_numpy(payload[0])
+                self.sample(in_flight[-1])
+        for step in in_flight:
+            self.wait(step)
+
+    def _launch(self, inp: StepInputs, key: GraphKey | None, masked: bool) -> LaunchedStep:
+        """Queue the step laid out in `inp`: eager, or the replay of graph `key`."""
+        flat, layout = self.staging.pack(inp.arrays)
+        if key is None:
             views = unpack(flat, layout)
             out, logprobs = self._step(views, inp.num_decodes, inp.all_greedy, inp.want_logprobs, masked)
         else:
             rows, width = key[:2]
-            inp = build_inputs(batch, self.table, self.page_size, self.spare_kv, pad_to=rows, width=width)
-            flat, layout = self.staging.pack(inp.arrays)
             out, logprobs, views = self.graphs.replay(key, flat, layout, lambda: self._padding(rows, width))
         if masked:
             pending = PendingSample(out, views, inp.num_samples, inp.all_greedy, inp.want_logprobs)
@@ -133,6 +169,8 @@ class ModelRunner:
         `step` in place (its tokens then arrive as any step's)."""
         p = step.pending
         assert p is not None
+        if self.group is not None:
+            self.group.channel.send(("mask", self._bitmask[: p.logits.shape[0]].numpy().copy()))
         bitmask = self._bitmask[: p.logits.shape[0]].to(p.logits.device, non_blocking=True)  # [R, words]
         with torch.inference_mode():
             tokens, logprobs = self._sample(
@@ -143,7 +181,11 @@ class ModelRunner:
 
     def wait(self, step: LaunchedStep) -> tuple[list[int], list[float] | None]:
         """Block until `step`'s sampled tokens are on the host; returns them (and their logprobs)."""
-        if step.done is not None:
+        if step.done is not None and self.group is not None:
+            while not step.done.query():  # a lost rank would leave this step waiting for it forever
+                self.group.check()
+                time.sleep(GROUP_POLL_S)
+        elif step.done is not None:
             step.done.synchronize()
         return step.tokens.tolist(), None if step.logprobs is None else step.logprobs.tolist()
 
@@ -152,7 +194,9 @@ class ModelRunner:
         the device memory goes back to the allocator."""
         if self.graphs is not None:
             self.graphs.close()
-        self.graphs = self.model = self.staging = None
+        if self.group is not None:
+            self.group.close()
+        self.graphs = self.model = self.staging = self.group = None
         self.kv_cache = self.token_buf = torch.empty(0)
         self._out = self._out_lp = self._host = self._host_lp = []
 

@@ -44,9 +44,9 @@ class TensorParallel:
         """The ranks' column blocks side by side: [R, C] on each rank -> [R, size * C], rank order."""
         if self.size == 1:
             return x
-        out = torch.empty((self.size * x.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
-        return out.view(self.size, *x.shape).permute(1, 0, 2).reshape(x.shape[0], -1)
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=1)
 
     def reduced(self, layer):
         """`layer` with its output summed over the ranks (`layer` itself on one rank)."""

