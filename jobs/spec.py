@@ -193,8 +193,9 @@ class RuntimeSpec(Section):
     )
     gpus: Literal["auto"] | PositiveInt | list[NonNegInt] = Field(
         "auto",
-        description="worker processes on this node, one per GPU: auto (every visible GPU), N (the first N; "
-        "N CPU workers on a machine without GPUs) or a list of GPU ids",
+        description="worker processes on this node, one per GPU (per group of engine.tensor_parallel "
+        "GPUs): auto (every visible GPU), N (the first N; N CPU workers on a machine without GPUs) or a "
+        "list of GPU ids",
     )
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     max_error_fraction: Annotated[float, Field(ge=0, le=1)] = Field(

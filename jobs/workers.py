@@ -27,20 +27,28 @@ from runner.store import OutputStore
 log = logging.getLogger(__name__)
 
 
-def worker_devices(gpus: str | int | list[int], visible: int) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES of each worker ([None]: one worker, in this process, as it is)."""
+def worker_devices(gpus: str | int | list[int], visible: int, per_worker: int = 1) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each worker ([None]: one worker, in this process, as it is). A worker
+    takes `per_worker` GPUs (engine.tensor_parallel): consecutive ids, so `gpus` counts groups."""
     if gpus == "auto":
-        return [None] if visible <= 1 else [str(i) for i in range(visible)]
-    if isinstance(gpus, int):
+        if visible <= per_worker:
+            return [None]
+        ids = list(range(visible - visible % per_worker))
+    elif isinstance(gpus, int):
         if not visible:
             return [""] * gpus if gpus > 1 else [None]  # CPU workers: useful for small models and tests
-        ids = list(range(gpus))
+        ids = list(range(gpus * per_worker))
     else:
         ids = gpus
+        if len(ids) % per_worker:
+            raise SpecError(
+                f"runtime.gpus: {len(ids)} GPU ids do not make groups of engine.tensor_parallel={per_worker}"
+            )
     too_high = [i for i in ids if i >= visible]
     if too_high:
-        raise SpecError(f"runtime.gpus: GPU {too_high[0]} does not exist here ({visible} visible)")
-    return [str(i) for i in ids]
+        groups = f" ({len(ids) // per_worker} groups of {per_worker})" if per_worker > 1 else ""
+        raise SpecError(f"runtime.gpus: GPU {too_high[0]} does not exist here ({visible} visible){groups}")
+    return [",".join(str(i) for i in ids[k : k + per_worker]) for k in range(0, len(ids), per_worker)]
 
 
 def run_node(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True) -> Summary:
@@ -49,7 +57,7 @@ def run_node(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool 
     phases.done("launch")
     import torch
 
-    devices = worker_devices(spec.runtime.gpus, torch.cuda.device_count())
+    devices = worker_devices(spec.runtime.gpus, torch.cuda.device_count(), spec.engine.tensor_parallel)
     phases.done("imports")
     if len(devices) == 1:
         if devices[0] is not None:

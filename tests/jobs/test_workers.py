@@ -30,6 +30,27 @@ def test_worker_devices(gpus, visible, expected):
     assert worker_devices(gpus, visible) == expected
 
 
+@pytest.mark.parametrize(
+    "gpus, visible, expected",
+    [
+        ("auto", 8, ["0,1", "2,3", "4,5", "6,7"]),  # 8 GPUs with tensor_parallel 2: 4 workers of 2
+        ("auto", 2, [None]),  # one group: this process, every visible GPU
+        ("auto", 5, ["0,1", "2,3"]),
+        (2, 4, ["0,1", "2,3"]),  # runtime.gpus counts groups
+        ([3, 2, 0, 1], 4, ["3,2", "0,1"]),
+    ],
+)
+def test_tensor_parallel_workers_take_groups_of_gpus(gpus, visible, expected):
+    assert worker_devices(gpus, visible, per_worker=2) == expected
+
+
+def test_groups_that_do_not_fit_are_refused():
+    with pytest.raises(SpecError, match=r"GPU 4 does not exist here \(4 visible\) \(3 groups of 2\)"):
+        worker_devices(3, 4, per_worker=2)
+    with pytest.raises(SpecError, match=r"3 GPU ids do not make groups of engine.tensor_parallel=2"):
+        worker_devices([0, 1, 2], 4, per_worker=2)
+
+
 def test_a_gpu_that_does_not_exist_is_refused():
     with pytest.raises(SpecError, match=r"runtime.gpus: GPU 2 does not exist here \(2 visible\)"):
         worker_devices([0, 2], 2)
