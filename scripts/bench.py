@@ -8,6 +8,8 @@ run in the same process on the same model. Prints one table and writes JSON (wit
     python scripts/bench.py --workloads W2,W3 --backends batchrun,batchrun-fp8   # bf16 vs fp8 weights
     python scripts/bench.py --workloads W70 --backends batchrun   # Llama-3.1-70B shape, fp8, one GPU
     python scripts/bench.py --workloads W1 --backends batchrun,batchrun-json   # structured output
+    python scripts/bench.py --workloads W2 --backends batchrun-tp1,batchrun-tp2   # tensor parallel, 2 GPUs
+    python scripts/bench.py --workloads W70B --backends batchrun-tp2   # Llama-3.1-70B shape, bf16, 2 GPUs
 
 `batchrun-json` runs the engine with every request under `JSON_SCHEMA` (structured output), whose
 free-text field cannot close before `new` tokens, so rows run to the end under the grammar: compare it
@@ -19,6 +21,7 @@ tokenizer of the model's vocabulary: a synthetic byte-level one (`synthetic_toke
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import random
@@ -61,6 +64,8 @@ WORKLOADS = {
     "M1": Workload(2048, 768, 48, 32, 4, 128, 151936, False, 256, 128, experts=128, top_k=8),  # qwen3-30b-a3b
     "G2": Workload(2304, 9216, 26, 8, 4, 256, 256000, True, 512, 256, family="gemma2"),  # gemma-2-2b
     "P3": Workload(3072, 8192, 32, 32, 32, 96, 32064, False, 512, 256, family="phi3"),  # phi-3-mini
+    # llama-3.1-70b in bf16: 140 GB, tensor parallel only (batchrun-tp2 and up)
+    "W70B": Workload(8192, 28672, 80, 64, 8, 128, 128256, False, 256, 128),
 }
 
 
@@ -115,10 +120,9 @@ class Result:
     stats: dict | None = None
 
 
-def build_model(name: str, device: str = "cuda", positions: int = 4096):
-    """The workload's random-weight model, built in bf16 directly on `device` (M1's 30B parameters would
-    not fit twice, in fp32 first)."""
-    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Phi3Config, Qwen3MoeConfig
+def workload_config(name: str, positions: int = 4096):
+    """The transformers config of a workload's model."""
+    from transformers import Gemma2Config, LlamaConfig, Phi3Config, Qwen3MoeConfig
 
     w = WORKLOADS[name]
     common = dict(
@@ -126,25 +130,56 @@ def build_model(name: str, device: str = "cuda", positions: int = 4096):
         num_key_value_heads=w.kv_heads, head_dim=w.head_dim, vocab_size=w.vocab, tie_word_embeddings=w.tied,
         max_position_embeddings=positions, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )  # fmt: skip
-    if w.fp8_only:
-        return build_fp8_model(LlamaConfig(**common, intermediate_size=w.inter), torch.device(device))
     if w.experts:
-        config = Qwen3MoeConfig(
+        return Qwen3MoeConfig(
             **common, intermediate_size=6144, moe_intermediate_size=w.inter, num_experts=w.experts,
             num_experts_per_tok=w.top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
         )  # fmt: skip
-    elif w.family == "gemma2":  # Gemma 2's sliding window (4096), soft-capping and scalings as released
-        config = Gemma2Config(
+    if w.family == "gemma2":  # Gemma 2's sliding window (4096), soft-capping and scalings as released
+        return Gemma2Config(
             **common, intermediate_size=w.inter, sliding_window=4096, attn_logit_softcapping=50.0,
             final_logit_softcapping=30.0, query_pre_attn_scalar=w.head_dim,
         )  # fmt: skip
-    elif w.family == "phi3":
-        config = Phi3Config(**common, intermediate_size=w.inter)
-    else:
-        config = LlamaConfig(**common, intermediate_size=w.inter)
+    if w.family == "phi3":
+        return Phi3Config(**common, intermediate_size=w.inter)
+    return LlamaConfig(**common, intermediate_size=w.inter)
+
+
+def build_model(name: str, device: str = "cuda", positions: int = 4096):
+    """The workload's random-weight model, built in bf16 directly on `device` (M1's 30B parameters would
+    not fit twice, in fp32 first)."""
+    from transformers import AutoModelForCausalLM
+
+    config = workload_config(name, positions)
+    if WORKLOADS[name].fp8_only:
+        return build_fp8_model(config, torch.device(device))
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+@torch.no_grad()
+def pooled_model(name: str, positions: int = 4096):
+    """The workload's model on the CPU for tensor-parallel runs, every matrix a view of one random bf16
+    pool (std 0.02) the size of the largest, norms 1: each rank builds it in seconds and in little
+    host memory (a 70B model costs its embedding), and copies only its slice to its GPU. Speed does
+    not depend on the values."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from runner.engine.loader import rebuild_buffers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(workload_config(name, positions), dtype=torch.bfloat16)
+    largest = max(p.numel() for p in model.parameters())
+    pool = torch.randn(largest, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16).mul_(0.02)
+    for module in model.modules():
+        for leaf, p in list(module.named_parameters(recurse=False)):
+            value = torch.ones(p.shape, dtype=p.dtype) if p.dim() == 1 else pool[: p.numel()].view(p.shape)
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    rebuild_buffers(model, torch.device("cpu"))
     model.generation_config.eos_token_id = None
     return model.eval()
 
@@ -282,27 +317,44 @@ def synthetic_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|eos|>")
 
 
+def tensor_parallel(backend: str) -> int:
+    """N of a `-tpN` backend, 0 for the others."""
+    return next((int(p[2:]) for p in backend.split("-") if p.startswith("tp")), 0)
+
+
 def run_batchrun(
-    model, prompts: list[list[int]], new: int, backend: str, engine: dict, temperature: float
+    name: str,
+    model,
+    prompts: list[list[int]],
+    new: int,
+    backend: str,
+    engine: dict,
+    temperature: float,
+    source,
 ) -> tuple[int, dict]:
-    """`backend`: batchrun[-fp8][-json][-sync] (fp8: weights quantized at load; json: every request
-    under `JSON_SCHEMA`; sync: async_mode off)."""
+    """`backend`: batchrun[-fp8][-json][-sync][-tpN] (fp8: weights quantized at load; json: every request
+    under `JSON_SCHEMA`; sync: async_mode off; tpN: N GPUs, tensor parallel, each rank building
+    `pooled_model` from `source`, N = 1 included, instead of using `model`)."""
     from runner.engine import Engine, EngineConfig, Request, SamplingParams
 
     parts = backend.split("-")[1:]
-    assert set(parts) <= {"fp8", "json", "sync"}, backend
+    ranks = tensor_parallel(backend)
+    assert set(parts) - {f"tp{ranks}"} <= {"fp8", "json", "sync"}, backend
     schema = JSON_SCHEMA if "json" in parts else None
-    tokenizer = synthetic_tokenizer(model.config.vocab_size) if schema else None
+    vocab = WORKLOADS[name].vocab
+    tokenizer = synthetic_tokenizer(vocab) if schema else None
     config = EngineConfig(
         device="cuda", dtype="bfloat16", async_mode="sync" not in parts,
-        quantization="fp8" if "fp8" in parts else "none", **engine,
+        quantization="fp8" if "fp8" in parts else "none", tensor_parallel=max(ranks, 1), **engine,
     )  # fmt: skip
-    engine = Engine(model, config, tokenizer=tokenizer)
+    if ranks > 1:
+        engine = Engine.from_source(source, config, tokenizer=tokenizer)
+    else:
+        engine = Engine(source.factory() if ranks else model, config, tokenizer=tokenizer)
     sp = SamplingParams(
         max_new_tokens=new, ignore_eos=True, temperature=temperature, top_p=0.95, seed=0, json_schema=schema
     )
     warm = SamplingParams(max_new_tokens=4, ignore_eos=True, json_schema=schema)
-    vocab = model.config.vocab_size
     shifted = [[(t + 1) % vocab for t in p] for p in prompts[:8]]  # no prefix of a measured prompt
     list(engine.generate(Request(-i - 1, p, warm) for i, p in enumerate(shifted)))  # compile kernels
     # batches of short prompts too: an MoE's mid-size expert tiles compile here, not in the measured run
@@ -347,9 +399,14 @@ def bench(
     engine: dict,
     rates: Rates,
     temperature: float = 0.0,
+    positions: int = 4096,
 ) -> Result:
+    ranks = max(tensor_parallel(backend), 1)
     if backend.startswith("batchrun"):
-        run = lambda: run_batchrun(model, prompts, new, backend, engine, temperature)
+        from runner.engine.group import ModelSource
+
+        source = ModelSource(factory=functools.partial(pooled_model, name, positions))
+        run = lambda: run_batchrun(name, model, prompts, new, backend, engine, temperature, source)
     else:
         run = {
             "hf-sync": lambda: run_hf(model, prompts, new, False),
@@ -362,7 +419,7 @@ def bench(
     with BusySampler() as busy:
         generated, stats = run()
     wall = time.perf_counter() - t0
-    floor = t_min(name, prompts, new, rates, fp8)
+    floor = t_min(name, prompts, new, rates, fp8) / ranks  # N GPUs: N times the bandwidth and FLOP/s
     peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     gc.collect()  # the backend's objects (engine, transformers' manager and cache) are gone now
     torch.cuda.empty_cache()
@@ -381,8 +438,9 @@ def main() -> None:
     ap.add_argument("--workloads", default="W0")
     ap.add_argument(
         "--backends", default="batchrun,hf-sync,hf-async",
-        help="batchrun[-fp8][-json][-sync] (fp8: weights quantized at load; json: every request under a JSON "
-        "schema; sync: async off), hf-sync, hf-async",
+        help="batchrun[-fp8][-json][-sync][-tpN] (fp8: weights quantized at load; json: every request under "
+        "a JSON schema; sync: async off; tpN: tensor parallel over N GPUs, roofline counts N GPUs), "
+        "hf-sync, hf-async",
     )  # fmt: skip
     ap.add_argument("--prompts", type=int, default=None, help="override the workload's prompt count")
     ap.add_argument("--new", type=int, default=None, help="override the workload's new tokens")
@@ -403,14 +461,16 @@ def main() -> None:
     )
     results = []
     for name in args.workloads.split(","):
-        model = build_model(name, positions=args.positions)
+        backends = args.backends.split(",")
+        in_process = any(not tensor_parallel(b) for b in backends)  # the -tpN backends build their own
+        model = build_model(name, positions=args.positions) if in_process else None
         prompts = make_prompts(name, args.prompts)
         new = args.new or WORKLOADS[name].new
-        for backend in args.backends.split(","):
+        for backend in backends:
             if WORKLOADS[name].fp8_only and not backend.startswith("batchrun"):
                 print(f"{name}: {backend} skipped (its bf16 weights would not fit; only batchrun runs fp8)")
                 continue
-            r = bench(name, backend, model, prompts, new, engine, rates, args.temperature)
+            r = bench(name, backend, model, prompts, new, engine, rates, args.temperature, args.positions)
             print(json.dumps(asdict(r)), flush=True)
             results.append(r)
         del model

@@ -116,11 +116,11 @@ def shard_decoder(model: nn.Module, tp: TensorParallel) -> None:
             continue
         transposed = getattr(module, "is_transposed", False)
         for param, t in list(module.named_parameters(recurse=False)):
-            part = cut(f"{module_name}.{param}", t.detach(), split, tp, transposed).contiguous()
+            part = cut(f"{module_name}.{param}", t.detach(), split, tp, transposed)  # a view: the copy is the engine's
             module._parameters[param] = nn.Parameter(part, requires_grad=False)
         scale = getattr(module, "weight_scale", None)
         if isinstance(scale, torch.Tensor):
-            module.weight_scale = cut(f"{module_name}.weight_scale", scale, split, tp).contiguous()
+            module.weight_scale = cut(f"{module_name}.weight_scale", scale, split, tp)
 
 
 def _whole(leaf: str, t: torch.Tensor, split: HeadSplit) -> torch.Tensor:

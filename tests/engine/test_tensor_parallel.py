@@ -4,6 +4,7 @@ the group with an error that names it."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -14,6 +15,8 @@ from runner.engine.group import ModelSource
 from tests.engine.conftest import random_prompts, tiny_model
 from tests.engine.models.test_dense_parity import DENSE_CONFIGS
 from tests.engine.models.test_moe_parity import MOE_CONFIGS
+from tests.engine.test_grammar import SCHEMA
+from tests.helpers import tiny_llama, tiny_tokenizer
 
 
 # module-level factories: each spawned rank builds the same seeded random model and cuts its slice
@@ -31,6 +34,10 @@ def phi3():
 
 def gemma2():
     return tiny_model(DENSE_CONFIGS["gemma2"]())  # post-norms after the summed outputs, soft-caps
+
+
+def chat_llama():
+    return tiny_llama(tiny_tokenizer())  # its vocabulary is a real tokenizer's: grammars need one
 
 
 def generate(engine: Engine, prompts: list[list[int]], max_new: list[int]) -> dict[int, list[int]]:
@@ -56,6 +63,35 @@ def compare(factory, ranks: int, **config) -> None:
 @pytest.mark.parametrize("factory, ranks", [(llama, 2), (llama, 4), (qwen2_moe, 2), (phi3, 2), (gemma2, 2)])
 def test_ranks_on_the_cpu_generate_the_tokens_of_one(factory, ranks):
     compare(factory, ranks, device="cpu", kv_cache_tokens=2048)
+
+
+def test_two_ranks_sample_and_constrain_as_one():
+    """Seeded sampling (n = 2) and JSON-schema rows beside free ones: every rank samples the same tokens
+    (none are exchanged) and the ranks apply rank 0's grammar bitmasks."""
+    tok = tiny_tokenizer()
+    prompts = [tok(f"Row {i}: describe a box.")["input_ids"] for i in range(6)]
+    kinds = [
+        SamplingParams(max_new_tokens=80, temperature=0.8, seed=5, json_schema=json.dumps(SCHEMA), n=2),
+        SamplingParams(max_new_tokens=12, temperature=1.0, seed=6, ignore_eos=True),
+    ]
+    requests = lambda: [Request(i, p, kinds[i % 2]) for i, p in enumerate(prompts)]  # noqa: E731
+
+    def tokens(engine: Engine) -> list[tuple]:
+        try:
+            out = [
+                (c.id, c.sample_index, c.token_ids, c.text, c.finish_reason)
+                for c in engine.generate(requests())
+            ]
+        finally:
+            engine.close()
+        return sorted(out)
+
+    config = dict(device="cpu", kv_cache_tokens=2048)
+    one = tokens(Engine(chat_llama(), EngineConfig(**config), tokenizer=tok))
+    source = ModelSource(factory=chat_llama)
+    two = tokens(Engine.from_source(source, EngineConfig(**config, tensor_parallel=2), tokenizer=tok))
+    assert two == one
+    assert all(text.startswith('{"color":"') for i, *_, text, _ in one if i % 2 == 0)  # under the schema
 
 
 @pytest.mark.gpu
