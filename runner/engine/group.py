@@ -7,7 +7,8 @@ broadcasts the step's packed host inputs (and, for a grammar step, its bitmask) 
 (`StepChannel`); every rank then runs the same forward, whose all-reduces meet on the device.
 
 A rank that dies ends the group: the followers die with rank 0 (PR_SET_PDEATHSIG), and rank 0's
-`Group.check` raises `RankLost` as soon as a follower has exited, so the engine's caller stops,
+`Group.check` raises `RankLost` as soon as a follower has exited (a collective that fails on the
+dead peer first is turned into the same `RankLost`: `Group.collective`), so the engine's caller stops,
 commits what finished, and a later run resumes.
 """
 
@@ -21,7 +22,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,10 @@ log = logging.getLogger(__name__)
 
 # NVLink multicast (NVLS) stays off in every rank: the machines this runs on do not support it
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+# a collective failed: how long rank 0 waits to see the rank that broke it gone (`Group.collective`)
+LOST_RANK_WAIT_S = 5.0
 
 
 class RankLost(RuntimeError):
@@ -93,6 +99,25 @@ class Group:
                     f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}; "
                     "the group stops (rows finished so far are kept, a new run resumes the rest)"
                 )
+
+    @contextlib.contextmanager
+    def collective(self) -> Iterator[None]:
+        """Around rank 0's collectives (step channel, gloo all-reduces): one that fails because a rank
+        died (gloo: "Connection closed by peer", naming no rank) raises RankLost for that rank instead,
+        once its exit is seen (within LOST_RANK_WAIT_S); any other failure is raised as it is."""
+        try:
+            yield
+        except RankLost:
+            raise
+        except RuntimeError as e:
+            deadline = time.monotonic() + LOST_RANK_WAIT_S
+            while all(p.exitcode is None for p in self.followers) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            try:
+                self.check()
+            except RankLost as lost:
+                raise lost from e
+            raise
 
     def close(self) -> None:
         """Tell the followers to exit, wait for them, and leave the process group."""

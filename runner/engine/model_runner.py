@@ -118,9 +118,11 @@ class ModelRunner:
             inp = build_inputs(batch, self.table, self.page_size, self.spare_kv)
         else:
             inp = build_inputs(batch, self.table, self.page_size, self.spare_kv, pad_to=key[0], width=key[1])
-        if self.group is not None:
+        if self.group is None:
+            return self._launch(inp, key, masked)
+        with self.group.collective():  # on the CPU the forward's all-reduces run here too
             self.group.channel.send(("step", inp, key, masked))
-        return self._launch(inp, key, masked)
+            return self._launch(inp, key, masked)
 
     def follow(self, channel: StepChannel) -> None:
         """A tensor-parallel rank other than 0: run every step rank 0 sends (the same inputs, so the
@@ -170,7 +172,8 @@ class ModelRunner:
         p = step.pending
         assert p is not None
         if self.group is not None:
-            self.group.channel.send(("mask", self._bitmask[: p.logits.shape[0]].numpy().copy()))
+            with self.group.collective():
+                self.group.channel.send(("mask", self._bitmask[: p.logits.shape[0]].numpy().copy()))
         bitmask = self._bitmask[: p.logits.shape[0]].to(p.logits.device, non_blocking=True)  # [R, words]
         with torch.inference_mode():
             tokens, logprobs = self._sample(
