@@ -329,7 +329,8 @@ class Engine:
         workspaces of its streams; the engine is done. Requests still queued or in flight are dropped.
         """
         cuda = self.model_runner.cuda
-        if cuda:
+        group = self.model_runner.group
+        if cuda and not (group is not None and group.lost):  # a lost rank's collectives never complete
             torch.cuda.synchronize(self.model.device)
         self.model_runner.close()
         self._in_flight.clear()

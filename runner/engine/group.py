@@ -91,6 +91,11 @@ class Group:
     channel: StepChannel
     followers: list[mp.process.BaseProcess]
 
+    @property
+    def lost(self) -> bool:
+        """Whether a follower has exited (the group can run nothing more)."""
+        return any(proc.exitcode is not None for proc in self.followers)
+
     def check(self) -> None:
         """Raise RankLost if a follower has exited."""
         for rank, proc in enumerate(self.followers, start=1):
@@ -120,9 +125,13 @@ class Group:
             raise
 
     def close(self) -> None:
-        """Tell the followers to exit, wait for them, and leave the process group."""
+        """Tell the followers to exit, wait for them, and leave the process group. After a lost rank, the
+        device group is aborted instead: its collectives in flight would wait for that rank forever."""
+        if self.lost:
+            with contextlib.suppress(Exception):
+                dist.distributed_c10d._abort_process_group()
         with contextlib.suppress(Exception):
-            if all(p.exitcode is None for p in self.followers):
+            if not self.lost:
                 self.channel.send(None)
         for proc in self.followers:
             proc.join(timeout=30)

@@ -116,7 +116,7 @@ def shard_decoder(model: nn.Module, tp: TensorParallel) -> None:
             continue
         transposed = getattr(module, "is_transposed", False)
         for param, t in list(module.named_parameters(recurse=False)):
-            part = cut(f"{module_name}.{param}", t.detach(), split, tp, transposed)  # a view: the copy is the engine's
+            part = cut(f"{module_name}.{param}", t.detach(), split, tp, transposed)  # a view
             module._parameters[param] = nn.Parameter(part, requires_grad=False)
         scale = getattr(module, "weight_scale", None)
         if isinstance(scale, torch.Tensor):
