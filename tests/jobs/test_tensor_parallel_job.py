@@ -141,3 +141,27 @@ def test_a_lost_rank_fails_the_job_promptly_and_a_resume_finishes_it_exactly(job
     for stem, rows in committed.items():
         assert set(rows) <= {r["_row"] for r in final[stem]}
     assert not list(out.rglob("*.parts")) and not list(out.rglob(".tmp-*"))
+
+
+@pytest.mark.gpu
+def test_two_gpus_write_every_row_once(job, tiny_model_dir: Path):
+    """On 2 GPUs (NCCL, decode steps in CUDA graphs): the whole runner writes every row exactly once."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    root, reference = job
+    spec = write_spec(
+        root / "gpu.yaml",
+        tiny_model_dir,
+        sampling=SAMPLING,
+        output={**OUTPUT, "path": "gpu"},
+        engine={"device": "cuda", "dtype": "float32", "tensor_parallel": 2},
+    )
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 0, err[-3000:]
+    assert "x 2 ranks (tensor parallel)" in err
+    output = read_output(root / "gpu")
+    assert {k: [r["_row"] for r in v] for k, v in output.items()} == {
+        k: list(range(n)) for k, n in ROWS.items()
+    }
+    assert all(r["generated_tokens"] == SAMPLING["max_new_tokens"] for v in output.values() for r in v)
