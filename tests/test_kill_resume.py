@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def batchrun(*args: str, kill_at: str | None = None, wait: bool = True, cwd: Path | None = None):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
+    }
     env.pop("BATCHRUN_KILL_AT", None)
     if kill_at:
         env["BATCHRUN_KILL_AT"] = kill_at

@@ -167,7 +167,7 @@ def start_group(source: ModelSource, config, device: torch.device, follow: Follo
     ]
     for proc in followers:
         proc.start()
-    tp, channel = join(0, size, port, device)
+    tp, channel = join(0, size, port, rank_device(device, 0))
     return Group(tp, channel, followers)
 
 
