@@ -35,6 +35,7 @@ class HeadSplit:
     @classmethod
     def of(cls, config, tp: TensorParallel) -> HeadSplit:
         """The split of `config`'s heads over `tp`; UnsupportedModel when the ranks cannot share them."""
+        config = getattr(config, "text_config", None) or config  # an image-text checkpoint: its text tower
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         dim = getattr(config, "head_dim", None) or config.hidden_size // heads

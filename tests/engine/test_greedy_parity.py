@@ -46,8 +46,8 @@ def check(done: dict, prompts, max_new, reference, skip=()) -> None:
         assert c.finish_reason == ("length" if len(ref) == max_new[i] and ref[-1] != 2 else "stop")
 
 
-# top-2 logit gap below which a CUDA run may pick the other token: fp32 on other kernels sums in another order,
-# and transformers itself moves: Gemma 2's tiny config (soft-caps 5 and 3) has a 1.6e-4 gap under
+# top-2 logit gap below which a CUDA run may pick the other token: fp32 on other kernels sums in another
+# order, and transformers itself moves: Gemma 2's tiny config (soft-caps 5 and 3) has a 1.6e-4 gap under
 # transformers 5.24 where 5.17 computes 2.1e-3 (same tokens up to there)
 NEAR_TIE = 5e-3
 

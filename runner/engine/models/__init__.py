@@ -13,7 +13,7 @@ from runner.engine.config import UnsupportedModel
 from runner.engine.layers.parallel import SINGLE, TensorParallel
 from runner.engine.models.base import ModelShape, PagedModel
 from runner.engine.models.gemma2 import PagedGemma2
-from runner.engine.models.gemma3 import PagedGemma3
+from runner.engine.models.gemma3 import PagedGemma3, PagedGemma3Tower
 from runner.engine.models.granite import PagedGranite
 from runner.engine.models.llama import PagedLlama
 from runner.engine.models.mixtral import PagedMixtral
@@ -30,6 +30,7 @@ FAMILIES: dict[str, type[PagedModel]] = {
     "qwen3": PagedLlama,
     "gemma2": PagedGemma2,
     "gemma3_text": PagedGemma3,
+    "gemma3": PagedGemma3Tower,  # the text tower of an image-text checkpoint
     "phi3": PagedPhi3,  # Phi-3, Phi-3.5, Phi-4-mini
     "olmo2": PagedOlmo2,
     "granite": PagedGranite,

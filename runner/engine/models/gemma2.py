@@ -52,7 +52,7 @@ class PagedGemma2(PagedSandwich):
         tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__(hf_model, device, dtype, fp8, tp)
-        config = hf_model.config
+        config = self.text_config(hf_model.config)
         self.embed_scale = torch.tensor(config.hidden_size**0.5, dtype=dtype, device=device)
         self.scale = config.query_pre_attn_scalar**-0.5
         self.attn_softcap = config.attn_logit_softcapping or 0.0

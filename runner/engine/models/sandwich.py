@@ -55,14 +55,14 @@ class PagedSandwich:
         tp: TensorParallel = SINGLE,
     ) -> None:
         """Copy `hf_model`'s weights; `fp8`: quantize the decoder's linear weights (fp8 ones stay)."""
-        config = hf_model.config
+        tied = hf_model.config.tie_word_embeddings
+        config = self.text_config(hf_model.config)
         self.fp8 = fp8
-        self.shape = s = local_shape(self.shape_of(config), tp)
+        self.shape = s = local_shape(self.shape_of(hf_model.config), tp)
         self.device, self.dtype = device, dtype
         self.ops = ops_for(device)
         inner = self.decoder_of(hf_model)
         self.embed = VocabSlice.load(inner.embed_tokens.weight, device, dtype, tp)  # [V / ranks, hidden]
-        tied = config.tie_word_embeddings
         self.lm_head = self.embed if tied else VocabSlice.load(hf_model.lm_head.weight, device, dtype, tp)
         self.norm = self.norm_weight(inner.norm, device, dtype)
         self.layers = [self.layer_of(layer, i, config, device, dtype) for i, layer in enumerate(inner.layers)]
@@ -73,6 +73,11 @@ class PagedSandwich:
             for name in {layer.rope for layer in self.layers}
         }
         self.scale = s.head_dim**-0.5
+
+    @staticmethod
+    def text_config(config):
+        """The decoder's settings in a transformers `config` (an image-text checkpoint's `text_config`)."""
+        return config
 
     @staticmethod
     def decoder_of(hf_model):

@@ -7,7 +7,15 @@ from __future__ import annotations
 import random
 
 import pytest
-from transformers import Gemma2Config, Gemma3TextConfig, GraniteConfig, Olmo2Config, Phi3Config
+from transformers import (
+    Gemma2Config,
+    Gemma3Config,
+    Gemma3TextConfig,
+    GraniteConfig,
+    Olmo2Config,
+    Phi3Config,
+    SiglipVisionConfig,
+)
 
 from tests.engine.conftest import COMMON, hf_greedy, random_prompts, tiny_model
 from tests.engine.models.parity import (  # noqa: F401 (collected here, on this module's `case`)
@@ -44,6 +52,23 @@ DENSE_CONFIGS = {
             "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
         },
+    ),  # fmt: skip
+    # an image-text checkpoint (Gemma3ForConditionalGeneration): its text tower runs, the vision tower is
+    # never needed for text prompts; the LM head is tied to the tower's embeddings
+    "gemma3-image-text": lambda: Gemma3Config(
+        text_config=DENSE_CONFIGS["gemma3_text"]().to_dict(),
+        vision_config=SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ).to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=250,
+        boi_token_index=251,
+        eoi_token_index=252,
     ),  # fmt: skip
     # Phi-3-mini-4k: a sliding window over every layer, fused qkv and gate_up
     "phi3": lambda: Phi3Config(**COMMON, sliding_window=WINDOW, tie_word_embeddings=False),

@@ -23,12 +23,18 @@ def test_moe_types_map_to_their_files():
     expected = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "mixtral": mixtral, "olmoe": olmoe}
     for kind, module in expected.items():
         assert FAMILIES[kind].__module__ == module.__name__
-    dense = {"gemma2", "gemma3_text", "phi3", "olmo2", "granite"}
+    dense = {"gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "granite"}
     assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", *dense, *expected}
 
 
 def test_dense_types_map_to_their_files():
-    files = {"gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "olmo2": "olmo2"}
+    files = {
+        "gemma2": "gemma2",
+        "gemma3_text": "gemma3",
+        "gemma3": "gemma3",
+        "phi3": "phi3",
+        "olmo2": "olmo2",
+    }
     files["granite"] = "granite"
     for kind, module in files.items():
         assert FAMILIES[kind].__module__ == f"runner.engine.models.{module}"
@@ -57,7 +63,7 @@ def test_shape_is_read_from_the_config():
         (
             GPT2Config(n_layer=1),
             r"model_type 'gpt2' is not in the fast path \(llama, mistral, qwen2, qwen3, gemma2, gemma3_text, "
-            r"phi3, olmo2, granite, qwen2_moe, qwen3_moe, mixtral, olmoe\)",
+            r"gemma3, phi3, olmo2, granite, qwen2_moe, qwen3_moe, mixtral, olmoe\)",
         ),
         (LlamaConfig(**COMMON, hidden_act="gelu"), "hidden_act 'gelu'"),
         (LlamaConfig(**COMMON, mlp_bias=True), "mlp_bias=True"),
