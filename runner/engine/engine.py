@@ -378,7 +378,8 @@ def build_runner(
     num_pages = _num_pages(config, paged, device, weights, max_model_len)
     if group is not None:  # the smallest pool any rank has room for
         pages = torch.tensor([num_pages])
-        dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=group.channel.group)
+        with group.collective():  # waits for every rank's model: one that failed to load stops the group
+            dist.all_reduce(pages, op=dist.ReduceOp.MIN, group=group.channel.group)
         num_pages = int(pages)
     if device.type == "cuda":
         from runner.engine.layers.paged_attention import paged_attention as attention

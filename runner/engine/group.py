@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from runner.engine.layers.parallel import TensorParallel
+from runner.engine.layers.parallel import SINGLE, TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class Group:
     """Rank 0's view of its group: the followers' processes, the step channel and the device group."""
 
     tp: TensorParallel
-    channel: StepChannel
+    channel: StepChannel | None  # None until rank 0 has joined
     followers: list[mp.process.BaseProcess]
 
     @property
@@ -116,7 +117,7 @@ class Group:
             raise
         except RuntimeError as e:
             deadline = time.monotonic() + LOST_RANK_WAIT_S
-            while all(p.exitcode is None for p in self.followers) and time.monotonic() < deadline:
+            while not self.lost and time.monotonic() < deadline:
                 time.sleep(0.01)
             try:
                 self.check()
@@ -127,11 +128,10 @@ class Group:
     def close(self) -> None:
         """Tell the followers to exit, wait for them, and leave the process group. After a lost rank, the
         device group is aborted instead: its collectives in flight would wait for that rank forever."""
-        if self.lost:
-            with contextlib.suppress(Exception):
-                dist.distributed_c10d._abort_process_group()
         with contextlib.suppress(Exception):
-            if not self.lost:
+            if self.lost:
+                dist.distributed_c10d._abort_process_group()
+            else:
                 self.channel.send(None)
         for proc in self.followers:
             proc.join(timeout=30)
@@ -167,8 +167,25 @@ def start_group(source: ModelSource, config, device: torch.device, follow: Follo
     ]
     for proc in followers:
         proc.start()
-    tp, channel = join(0, size, port, rank_device(device, 0))
-    return Group(tp, channel, followers)
+    group = Group(SINGLE, None, followers)
+    joined: dict[str, Any] = {}
+
+    def join_as_rank_0() -> None:
+        try:
+            joined["group"] = join(0, size, port, rank_device(device, 0))
+        except BaseException as e:  # noqa: BLE001 (handed to the caller's thread)
+            joined["error"] = e
+
+    # the rendezvous waits for every rank: a rank that dies while it starts must not leave rank 0 waiting
+    thread = threading.Thread(target=join_as_rank_0, name="batchrun-tp-join", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+        group.check()
+    if "error" in joined:
+        raise joined["error"]
+    group.tp, group.channel = joined["group"]
+    return group
 
 
 def join(rank: int, size: int, port: int, device: torch.device) -> tuple[TensorParallel, StepChannel]:

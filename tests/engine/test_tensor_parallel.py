@@ -9,9 +9,10 @@ import random
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from runner.engine import Engine, EngineConfig, Request, SamplingParams
-from runner.engine.group import ModelSource
+from runner.engine.group import ModelSource, RankLost
 from tests.engine.conftest import random_prompts, tiny_model
 from tests.engine.models.test_dense_parity import DENSE_CONFIGS
 from tests.engine.models.test_moe_parity import MOE_CONFIGS
@@ -38,6 +39,12 @@ def gemma2():
 
 def chat_llama():
     return tiny_llama(tiny_tokenizer())  # its vocabulary is a real tokenizer's: grammars need one
+
+
+def fails_on_rank_1():
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 cannot load its model")
+    return llama()
 
 
 def generate(engine: Engine, prompts: list[list[int]], max_new: list[int]) -> dict[int, list[int]]:
@@ -107,6 +114,13 @@ def test_two_ranks_sample_and_constrain_as_one():
     two = tokens(Engine.from_source(source, EngineConfig(**config, tensor_parallel=2), tokenizer=tok))
     assert two == one
     assert all(text.startswith('{"color":"') for i, *_, text, _ in one if i % 2 == 0)  # under the schema
+
+
+def test_a_rank_that_fails_to_load_stops_the_group_at_once():
+    source = ModelSource(factory=fails_on_rank_1)
+    with pytest.raises(RankLost, match=r"tensor-parallel rank 1 \(pid \d+\) exited with code 1"):
+        Engine.from_source(source, EngineConfig(device="cpu", kv_cache_tokens=2048, tensor_parallel=2))
+    assert not dist.is_initialized()  # rank 0 left the group: a next engine can start one
 
 
 @pytest.mark.gpu
