@@ -67,7 +67,16 @@ def compare(factory, ranks: int, **config) -> None:
     assert generate(split, prompts, max_new) == one
 
 
-@pytest.mark.parametrize("factory, ranks", [(llama, 2), (llama, 4), (qwen2_moe, 2), (phi3, 2), (gemma2, 2)])
+@pytest.mark.parametrize(
+    "factory, ranks",
+    [
+        (llama, 2),
+        (qwen2_moe, 2),
+        pytest.param(llama, 4, marks=pytest.mark.slow),  # each extra rank: a process importing torch
+        pytest.param(phi3, 2, marks=pytest.mark.slow),
+        pytest.param(gemma2, 2, marks=pytest.mark.slow),
+    ],
+)
 def test_ranks_on_the_cpu_generate_the_tokens_of_one(factory, ranks):
     compare(factory, ranks, device="cpu", kv_cache_tokens=2048)
 

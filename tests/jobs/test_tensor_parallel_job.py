@@ -88,6 +88,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow  # the resume below ends equal to the one-rank output too
 def test_two_ranks_write_the_one_rank_output(job, tiny_model_dir: Path):
     root, reference = job
     spec = _spec(root / "tp2.yaml", tiny_model_dir, 2, "tp2")
