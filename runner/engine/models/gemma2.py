@@ -12,7 +12,6 @@ import torch
 
 from runner.engine.config import UnsupportedModel
 from runner.engine.layers.linear import ACTIVATIONS, GatedMLP, fused_linear, load
-from runner.engine.layers.parallel import SINGLE, TensorParallel
 from runner.engine.models.base import ModelShape
 from runner.engine.models.sandwich import PagedSandwich, SandwichLayer
 
@@ -43,16 +42,7 @@ class PagedGemma2(PagedSandwich):
 
     shape_of = staticmethod(gemma_shape)
 
-    def __init__(
-        self,
-        hf_model,
-        device: torch.device,
-        dtype: torch.dtype,
-        fp8: bool = False,
-        tp: TensorParallel = SINGLE,
-    ) -> None:
-        super().__init__(hf_model, device, dtype, fp8, tp)
-        config = self.text_config(hf_model.config)
+    def read_settings(self, config, device: torch.device, dtype: torch.dtype) -> None:
         self.embed_scale = torch.tensor(config.hidden_size**0.5, dtype=dtype, device=device)
         self.scale = config.query_pre_attn_scalar**-0.5
         self.attn_softcap = config.attn_logit_softcapping or 0.0

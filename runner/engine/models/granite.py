@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from runner.engine.layers.parallel import SINGLE, TensorParallel
 from runner.engine.models.llama import PagedLlama
 
 
 class PagedGranite(PagedLlama):
     """Granite over the paged KV cache."""
 
-    def __init__(
-        self,
-        hf_model,
-        device: torch.device,
-        dtype: torch.dtype,
-        fp8: bool = False,
-        tp: TensorParallel = SINGLE,
-    ) -> None:
-        super().__init__(hf_model, device, dtype, fp8, tp)
-        config = hf_model.config
+    def read_settings(self, config, device: torch.device, dtype: torch.dtype) -> None:
         self.embedding_multiplier = config.embedding_multiplier
         self.residual_multiplier = config.residual_multiplier
         self.scale = config.attention_multiplier

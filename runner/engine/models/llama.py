@@ -109,6 +109,11 @@ class PagedLlama:
         self.window = 0  # a sliding window over every layer (Phi-3); 0: full attention
         self.device, self.dtype = device, dtype
         self.ops = ops_for(device)
+        self.read_settings(config, device, dtype)
+
+    def read_settings(self, config, device: torch.device, dtype: torch.dtype) -> None:
+        """A family's own settings from `config`, once the weights are in (Granite's multipliers,
+        Phi-3's window): none for Llama."""
 
     def activation_width(self) -> int:
         """Activation elements per token live in a forward: the residual stream and norms, q/k/v and

@@ -12,23 +12,14 @@ import torch
 
 from runner.engine.layers.moe import SparseMoE
 from runner.engine.layers.norm import rms_norm
-from runner.engine.layers.parallel import SINGLE, TensorParallel
 from runner.engine.models.llama import PagedLlama
 
 
 class PagedOlmoe(PagedLlama):
     """OLMoE over the paged KV cache."""
 
-    def __init__(
-        self,
-        hf_model,
-        device: torch.device,
-        dtype: torch.dtype,
-        fp8: bool = False,
-        tp: TensorParallel = SINGLE,
-    ) -> None:
-        super().__init__(hf_model, device, dtype, fp8, tp)
-        self.clip = hf_model.config.clip_qkv
+    def read_settings(self, config, device: torch.device, dtype: torch.dtype) -> None:
+        self.clip = config.clip_qkv
         self.qk_norms = []  # per layer: q norm [H D], k norm [Hkv D]
         for layer in self.layers:  # the loader took them as Qwen3's per-head norms: move them here
             self.qk_norms.append((layer.q_norm, layer.k_norm))

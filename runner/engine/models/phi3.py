@@ -17,7 +17,6 @@ import torch
 
 from runner.engine.layers.fp8 import Fp8Linear
 from runner.engine.layers.linear import DenseLinear, GatedMLP, fused_linear
-from runner.engine.layers.parallel import SINGLE, TensorParallel
 from runner.engine.layers.rope import partial_rotary_order, rope_max_len
 from runner.engine.models.base import ModelShape
 from runner.engine.models.llama import PagedLlama, llama_shape
@@ -33,16 +32,8 @@ class PagedPhi3(PagedLlama):
 
     shape_of = staticmethod(phi3_shape)
 
-    def __init__(
-        self,
-        hf_model,
-        device: torch.device,
-        dtype: torch.dtype,
-        fp8: bool = False,
-        tp: TensorParallel = SINGLE,
-    ) -> None:
-        super().__init__(hf_model, device, dtype, fp8, tp)
-        self.window = hf_model.config.sliding_window or 0
+    def read_settings(self, config, device: torch.device, dtype: torch.dtype) -> None:
+        self.window = config.sliding_window or 0
 
     def qkv_of(self, att, device: torch.device, dtype: torch.dtype) -> DenseLinear | Fp8Linear:
         s = self.shape

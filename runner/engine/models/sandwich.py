@@ -73,6 +73,11 @@ class PagedSandwich:
             for name in {layer.rope for layer in self.layers}
         }
         self.scale = s.head_dim**-0.5
+        self.read_settings(config, device, dtype)
+
+    def read_settings(self, config, device: torch.device, dtype: torch.dtype) -> None:
+        """A family's own settings from its (text) `config`, once the weights are in (Gemma's scalings and
+        soft-caps): none here."""
 
     @staticmethod
     def text_config(config):
