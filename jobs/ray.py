@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -158,6 +159,9 @@ def _ray_task(spec_data: dict, spec_path: str, log_level: int) -> TaskResult:
     """One Ray task, in its Ray worker: jobs.task.run_task; a stop by a signal raises TaskStopped, for Ray
     to run the task again."""
     started = time.monotonic()  # the worker may have idled in Ray's pool since it started
+    # Ray's workers ignore SIGINT, and ray.cancel raises it: let a cancel stop the task before the job's
+    # own handler is in place (from then on it drains and commits, and the task raises TaskStopped)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )

@@ -155,3 +155,31 @@ def test_a_task_that_died_with_no_retry_left_fails_the_submit(
     assert "0 of 1 tasks finished" in err
     assert "  task 0: died with 0 retries spent (" in err
     assert _ray_task_lines(spec) == [["task", "0", "FAILED", "attempts", "1", "last", "error", "WORKER_DIED"]]
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_tasks_exits_75_and_a_second_submit_finishes_exactly_once(
+    local_ray: str, tmp_path: Path, tiny_model_dir: Path
+):
+    """Regression: Ray's workers ignore SIGINT, so ray.cancel did nothing before the job's own handler
+    was in place, and a task still starting ran to its end while `submit` said it was stopping."""
+    write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=12)
+    runtime = {"executor": "ray", "ray": {"address": local_ray}}
+    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, runtime=runtime, **SLOW_JOB)
+    driver = batchrun("submit", str(spec), wait=False)
+    lease = tmp_path / "out/_batchrun/leases/task-0-of-1.json"
+    while not lease.exists():  # the task is starting: importing torch, loading the tokenizer
+        assert driver.poll() is None, driver.communicate()
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 75, err
+    assert "  task 0: cancelled; submit again to finish it" in err
+    assert "Every row the tasks committed is kept: run `batchrun submit" in err
+
+    code, out, err = batchrun("submit", str(spec))
+    assert code == 0, err
+    rows = read_output(tmp_path / "out")
+    assert {k: [(r["_row"], r["id"]) for r in v] for k, v in rows.items()} == {
+        "a0": [(r, f"p0-{r}") for r in range(12)]
+    }

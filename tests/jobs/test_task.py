@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from click.testing import CliRunner
 
 from jobs.cli import main
+from jobs.spec import parse_spec
 from tests.conftest import read_output, write_inputs, write_spec
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_run_takes_its_task_index_from_job_completion_index(tmp_path: Path, tiny_model_dir: Path):
@@ -27,3 +31,14 @@ def test_run_takes_its_task_index_from_job_completion_index(tmp_path: Path, tiny
     result = CliRunner().invoke(main, run, env={"JOB_COMPLETION_INDEX": "3"})
     assert result.exit_code == 2
     assert result.output == "JOB_COMPLETION_INDEX 3 must be < --num-tasks 3\n"
+
+
+def test_the_kubernetes_example_runs_one_task_per_index_and_outlasts_the_grace_period():
+    config_map, job = yaml.safe_load_all((REPO / "scripts/k8s/batchrun-indexed-job.yaml").read_text())
+    spec = parse_spec(yaml.safe_load(config_map["data"]["spec.yaml"]), "the ConfigMap's spec.yaml")
+    pod = job["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[:2] == ["batchrun", "run"] and "--task-index" not in command
+    assert int(command[command.index("--num-tasks") + 1]) == job["spec"]["completions"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert pod["terminationGracePeriodSeconds"] > spec.runtime.grace_seconds
