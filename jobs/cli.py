@@ -151,6 +151,7 @@ def submit(
 ) -> None:
     """Run the job described by SPEC: here in the foreground, as a Slurm array, or as Ray tasks (waited
     for); again to resume."""
+    from jobs import ray as ray_executor
     from jobs.slurm import SlurmError, refuse_if_active
     from runner.store import OutputStore
 
@@ -179,7 +180,8 @@ def submit(
     _check_output_path(spec, spec_path)
     try:
         refuse_if_active(OutputStore.for_output(spec.output))
-    except SlurmError as e:
+        ray_executor.refuse_if_active(spec)
+    except (SlurmError, ray_executor.RayError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)
     _run(spec_path, task_index, num_tasks, force_new_run, progress)
@@ -220,6 +222,7 @@ def _submit_ray(spec: JobSpec, spec_path: str) -> None:
         return
     try:
         refuse_if_active(store)
+        ray_executor.refuse_if_active(spec)
         submission = ray_executor.submit(spec, spec_path, store)
     except (ray_executor.RayError, SlurmError) as e:
         click.echo(f"error: {e}", err=True)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RECORD = "ray.json"
 INSTALL_HINT = "pip install 'batchrun-llm[ray]'"
+ENDED_STATES = frozenset({"FINISHED", "FAILED"})  # of a task in Ray's state API; the others are alive
 
 
 class RayError(Exception):
@@ -83,7 +84,9 @@ class RaySubmission:
 
 
 def import_ray() -> ModuleType:
-    """The `ray` module, or RayError saying how to install it."""
+    """The `ray` module (imported to show every task's lines, not one of lines alike), or RayError
+    saying how to install it."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read when ray is imported: show every task's own lines
     try:
         import ray
     except ImportError:
@@ -105,7 +108,6 @@ def cluster_address(spec: JobSpec) -> str:
 def submit(spec: JobSpec, spec_path: str, store: OutputStore) -> RaySubmission:
     """Run SPEC's `runtime.ray.tasks` tasks on the Ray cluster, record their ids in the output, and wait
     for them. Raises RayError if Ray is missing here or the cluster can't be reached."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read when ray is imported: show every task's own lines
     ray = import_ray()
     address = cluster_address(spec)
     problem = _unreachable(address)
@@ -222,7 +224,7 @@ def _outcome(ray: ModuleType, task: int, ref, max_retries: int) -> TaskOutcome:
     return TaskOutcome(task, result.exit_code, words[result.exit_code], result.summary)
 
 
-def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+def _unreachable(address: str, timeout_s: float = 2.0) -> str | None:
     """Why a `host:port` (or `ray://host:port`) address does not answer; None if it does, or if it is
     no host:port (`auto`). Ray itself would retry an unreachable cluster for minutes."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
@@ -289,6 +291,18 @@ def ray_status(spec: JobSpec) -> RayStatus | None:
     except Exception as e:  # whatever Ray raises, status still shows the shards
         status.unknown = f"Ray's state API failed: {type(e).__name__}: {e}"
     return status
+
+
+def refuse_if_active(spec: JobSpec) -> None:
+    """Raise RayError if a Ray job recorded in this output still has a task queued or running (as far as
+    Ray can tell from here)."""
+    status = ray_status(spec)
+    if status and status.states and any(t.state not in ENDED_STATES for t in status.states):
+        raise RayError(
+            f"Ray job {status.job_id} at {status.address} is still running on this output "
+            f"({spec.output.path}); a second submit would write the same shards. Watch it with `batchrun "
+            "status SPEC`; stop it with Ctrl-C on its `batchrun submit` first if you mean to restart."
+        )
 
 
 def _task_states(record: dict) -> list[RayTaskState]:

@@ -64,7 +64,9 @@ def local_ray(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-def test_3_ray_tasks_over_6_shards_equal_a_local_run(local_ray: str, tmp_path: Path, tiny_model_dir: Path):
+def test_3_ray_tasks_over_6_shards_equal_a_local_run_and_cron_resubmits_are_refused(
+    local_ray: str, tmp_path: Path, tiny_model_dir: Path
+):
     write_inputs(tmp_path / "in", parquet=4, jsonl=2, rows=5)
     ref = write_spec(tmp_path / "ref.yaml", tiny_model_dir, output={"path": "ref"})
     run_job(load_spec(ref), show_progress=False)
@@ -73,8 +75,20 @@ def test_3_ray_tasks_over_6_shards_equal_a_local_run(local_ray: str, tmp_path: P
         tiny_model_dir,
         runtime={"executor": "ray", "ray": {"address": local_ray, "tasks": 3}},
     )
-    code, out, err = batchrun("submit", str(spec))
-    assert code == 0, err
+    driver = batchrun("submit", str(spec), wait=False)
+    while not (tmp_path / "out/_batchrun/ray.json").exists():
+        assert driver.poll() is None, driver.communicate()
+        time.sleep(0.05)
+    time.sleep(1.5)  # the tasks' events reach Ray's state API about once a second
+
+    # cron fires again while the tasks run: refused, for Ray and local alike
+    code, _, err = batchrun("submit", str(spec))
+    assert code == 1 and "is still running on this output" in err, err
+    code, _, err = batchrun("submit", str(spec), "--executor", "local")
+    assert code == 1 and "is still running on this output" in err, err
+
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 0, err
     assert "3 of 3 tasks finished" in err
     for i in range(3):  # shards i and i + 3: 2 shards each
         assert f"  task {i}: finished: 2/2 shards done" in err
