@@ -125,13 +125,13 @@ class TaskLease:
         raise LeaseHeld(f"could not take the lease {self.path}: it keeps changing hands")
 
     def _wait_until_takeable(self, poll_s: float = 0.5) -> None:
-        """Wait, at most `ttl_s`, until the lease is free, its holder is gone from this host, or the
-        holder's heartbeat is older than `ttl_s`."""
+        """Wait, at most `ttl_s`, while the lease's holder is on another host (alive or not: we can't
+        tell) and its heartbeat is fresh; a holder on this host is judged at once."""
         deadline = time.monotonic() + self.ttl_s
         logged = False
         while time.monotonic() < deadline:
             holder = self._holder()
-            if holder is None or holder.alive_here() is False:
+            if holder is None or holder.alive_here() is not None:
                 return
             age = time.time() - holder.heartbeat
             if age > self.ttl_s:

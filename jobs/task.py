@@ -1,4 +1,4 @@
-"""One task of a job, as `batchrun run` runs it: and so each Slurm array task and each Ray task.
+"""One task of a job, as `batchrun run` runs it (and so each Slurm array task and each Ray task).
 
 A task with nothing to do is answered from the output (no torch, no GPU); otherwise the preflight runs,
 then the task on every worker of the node (jobs.workers). The summary and what to do next go to
@@ -72,11 +72,8 @@ def run_task(
             phases = Phases(origin=started)
             summary = run_node(spec, force_new_run=force_new_run, show_progress=progress, phases=phases)
     except JobInterrupted as e:
-        _echo(e.summary.lines())
-        _echo([
-            f"Stopped early; every finished row is committed. Run `batchrun submit {spec_path}` "
-            "again to finish the rest."
-        ])  # fmt: skip
+        again = f"Run `batchrun submit {spec_path}` again to finish the rest."
+        _echo([*e.summary.lines(), f"Stopped early; every finished row is committed. {again}"])
         return TaskResult(EXIT_INTERRUPTED, e.summary)
     except JobFailed as e:
         reason = e.reason if isinstance(e, EngineFailed) else None

@@ -1,4 +1,5 @@
 import json
+import os
 import socket
 import time
 
@@ -59,6 +60,13 @@ def test_waiting_for_expiry_takes_over_a_dead_hosts_fresh_lease_and_refuses_a_li
     with pytest.raises(LeaseHeld, match="another job is writing this output: pid 1 on "):
         TaskLease(fs, str(tmp_path), 0, 1, ttl_s=1, wait_for_expiry=True).__enter__()
     assert 0.9 < time.monotonic() - started < 2.5
+    path.write_text(
+        json.dumps({**holder, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()})
+    )
+    started = time.monotonic()  # a live holder on this host: refused at once, nothing to wait for
+    with pytest.raises(LeaseHeld, match=f"pid {os.getpid()} on "):
+        TaskLease(fs, str(tmp_path), 0, 1, ttl_s=1, wait_for_expiry=True).__enter__()
+    assert time.monotonic() - started < 0.5
 
 
 def test_regression_a_heartbeat_killed_mid_write_leaves_its_temp_file_forever(tmp_path):
