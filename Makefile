@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # Triton for the kernel tests in Triton's CPU interpreter; a CUDA torch brings its own, which is kept
 TRITON ?= triton==3.9.0
 
-.PHONY: setup demo test test-all test-slurm lint imports bench
+.PHONY: setup demo test test-all test-slurm test-ray lint imports bench
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test-all: setup
 
 test-slurm: setup  # on a real single-node Slurm that the tests start (root; apt); -rs says why if skipped
 	$(PY) -m pytest -q -rs tests/test_slurm_cluster.py
+
+test-ray: setup  # on a real local Ray cluster that the tests start (`ray start --head`, CPU); installs [ray]
+	$(PIP) -e '.[ray]'
+	$(PY) -m pytest -q -rs tests/test_ray_cluster.py tests/jobs/test_ray.py
 
 lint: setup imports
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,18 +1,18 @@
-"""`batchrun`: a thin shell over jobs.spec, jobs.run (through jobs.workers), jobs.slurm and jobs.status."""
+"""`batchrun`: a thin shell over jobs.spec, jobs.task (one task), jobs.slurm, jobs.ray and jobs.status."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from typing import get_args
 
 import click
+from click.core import ParameterSource
 
-from jobs.spec import JobSpec, SpecError, load_spec
+from jobs.spec import JobSpec, RuntimeSpec, SpecError, load_spec
+from jobs.task import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_INTERRUPTED
 
-EXIT_FAILED = 1
-EXIT_BAD_SPEC = 2
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early, everything finished is committed; run again
 EXIT_CODES = (
     "Exit codes: 0 done; 1 failed (unreadable shards, too many error rows, a dead worker; what finished "
     "is committed); 2 bad spec (or a preflight problem: nothing was run); 75 stopped early by a signal "
@@ -32,7 +32,9 @@ def _load(path: str, task_index: int | None, num_tasks: int | None) -> JobSpec:
         update={k: v for k, v in (("task_index", task_index), ("num_tasks", num_tasks)) if v is not None}
     )
     if runtime.task_index >= runtime.num_tasks:
-        click.echo(f"--task-index {runtime.task_index} must be < --num-tasks {runtime.num_tasks}", err=True)
+        source = click.get_current_context().get_parameter_source("task_index")
+        given = "JOB_COMPLETION_INDEX" if source is ParameterSource.ENVIRONMENT else "--task-index"
+        click.echo(f"{given} {runtime.task_index} must be < --num-tasks {runtime.num_tasks}", err=True)
         sys.exit(EXIT_BAD_SPEC)
     return spec.model_copy(update={"runtime": runtime})
 
@@ -76,11 +78,11 @@ def validate(spec_path: str) -> None:
 
 
 def _preflight(spec: JobSpec, spec_path: str) -> None:
-    from jobs.preflight import format_problems, preflight
+    from jobs.task import preflight_message
 
-    problems = preflight(spec)
+    problems = preflight_message(spec, spec_path)
     if problems:
-        click.echo(format_problems(problems, spec_path), err=True)
+        click.echo(problems, err=True)
         sys.exit(EXIT_BAD_SPEC)
 
 
@@ -96,72 +98,15 @@ def _check_output_path(spec: JobSpec, spec_path: str) -> None:
 def _run(
     spec_path: str, task_index: int | None, num_tasks: int | None, force_new_run: bool, progress: bool
 ) -> None:
-    from jobs.finished import finished_summary
-    from jobs.lease import LeaseHeld
-    from jobs.run import EngineFailed, JobFailed, JobInterrupted
-    from jobs.workers import run_node
-    from runner.model_resolve import ModelError
-    from runner.prompts import PromptTooLong
-    from runner.retry import StorageError
-    from runner.sources import InputError
-    from runner.store import CheckpointError, FingerprintMismatch
+    from jobs.task import run_task
 
     spec = _load(spec_path, task_index, num_tasks)
-    try:
-        summary = None if force_new_run else finished_summary(spec)  # nothing to do: no torch, no GPU
-        if summary is None:
-            _preflight(spec, spec_path)
-            summary = run_node(spec, force_new_run=force_new_run, show_progress=progress)
-    except JobInterrupted as e:
-        _echo_summary(e.summary.lines())
-        click.echo(
-            f"Stopped early; every finished row is committed. Run `batchrun submit {spec_path}` "
-            "again to finish the rest.",
-            err=True,
-        )
-        sys.exit(EXIT_INTERRUPTED)
-    except JobFailed as e:
-        _echo_summary(e.summary.lines())
-        if isinstance(e, EngineFailed):
-            click.echo(
-                f"The engine failed: {e.reason}. Every finished row is committed; run `batchrun submit "
-                f"{spec_path}` again to finish the rest.",
-                err=True,
-            )
-        if e.summary.failed_shards:
-            click.echo(
-                "Some shards could not be read (above); the others are done. Fix or remove them "
-                "and run again.",
-                err=True,
-            )
-        if e.summary.failed_workers:
-            click.echo(
-                f"Some workers died (above); run `batchrun submit {spec_path}` again to finish their shards.",
-                err=True,
-            )
-        sys.exit(EXIT_FAILED)
-    except (
-        FingerprintMismatch,
-        CheckpointError,
-        InputError,
-        LeaseHeld,
-        ModelError,
-        PromptTooLong,
-        SpecError,
-        StorageError,
-    ) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_FAILED)
-    _echo_summary(summary.lines())
-
-
-def _echo_summary(lines: list[str]) -> None:
-    for line in lines:
-        click.echo(line, err=True)
+    result = run_task(spec, spec_path, force_new_run=force_new_run, progress=progress)
+    if result.exit_code:
+        sys.exit(result.exit_code)
 
 
 _task_opts = [
-    click.option("--task-index", type=int, default=None, help="This task's index (overrides runtime)."),
     click.option("--num-tasks", type=int, default=None, help="Number of tasks (overrides runtime)."),
     click.option(
         "--force-new-run",
@@ -172,38 +117,55 @@ _task_opts = [
 ]
 
 
-def _with_task_opts(f):
-    for opt in reversed(_task_opts):
-        f = opt(f)
-    return f
+def _with_task_opts(index_envvar: str | None = None):
+    """--task-index (read from `index_envvar` when not given), --num-tasks, --force-new-run, --progress."""
+    index = click.option(
+        "--task-index",
+        type=int,
+        default=None,
+        envvar=index_envvar,
+        help="This task's index (overrides runtime)."
+        + (f" Default: ${index_envvar} when set (a Kubernetes Indexed Job)." if index_envvar else ""),
+    )
+
+    def wrap(f):
+        for opt in reversed([index, *_task_opts]):
+            f = opt(f)
+        return f
+
+    return wrap
 
 
 @main.command(epilog=EXIT_CODES)
 @click.argument("spec_path", metavar="SPEC")
-@_with_task_opts
+@_with_task_opts()
 @click.option(
     "--executor",
-    type=click.Choice(["local", "slurm"]),
+    type=click.Choice(get_args(RuntimeSpec.model_fields["executor"].annotation)),
     default=None,
-    help="Run here or as a Slurm array (overrides runtime.executor).",
+    help="Run here, as a Slurm array or as Ray tasks (overrides runtime.executor).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the sbatch script instead of submitting it.")
 def submit(
     spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bool, executor, dry_run: bool
 ) -> None:
-    """Run the job described by SPEC: here in the foreground, or as a Slurm array; again to resume."""
+    """Run the job described by SPEC: here in the foreground, as a Slurm array, or as Ray tasks (waited
+    for); again to resume."""
+    from jobs import ray as ray_executor
     from jobs.slurm import SlurmError, refuse_if_active
     from runner.store import OutputStore
 
     spec = _load(spec_path, None, None)
-    if (executor or spec.runtime.executor) == "slurm":
-        if task_index is not None or num_tasks is not None or force_new_run:
-            click.echo(
-                "--task-index, --num-tasks and --force-new-run apply to local runs; for Slurm set "
-                "runtime.slurm.tasks (and use a new output.path to start over)",
-                err=True,
-            )
-            sys.exit(EXIT_BAD_SPEC)
+    executor = executor or spec.runtime.executor
+    if executor != "local" and (task_index is not None or num_tasks is not None or force_new_run):
+        name = {"slurm": "Slurm", "ray": "Ray"}[executor]
+        click.echo(
+            f"--task-index, --num-tasks and --force-new-run apply to local runs; for {name} set "
+            f"runtime.{executor}.tasks (and use a new output.path to start over)",
+            err=True,
+        )
+        sys.exit(EXIT_BAD_SPEC)
+    if executor == "slurm":
         if not dry_run:
             _preflight(spec, spec_path)
         _submit_slurm(spec, spec_path, dry_run)
@@ -211,10 +173,15 @@ def submit(
     if dry_run:
         click.echo("--dry-run prints the sbatch script: add --executor slurm", err=True)
         sys.exit(EXIT_BAD_SPEC)
+    if executor == "ray":
+        _preflight(spec, spec_path)
+        _submit_ray(spec, spec_path)
+        return
     _check_output_path(spec, spec_path)
     try:
         refuse_if_active(OutputStore.for_output(spec.output))
-    except SlurmError as e:
+        ray_executor.refuse_if_active(spec)
+    except (SlurmError, ray_executor.RayError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)
     _run(spec_path, task_index, num_tasks, force_new_run, progress)
@@ -242,6 +209,39 @@ def _submit_slurm(spec: JobSpec, spec_path: str, dry_run: bool) -> None:
         f"`squeue -j {job_id}` and `batchrun status {spec_path}`; logs: {spec.runtime.slurm.log}",
         err=True,
     )
+
+
+def _submit_ray(spec: JobSpec, spec_path: str) -> None:
+    from jobs import ray as ray_executor
+    from jobs.slurm import SlurmError, all_done, refuse_if_active
+    from runner.store import OutputStore
+
+    store = OutputStore.for_output(spec.output)
+    if all_done(spec, store):
+        click.echo(f"nothing to do: every shard of {spec.output.path} is done", err=True)
+        return
+    try:
+        refuse_if_active(store)
+        ray_executor.refuse_if_active(spec)
+        submission = ray_executor.submit(spec, spec_path, store)
+    except (ray_executor.RayError, SlurmError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        click.echo(
+            "Left the Ray tasks at once; every row they committed is safe. Run "
+            f"`batchrun submit {spec_path}` again to finish the rest.",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo("\n".join(submission.lines()), err=True)
+    if submission.exit_code:
+        click.echo(
+            f"Every row the tasks committed is kept: run `batchrun submit {spec_path}` again to finish "
+            "the rest.",
+            err=True,
+        )
+        sys.exit(submission.exit_code)
 
 
 @main.command(epilog=EXIT_CODES)
@@ -274,7 +274,7 @@ def batch(inputs: tuple[str, ...], model: str, output: str, force_new_run: bool,
 
 @main.command(epilog=EXIT_CODES)
 @click.argument("spec_path", metavar="SPEC")
-@_with_task_opts
+@_with_task_opts(index_envvar="JOB_COMPLETION_INDEX")
 def run(spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bool) -> None:
     """Run one task of SPEC in this process (what each task of a cluster job runs)."""
     _run(spec_path, task_index, num_tasks, force_new_run, progress)
@@ -284,7 +284,9 @@ def run(spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bo
 @click.argument("spec_path", metavar="SPEC")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def status(spec_path: str, as_json: bool) -> None:
-    """Show each shard's state (done / partial / pending) and error rows, read from the output."""
+    """Show each shard's state (done / partial / pending) and error rows, read from the output; and the
+    Slurm array's or Ray tasks' state where the job was submitted there."""
+    from jobs.ray import ray_status
     from jobs.slurm import slurm_status
     from jobs.status import job_status
 
@@ -292,10 +294,12 @@ def status(spec_path: str, as_json: bool) -> None:
     _check_output_path(spec, spec_path)
     report = job_status(spec)
     slurm = slurm_status(spec)
+    ray = ray_status(spec)
     if as_json:
-        click.echo(json.dumps({**report.as_dict(), "slurm": slurm and slurm.as_dict()}, indent=2))
+        clusters = {"slurm": slurm and slurm.as_dict(), "ray": ray and ray.as_dict()}
+        click.echo(json.dumps({**report.as_dict(), **clusters}, indent=2))
         return
-    click.echo("\n".join(report.lines() + (slurm.lines() if slurm else [])))
+    click.echo("\n".join(report.lines() + (slurm.lines() if slurm else []) + (ray.lines() if ray else [])))
 
 
 @main.command()

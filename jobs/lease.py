@@ -62,7 +62,13 @@ def lease_path(root: str, task_index: int, num_tasks: int) -> str:
 
 
 class TaskLease:
-    """Held for the duration of a `with` block; raises LeaseHeld on entry if a live job holds it."""
+    """Held for the duration of a `with` block; raises LeaseHeld on entry if a live job holds it.
+
+    `wait_for_expiry`: a lease of another host whose heartbeat is fresh is waited on (at most `ttl_s`)
+    before it refuses. A scheduler that reruns a task on another node as soon as its node died (Ray)
+    finds the dead holder's lease still fresh: the rerun waits for it to expire instead of failing; a
+    live holder keeps it fresh, and is refused as always.
+    """
 
     def __init__(
         self,
@@ -71,8 +77,10 @@ class TaskLease:
         task_index: int,
         num_tasks: int,
         ttl_s: float = DEFAULT_TTL_S,
+        wait_for_expiry: bool = False,
     ):
         self.fs = fs
+        self.wait_for_expiry = wait_for_expiry
         self.path = lease_path(root, task_index, num_tasks)
         self.ttl_s = ttl_s
         self.me = _Holder(socket.gethostname(), os.getpid(), os.urandom(6).hex(), time.time())
@@ -92,6 +100,8 @@ class TaskLease:
             self.fs.rm(self.path)
 
     def _acquire(self) -> None:
+        if self.wait_for_expiry:
+            self._wait_until_takeable()
         for _ in range(3):
             if self._create():
                 return
@@ -113,6 +123,27 @@ class TaskLease:
                 f"gone, its lease expires {max(0.0, self.ttl_s - age):.0f} s after its last heartbeat."
             )
         raise LeaseHeld(f"could not take the lease {self.path}: it keeps changing hands")
+
+    def _wait_until_takeable(self, poll_s: float = 0.5) -> None:
+        """Wait, at most `ttl_s`, while the lease's holder is on another host (alive or not: we can't
+        tell) and its heartbeat is fresh; a holder on this host is judged at once."""
+        deadline = time.monotonic() + self.ttl_s
+        logged = False
+        while time.monotonic() < deadline:
+            holder = self._holder()
+            if holder is None or holder.alive_here() is not None:
+                return
+            age = time.time() - holder.heartbeat
+            if age > self.ttl_s:
+                return
+            if not logged:
+                log.info(
+                    "the lease %s is held by pid %d on %s (heartbeat %.0f s ago): waiting up to %.0f s for "
+                    "it to expire, in case that process is gone",
+                    self.path, holder.pid, holder.host, age, self.ttl_s - age,
+                )  # fmt: skip
+                logged = True
+            time.sleep(poll_s)
 
     def _create(self) -> bool:
         self.me.heartbeat = time.time()

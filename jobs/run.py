@@ -89,7 +89,9 @@ def run_job(
     if spec.engine.device == "cpu" or not cuda_available():
         configure_cpu_threads()
     store = OutputStore.for_output(spec.output)
-    with TaskLease(store.fs, store.root, spec.runtime.task_index, spec.runtime.num_tasks):
+    rt = spec.runtime
+    # Ray runs a task again as soon as its node died, maybe on another node: wait out the dead lease
+    with TaskLease(store.fs, store.root, rt.task_index, rt.num_tasks, wait_for_expiry=rt.executor == "ray"):
         return _run_leased(spec, store, force_new_run, show_progress, phases)
 
 

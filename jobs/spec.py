@@ -178,8 +178,28 @@ class SlurmSpec(Section):
     )
 
 
+class RaySpec(Section):
+    """How `batchrun submit` runs the job's tasks on a Ray cluster (runtime.executor: ray)."""
+
+    address: str | None = Field(
+        None,
+        description="the cluster: ray://head:10001, head:6379, or auto (the one started on this machine); "
+        "default: the RAY_ADDRESS environment variable",
+    )
+    tasks: PositiveInt = Field(1, description="Ray tasks; shard i goes to task i % tasks")
+    num_cpus_per_task: Annotated[float, Field(ge=0)] = Field(1.0, description="CPUs Ray reserves per task")
+    num_gpus_per_task: NonNegInt = Field(0, description="GPUs per task (its workers: runtime.gpus)")
+    max_retries: NonNegInt = Field(
+        3,
+        description="times Ray runs a task again after its process or node died, or after a signal stopped "
+        "it (exit 75); each run resumes from the task's committed rows",
+    )
+
+
 class RuntimeSpec(Section):
-    executor: Literal["local", "slurm"] = Field("local", description="where `batchrun submit` runs the job")
+    executor: Literal["local", "slurm", "ray"] = Field(
+        "local", description="where `batchrun submit` runs the job"
+    )
     task_index: NonNegInt = 0
     num_tasks: PositiveInt = 1
     grace_seconds: Annotated[float, Field(gt=0)] = 60.0
@@ -198,6 +218,7 @@ class RuntimeSpec(Section):
         "list of GPU ids",
     )
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
     max_error_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         0.1,
         description="the job stops (exit 1, nothing committed lost, not marked done) once more than this "

@@ -51,9 +51,13 @@ def worker_devices(gpus: str | int | list[int], visible: int, per_worker: int = 
     return [",".join(str(i) for i in ids[k : k + per_worker]) for k in range(0, len(ids), per_worker)]
 
 
-def run_node(spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True) -> Summary:
-    """Run this task on every worker of the node (see the module docstring); same errors as run_job."""
-    phases = Phases()
+def run_node(
+    spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True, phases: Phases | None = None
+) -> Summary:
+    """Run this task on every worker of the node (see the module docstring); same errors as run_job.
+    `phases`: as run_job's (default: from this process's start)."""
+    if phases is None:
+        phases = Phases()
     phases.done("launch")
     import torch
 

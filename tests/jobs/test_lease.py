@@ -1,4 +1,5 @@
 import json
+import os
 import socket
 import time
 
@@ -35,6 +36,37 @@ def test_a_lease_of_another_host_is_taken_over_only_after_its_ttl(tmp_path):
     path.write_text(json.dumps({**holder, "heartbeat": time.time() - 11}))
     with TaskLease(fs, str(tmp_path), 0, 1, ttl_s=10) as lease:
         assert json.loads(path.read_text())["token"] == lease.me.token
+
+
+def test_waiting_for_expiry_takes_over_a_dead_hosts_fresh_lease_and_refuses_a_live_one(tmp_path):
+    """A Ray task run again on another node right after its node died finds the dead holder's lease
+    fresh: it waits until the lease expires, then takes it; a holder that keeps beating is refused."""
+    fs = fsspec.filesystem("file")
+    path = tmp_path / "_batchrun/leases/task-0-of-1.json"
+    path.parent.mkdir(parents=True)
+    holder = {
+        "host": socket.gethostname() + "-elsewhere",
+        "pid": 1,
+        "token": "t",
+        "heartbeat": time.time() - 1,
+    }
+    path.write_text(json.dumps(holder))
+    started = time.monotonic()
+    with TaskLease(fs, str(tmp_path), 0, 1, ttl_s=2, wait_for_expiry=True) as lease:
+        assert 0.9 < time.monotonic() - started < 2.5
+        assert json.loads(path.read_text())["token"] == lease.me.token
+    path.write_text(json.dumps({**holder, "heartbeat": time.time() + 60}))  # fresh whenever it is read
+    started = time.monotonic()
+    with pytest.raises(LeaseHeld, match="another job is writing this output: pid 1 on "):
+        TaskLease(fs, str(tmp_path), 0, 1, ttl_s=1, wait_for_expiry=True).__enter__()
+    assert 0.9 < time.monotonic() - started < 2.5
+    path.write_text(
+        json.dumps({**holder, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()})
+    )
+    started = time.monotonic()  # a live holder on this host: refused at once, nothing to wait for
+    with pytest.raises(LeaseHeld, match=f"pid {os.getpid()} on "):
+        TaskLease(fs, str(tmp_path), 0, 1, ttl_s=1, wait_for_expiry=True).__enter__()
+    assert time.monotonic() - started < 0.5
 
 
 def test_regression_a_heartbeat_killed_mid_write_leaves_its_temp_file_forever(tmp_path):

@@ -41,6 +41,7 @@ def test_two_tasks_one_finished_one_stale_and_the_json_schema(tmp_path: Path, ti
         "eta_seconds",
         "last_report",
         "slurm",
+        "ray",
     }
     shards = {s["shard"]: s for s in status["shards"]}
     assert {k: v["state"] for k, v in shards.items()} == {
