@@ -81,6 +81,7 @@ def test_ranks_on_the_cpu_generate_the_tokens_of_one(factory, ranks):
     compare(factory, ranks, device="cpu", kv_cache_tokens=2048)
 
 
+@pytest.mark.slow
 def test_fp8_weights_split_over_two_ranks():
     """fp8 is quantized after the cut, and o/down quantize their input per token over each rank's
     columns, so two ranks are not bit-equal to one (as in other engines): a rank's slice with wrong

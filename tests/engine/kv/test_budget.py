@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runner.engine import Engine, EngineConfig
-from runner.engine import engine as engine_module
+from runner.engine import build as build_module
 from runner.engine.kv.budget import GIB, DeviceMemoryError, step_workspace_bytes
 from tests.engine.conftest import tiny_model
 
@@ -17,7 +17,7 @@ def model():
 
 def engine_with_free_memory(monkeypatch, model, free: int, **config) -> Engine:
     """The engine as on a device with `free` bytes free of 80 GiB (the CPU runs the same sizing code)."""
-    monkeypatch.setattr(engine_module, "_device_memory", lambda device: (free, 80 * GIB))
+    monkeypatch.setattr(build_module, "_device_memory", lambda device: (free, 80 * GIB))
     return Engine(model, EngineConfig(device="cpu", **config))
 
 
