@@ -86,7 +86,8 @@ def test_batch_killed_at_many_moments_then_resumed_gives_the_uninterrupted_outpu
         assert code == -signal.SIGKILL, (kill_at, err[-2000:])
     code, status, err = batchrun("status", str(out / "spec.yaml"), "--json")
     assert code == 0, err
-    assert [s["state"] for s in json.loads(status)["shards"]] == ["done", "pending", "pending"]
+    # one shard done before the last kill: which one depends on how the rows interleaved in the batch
+    assert sorted(s["state"] for s in json.loads(status)["shards"]) == ["done", "pending", "pending"]
 
     code, _, err = batchrun("submit", str(out / "spec.yaml"), "--no-progress")
     assert code == 0, err[-3000:]
