@@ -20,7 +20,9 @@ def test_lease_is_exclusive_and_released(tmp_path):
     assert not (tmp_path / "_batchrun/leases/task-1-of-3.json").exists()
 
 
-def test_a_lease_of_another_host_is_taken_over_only_after_its_ttl(tmp_path):
+def _lease_of_another_host(tmp_path, age_s: float):
+    """Task 0 of 1's lease file, held by pid 1 on another host whose last heartbeat was `age_s` ago:
+    (the file system, the lease path, the holder's record)."""
     fs = fsspec.filesystem("file")
     path = tmp_path / "_batchrun/leases/task-0-of-1.json"
     path.parent.mkdir(parents=True)
@@ -28,9 +30,14 @@ def test_a_lease_of_another_host_is_taken_over_only_after_its_ttl(tmp_path):
         "host": socket.gethostname() + "-elsewhere",
         "pid": 1,
         "token": "t",
-        "heartbeat": time.time() - 5,
+        "heartbeat": time.time() - age_s,
     }
     path.write_text(json.dumps(holder))
+    return fs, path, holder
+
+
+def test_a_lease_of_another_host_is_taken_over_only_after_its_ttl(tmp_path):
+    fs, path, holder = _lease_of_another_host(tmp_path, age_s=5)
     with pytest.raises(LeaseHeld, match=r"heartbeat 5 s ago\).*expires 5 s after its last heartbeat"):
         TaskLease(fs, str(tmp_path), 0, 1, ttl_s=10).__enter__()
     path.write_text(json.dumps({**holder, "heartbeat": time.time() - 11}))
@@ -41,16 +48,7 @@ def test_a_lease_of_another_host_is_taken_over_only_after_its_ttl(tmp_path):
 def test_waiting_for_expiry_takes_over_a_dead_hosts_fresh_lease_and_refuses_a_live_one(tmp_path):
     """A Ray task run again on another node right after its node died finds the dead holder's lease
     fresh: it waits until the lease expires, then takes it; a holder that keeps beating is refused."""
-    fs = fsspec.filesystem("file")
-    path = tmp_path / "_batchrun/leases/task-0-of-1.json"
-    path.parent.mkdir(parents=True)
-    holder = {
-        "host": socket.gethostname() + "-elsewhere",
-        "pid": 1,
-        "token": "t",
-        "heartbeat": time.time() - 1,
-    }
-    path.write_text(json.dumps(holder))
+    fs, path, holder = _lease_of_another_host(tmp_path, age_s=1)
     started = time.monotonic()
     with TaskLease(fs, str(tmp_path), 0, 1, ttl_s=2, wait_for_expiry=True) as lease:
         assert 0.9 < time.monotonic() - started < 2.5
