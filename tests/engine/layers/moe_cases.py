@@ -15,7 +15,8 @@ CASES = [
     (0, 1, 64, 32, 8, 2, False),  # one decode token: most experts unused
     (1, 5, 48, 40, 4, 2, True),  # sizes that are no power of two, Mixtral's fp32 weights
     (2, 13, 64, 48, 8, 3, False),  # an expert block with padding rows
-    (3, 100, 32, 48, 2, 2, False),  # ~100 pairs per expert: the large-block (prefill) tiles
+    (3, 100, 32, 48, 2, 2, False),  # ~100 pairs per expert: the 64-row prefill tiles
+    (6, 300, 32, 24, 2, 2, False),  # ~300 pairs per expert: the 128-row tiles of a long prefill
     (4, 40, 32, 16, 16, 4, True),  # 10 pairs per expert (decode at a few hundred rows), K < a tile
     (5, 30, 32, 40, 2, 2, False),  # 30 pairs per expert: mid-size tiles
 ]
