@@ -34,8 +34,9 @@ class Engine:
     and returns the completions that finished; `generate` drives both for an iterable of requests.
     With `async_mode` a step launches forward N+1 before it waits for forward N's tokens, so the
     host schedules while the device computes; completions then come one step later. A step with
-    grammar rows (structured output) launches forward N+1, takes N's tokens, fills N+1's grammar
-    bitmask while the forward runs, and then launches N+1's sampling under it.
+    grammar rows (structured output) launches forward N+1, takes N's tokens and starts filling N+1's
+    grammar bitmask in the grammar thread; the host hands out N's completions and schedules N+2 while
+    the fill runs, and the next step launches N+1's sampling under the bitmask before N+2's forward.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class Engine:
         stops = StopChecker(self._eos_ids, tokenizer, self.max_model_len)
         self.scheduler = Scheduler(self.kv, stops, config.max_batch_tokens)
         self._in_flight: deque[tuple[ScheduledBatch, LaunchedStep]] = deque()  # oldest first
+        self._filling: LaunchedStep | None = None  # a masked step whose bitmask the grammar thread fills
         self._unreleased: list[Sequence] = []  # finished while a step that may use them is in flight
         self._graph_steps = 0
         kv_cache = self.model_runner.kv_cache
@@ -69,7 +71,7 @@ class Engine:
         self._num_unfinished = 0
         self._samples_left: dict[int, int] = {}  # request order -> samples not yet completed
         self._host_wait_s = 0.0
-        self._grammar_s = 0.0  # host time in grammar work: bitmasks and matcher updates
+        self._grammar_s = 0.0  # host time the loop spends on grammars: matcher updates, waits for bitmasks
         self._rng = random.Random()
         # start-up phases, as {phase: time.monotonic() at its end} (runner/phases.py reads them)
         self.startup: dict[str, float] = {"engine_build": time.monotonic()}
@@ -222,18 +224,21 @@ class Engine:
         """Launch the next forward, take the tokens of the previous one; returns the samples that finished.
 
         Synchronous mode takes the tokens of the forward it just launched. A masked step (grammar rows)
-        takes every earlier step's tokens first, then fills its bitmask and launches its sampling.
+        takes every earlier step's tokens first, then starts the fill of its bitmask; its sampling is
+        launched when the next step needs it (or at once in synchronous mode).
         """
         batch = self.scheduler.schedule()
+        self._sample_masked()
         masked = self._launch(batch)
         keep = self._steps_to_keep_in_flight(batch)
         finished: list[Sequence] = []
         while len(self._in_flight) > max(keep, masked):
             finished += self._postprocess(*self._wait_oldest())
         if masked:
-            self._sample_masked(batch)
-            while len(self._in_flight) > keep:
-                finished += self._postprocess(*self._wait_oldest())
+            self._start_fill(batch)
+        while len(self._in_flight) > keep:
+            self._sample_masked()
+            finished += self._postprocess(*self._wait_oldest())
         return [self._complete(seq) for seq in finished]
 
     def _launch(self, batch: ScheduledBatch) -> bool:
@@ -246,15 +251,24 @@ class Engine:
         self._in_flight.append((batch, self.model_runner.launch(batch, masked)))
         return masked
 
-    def _sample_masked(self, batch: ScheduledBatch) -> None:
-        """Fill the bitmask of the step just launched (every earlier step's tokens are known) and queue
-        its sampling."""
+    def _start_fill(self, batch: ScheduledBatch) -> None:
+        """Start filling the bitmask of the step just launched (every earlier step's tokens are known)."""
         launched = self._in_flight[-1][1]
         t0 = time.perf_counter()
         bitmask = self.model_runner.bitmask(launched)
-        self._grammars.fill_bitmask([batch.seqs[r] for r in batch.sample_rows], bitmask)
+        self._grammars.start_fill([batch.seqs[r] for r in batch.sample_rows], bitmask)
+        self._filling = launched
         self._grammar_s += time.perf_counter() - t0
-        self.model_runner.sample(launched)
+
+    def _sample_masked(self) -> None:
+        """Queue the sampling of the step whose bitmask is being filled, once it is filled (no-op if none)."""
+        if self._filling is None:
+            return
+        t0 = time.perf_counter()
+        self._grammars.wait_fill()
+        self._grammar_s += time.perf_counter() - t0
+        self.model_runner.sample(self._filling)
+        self._filling = None
 
     def _steps_to_keep_in_flight(self, batch: ScheduledBatch) -> int:
         """Async: the step just launched runs on while the host takes the one before; sync: none."""
@@ -325,8 +339,11 @@ class Engine:
         group = self.model_runner.group
         if cuda and not (group is not None and group.lost):  # a lost rank's collectives never complete
             torch.cuda.synchronize(self.model.device)
+        if self._grammars is not None:
+            self._grammars.close()
         self.model_runner.close()
         self._in_flight.clear()
+        self._filling = None
         self._unreleased = []
         self.scheduler.waiting.clear()
         self.scheduler.running.clear()

@@ -137,3 +137,29 @@ def test_a_bad_grammar_is_refused_at_add(model, tok):
     engine = _engine(model, tok)
     with pytest.raises(ValueError, match=r"^request 7: sampling.regex: Regex parsing error at position 4"):
         engine.add(Request(7, [5, 6], SamplingParams(regex="(ab")))
+
+
+def test_a_row_that_ignores_eos_samples_freely_once_its_grammar_ended(model, tok):
+    params = SamplingParams(
+        max_new_tokens=12, temperature=1.0, seed=4, choice=("red", "green"), ignore_eos=True
+    )
+    for c in _run(_engine(model, tok), _prompts(tok, 4), params):
+        word = next(w for w in ("red", "green") if c.text.startswith(w))
+        end = len(tok(word, add_special_tokens=False)["input_ids"])
+        assert c.token_ids[end] == tok.eos_token_id and c.generated_tokens == 12
+        assert any(t != tok.eos_token_id for t in c.token_ids[end + 1 :])  # free tokens after the grammar
+
+
+def test_an_error_in_the_fill_thread_reaches_the_engine_thread(tok):
+    from runner.engine.grammar import Grammars
+    from runner.engine.sequence import Sequence
+
+    grammars = Grammars(tok, len(tok), frozenset({tok.eos_token_id}))
+    matcher = grammars.matcher(("choice", ("a",)))
+    seq = Sequence("r", 0, SamplingParams(), 1, [5], seed=0, order=0, matcher=matcher)
+    for token in [*tok("a", add_special_tokens=False)["input_ids"], tok.eos_token_id]:
+        assert seq.matcher.accept_token(token)  # the matcher ended, but the sequence still holds it
+    grammars.start_fill([seq], torch.empty((1, -(-len(tok) // 32)), dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="terminated after accepting the stop token"):
+        grammars.wait_fill()
+    grammars.close()
