@@ -14,7 +14,8 @@ import torch
 from runner.engine.build import build_runner, follow
 from runner.engine.config import EngineConfig
 from runner.engine.eos import eos_token_ids
-from runner.engine.grammar import GrammarError, Grammars
+from runner.engine.grammar import GrammarError
+from runner.engine.grammar_worker import Grammars
 from runner.engine.group import Group, ModelSource, rank_device, start_group
 from runner.engine.model_runner import LaunchedStep
 from runner.engine.models import model_shape
@@ -207,16 +208,17 @@ class Engine:
         self._samples_left[seqs[0].order] = sp.n
 
     def _matchers(self, request: Request) -> list:
-        """One grammar matcher per sample of `request`; ValueError naming the field if it cannot compile."""
+        """One grammar matcher (its key) per sample of `request`; ValueError naming the field if the
+        grammar cannot compile."""
         kind = request.sampling.grammar[0]
         if self.tokenizer is None:
             raise ValueError(
                 f"request {request.id!r}: sampling.{kind} needs a tokenizer (pass tokenizer=...)"
             )
         if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, self._vocab, self._eos_ids)
+            self._grammars = Grammars(self.tokenizer, self._vocab, self._eos_ids, pin=self.model_runner.cuda)
         try:
-            return [self._grammars.matcher(request.sampling.grammar) for _ in range(request.sampling.n)]
+            return self._grammars.matchers(request.sampling.grammar, request.sampling.n)
         except GrammarError as e:
             raise ValueError(f"request {request.id!r}: sampling.{kind}: {e}") from None
 
@@ -255,8 +257,9 @@ class Engine:
         """Start filling the bitmask of the step just launched (every earlier step's tokens are known)."""
         launched = self._in_flight[-1][1]
         t0 = time.perf_counter()
-        bitmask = self.model_runner.bitmask(launched)
-        self._grammars.start_fill([batch.seqs[r] for r in batch.sample_rows], bitmask)
+        self._grammars.start_fill(
+            [batch.seqs[r] for r in batch.sample_rows], self.model_runner.mask_rows(launched)
+        )
         self._filling = launched
         self._grammar_s += time.perf_counter() - t0
 
@@ -265,9 +268,9 @@ class Engine:
         if self._filling is None:
             return
         t0 = time.perf_counter()
-        self._grammars.wait_fill()
+        bitmask = self._grammars.wait_fill()
         self._grammar_s += time.perf_counter() - t0
-        self.model_runner.sample(self._filling)
+        self.model_runner.sample(self._filling, bitmask)
         self._filling = None
 
     def _steps_to_keep_in_flight(self, batch: ScheduledBatch) -> int:
@@ -354,6 +357,8 @@ class Engine:
 
     def _complete(self, seq: Sequence) -> Completion:
         assert seq.finish_reason is not None
+        if self._grammars is not None:
+            self._grammars.release(seq)
         self._samples_left[seq.order] -= 1
         if self._samples_left[seq.order] == 0:
             del self._samples_left[seq.order]

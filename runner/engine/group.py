@@ -208,7 +208,7 @@ def _follower_main(
     source: ModelSource, config, follow: Follow, rank: int, size: int, port: int, kind: str
 ) -> None:
     """A spawned rank: die with rank 0, join the group, follow rank 0's steps until it says stop."""
-    _die_with_parent()
+    die_with_parent()
     os.environ.update(MULTICAST_OFF)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     device = rank_device(torch.device(kind), rank)
@@ -217,8 +217,8 @@ def _follower_main(
     dist.destroy_process_group()
 
 
-def _die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when the process that spawned it (rank 0) dies."""
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the process that spawned it (rank 0, or the engine) dies."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() == 1:  # rank 0 died before the prctl: nothing to follow

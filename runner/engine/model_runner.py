@@ -7,7 +7,7 @@ buffer indexed by slot, from which the next step's decodes read their input (car
 engine can launch step N+1 before it waits for step N. On the CPU the same code runs synchronously.
 
 A step with grammar rows is launched `masked`: only its forward is queued, and its logits wait in
-the `LaunchedStep` until the host has filled the grammar bitmask (`bitmask`), which `sample` copies
+the `LaunchedStep` until the host has the grammar bitmask (`mask_rows` rows), which `sample` copies
 to the device and applies right before sampling (eager), while the forward may still be running.
 
 In a tensor-parallel group, rank 0's runner sends each step's host inputs (and bitmasks) to the
@@ -96,7 +96,6 @@ class ModelRunner:
         self._out = [torch.empty(rows, dtype=torch.int64, device=dev) for _ in range(2)]
         self._out_lp = [torch.empty(rows, dtype=torch.float32, device=dev) for _ in range(2)]
         self._turn = 0
-        self._bitmask = torch.empty((0, 0), dtype=torch.int32)  # host [R, words], filled by the engine
         if self.cuda:
             self._host = [torch.empty(rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self._host_lp = [torch.empty(rows, dtype=torch.float32, pin_memory=True) for _ in range(2)]
@@ -106,7 +105,7 @@ class ModelRunner:
 
     def launch(self, batch: ScheduledBatch, masked: bool = False) -> LaunchedStep:
         """Queue `batch` on the device; never waits for it. `masked`: queue the forward only (see
-        `bitmask` and `sample`)."""
+        `sample`)."""
         key = None
         if self.graphs is not None and batch.num_decodes == len(batch.seqs):
             width = -(-(max(batch.starts) + 1) // self.page_size)
@@ -136,8 +135,7 @@ class ModelRunner:
                     self.wait(in_flight.popleft())
                 in_flight.append(self._launch(*payload))
             else:  # "mask": the bitmask of the masked step just launched
-                self._bitmask = torch.from_numpy(payload[0])
-                self.sample(in_flight[-1])
+                self.sample(in_flight[-1], torch.from_numpy(payload[0]))
         for step in in_flight:
             self.wait(step)
 
@@ -155,29 +153,24 @@ class ModelRunner:
             return LaunchedStep(None, None, None, key is not None, pending)
         return self._fetch(out, logprobs, inp.num_samples, key is not None)
 
-    def bitmask(self, step: LaunchedStep) -> torch.Tensor:
-        """The host buffer [R, words] int32 for a masked step's grammar bitmask, one row per sample row
-        (padding included), for the caller to fill before `sample`. Reused by the next masked step: fill
-        it only once the step before has been waited for."""
+    def mask_rows(self, step: LaunchedStep) -> int:
+        """Rows of the grammar bitmask a masked step samples under: one per sample row, padding included."""
         assert step.pending is not None
-        rows, words = step.pending.logits.shape[0], -(-step.pending.logits.shape[1] // 32)
-        if self._bitmask.shape[0] < rows or self._bitmask.shape[1] != words:
-            size = max(rows, 2 * self._bitmask.shape[0])
-            self._bitmask = torch.empty((size, words), dtype=torch.int32, pin_memory=self.cuda)
-        return self._bitmask[:rows]
+        return step.pending.logits.shape[0]
 
-    def sample(self, step: LaunchedStep) -> None:
-        """Queue a masked step's sampling under the bitmask the caller filled (`bitmask`); completes
-        `step` in place (its tokens then arrive as any step's)."""
+    def sample(self, step: LaunchedStep, bitmask: torch.Tensor) -> None:
+        """Queue a masked step's sampling under `bitmask` (host [mask_rows, words] int32, page-locked on
+        CUDA; it must stay as it is until the step's tokens are waited for); completes `step` in place
+        (its tokens then arrive as any step's)."""
         p = step.pending
-        assert p is not None
+        assert p is not None and bitmask.shape == (p.logits.shape[0], -(-p.logits.shape[1] // 32))
         if self.group is not None:
             with self.group.collective():
-                self.group.channel.send(("mask", self._bitmask[: p.logits.shape[0]].numpy().copy()))
-        bitmask = self._bitmask[: p.logits.shape[0]].to(p.logits.device, non_blocking=True)  # [R, words]
+                self.group.channel.send(("mask", bitmask.numpy().copy()))
+        on_device = bitmask.to(p.logits.device, non_blocking=True)  # [R, words]
         with torch.inference_mode():
             tokens, logprobs = self._sample(
-                apply_token_bitmask(p.logits, bitmask), p.views, p.all_greedy, p.want_logprobs
+                apply_token_bitmask(p.logits, on_device), p.views, p.all_greedy, p.want_logprobs
             )
         done = self._fetch(tokens, logprobs, p.num_samples, step.graphed)
         step.done, step.tokens, step.logprobs, step.pending = done.done, done.tokens, done.logprobs, None

@@ -37,7 +37,7 @@ class Sequence:
     )  # samples 1..n-1, admitted once the prompt is cached
     finish_reason: FinishReason | None = None
     stop_cut: int | None = None  # text offset of a matched stop string
-    matcher: object | None = None  # the grammar's matcher (xgrammar), fed every known generated token
+    matcher: int | None = None  # its grammar matcher (a key in the grammar worker) until the grammar ends
 
     @property
     def num_tokens(self) -> int:

@@ -101,6 +101,20 @@ def test_every_json_row_validates_and_ends_with_eos(model, tok):
     assert engine.stats()["grammar_s"] > 0
 
 
+@pytest.mark.gpu
+def test_json_rows_validate_on_cuda(model, tok):
+    """The bitmask travels from shared, page-locked host memory to the GPU asynchronously."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    engine = Engine(model, EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=4096), tokenizer=tok)
+    params = SamplingParams(max_new_tokens=120, temperature=1.0, seed=3, json_schema=json.dumps(SCHEMA), n=2)
+    out = _run(engine, _prompts(tok, 6), params)
+    assert [c.finish_reason for c in out] == ["stop"] * 12
+    for c in out:
+        jsonschema.validate(json.loads(c.text, strict=False), SCHEMA)
+    engine.close()
+
+
 def test_regex_and_choice_rows_match_beside_free_rows(model, tok):
     engine = _engine(model, tok)
     prompts = _prompts(tok, 6)
@@ -150,16 +164,34 @@ def test_a_row_that_ignores_eos_samples_freely_once_its_grammar_ended(model, tok
         assert any(t != tok.eos_token_id for t in c.token_ids[end + 1 :])  # free tokens after the grammar
 
 
-def test_an_error_in_the_fill_thread_reaches_the_engine_thread(tok):
-    from runner.engine.grammar import Grammars
+def test_a_refused_token_is_reported_by_the_next_fill(tok):
+    from runner.engine.grammar_worker import Grammars
     from runner.engine.sequence import Sequence
 
-    grammars = Grammars(tok, len(tok), frozenset({tok.eos_token_id}))
-    matcher = grammars.matcher(("choice", ("a",)))
-    seq = Sequence("r", 0, SamplingParams(), 1, [5], seed=0, order=0, matcher=matcher)
-    for token in [*tok("a", add_special_tokens=False)["input_ids"], tok.eos_token_id]:
-        assert seq.matcher.accept_token(token)  # the matcher ended, but the sequence still holds it
-    grammars.start_fill([seq], torch.empty((1, -(-len(tok) // 32)), dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="terminated after accepting the stop token"):
+    grammars = Grammars(tok, len(tok), frozenset({tok.eos_token_id}), pin=False)
+    (key,) = grammars.matchers(("choice", ("ab",)), 1)
+    seq = Sequence("r", 0, SamplingParams(), 1, [5], seed=0, order=0, matcher=key)
+    grammars.advance([seq], [tok.eos_token_id])  # EOS before the grammar can end: refused
+    grammars.start_fill([seq], 2)
+    with pytest.raises(
+        RuntimeError,
+        match=rf"^grammar worker: tokens sampled outside their grammar: token {tok.eos_token_id} ",
+    ):
         grammars.wait_fill()
+    grammars.close()
+
+
+def test_the_worker_fills_grammar_rows_and_frees_the_others(tok):
+    from runner.engine.grammar_worker import Grammars
+    from runner.engine.sequence import Sequence
+
+    grammars = Grammars(tok, len(tok), frozenset({tok.eos_token_id}), pin=False)
+    seqs = [Sequence(i, 0, SamplingParams(), 1, [5], seed=0, order=i) for i in range(3)]
+    seqs[0].matcher, seqs[2].matcher = grammars.matchers(("choice", ("ab", "b")), 2)
+    grammars.start_fill(seqs, 4)  # 3 sample rows and a padding row
+    bitmask = grammars.wait_fill()
+    allowed = [[t for t in range(len(tok)) if bitmask[r, t // 32] >> (t % 32) & 1] for r in range(4)]
+    first = {t for t in range(len(tok)) if "ab".startswith(tok.decode([t])) or tok.decode([t]) == "b"}
+    assert set(allowed[0]) == set(allowed[2]) and set(allowed[0]) <= first and allowed[0]
+    assert allowed[1] == allowed[3] == list(range(len(tok)))  # no grammar; padding
     grammars.close()
