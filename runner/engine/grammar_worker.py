@@ -52,54 +52,81 @@ def serve(conn: Connection, tokenizer_info: str, stop_ids: frozenset[int], threa
     from runner.engine.group import die_with_parent
 
     die_with_parent()
-    import numpy as np
-    import xgrammar as xgr
-
-    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(tokenizer_info), max_threads=threads)
-    batch = xgr.BatchGrammarMatcher(max_threads=threads)
-    compiled: dict = {}  # Grammar -> xgrammar's CompiledGrammar
-    matchers: dict[int, xgr.GrammarMatcher] = {}
-    refused: list[str] = []  # tokens a matcher refused since the last fill
-    shm: SharedMemory | None = None
-    bitmask = np.empty((0, 0), dtype=np.int32)
-
+    worker = _Worker(tokenizer_info, stop_ids, threads)
     while (message := _next(conn)) is not None:
         kind, *args = message
-        if kind == "new":
-            keys, grammar = args
-            if grammar not in compiled:  # the engine compiled it too, so it compiles
-                compiled[grammar] = compiler.compile_grammar(xgrammar_grammar(grammar))
-            for key in keys:
-                matchers[key] = xgr.GrammarMatcher(compiled[grammar])
-        elif kind == "accept":
-            keys, tokens = args
-            accepted = _accept([matchers[k] for k in keys], tokens)
-            if 0 in accepted:
-                refused += [
-                    f"token {t} (matcher {k})"
-                    for k, t, ok in zip(keys, tokens, accepted, strict=True)
-                    if not ok
-                ]
-            for key, token in zip(keys, tokens, strict=True):
-                if token in stop_ids and matchers[key].is_terminated():
-                    del matchers[key]  # its grammar ended
-        elif kind == "free":
-            for key in args[0]:
-                matchers.pop(key, None)
-        elif kind == "buffer":
-            name, rows, words = args
-            bitmask = np.empty((0, 0), dtype=np.int32)  # drop the view before the old buffer closes
-            if shm is not None:
-                shm.close()
-            shm = SharedMemory(name=name)
-            bitmask = np.ndarray((rows, words), dtype=np.int32, buffer=shm.buf)
-        else:  # "fill"
-            keys, rows = args
-            conn.send(_fill(batch, matchers, keys, bitmask[:rows], refused))
-            refused.clear()
-    bitmask = None
-    if shm is not None:
-        shm.close()
+        answer = getattr(worker, kind)(*args)
+        if kind == "fill":
+            conn.send(answer)
+    worker.close()
+
+
+class _Worker:
+    """The worker's state: compiled grammars, matchers by key, the shared bitmask; a method per request."""
+
+    def __init__(self, tokenizer_info: str, stop_ids: frozenset[int], threads: int) -> None:
+        import numpy as np
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        info = xgr.TokenizerInfo.deserialize_json(tokenizer_info)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=threads)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=threads)
+        self._stop_ids = stop_ids
+        self._compiled: dict = {}  # Grammar -> xgrammar's CompiledGrammar
+        self._matchers: dict = {}  # key -> xgrammar's GrammarMatcher
+        self._refused: list[str] = []  # tokens a matcher refused since the last fill
+        self._shm: SharedMemory | None = None
+        self._bitmask = np.empty((0, 0), dtype=np.int32)  # [rows, words] over the shared buffer
+
+    def new(self, keys: list[int], grammar: Grammar) -> None:
+        if grammar not in self._compiled:  # the engine compiled it too, so it compiles
+            self._compiled[grammar] = self._compiler.compile_grammar(xgrammar_grammar(grammar))
+        for key in keys:
+            self._matchers[key] = self._xgr.GrammarMatcher(self._compiled[grammar])
+
+    def accept(self, keys: list[int], tokens: list[int]) -> None:
+        accepted = _accept([self._matchers[k] for k in keys], tokens)
+        if 0 in accepted:
+            pairs = zip(keys, tokens, accepted, strict=True)
+            self._refused += [f"token {t} (matcher {k})" for k, t, ok in pairs if not ok]
+        for key, token in zip(keys, tokens, strict=True):
+            if token in self._stop_ids and self._matchers[key].is_terminated():
+                del self._matchers[key]  # its grammar ended
+
+    def free(self, keys: list[int]) -> None:
+        for key in keys:
+            self._matchers.pop(key, None)
+
+    def buffer(self, name: str, rows: int, words: int) -> None:
+        import numpy as np
+
+        self.close()
+        self._shm = SharedMemory(name=name)
+        self._bitmask = np.ndarray((rows, words), dtype=np.int32, buffer=self._shm.buf)
+
+    def fill(self, keys: list[int | None], rows: int) -> str | None:
+        """Rows [0, rows) of the bitmask for `keys` (see the module docstring); the error text, or None."""
+        if self._refused:
+            error, self._refused = "tokens sampled outside their grammar: " + ", ".join(self._refused), []
+            return error
+        out = self._bitmask[:rows]
+        live = [i for i, key in enumerate(keys) if key is not None]
+        out[len(keys) :] = -1
+        if len(live) < len(keys):
+            out[[i for i, key in enumerate(keys) if key is None]] = -1
+        if live:
+            self._batch.batch_fill_next_token_bitmask([self._matchers[keys[i]] for i in live], out, live)
+        return None
+
+    def close(self) -> None:
+        """Unmap the shared bitmask (its view goes first: a mapping with a view on it cannot close)."""
+        import numpy as np
+
+        self._bitmask = np.empty((0, 0), dtype=np.int32)
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
 
 
 def _next(conn: Connection):
@@ -117,19 +144,6 @@ def _accept(matchers: list, tokens: list[int]):
     from xgrammar.base import _core
 
     return _core.BatchGrammarMatcher.batch_accept_token([m._handle for m in matchers], tokens, False)
-
-
-def _fill(batch, matchers: dict, keys: list[int | None], out, refused: list[str]) -> str | None:
-    """Fill `out` [rows, words] for `keys` (see the module docstring); the error text, or None."""
-    if refused:
-        return "tokens sampled outside their grammar: " + ", ".join(refused)
-    live = [i for i, key in enumerate(keys) if key is not None]
-    out[len(keys) :] = -1
-    if len(live) < len(keys):
-        out[[i for i, key in enumerate(keys) if key is None]] = -1
-    if live:
-        batch.batch_fill_next_token_bitmask([matchers[keys[i]] for i in live], out, live)
-    return None
 
 
 class Grammars:
@@ -174,7 +188,7 @@ class Grammars:
             self._checked.add(g)
         keys = list(range(self._next_key, self._next_key + n))
         self._next_key += n
-        self._conn.send(("new", keys, g))
+        self._send(("new", keys, g))
         return keys
 
     def advance(self, seqs: list[Sequence], tokens: list[int]) -> None:
@@ -185,7 +199,7 @@ class Grammars:
         live = [(seq, token) for seq, token in zip(seqs, tokens, strict=True) if seq.matcher is not None]
         if not live:
             return
-        self._conn.send(("accept", [seq.matcher for seq, _ in live], [token for _, token in live]))
+        self._send(("accept", [seq.matcher for seq, _ in live], [token for _, token in live]))
         for seq, token in live:
             if token in self._eos_ids:
                 seq.matcher = None  # the worker drops the matcher too
@@ -196,7 +210,7 @@ class Grammars:
         assert not self._rows, "a bitmask fill is already under way"
         if self._buffer is None or self._buffer.rows < rows:
             self._grow(rows)
-        self._conn.send(("fill", [seq.matcher for seq in seqs], rows))
+        self._send(("fill", [seq.matcher for seq in seqs], rows))
         self._rows = rows
 
     def wait_fill(self) -> torch.Tensor:
@@ -206,7 +220,7 @@ class Grammars:
         try:
             error = self._conn.recv()
         except (EOFError, ConnectionError):
-            raise RuntimeError(f"the grammar worker exited (code {self._worker.exitcode})") from None
+            raise self._exited() from None
         if error is not None:
             raise RuntimeError(f"grammar worker: {error}")
         return self._buffer.tensor[:rows]
@@ -214,7 +228,7 @@ class Grammars:
     def release(self, seq: Sequence) -> None:
         """`seq` finished: its matcher (if its grammar had not ended) is dropped."""
         if seq.matcher is not None:
-            self._conn.send(("free", [seq.matcher]))
+            self._send(("free", [seq.matcher]))
             seq.matcher = None
 
     def close(self) -> None:
@@ -226,10 +240,20 @@ class Grammars:
             self._buffer.close()
             self._buffer = None
 
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except OSError:  # a broken pipe: the worker is gone
+            raise self._exited() from None
+
+    def _exited(self) -> RuntimeError:
+        self._worker.join(timeout=10)
+        return RuntimeError(f"the grammar worker exited (code {self._worker.exitcode})")
+
     def _grow(self, rows: int) -> None:
         old = self._buffer
         self._buffer = _SharedBitmask(max(rows, 2 * old.rows if old else 0), self._words, self._pin)
-        self._conn.send(("buffer", self._buffer.name, self._buffer.rows, self._words))
+        self._send(("buffer", self._buffer.name, self._buffer.rows, self._words))
         if old is not None:  # every copy from it has completed: its step's tokens were waited for
             old.close()
 

@@ -195,3 +195,21 @@ def test_the_worker_fills_grammar_rows_and_frees_the_others(tok):
     assert set(allowed[0]) == set(allowed[2]) and set(allowed[0]) <= first and allowed[0]
     assert allowed[1] == allowed[3] == list(range(len(tok)))  # no grammar; padding
     grammars.close()
+
+
+def test_a_killed_worker_is_an_error_that_names_it(tok):
+    import os
+    import signal
+
+    from runner.engine.grammar_worker import Grammars
+    from runner.engine.sequence import Sequence
+
+    grammars = Grammars(tok, len(tok), frozenset({tok.eos_token_id}), pin=False)
+    (key,) = grammars.matchers(("choice", ("ab",)), 1)
+    os.kill(grammars._worker.pid, signal.SIGKILL)  # a real process, killed with a real signal
+    grammars._worker.join()
+    seq = Sequence("r", 0, SamplingParams(), 1, [5], seed=0, order=0, matcher=key)
+    with pytest.raises(RuntimeError, match=r"^the grammar worker exited \(code -9\)$"):
+        grammars.start_fill([seq], 1)
+        grammars.wait_fill()
+    grammars.close()
