@@ -36,7 +36,7 @@ class Engine:
     With `async_mode` a step launches forward N+1 before it waits for forward N's tokens, so the
     host schedules while the device computes; completions then come one step later. A step with
     grammar rows (structured output) launches forward N+1, takes N's tokens and starts filling N+1's
-    grammar bitmask in the grammar thread; the host hands out N's completions and schedules N+2 while
+    grammar bitmask in the grammar worker; the host hands out N's completions and schedules N+2 while
     the fill runs, and the next step launches N+1's sampling under the bitmask before N+2's forward.
     """
 
@@ -63,7 +63,7 @@ class Engine:
         stops = StopChecker(self._eos_ids, tokenizer, self.max_model_len)
         self.scheduler = Scheduler(self.kv, stops, config.max_batch_tokens)
         self._in_flight: deque[tuple[ScheduledBatch, LaunchedStep]] = deque()  # oldest first
-        self._filling: LaunchedStep | None = None  # a masked step whose bitmask the grammar thread fills
+        self._filling: LaunchedStep | None = None  # a masked step whose bitmask the grammar worker fills
         self._unreleased: list[Sequence] = []  # finished while a step that may use them is in flight
         self._graph_steps = 0
         kv_cache = self.model_runner.kv_cache

@@ -1,7 +1,8 @@
 """The grammar worker: a process of its own that holds every sequence's grammar matcher and fills the
-bitmasks, so that xgrammar's host work runs beside the engine's Python loop, not in its thread
-(xgrammar's batch calls hold the GIL for part of their run: from a thread of the engine's process, a
-fill still stalled the loop 0.4 ms median and 3.5 ms p90 per step on the CI machine).
+bitmasks, so that xgrammar's host work runs beside the engine's Python loop, not in its thread.
+xgrammar's batch calls hold the GIL for part of their run: from a thread of the engine's process, a
+fill still stalled the loop 0.4 ms median and 3.5 ms p90 per call on the CI machine, and W1 under a
+JSON schema ran at 0.75x of unconstrained on an H200; with this worker, 0.84x.
 
 `Grammars` is the engine's side. A request's grammar is checked (compiled) when the request is
 added, and each of its samples gets a matcher in the worker (`Sequence.matcher` holds its key).
