@@ -36,6 +36,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from runner.engine.grammar import xgrammar_grammar
 from runner.engine.types import Grammar
 
@@ -66,7 +68,6 @@ class _Worker:
     """The worker's state: compiled grammars, matchers by key, the shared bitmask; a method per request."""
 
     def __init__(self, tokenizer_info: str, stop_ids: frozenset[int], threads: int) -> None:
-        import numpy as np
         import xgrammar as xgr
 
         self._xgr = xgr
@@ -100,8 +101,6 @@ class _Worker:
             self._matchers.pop(key, None)
 
     def buffer(self, name: str, rows: int, words: int) -> None:
-        import numpy as np
-
         self.close()
         self._shm = SharedMemory(name=name)
         self._bitmask = np.ndarray((rows, words), dtype=np.int32, buffer=self._shm.buf)
@@ -113,17 +112,14 @@ class _Worker:
             return error
         out = self._bitmask[:rows]
         live = [i for i, key in enumerate(keys) if key is not None]
-        out[len(keys) :] = -1
-        if len(live) < len(keys):
-            out[[i for i, key in enumerate(keys) if key is None]] = -1
+        out[len(keys) :] = -1  # padding rows
+        out[[i for i, key in enumerate(keys) if key is None]] = -1  # rows without a grammar
         if live:
             self._batch.batch_fill_next_token_bitmask([self._matchers[keys[i]] for i in live], out, live)
         return None
 
     def close(self) -> None:
         """Unmap the shared bitmask (its view goes first: a mapping with a view on it cannot close)."""
-        import numpy as np
-
         self._bitmask = np.empty((0, 0), dtype=np.int32)
         if self._shm is not None:
             self._shm.close()
@@ -195,8 +191,9 @@ class Grammars:
     def advance(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """Feed each grammar sequence its sampled token; one that took a stop token drops its matcher.
 
-        A row of a sequence that finished one step earlier (async scheduling) was sampled under its
-        grammar too, so every token fed here is one its matcher allows."""
+        Every row of a sequence with a matcher was sampled under its grammar, so every token fed here
+        is one its matcher allows; a sequence that finished while a step with its row was in flight has
+        no matcher any more (`release`), and its row's token is not fed."""
         live = [(seq, token) for seq, token in zip(seqs, tokens, strict=True) if seq.matcher is not None]
         if not live:
             return

@@ -12,6 +12,7 @@ import torch
 from runner.engine import Engine, EngineConfig, Request, SamplingParams
 from runner.engine.grammar import GrammarError, check_grammar
 from runner.engine.sampling import apply_token_bitmask
+from runner.engine.sequence import Sequence
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 pytest.importorskip("xgrammar")
@@ -57,6 +58,11 @@ def _engine(model, tok, async_mode=True) -> Engine:
 def _run(engine, prompts, params):
     out = list(engine.generate(Request(i, p, params) for i, p in enumerate(prompts)))
     return sorted(out, key=lambda c: c.id)
+
+
+def _sequence(order: int, matcher: int | None = None) -> Sequence:
+    """A one-token sequence as the grammar worker sees it (the grammar tests drive `Grammars` directly)."""
+    return Sequence(order, 0, SamplingParams(), 1, [5], seed=0, order=order, matcher=matcher)
 
 
 def _prompts(tok, n):
@@ -166,11 +172,10 @@ def test_a_row_that_ignores_eos_samples_freely_once_its_grammar_ended(model, tok
 
 def test_a_refused_token_is_reported_by_the_next_fill(tok):
     from runner.engine.grammar_worker import Grammars
-    from runner.engine.sequence import Sequence
 
     grammars = Grammars(tok, len(tok), frozenset({tok.eos_token_id}), pin=False)
     (key,) = grammars.matchers(("choice", ("ab",)), 1)
-    seq = Sequence("r", 0, SamplingParams(), 1, [5], seed=0, order=0, matcher=key)
+    seq = _sequence(0, key)
     grammars.advance([seq], [tok.eos_token_id])  # EOS before the grammar can end: refused
     grammars.start_fill([seq], 2)
     with pytest.raises(
@@ -183,10 +188,9 @@ def test_a_refused_token_is_reported_by_the_next_fill(tok):
 
 def test_the_worker_fills_grammar_rows_and_frees_the_others(tok):
     from runner.engine.grammar_worker import Grammars
-    from runner.engine.sequence import Sequence
 
     grammars = Grammars(tok, len(tok), frozenset({tok.eos_token_id}), pin=False)
-    seqs = [Sequence(i, 0, SamplingParams(), 1, [5], seed=0, order=i) for i in range(3)]
+    seqs = [_sequence(i) for i in range(3)]
     seqs[0].matcher, seqs[2].matcher = grammars.matchers(("choice", ("ab", "b")), 2)
     grammars.start_fill(seqs, 4)  # 3 sample rows and a padding row
     bitmask = grammars.wait_fill()
@@ -202,13 +206,12 @@ def test_a_killed_worker_is_an_error_that_names_it(tok):
     import signal
 
     from runner.engine.grammar_worker import Grammars
-    from runner.engine.sequence import Sequence
 
     grammars = Grammars(tok, len(tok), frozenset({tok.eos_token_id}), pin=False)
     (key,) = grammars.matchers(("choice", ("ab",)), 1)
     os.kill(grammars._worker.pid, signal.SIGKILL)  # a real process, killed with a real signal
     grammars._worker.join()
-    seq = Sequence("r", 0, SamplingParams(), 1, [5], seed=0, order=0, matcher=key)
+    seq = _sequence(0, key)
     with pytest.raises(RuntimeError, match=r"^the grammar worker exited \(code -9\)$"):
         grammars.start_fill([seq], 1)
         grammars.wait_fill()
