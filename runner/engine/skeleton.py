@@ -33,7 +33,7 @@ class Skeleton(nn.Module):
         for key in sorted(shapes, key=_numeric_order):  # layer i's tensors before layer i + 1's
             prefix, _, leaf = key.rpartition(".")
             module = self._node(prefix, linears)
-            if leaf not in module._parameters:
+            if leaf != "weight_scale" and leaf not in module._parameters:  # scales: plain attributes
                 module.register_parameter(leaf, None)
         self._check(shapes)
         rope = config.rope_parameters
