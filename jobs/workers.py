@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
+import subprocess
 import time
 
 from tqdm import tqdm
@@ -27,9 +29,11 @@ from runner.store import OutputStore
 log = logging.getLogger(__name__)
 
 
-def worker_devices(gpus: str | int | list[int], visible: int, per_worker: int = 1) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES of each worker ([None]: one worker, in this process, as it is). A worker
-    takes `per_worker` GPUs (engine.tensor_parallel): consecutive ids, so `gpus` counts groups."""
+def worker_devices(gpus: str | int | list[int], names: list[str], per_worker: int = 1) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each worker ([None]: one worker, in this process, as it is), from the
+    `names` of the GPUs this process sees (`visible_gpus`; `gpus` ids index them). A worker takes
+    `per_worker` GPUs (engine.tensor_parallel): consecutive ids, so `gpus` counts groups."""
+    visible = len(names)
     if gpus == "auto":
         if visible <= per_worker:
             return [None]
@@ -48,7 +52,28 @@ def worker_devices(gpus: str | int | list[int], visible: int, per_worker: int = 
     if too_high:
         groups = f" ({len(ids) // per_worker} groups of {per_worker})" if per_worker > 1 else ""
         raise SpecError(f"runtime.gpus: GPU {too_high[0]} does not exist here ({visible} visible){groups}")
-    return [",".join(str(i) for i in ids[k : k + per_worker]) for k in range(0, len(ids), per_worker)]
+    return [",".join(names[i] for i in ids[k : k + per_worker]) for k in range(0, len(ids), per_worker)]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them, found without importing torch
+    (3-4 s that a node's workers would wait for): the variable's entries when it is set (up to a
+    negative one, which hides the rest from CUDA), else one per GPU that `nvidia-smi -L` lists; torch
+    counts them where nvidia-smi is missing."""
+    names = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if names is not None:
+        entries = [e.strip() for e in names.split(",")]
+        hidden = next((i for i, e in enumerate(entries) if not e or e.startswith("-")), len(entries))
+        return entries[:hidden]
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+        if listed.returncode == 0:
+            gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
+            return [str(i) for i in range(len(gpus))]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def run_node(
@@ -59,10 +84,8 @@ def run_node(
     if phases is None:
         phases = Phases()
     phases.done("launch")
-    import torch
-
-    devices = worker_devices(spec.runtime.gpus, torch.cuda.device_count(), spec.engine.tensor_parallel)
-    phases.done("imports")
+    devices = worker_devices(spec.runtime.gpus, visible_gpus(), spec.engine.tensor_parallel)
+    phases.done("count_gpus")
     if len(devices) == 1:
         if devices[0] is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]

@@ -57,7 +57,7 @@ def summed(per_attempt: list[dict[str, float]]) -> dict[str, float]:
 
 # the order phases run in (report.json stores them sorted by name); a node's workers' come after its own
 ORDER = (
-    "launch", "imports", "resolve_model", "tokenizer", "fingerprint", "start_workers", "plan",
+    "launch", "count_gpus", "imports", "resolve_model", "tokenizer", "fingerprint", "start_workers", "plan",
     "cuda_init", "model_load", "engine_build", "graph_capture", "first_token",
 )  # fmt: skip
 

@@ -102,12 +102,10 @@ class Engine:
         fp8 checkpoints (`quantization_config`), and any safetensors folder with `quantization="fp8"`,
         load tensor by tensor straight to the device (`loader.py`); others load with transformers.
         """
-        from transformers import AutoConfig
-
-        from runner.engine.loader import load_hf_model
+        from runner.engine.loader import load_config, load_hf_model
 
         config = config or EngineConfig()
-        hf_config = AutoConfig.from_pretrained(path, revision=revision)
+        hf_config = load_config(path, revision)
         model_shape(hf_config)  # unsupported models fail before loading weights
         if config.tensor_parallel > 1:
             if tokenizer is None:
@@ -134,11 +132,9 @@ class Engine:
         the model from `source` and following this process's steps, which runs rank 0."""
         device = config.resolve_device()
         if source.path is not None:  # a factory's model is checked as each rank cuts it
-            from transformers import AutoConfig
+            from runner.engine.loader import load_config
 
-            check_split(
-                AutoConfig.from_pretrained(source.path, revision=source.revision), config.tensor_parallel
-            )
+            check_split(load_config(source.path, source.revision), config.tensor_parallel)
         if device.type == "cuda" and torch.cuda.device_count() < config.tensor_parallel:
             raise ValueError(
                 f"engine.tensor_parallel={config.tensor_parallel} needs as many GPUs; "

@@ -1,9 +1,12 @@
-"""Load a safetensors checkpoint tensor by tensor onto the device, with fp8 linear weights as fp8.
+"""Load a safetensors checkpoint tensor by tensor, with fp8 linear weights as fp8.
 
-Used by `Engine.from_pretrained` when the checkpoint is stored in fp8 (its `quantization_config`,
-see `quant_config.py`) or when `engine.quantization` is `fp8`: the transformers model is built on
-the meta device and each tensor goes straight from the file to the device, so a model never needs
-its high-precision copy in host memory (a 70B bf16 checkpoint quantizes to ~70 GB on one GPU).
+Used by `Engine.from_pretrained`. The checkpoint's tensors go into a shell: a `Skeleton` for the
+Llama-family folders that `model_config.py` reads (no transformers import: the start-up's largest
+cost), else a transformers model built on the meta device. When the checkpoint is stored in fp8
+(its `quantization_config`, see `quant_config.py`), when `engine.quantization` is `fp8`, or under
+tensor parallelism, each tensor goes straight from the file to the device, so a model never needs
+its high-precision copy in host memory (a 70B bf16 checkpoint quantizes to ~70 GB on one GPU);
+otherwise to the host, as transformers would load it, and the engine copies what it uses.
 
 A linear module whose weight is fp8 carries it as `module.weight` (float8_e4m3fn [N, K]) and its
 scales as `module.weight_scale` (fp32, [N] or one per-tensor value): the same form whether the file
@@ -24,8 +27,10 @@ from torch import nn
 from runner.engine.config import UnsupportedModel
 from runner.engine.layers.fp8 import FP8, quantize_weight
 from runner.engine.layers.parallel import SINGLE, TensorParallel
+from runner.engine.model_config import read_light_config
 from runner.engine.quant_config import UNUSED_SUFFIXES, read_quantization
 from runner.engine.shard import HeadSplit, cut, shard_decoder
+from runner.engine.skeleton import Skeleton
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +55,26 @@ def load_hf_model(
     revision=None,
     tp: TensorParallel = SINGLE,
 ):
-    """The transformers model `Engine.from_pretrained` builds on: fp8 checkpoints (and any safetensors
-    checkpoint when `fp8` or tensor-parallel) through `load_checkpoint` onto `device`; others through
-    transformers (host). `tp`: the decoder layers are cut to the rank's slice (`shard.py`).
+    """The model `Engine.from_pretrained` builds on: fp8 checkpoints (and any safetensors checkpoint when
+    `fp8` or tensor-parallel) tensor by tensor onto `device`; others onto the host. A Llama-family
+    safetensors folder (`model_config.py`) loads into a `Skeleton` without importing transformers;
+    the rest load through transformers. `tp`: the decoder layers are cut to the rank's slice.
 
     Raises UnsupportedModel for quantization schemes the fast path does not run.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hf_config = hf_config or AutoConfig.from_pretrained(path, revision=revision)
-    stored = read_quantization(hf_config)
-    if (stored or fp8 or tp.size > 1) and safetensors_files(path):
-        return load_checkpoint(path, dtype, device, quantize=fp8, tp=tp)
+    light = read_light_config(path)
+    files = safetensors_files(path)
+    config = hf_config or load_config(path, revision)
+    stored = read_quantization(config)
+    on_device = bool(stored or fp8 or tp.size > 1)
+    if files and (light or on_device):
+        return load_checkpoint(path, dtype, device if on_device else torch.device("cpu"), fp8, tp, light)
     if stored:
         raise UnsupportedModel(
             f"{path}: an fp8 checkpoint loads from a local folder of safetensors files (download it first)"
         )
+    from transformers import AutoModelForCausalLM
+
     # fp8: the engine quantizes as it copies the weights
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
     shard_decoder(model, tp)
@@ -73,27 +82,36 @@ def load_hf_model(
 
 
 def load_checkpoint(
-    path: str | Path, dtype: torch.dtype, device: torch.device, quantize: bool, tp: TensorParallel = SINGLE
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantize: bool,
+    tp: TensorParallel = SINGLE,
+    light_config=None,
 ):
-    """A transformers causal LM of the checkpoint at `path` with its tensors on `device`.
+    """The model of the safetensors checkpoint at `path` with its tensors on `device`: a `Skeleton` of
+    `light_config` (a `model_config.read_light_config` namespace), else a transformers causal LM.
 
     fp8-stored linear weights stay fp8 (with `weight_scale`); with `quantize`, the decoder layers'
     high-precision linear weights are quantized to fp8 on the device as they load. `tp`: each decoder
     tensor is cut to the rank's slice as it is read, so a rank holds only its part.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    config = AutoConfig.from_pretrained(path)
-    stored = read_quantization(config)
-    config.__dict__.pop("quantization_config", None)  # we load the fp8 tensors, not transformers
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _in_layers(name)]
-    quantizable = set(linears) if quantize else set()
-    files = safetensors_files(path)
-    assert files, f"{path}: no safetensors files"  # the caller checks first
     from safetensors import safe_open
 
+    files = safetensors_files(path)
+    assert files, f"{path}: no safetensors files"  # the caller checks first
+    if light_config is not None:
+        config = light_config
+        stored = read_quantization(config)
+        model = Skeleton(config, _shapes(files), Path(path))
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        stored = read_quantization(config)
+        model = _meta_model(config, dtype)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _in_layers(name)]
+    quantizable = set(linears) if quantize else set()
     split = HeadSplit.of(config, tp) if tp.size > 1 else None
     num_fp8 = 0
     for file in files:
@@ -104,7 +122,39 @@ def load_checkpoint(
                     module = model.get_submodule(key.rpartition(".")[0])
                     t = cut(key, t, split, tp, getattr(module, "is_transposed", False)).contiguous()
                 num_fp8 += _load_tensor(model, key, t, dtype, quantizable)
-    if config.tie_word_embeddings and model.get_output_embeddings() is not None:
+    if light_config is None:
+        _finish_transformers_model(model, path, device)
+    log.info("loaded %s: %d fp8 linear weights (%s)", path, num_fp8, stored.method if stored else "quantized")
+    return model.eval()
+
+
+def load_config(path: str | Path, revision: str | None = None):
+    """The model's config: read without transformers for the folders `model_config.py` reads, else
+    transformers' AutoConfig (a hub id at `revision`, or any other model type)."""
+    light = read_light_config(path)
+    if light is not None:
+        return light
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, revision=revision)
+
+
+def _meta_model(config, dtype: torch.dtype):
+    """A transformers causal LM of `config` on the meta device: the shell a checkpoint that
+    `model_config.py` does not read loads into."""
+    from transformers import AutoModelForCausalLM
+
+    config.__dict__.pop("quantization_config", None)  # we load the fp8 tensors, not transformers
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _finish_transformers_model(model, path: str | Path, device: torch.device) -> None:
+    """Tie the LM head, rebuild the rotary buffers, check that every parameter loaded, and read the
+    generation config of a transformers model filled from a checkpoint."""
+    from transformers import GenerationConfig
+
+    if model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     rebuild_buffers(model, device)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -112,8 +162,18 @@ def load_checkpoint(
         raise ValueError(f"{path}: the checkpoint has no tensor for {', '.join(missing[:5])}")
     with contextlib.suppress(OSError):  # no generation_config.json: keep the one built from config
         model.generation_config = GenerationConfig.from_pretrained(path)
-    log.info("loaded %s: %d fp8 linear weights (%s)", path, num_fp8, stored.method if stored else "quantized")
-    return model.eval()
+
+
+def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor name in the checkpoint's files -> its shape, from the headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
 
 
 def _in_layers(module_name: str) -> bool:

@@ -9,7 +9,7 @@ import pytest
 
 from jobs.run import run_job
 from jobs.spec import SpecError, load_spec
-from jobs.workers import worker_devices
+from jobs.workers import visible_gpus, worker_devices
 from tests.conftest import read_output, write_inputs, write_spec
 from tests.test_kill_resume import batchrun
 
@@ -27,7 +27,22 @@ from tests.test_kill_resume import batchrun
     ],
 )
 def test_worker_devices(gpus, visible, expected):
-    assert worker_devices(gpus, visible) == expected
+    assert worker_devices(gpus, [str(i) for i in range(visible)]) == expected
+
+
+def test_worker_devices_keep_the_names_the_parent_sees():
+    """Under Slurm's CUDA_VISIBLE_DEVICES=2,3, worker 0 gets GPU 2, not the node's GPU 0."""
+    assert worker_devices(2, ["2", "3"]) == ["2", "3"]
+    assert worker_devices(1, ["GPU-7f3a", "GPU-91c2"], per_worker=2) == ["GPU-7f3a,GPU-91c2"]
+
+
+@pytest.mark.parametrize(
+    "variable, expected",
+    [("2,3", ["2", "3"]), ("", []), ("0,-1,1", ["0"]), (" 1 , 0 ", ["1", "0"])],
+)
+def test_visible_gpus_reads_cuda_visible_devices(monkeypatch, variable, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", variable)
+    assert visible_gpus() == expected
 
 
 @pytest.mark.parametrize(
@@ -41,19 +56,19 @@ def test_worker_devices(gpus, visible, expected):
     ],
 )
 def test_tensor_parallel_workers_take_groups_of_gpus(gpus, visible, expected):
-    assert worker_devices(gpus, visible, per_worker=2) == expected
+    assert worker_devices(gpus, [str(i) for i in range(visible)], per_worker=2) == expected
 
 
 def test_groups_that_do_not_fit_are_refused():
     with pytest.raises(SpecError, match=r"GPU 4 does not exist here \(4 visible\) \(3 groups of 2\)"):
-        worker_devices(3, 4, per_worker=2)
+        worker_devices(3, ["0", "1", "2", "3"], per_worker=2)
     with pytest.raises(SpecError, match=r"3 GPU ids do not make groups of engine.tensor_parallel=2"):
-        worker_devices([0, 1, 2], 4, per_worker=2)
+        worker_devices([0, 1, 2], ["0", "1", "2", "3"], per_worker=2)
 
 
 def test_a_gpu_that_does_not_exist_is_refused():
     with pytest.raises(SpecError, match=r"runtime.gpus: GPU 2 does not exist here \(2 visible\)"):
-        worker_devices([0, 2], 2)
+        worker_devices([0, 2], ["0", "1"])
 
 
 def test_three_cpu_workers_write_the_single_worker_output_each_shard_once(
@@ -83,7 +98,7 @@ def test_three_cpu_workers_write_the_single_worker_output_each_shard_once(
     node = report["attempts"][-1]["phases"]
     assert node == {
         "launch": node["launch"],
-        "imports": node["imports"],
+        "count_gpus": node["count_gpus"],
         "start_workers": node["start_workers"],
     } | {f"worker_{k}": v for k, v in slowest.items()}
 
