@@ -113,7 +113,7 @@ class Tokenizer:
         folder = Path(folder)
         backend = _Backend.from_file(str(folder / "tokenizer.json"))
         config = _read_json(folder / "tokenizer_config.json")
-        added = _added_tokens(config, folder)
+        added = _added_tokens(config, backend)
         special, extra = _special_tokens(config, folder)
         if special.get("pad_token") is None and backend.padding is not None:
             special["pad_token"] = backend.padding["pad_token"]
@@ -242,13 +242,12 @@ def _chat_template(config: dict, folder: Path) -> str | None:
     return template
 
 
-def _added_tokens(config: dict, folder: Path) -> dict[int, AddedToken]:
-    """The config's `added_tokens_decoder`, or (a config without one) tokenizer.json's added tokens."""
-    if "added_tokens_decoder" in config:
-        entries = config["added_tokens_decoder"].items()
-    else:
-        entries = ((t["id"], t) for t in _read_json(folder / "tokenizer.json").get("added_tokens", []))
-    return {int(i): _added_token(t) for i, t in entries}
+def _added_tokens(config: dict, backend: _Backend) -> dict[int, AddedToken]:
+    """The config's `added_tokens_decoder`, or (a config without one) tokenizer.json's added tokens
+    (transformers parses the file again for them; the backend has them already)."""
+    if "added_tokens_decoder" not in config:
+        return backend.get_added_tokens_decoder()
+    return {int(i): _added_token(t) for i, t in config["added_tokens_decoder"].items()}
 
 
 def _added_token(value: dict, **override) -> AddedToken:
