@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.engine import tokenizer as engine_tokenizer
 from runner.gguf import convert_gguf, sha256_file
 from runner.model_cache import ModelError
 from runner.model_fetch import ModelDownloadError, fetch_model, is_url
@@ -124,11 +125,10 @@ def missing_model_message(path: str) -> str:
 
 
 def load_tokenizer(local_path: str, revision: str | None = None):
-    """The tokenizer of a resolved model (`ResolvedModel.local_path`)."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer of a resolved model (`ResolvedModel.local_path`): a local folder's without importing
+    transformers where runner/engine/tokenizer.py reproduces it, else transformers' AutoTokenizer."""
     try:
-        return AutoTokenizer.from_pretrained(local_path, revision=revision)
+        return engine_tokenizer.load_tokenizer(local_path, revision)
     except OSError as e:  # a hub id that is not there, or no network: a message, not a traceback
         raise ModelError(f"model.path: cannot load the tokenizer of {local_path!r}: {e}") from None
 

@@ -23,6 +23,7 @@ from runner.engine.scheduler import ScheduledBatch, Scheduler
 from runner.engine.sequence import Sequence
 from runner.engine.shard import check_split
 from runner.engine.stops import StopChecker
+from runner.engine.tokenizer import load_tokenizer
 from runner.engine.types import Completion, Request
 
 log = logging.getLogger(__name__)
@@ -371,11 +372,9 @@ class Engine:
 
 
 def _load_tokenizer(path: str | Path, revision: str | None):
-    """The model folder's tokenizer, or None (with a warning) when it has none."""
-    from transformers import AutoTokenizer
-
+    """The model folder's tokenizer (`tokenizer.load_tokenizer`), or None (with a warning) if it has none."""
     try:
-        return AutoTokenizer.from_pretrained(path, revision=revision)
+        return load_tokenizer(path, revision)
     except (OSError, ValueError):
         log.warning("no tokenizer in %s: completions will carry token ids only", path)
         return None

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from runner.engine.grammar import xgrammar_grammar
+from runner.engine.tokenizer import Tokenizer
 from runner.engine.types import Grammar
 
 if TYPE_CHECKING:
@@ -153,6 +154,8 @@ class Grammars:
         import xgrammar as xgr
 
         threads = min(8, os.cpu_count() or 1)  # bitmasks of a step's rows are filled in parallel
+        if isinstance(tokenizer, Tokenizer):  # xgrammar reads a transformers tokenizer
+            tokenizer = tokenizer.to_transformers()
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_ids)
         )

@@ -13,6 +13,7 @@ from runner.engine import Engine, EngineConfig, Request, SamplingParams
 from runner.engine.grammar import GrammarError, check_grammar
 from runner.engine.sampling import apply_token_bitmask
 from runner.engine.sequence import Sequence
+from runner.engine.tokenizer import Tokenizer, load_tokenizer
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 pytest.importorskip("xgrammar")
@@ -144,6 +145,19 @@ def test_async_and_sync_give_the_same_constrained_tokens(model, tok):
     a = _run(_engine(model, tok, async_mode=True), prompts, params)
     s = _run(_engine(model, tok, async_mode=False), prompts, params)
     assert [c.token_ids for c in a] == [c.token_ids for c in s]
+
+
+def test_our_tokenizer_constrains_as_the_transformers_one_does(model, tok, tmp_path):
+    """Our Tokenizer (runner/engine/tokenizer.py) reaches xgrammar as a transformers one of its folder."""
+    tok.save_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    assert isinstance(ours, Tokenizer)
+    params = SamplingParams(max_new_tokens=60, temperature=0.8, seed=5, json_schema=json.dumps(SCHEMA))
+    prompts = _prompts(tok, 3)
+    theirs = _run(_engine(model, tok), prompts, params)
+    assert [(c.token_ids, c.text) for c in _run(_engine(model, ours), prompts, params)] == [
+        (c.token_ids, c.text) for c in theirs
+    ]
 
 
 def test_length_before_the_grammar_ends(model, tok):

@@ -204,9 +204,10 @@ def test_demo_model_names_three_colors():
     backend = TransformersBackend.from_pretrained(demo_model_path())
     try:
         tokenizer = backend.tokenizer
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Name three colors."}], add_generation_prompt=True, return_dict=False
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Name three colors."}], tokenize=False, add_generation_prompt=True
         )
+        (prompt,) = tokenizer([text], add_special_tokens=False)["input_ids"]
         (done,) = run(backend, [Request("colors", prompt, SamplingParams(max_new_tokens=32))])
     finally:
         backend.close()
