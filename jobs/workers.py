@@ -15,7 +15,9 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
+from multiprocessing.connection import wait
 
 from tqdm import tqdm
 
@@ -162,7 +164,7 @@ class _Node:
                 bar.total = sum(c["rows_total"] for c in counters) or None
                 bar.update(sum(c["rows_done"] for c in counters) - bar.n)
                 bar.set_postfix_str(f"{sum(b['tokens_per_s'] for b in beats if b):.0f} tok/s", refresh=True)
-                time.sleep(1.0)
+                wait([p.sentinel for p in self.procs if p.is_alive()], timeout=1.0)  # back when one ends
         finally:
             bar.close()
         for p in self.procs:
@@ -238,6 +240,7 @@ def _slowest_start(attempts: list[dict]) -> dict[str, float]:
 
 def _worker(spec_data: dict, device: str, results: mp.Queue) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = device
+    tqdm.set_lock(threading.RLock())  # the default, a process-shared semaphore, would outlive os._exit below
     spec = JobSpec.model_validate(spec_data)
     task = spec.runtime.task_index
     logging.basicConfig(
@@ -253,3 +256,9 @@ def _worker(spec_data: dict, device: str, results: mp.Queue) -> None:
     except Exception as e:
         log.exception("worker %d failed", task)
         results.put((task, "error", f"{type(e).__name__}: {e}"))
+    results.close()
+    results.join_thread()  # the outcome is in the pipe to the node
+    logging.shutdown()
+    # the shards are committed and the outcome delivered: Python's teardown of torch and CUDA (about a
+    # second) would only keep the node waiting
+    os._exit(0)
