@@ -40,8 +40,8 @@ def test_a_kv_cache_too_small_for_one_sequence_is_refused_with_the_numbers(monke
         "and 0.0 MiB are left for it (100.0 MiB free of 80.00 GiB after 0.3 MiB of weights, x "
         "kv_memory_fraction 0.85, less 92.0 MiB of step workspace for max_seqs 2048 and max_batch_tokens "
         "8192). Ways out: lower engine.max_seqs or engine.max_batch_tokens, raise "
-        "engine.kv_memory_fraction, lower engine.max_model_len, fp8 weights or tensor parallelism, or a GPU "
-        "with more free memory."
+        "engine.kv_memory_fraction, lower engine.max_model_len, an fp8 KV cache (engine.kv_cache_dtype), fp8 "
+        "weights or tensor parallelism, or a GPU with more free memory."
     )
     # the same memory takes a smaller max_seqs: the workspace, not a constant share, sets the pool
     engine = engine_with_free_memory(monkeypatch, model, free=100 * 2**20, max_seqs=64)
