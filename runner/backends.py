@@ -67,6 +67,8 @@ def load_backend(
             log.warning("the batchrun engine can't run this model (%s); using the transformers backend", e)
             if config.quantization != "none":
                 log.warning("engine.quantization=%s: not applied by transformers", config.quantization)
+            if config.kv_cache_dtype != "auto":
+                log.warning("engine.kv_cache_dtype=%s: not applied by transformers", config.kv_cache_dtype)
     from runner.hf_backend import TransformersBackend
 
     return TransformersBackend.from_pretrained(

@@ -6,6 +6,7 @@ run in the same process on the same model. Prints one table and writes JSON (wit
 
     python scripts/bench.py --workloads W0 --backends batchrun,hf-sync,hf-async --out results.json
     python scripts/bench.py --workloads W2,W3 --backends batchrun,batchrun-fp8   # bf16 vs fp8 weights
+    python scripts/bench.py --workloads W2,W3 --backends batchrun,batchrun-fp8,batchrun-fp8kv   # + fp8 KV
     python scripts/bench.py --workloads W70 --backends batchrun   # Llama-3.1-70B shape, fp8, one GPU
     python scripts/bench.py --workloads W1 --backends batchrun,batchrun-json   # structured output
     python scripts/bench.py --workloads W2 --backends batchrun-tp1,batchrun-tp2   # tensor parallel, 2 GPUs
@@ -228,13 +229,16 @@ def experts_touched(experts: int, top_k: int, batch: int) -> float:
     return experts * (1.0 - (1.0 - top_k / experts) ** batch)
 
 
-def t_min(name: str, prompts: list[list[int]], new: int, rates: Rates, fp8: bool = False) -> float:
+def t_min(
+    name: str, prompts: list[list[int]], new: int, rates: Rates, fp8: bool = False, fp8_kv: bool = False
+) -> float:
     """Roofline time: prefill FLOPs of the active parameters at the measured matmul rate + every decode step's
     weight and live-KV bytes. All prompts decode together (batch B = prompts); an MoE step reads the
     attention weights, the router and the experts touched by B tokens (`experts_touched`).
 
     fp8: the decoder's weights are 1 byte each and its GEMMs run at the fp8 rate (embeddings,
-    LM head and KV cache stay bf16; an MoE's experts too, so fp8 is not counted for them)."""
+    LM head and KV cache stay bf16; an MoE's experts too, so fp8 is not counted for them).
+    fp8_kv: the KV cache is 1 byte a value."""
     w = WORKLOADS[name]
     attention = w.hidden * (w.heads + 2 * w.kv_heads) * w.head_dim + w.heads * w.head_dim * w.hidden
     expert = 3 * w.hidden * w.inter
@@ -246,7 +250,7 @@ def t_min(name: str, prompts: list[list[int]], new: int, rates: Rates, fp8: bool
         active = read = attention + expert
     fp8 = fp8 and not w.experts
     weight_bytes = (1 if fp8 else 2) * w.layers * read + 2 * embeddings
-    kv_bytes_per_token = w.layers * 2 * w.kv_heads * w.head_dim * 2
+    kv_bytes_per_token = w.layers * 2 * w.kv_heads * w.head_dim * (1 if fp8_kv else 2)
     prompt_tokens = sum(len(p) for p in prompts)
     t = 2 * w.layers * active * prompt_tokens / (rates.fp8_flops if fp8 else rates.bf16_flops)
     for step in range(new):
@@ -332,20 +336,22 @@ def run_batchrun(
     temperature: float,
     source,
 ) -> tuple[int, dict]:
-    """`backend`: batchrun[-fp8][-json][-sync][-tpN] (fp8: weights quantized at load; json: every request
-    under `JSON_SCHEMA`; sync: async_mode off; tpN: N GPUs, tensor parallel, each rank building
-    `pooled_model` from `source`, N = 1 included, instead of using `model`)."""
+    """`backend`: batchrun[-fp8|-fp8kv][-json][-sync][-tpN] (fp8: weights quantized at load; fp8kv: that
+    and an fp8 KV cache; json: every request under `JSON_SCHEMA`; sync: async_mode off; tpN: N GPUs,
+    tensor parallel, each rank building `pooled_model` from `source`, N = 1 included, instead of using
+    `model`)."""
     from runner.engine import Engine, EngineConfig, Request, SamplingParams
 
     parts = backend.split("-")[1:]
     ranks = tensor_parallel(backend)
-    assert set(parts) - {f"tp{ranks}"} <= {"fp8", "json", "sync"}, backend
+    assert set(parts) - {f"tp{ranks}"} <= {"fp8", "fp8kv", "json", "sync"}, backend
     schema = JSON_SCHEMA if "json" in parts else None
     vocab = WORKLOADS[name].vocab
     tokenizer = synthetic_tokenizer(vocab) if schema else None
     config = EngineConfig(
         device="cuda", dtype="bfloat16", async_mode="sync" not in parts,
-        quantization="fp8" if "fp8" in parts else "none", tensor_parallel=max(ranks, 1), **engine,
+        quantization="fp8" if {"fp8", "fp8kv"} & set(parts) else "none",
+        kv_cache_dtype="fp8" if "fp8kv" in parts else "auto", tensor_parallel=max(ranks, 1), **engine,
     )  # fmt: skip
     if ranks > 1:
         engine = Engine.from_source(source, config, tokenizer=tokenizer)
@@ -421,7 +427,8 @@ def bench(
     with BusySampler() as busy:
         generated, stats = run()
     wall = time.perf_counter() - t0
-    floor = t_min(name, prompts, new, rates, fp8) / ranks  # N GPUs: N times the bandwidth and FLOP/s
+    fp8_kv = "fp8kv" in backend.split("-")
+    floor = t_min(name, prompts, new, rates, fp8, fp8_kv) / ranks  # N GPUs: N times the bandwidth and FLOP/s
     peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     gc.collect()  # the backend's objects (engine, transformers' manager and cache) are gone now
     torch.cuda.empty_cache()
@@ -435,14 +442,28 @@ def bench(
     )  # fmt: skip
 
 
+def compared_with(backend: str) -> list[str]:
+    """The backends whose tok/s a run is divided by in the summary: fp8 KV (with fp8 weights) by fp8
+    weights alone and by bf16; fp8 weights by bf16."""
+    parts = backend.split("-")
+    if "fp8kv" in parts:
+        return [
+            "-".join("fp8" if p == "fp8kv" else p for p in parts),
+            "-".join(p for p in parts if p != "fp8kv"),
+        ]
+    if "fp8" in parts:
+        return ["-".join(p for p in parts if p != "fp8")]
+    return []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="W0")
     ap.add_argument(
         "--backends", default="batchrun,hf-sync,hf-async",
-        help="batchrun[-fp8][-json][-sync][-tpN] (fp8: weights quantized at load; json: every request under "
-        "a JSON schema; sync: async off; tpN: tensor parallel over N GPUs, roofline counts N GPUs), "
-        "hf-sync, hf-async",
+        help="batchrun[-fp8|-fp8kv][-json][-sync][-tpN] (fp8: weights quantized at load; fp8kv: that and an "
+        "fp8 KV cache; json: every request under a JSON schema; sync: async off; tpN: tensor parallel over N "
+        "GPUs, roofline counts N GPUs), hf-sync, hf-async",
     )  # fmt: skip
     ap.add_argument("--prompts", type=int, default=None, help="override the workload's prompt count")
     ap.add_argument("--new", type=int, default=None, help="override the workload's new tokens")
@@ -493,9 +514,9 @@ def main() -> None:
         )
     by_key = {(r.workload, r.backend): r.tok_s for r in results}
     for (workload, backend), tok_s in by_key.items():
-        bf16 = by_key.get((workload, backend.replace("-fp8", "")))
-        if "-fp8" in backend and bf16:
-            print(f"{workload}: {backend} / {backend.replace('-fp8', '')} = {tok_s / bf16:.2f}x")
+        for base in compared_with(backend):
+            if (workload, base) in by_key:
+                print(f"{workload}: {backend} / {base} = {tok_s / by_key[workload, base]:.2f}x")
     if args.out:
         device = torch.cuda.get_device_name()
         doc = {"command": " ".join(sys.argv), "device": device, "torch": torch.__version__,

@@ -35,8 +35,9 @@ def build_runner(
     memory = _device_memory(device)
     if memory is not None:
         check_weights_fit(to_copy, *memory, str(device), str(dtype).removeprefix("torch."))
+    kv_dtype = config.resolve_kv_dtype(device, dtype)
     paged = build_model(model, device, dtype, fp8=fp8, tp=tp)
-    num_pages = _num_pages(config, paged, device, weights, max_model_len)
+    num_pages = _num_pages(config, paged, kv_dtype, device, weights, max_model_len)
     if group is not None:  # the smallest pool any rank has room for
         pages = torch.tensor([num_pages])
         with group.collective():  # waits for every rank's model: one that failed to load stops the group
@@ -48,7 +49,9 @@ def build_runner(
         attention = batched_attention
     kv = KVManager(num_pages, config.page_size, config.max_seqs, -(-max_model_len // config.page_size))
     lead = group if group is not None and tp.rank == 0 else None
-    runner = ModelRunner(paged, kv.table, num_pages, config.page_size, attention, config.cuda_graphs, lead)
+    runner = ModelRunner(
+        paged, kv.table, num_pages, config.page_size, kv_dtype, attention, config.cuda_graphs, lead
+    )
     return paged, kv, runner
 
 
@@ -63,10 +66,16 @@ def follow(
 
 
 def _num_pages(
-    config: EngineConfig, model: PagedModel, device: torch.device, weights: int, max_len: int
+    config: EngineConfig,
+    model: PagedModel,
+    kv_dtype: torch.dtype,
+    device: torch.device,
+    weights: int,
+    max_len: int,
 ) -> int:
     """KV pages for the pool: `kv_cache_tokens`, a fixed default on the CPU, else what the device's free
-    memory holds after the weights and the step workspace (the model reports its activations)."""
+    memory holds after the weights and the step workspace (the model reports its activations), in
+    pages of `kv_dtype` (fp8: half the bytes of bf16, so twice the pages)."""
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens // config.page_size
     memory = _device_memory(device)
@@ -81,7 +90,7 @@ def _num_pages(
         itemsize,
         config.cuda_graphs,
     )
-    page_bytes = s.num_layers * 2 * config.page_size * s.num_kv_heads * s.head_dim * itemsize
+    page_bytes = s.num_layers * 2 * config.page_size * s.num_kv_heads * s.head_dim * kv_dtype.itemsize
     plan = MemoryPlan(*memory, weights, workspace, page_bytes, config.page_size)
     return kv_pool_pages(plan, config.kv_memory_fraction, max_len, config.max_seqs, config.max_batch_tokens)
 

@@ -44,6 +44,10 @@ class EngineConfig:
     # fp8: decoder linear weights quantized to fp8 at load (per-channel scales, per-token activation
     # scales; torch._scaled_mm on sm90+). fp8 checkpoints (quantization_config) run in fp8 either way.
     quantization: Literal["none", "fp8"] = "none"
+    # fp8: the KV cache stored as float8_e4m3fn (half the bytes of bf16: twice the pages, and decode
+    # attention reads half as much), written with scale 1.0 (values clamped to +-448), as vLLM's
+    # kv_cache_dtype=fp8 without checkpoint KV scales; auto: the model dtype. CUDA needs sm89+.
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     # ranks (GPUs; processes on the CPU) that split each layer's weights and heads; runtime.gpus then
     # counts groups of this many GPUs
     tensor_parallel: Positive = 1
@@ -52,6 +56,8 @@ class EngineConfig:
         check_bounds(self, "engine")
         if self.quantization not in ("none", "fp8"):
             raise ValueError(f"engine.quantization={self.quantization!r}: use 'none' or 'fp8'")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"engine.kv_cache_dtype={self.kv_cache_dtype!r}: use 'auto' or 'fp8'")
         if self.tensor_parallel > 1 and self.device.startswith("cuda:"):
             raise ValueError(
                 f"engine.device={self.device!r} with tensor_parallel={self.tensor_parallel}: rank r runs on "
@@ -70,6 +76,22 @@ class EngineConfig:
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         """The weight/activation dtype: `auto` is bf16 on CUDA, fp32 on CPU."""
         return resolve_dtype(self.dtype, device)
+
+    def resolve_kv_dtype(self, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype: `auto` is `dtype` (the model's), `fp8` float8_e4m3fn. Raises ValueError
+        on a CUDA GPU that cannot convert fp8 (compute capability below 8.9: the Triton kernels' e4m3)."""
+        import torch
+
+        from runner.engine.layers.fp8_format import FP8
+
+        if self.kv_cache_dtype == "auto":
+            return dtype
+        if device.type == "cuda" and (cc := torch.cuda.get_device_capability(device)) < (8, 9):
+            raise ValueError(
+                f"engine.kv_cache_dtype='fp8': {device} has compute capability {cc[0]}.{cc[1]}; the fp8 KV "
+                "cache needs 8.9+ (Ada, Hopper) for its e4m3 conversions: use 'auto' on this GPU"
+            )
+        return FP8
 
 
 def resolve_device(device: str) -> torch.device:

@@ -68,11 +68,13 @@ class ModelRunner:
         table: PageTable,
         num_pages: int,
         page_size: int,
+        kv_dtype: torch.dtype,
         attention: AttentionFn,
         cuda_graphs: bool,
         group: Group | None = None,
     ) -> None:
-        """`group`: set on rank 0 of a tensor-parallel group, which sends each step to the other ranks."""
+        """`kv_dtype`: the KV cache's (the model's, or fp8); `group`: set on rank 0 of a tensor-parallel
+        group, which sends each step to the other ranks."""
         s = model.shape
         self.group = group
         dev = model.device
@@ -84,7 +86,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(
             (s.num_layers, 2, num_pages + 1, page_size, s.num_kv_heads, s.head_dim),
             device=dev,
-            dtype=model.dtype,
+            dtype=kv_dtype,
         )
         self.token_buf = torch.zeros(table.num_slots + 1, dtype=torch.int64, device=dev)  # [slots + 1]
         self.staging = Staging(dev)

@@ -69,7 +69,10 @@ def _compressed_tensors(qc: dict) -> CheckpointQuant:
     if fmt not in ("float-quantized", "naive-quantized"):
         raise UnsupportedModel(f"compressed-tensors format {fmt!r} (the fast path reads float-quantized)")
     if qc.get("kv_cache_scheme"):
-        raise UnsupportedModel("compressed-tensors kv_cache_scheme (the fast path keeps the KV cache bf16)")
+        raise UnsupportedModel(
+            "compressed-tensors kv_cache_scheme (the fast path does not read KV scales: its fp8 KV cache, "
+            "engine.kv_cache_dtype, has scale 1.0)"
+        )
     groups = qc.get("config_groups") or {}
     if not groups:
         raise UnsupportedModel("compressed-tensors quantization_config without config_groups")

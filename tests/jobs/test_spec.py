@@ -197,3 +197,15 @@ def test_engine_bounds_are_the_engine_configs(engine, message):
         )
     with pytest.raises(ValueError):
         EngineConfig(**engine)
+
+
+def test_engine_kv_cache_dtype_reaches_the_engine_config_and_a_bad_one_is_named():
+    from runner.engine import EngineConfig
+
+    base = {"input": {"path": "in"}, "prompt": {"column": "t"}, "output": {"path": "o"}}
+    assert parse_spec({**base, "engine": {"kv_cache_dtype": "fp8"}}).engine.config().kv_cache_dtype == "fp8"
+    assert parse_spec(base).engine.config().kv_cache_dtype == "auto"
+    with pytest.raises(SpecError, match=r"engine\.kv_cache_dtype: Input should be 'auto' or 'fp8'"):
+        parse_spec({**base, "engine": {"kv_cache_dtype": "int8"}})
+    with pytest.raises(ValueError, match="engine.kv_cache_dtype='int8'"):
+        EngineConfig(kv_cache_dtype="int8")

@@ -80,5 +80,6 @@ def kv_pool_pages(plan: MemoryPlan, kv_memory_fraction: float, max_model_len: in
         f"of weights, x kv_memory_fraction {kv_memory_fraction}, less {_size(plan.workspace)} of "
         f"step workspace for max_seqs {max_seqs} and max_batch_tokens {max_batch_tokens}). Ways out: "
         "lower engine.max_seqs or engine.max_batch_tokens, raise engine.kv_memory_fraction, lower "
-        "engine.max_model_len, fp8 weights or tensor parallelism, or a GPU with more free memory."
+        "engine.max_model_len, an fp8 KV cache (engine.kv_cache_dtype), fp8 weights or tensor parallelism, "
+        "or a GPU with more free memory."
     )

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from runner.engine.layers.fp8_format import FP8, FP8_MAX
+
 PREFILL_BLOCK_Q = 16  # queries per prefill attention program (paged_attention.py)
 
 
@@ -65,12 +67,22 @@ def soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
     return torch.tanh(scores / softcap) * softcap if softcap else scores
 
 
+def to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K or V as a KV cache of `dtype` stores them. fp8 (e4m3fn) has scale 1.0, as vLLM's fp8 KV cache
+    for a checkpoint without KV scales: values are clamped to +-448 (e4m3fn has no infinity) and
+    rounded to nearest even; every other dtype is the model's."""
+    if dtype == FP8:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x.to(dtype)
+
+
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
 ):
-    """Store the new tokens' K/V. k_cache: [P, page, Hkv, D]; k: [T, Hkv, D]; slots: [T]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+    """Store the new tokens' K/V (`to_cache`). k_cache: [P, page, Hkv, D]; k: [T, Hkv, D]; slots: [T]."""
+    # indexed assignment, not index_copy_: the CPU has no index_copy_ for fp8
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k, k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v, v_cache.dtype)
 
 
 def _gather(cache: torch.Tensor, pages: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -87,7 +99,8 @@ def reference_attention(
     window: int = 0,
     softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Plain per-sequence attention in fp32: the oracle. q: [T, H, D] -> [T, H, D]."""
+    """Plain per-sequence attention in fp32 (an fp8 cache's K/V upcast): the oracle.
+    q: [T, H, D] -> [T, H, D]."""
     page = k_cache.shape[1]
     out = torch.empty_like(q)
     cu, kv_lens = batch.cu_seqlens_q.tolist(), batch.kv_lens.tolist()

@@ -4,7 +4,8 @@ The per-sequence reference (attention.py) issues a dozen small ops per sequence 
 decodes that is thousands of tiny ops a step, each an OpenMP fork/join that stalls whenever another
 process holds a core. Here the decodes (q_len == 1, first in the batch) are one gather, one matmul,
 one softmax and one matmul over the batch, padded to the longest sequence and masked; the math is the
-reference's, in fp32. Prefill chunks are few and large, so they keep the reference's loop.
+reference's, in fp32 (the gathered pages of an fp8 cache are upcast). Prefill chunks are few and
+large, so they keep the reference's loop.
 """
 
 from __future__ import annotations

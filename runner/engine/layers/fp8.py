@@ -11,7 +11,8 @@ activations [T, K] are quantized per token (row amax / 448) and the product runs
 - elsewhere (the CPU, and GPUs without fp8 tensor cores): the same quantized values, dequantized to
   fp32 and multiplied with `F.linear` — the reference the tests check, with the same loader and layout.
 
-Embeddings, norms and the LM head stay in the model dtype, and so does the KV cache.
+Embeddings, norms and the LM head stay in the model dtype, and so does the KV cache (unless
+`kv_cache_dtype: fp8`).
 """
 
 from __future__ import annotations

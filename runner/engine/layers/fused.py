@@ -6,7 +6,7 @@ KV store and SiLU·mul are ~30 kernels that each read and write the activations.
 
 - `add_rms_norm`: residual add (in place) and RMSNorm of the sum, one program per token;
 - `rope_store`: (QK-norm,) RoPE of q in place and of k, and the store of k and v into the paged
-  cache, one program per token;
+  cache (converted to fp8 when the cache is fp8, as `attention.to_cache`), one program per token;
 - `silu_mul` / `gelu_tanh_mul`: SiLU(gate) · up (GELU with the tanh approximation for Gemma) from
   the fused gate/up projection.
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from runner.engine.layers.fp8_format import FP8, FP8_MAX
 
 
 @triton.jit
@@ -97,11 +99,19 @@ def _load_norm_rotate(
 
 
 @triton.jit
+def _to_cache(x, CACHE_DTYPE: tl.constexpr, FP8_KV: tl.constexpr, FMAX: tl.constexpr):
+    """K or V as the cache stores them (`attention.to_cache`): fp8 with scale 1.0, clamped to +-FMAX."""
+    if FP8_KV:
+        x = tl.clamp(x.to(tl.float32), -FMAX, FMAX).to(CACHE_DTYPE, fp_downcast_rounding="rtne")
+    return x
+
+
+@triton.jit
 def _rope_store_kernel(
     qkv_ptr,  # [T, (H + 2 Hkv) D]: q is rotated in place
     cos_ptr,  # [T, D]
     sin_ptr,
-    k_cache_ptr,  # [slots, Hkv, D]
+    k_cache_ptr,  # [slots, Hkv, D]: the model dtype, or fp8 (FP8_KV)
     v_cache_ptr,
     slot_ptr,  # [T]
     q_norm_ptr,  # [D] (QK_NORM only)
@@ -109,10 +119,12 @@ def _rope_store_kernel(
     eps,
     stride_t, stride_c, stride_slot,
     H: tl.constexpr, HKV: tl.constexpr, H_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr, FP8_KV: tl.constexpr,
+    FMAX: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     dtype = qkv_ptr.dtype.element_ty
+    kv_dtype = k_cache_ptr.dtype.element_ty
     d = tl.arange(0, HALF_PAD)
     d_ok = d < HALF
     row = qkv_ptr + t * stride_t
@@ -134,18 +146,19 @@ def _rope_store_kernel(
     k1, k2 = _load_norm_rotate(k_at, k_ok, k_norm_ptr, eps, c1, c2, s1, s2, HALF, HALF_PAD, QK_NORM, dtype)
     slot = tl.load(slot_ptr + t)
     cache_at = slot * stride_slot + hk * (2 * HALF) + d[None, :]
-    tl.store(k_cache_ptr + cache_at, k1, mask=k_ok)
-    tl.store(k_cache_ptr + cache_at + HALF, k2, mask=k_ok)
+    tl.store(k_cache_ptr + cache_at, _to_cache(k1, kv_dtype, FP8_KV, FMAX), mask=k_ok)
+    tl.store(k_cache_ptr + cache_at + HALF, _to_cache(k2, kv_dtype, FP8_KV, FMAX), mask=k_ok)
     v_at = k_at + HKV * 2 * HALF
-    tl.store(v_cache_ptr + cache_at, tl.load(v_at, mask=k_ok), mask=k_ok)
-    tl.store(v_cache_ptr + cache_at + HALF, tl.load(v_at + HALF, mask=k_ok), mask=k_ok)
+    v1, v2 = tl.load(v_at, mask=k_ok), tl.load(v_at + HALF, mask=k_ok)
+    tl.store(v_cache_ptr + cache_at, _to_cache(v1, kv_dtype, FP8_KV, FMAX), mask=k_ok)
+    tl.store(v_cache_ptr + cache_at + HALF, _to_cache(v2, kv_dtype, FP8_KV, FMAX), mask=k_ok)
 
 
 def rope_store(
     qkv: torch.Tensor,  # [T, (H + 2 Hkv) D]
     cos: torch.Tensor,  # [T, D]
     sin: torch.Tensor,
-    k_cache: torch.Tensor,  # [P, page, Hkv, D]
+    k_cache: torch.Tensor,  # [P, page, Hkv, D]: the model dtype, or fp8
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T]
     heads: int,
@@ -153,7 +166,8 @@ def rope_store(
     k_norm: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    """Rotate q in place and store rotated k and v at their cache slots; returns q as [T, H, D]."""
+    """Rotate q in place and store rotated k and v at their cache slots (as `attention.to_cache`);
+    returns q as [T, H, D]."""
     _, page, kv_heads, dim = k_cache.shape
     assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert cos.is_contiguous() and sin.is_contiguous() and dim % 2 == 0
@@ -164,7 +178,7 @@ def rope_store(
         H=heads, HKV=kv_heads, H_PAD=triton.next_power_of_2(heads),
         HKV_PAD=triton.next_power_of_2(kv_heads), HALF=dim // 2,
         HALF_PAD=triton.next_power_of_2(dim // 2), QK_NORM=q_norm is not None,
-        num_warps=4,
+        FP8_KV=k_cache.dtype == FP8, FMAX=FP8_MAX, num_warps=4,
     )  # fmt: skip
     return qkv[:, : heads * dim].view(-1, heads, dim)
 

@@ -6,7 +6,9 @@ program takes the GROUP query heads that share one KV head, so K/V pages are rea
 (GQA packing: M = queries x GROUP rows feed the tensor cores). K/V are gathered token by token
 through the page table, BLOCK_N tokens per iteration, with an online softmax in fp32. A sliding
 window starts the key loop at the block's first visible key (pages that left the window are never
-read); soft-capping applies softcap * tanh(logit / softcap) to the scaled logits.
+read); soft-capping applies softcap * tanh(logit / softcap) to the scaled logits. An fp8 KV cache
+(`kv_cache_dtype: fp8`, scale 1.0) is read as such, half the bytes, and each tile is upcast to q's dtype
+in registers (exact: every e4m3 value is a bf16 / fp16 / fp32 value); the dots accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ BLOCK_N = 64  # keys per iteration
 @triton.jit(do_not_specialize=["stride_table", "window"])
 def _paged_attention_kernel(
     q_ptr,  # [T, H, D]
-    k_ptr,  # [P, PAGE, Hkv, D]
+    k_ptr,  # [P, PAGE, Hkv, D]: q's dtype, or fp8 (upcast on load)
     v_ptr,
     o_ptr,  # [T, H, D]
     table_ptr,  # [B, W] pages of each sequence
@@ -81,8 +83,8 @@ def _paged_attention_kernel(
         page = tl.load(table_ptr + seq * stride_table + n // PAGE, mask=n_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kp + (n % PAGE) * stride_ks + kv_head * stride_kh
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
+        v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         if IEEE:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from runner.engine import Engine, EngineConfig
 from runner.engine import build as build_module
@@ -39,8 +40,8 @@ def test_a_kv_cache_too_small_for_one_sequence_is_refused_with_the_numbers(monke
         "and 0.0 MiB are left for it (100.0 MiB free of 80.00 GiB after 0.3 MiB of weights, x "
         "kv_memory_fraction 0.85, less 92.0 MiB of step workspace for max_seqs 2048 and max_batch_tokens "
         "8192). Ways out: lower engine.max_seqs or engine.max_batch_tokens, raise "
-        "engine.kv_memory_fraction, lower engine.max_model_len, fp8 weights or tensor parallelism, or a GPU "
-        "with more free memory."
+        "engine.kv_memory_fraction, lower engine.max_model_len, an fp8 KV cache (engine.kv_cache_dtype), fp8 "
+        "weights or tensor parallelism, or a GPU with more free memory."
     )
     # the same memory takes a smaller max_seqs: the workspace, not a constant share, sets the pool
     engine = engine_with_free_memory(monkeypatch, model, free=100 * 2**20, max_seqs=64)
@@ -82,3 +83,18 @@ def test_an_moe_workspace_counts_the_routed_experts_and_the_shared_one(monkeypat
     page_bytes = 2 * 2 * 16 * 2 * 16 * 4
     workspace = step_workspace_bytes(8192, 64, width, 256, 4, cuda_graphs=True)
     assert engine.kv.num_pages == (int(free * 0.85) - workspace) // page_bytes
+
+
+def test_an_fp8_kv_cache_holds_twice_the_pages_in_the_same_memory(monkeypatch, model):
+    """Pages of one byte per value: twice those of bf16 from the same pool (less one for the floor)."""
+    free = 200 * 2**20
+    bf16 = engine_with_free_memory(monkeypatch, model, free, dtype="bfloat16", max_seqs=64)
+    fp8 = engine_with_free_memory(
+        monkeypatch, model, free, dtype="bfloat16", max_seqs=64, kv_cache_dtype="fp8"
+    )
+    assert fp8.model_runner.kv_cache.dtype == torch.float8_e4m3fn
+    assert fp8.stats()["kv_page_bytes"] * 2 == bf16.stats()["kv_page_bytes"] == 2 * 2 * 16 * 2 * 16 * 2
+    assert 2 * bf16.kv.num_pages <= fp8.kv.num_pages <= 2 * bf16.kv.num_pages + 1
+    assert (
+        fp8.model_runner.kv_cache.nbytes <= bf16.model_runner.kv_cache.nbytes + fp8.stats()["kv_page_bytes"]
+    )

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import torch
 
-from runner.engine.layers.attention import AttentionBatch, prefill_blocks, reference_attention
+from runner.engine.layers.attention import AttentionBatch, prefill_blocks, reference_attention, to_cache
 
 # (seed, decodes, [(q_len, kv_len) of each prefill chunk], page size, heads, kv heads, head dim
 #  [, sliding window, soft cap])
@@ -85,13 +85,16 @@ def to_cpu(batch: AttentionBatch) -> AttentionBatch:
     return AttentionBatch(*(f.cpu() if isinstance(f, torch.Tensor) else f for f in fields))
 
 
-def relative_error(case, device: str, dtype: torch.dtype) -> float:
-    """‖kernel − reference‖ / ‖reference‖ on one case (the reference in fp32 on the CPU)."""
+def relative_error(case, device: str, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> float:
+    """‖kernel − reference‖ / ‖reference‖ on one case (the reference in fp32 on the CPU). `kv_dtype`: the
+    cache's dtype when it is not `dtype` (fp8: the reference reads the same rounded K/V, upcast)."""
     from runner.engine.layers.paged_attention import paged_attention
 
     seed, nd, prefills, page, heads, kv_heads, dim, *masking = case
     window, softcap = masking or (0, 0.0)
     q, k_cache, v_cache, batch = random_batch(seed, nd, prefills, page, heads, kv_heads, dim, device, dtype)
+    if kv_dtype is not None:
+        k_cache, v_cache = to_cache(k_cache, kv_dtype), to_cache(v_cache, kv_dtype)
     scale = dim**-0.5
     ref = reference_attention(
         q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(), to_cpu(batch), scale, window, softcap
