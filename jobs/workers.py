@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from multiprocessing.connection import wait
@@ -114,7 +115,7 @@ class _Node:
     def run(self, show_progress: bool) -> Summary:
         started = time.monotonic()
         self.started_at = time.time()
-        ctx = mp.get_context("spawn")  # CUDA and threads do not survive fork
+        ctx = mp.get_context(_start_method())
         self.results = ctx.Queue()
         for device, task in zip(self.devices, self.tasks, strict=True):
             sub = self.spec.model_copy(
@@ -231,6 +232,13 @@ class _Node:
         return summary
 
 
+def _start_method() -> str:
+    """fork while this process has neither torch nor another thread (a GPU node's parent: `visible_gpus`
+    asks nvidia-smi): the workers start with the job's modules already imported, about a second
+    sooner; else spawn, since CUDA, torch's thread pools and other threads do not survive a fork."""
+    return "fork" if "torch" not in sys.modules and threading.active_count() == 1 else "spawn"
+
+
 def _slowest_start(attempts: list[dict]) -> dict[str, float]:
     """The start-up phases of the worker that took longest to its last phase (its first token), named
     `worker_<phase>`: the workers start together, so the node waits for that one."""
@@ -243,8 +251,11 @@ def _worker(spec_data: dict, device: str, results: mp.Queue) -> None:
     tqdm.set_lock(threading.RLock())  # the default, a process-shared semaphore, would outlive os._exit below
     spec = JobSpec.model_validate(spec_data)
     task = spec.runtime.task_index
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s worker {task}: %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    logging.basicConfig(  # force: a forked worker has the node's handlers
+        level=logging.INFO,
+        format=f"%(asctime)s worker {task}: %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
     )
     try:
         summary = run_job(spec, show_progress=False)

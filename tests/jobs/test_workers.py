@@ -71,15 +71,24 @@ def test_a_gpu_that_does_not_exist_is_refused():
         worker_devices([0, 2], ["0", "1"])
 
 
+@pytest.mark.parametrize("cuda_visible", [None, ""], ids=["spawned", "forked"])
 def test_three_cpu_workers_write_the_single_worker_output_each_shard_once(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch, cuda_visible
 ):
+    """Spawned workers (the node imported torch to count its GPUs) and forked ones (CUDA_VISIBLE_DEVICES
+    counted them: the node has no torch, so it forks its workers)."""
+    if cuda_visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cuda_visible)
     write_inputs(tmp_path / "in", parquet=3, jsonl=2, rows=4)
     reference = write_spec(tmp_path / "ref.yaml", tiny_model_dir, output={"path": "ref"})
     run_job(load_spec(reference), show_progress=False)
     spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, runtime={"gpus": 3, "heartbeat_seconds": 0.5})
     code, _, err = batchrun("submit", str(spec), "--no-progress")
     assert code == 0, err[-3000:]
+    assert all(f"worker {t}: INFO" in err for t in range(3))  # each worker's own log lines
+    assert "leaked" not in err  # a worker's quick exit leaves nothing for the resource tracker
     assert read_output(tmp_path / "out") == read_output(tmp_path / "ref")
     owned = [
         json.loads((tmp_path / f"out/_batchrun/progress/task-{t}-of-3.json").read_text())["shards"]
