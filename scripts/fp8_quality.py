@@ -74,9 +74,11 @@ def run(model: str, prompts: int, new: int, dtype: str, quantization: str) -> di
     sp = SamplingParams(max_new_tokens=new, temperature=0.0, logprobs=True)
     requests = []
     for i, text in enumerate(PROMPTS[:prompts]):
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        requests.append(Request(i, list(ids), sp))
+        chat = tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tok([chat], add_special_tokens=False)["input_ids"][0]  # the template wrote the special tokens
+        requests.append(Request(i, ids, sp))
     t0 = time.perf_counter()
     done = {c.id: c for c in engine.generate(requests)}
     seconds = time.perf_counter() - t0
