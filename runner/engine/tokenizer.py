@@ -26,16 +26,19 @@ log = logging.getLogger(__name__)
 
 _GENERIC_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
 _NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# transformers 5.24's MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS (models/auto/tokenization_auto.py): for these
-# model types AutoTokenizer ignores a generic tokenizer_class and builds the model's own class
+# MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS of transformers 5.17 and 5.24 together (models/auto/
+# tokenization_auto.py): for these model types AutoTokenizer ignores a generic tokenizer_class and builds
+# the model's own class (5.24 dropped the DeepSeek and Janus types that 5.17 lists; batchrun runs on both)
 _CLASS_OVERRIDDEN = frozenset(
     {
-        "arctic", "camembertv2-base", "chatlm", "cohere_asr", "ernie4_5", "ernie4_5_moe", "fuyu",
-        "h2ovl_chat", "hyperclovax", "hyperclovax_vision_v2", "hyperclovax_vlm", "internlm2", "internlm3",
-        "iquestcoder", "jamba", "llava", "llava_next", "minicpm3", "minicpmv", "minimax_m2", "modernbert",
+        "arctic", "camembertv2-base", "chameleon", "chatlm", "cohere_asr", "deepseek_ocr", "deepseek_ocr2",
+        "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "deepseek_vl", "deepseek_vl_hybrid",
+        "deepseek_vl_v2", "ernie4_5", "ernie4_5_moe", "fuyu", "h2ovl_chat", "hyperclovax",
+        "hyperclovax_vision_v2", "hyperclovax_vlm", "internlm2", "internlm3", "iquestcoder", "jamba",
+        "janus", "llava", "llava_next", "minicpm3", "minicpmv", "minimax_m2", "modernbert",
         "modernbert-decoder", "molmo", "molmo2", "nemotron", "nvfp4", "opencua", "openvla", "paddleocr_vl",
         "phi3", "phi3_v", "phimoe", "qwen2", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen4_exp",
-        "siglip2", "smolvlm", "step3_vl", "vipllava",
+        "siglip2", "smolvlm", "step3_vl", "step3p5", "vipllava", "vision-encoder-decoder",
     }
 )  # fmt: skip
 

@@ -3,6 +3,7 @@ AutoTokenizer on the folders it loads, without importing transformers; other fol
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
+from packaging.version import Version
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -191,9 +193,13 @@ def test_decode_matches(pair):
 
 
 def test_chat_template_matches(pair):
+    """The chats render alike. The one whose message carries `reasoning` and a None field is compared from
+    transformers 5.24 on: 5.17 passes such a message to the template as it is, 5.24 drops None fields and
+    adds the `thinking` / `reasoning_content` aliases, which `chat_template.py` follows."""
     ours, theirs = pair
     assert ours.chat_template == theirs.get_chat_template()
-    for chat in CHATS:
+    since_5_24 = Version(importlib.metadata.version("transformers")) >= Version("5.24")
+    for chat in CHATS if since_5_24 else CHATS[:2]:
         for add_generation_prompt in (True, False):
             want = theirs.apply_chat_template(
                 chat, tokenize=False, add_generation_prompt=add_generation_prompt
