@@ -164,12 +164,14 @@ def test_sigterm_drains_commits_finished_rows_and_exits_for_requeue(tmp_path: Pa
 def test_a_second_submit_is_refused_while_the_first_runs_and_takes_over_after_a_kill(
     tmp_path: Path, tiny_model_dir: Path
 ):
+    # one sequence at a time, 200 tokens each (~10 s on the CPU): the first job outlives the second
+    # submit's refusal (with a start-up that skips transformers, 40 rows of 32 tokens ended before it)
     write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=40)
     spec = write_spec(
         tmp_path / "spec.yaml",
         tiny_model_dir,
-        sampling={"max_new_tokens": 32, "ignore_eos": True},
-        engine={"max_seqs": 2},
+        sampling={"max_new_tokens": 200, "ignore_eos": True},
+        engine={"max_seqs": 1},
     )
     first = batchrun("submit", str(spec), "--no-progress", wait=False)
     lease = tmp_path / "out/_batchrun/leases/task-0-of-1.json"
