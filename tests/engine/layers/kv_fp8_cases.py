@@ -87,10 +87,11 @@ def main() -> None:
             bad = rope_store_mismatches(case, "cpu", dtype)
             print(f"rope_store case {case[0]} {dtype}: {bad} fp8 bytes differ")
             assert bad == 0, (case, dtype)
-    for case in CASES:
-        err = relative_error(case, "cpu", torch.float32, kv_dtype=FP8)
-        print(f"fp8 cache case {case[0]}: relative error {err:.2e}")
-        assert err < 1e-5, case
+    for case in CASES:  # bf16 queries: the dots run in fp16 (paged_attention.half_dot)
+        for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            err = relative_error(case, "cpu", dtype, kv_dtype=FP8)
+            print(f"fp8 cache case {case[0]} {dtype}: relative error {err:.2e}")
+            assert err < bound, (case, dtype)
 
 
 if __name__ == "__main__":
