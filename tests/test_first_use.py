@@ -247,7 +247,7 @@ def kill_status_resume_and_noop_report(tmp: Path, model: Path) -> None:
 
 
 def inflight_metric_counts_the_engine(tmp: Path, model: Path) -> None:
-    jsonl(tmp / "in/x.jsonl", *good(12))
+    jsonl(tmp / "in/x.jsonl", *good(64))  # rows to keep 8 in flight over several heartbeats
     spec = write_spec(
         tmp / "spec.yaml",
         model,

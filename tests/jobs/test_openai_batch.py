@@ -299,12 +299,23 @@ def test_batch_files_on_s3_give_the_local_run_s_responses(s3, tmp_path: Path, ti
     remote = run_job(parse_spec(spec), show_progress=False)
     assert (remote.rows_ok, remote.rows_error) == (local.rows_ok, local.rows_error) == (len(GOOD), len(BAD))
 
+    def rounded(x):
+        """Log-probabilities to 4 decimals: the two runs batch their rows differently, and a CPU matmul
+        over another batch shape may differ in the last bits (the tokens and texts compare exactly)."""
+        if isinstance(x, float):
+            return round(x, 4)
+        if isinstance(x, dict):
+            return {k: rounded(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rounded(v) for v in x]
+        return x
+
     def answers(out: list[dict]) -> dict:
         """custom_id -> (status, choices, usage): what does not depend on when or where it ran."""
         return {
             line["custom_id"]: (
                 line["response"]["status_code"],
-                line["response"]["body"].get("choices"),
+                rounded(line["response"]["body"].get("choices")),
                 line["response"]["body"].get("usage"),
             )
             for line in out
