@@ -123,9 +123,9 @@ def test_sigterm_drains_commits_finished_rows_and_exits_for_requeue(tmp_path: Pa
     spec = write_spec(
         tmp_path / "spec.yaml",
         tiny_model_dir,
-        sampling={"max_new_tokens": 48, "ignore_eos": True},
+        sampling={"max_new_tokens": 150, "ignore_eos": True},  # ~20 s of work: the signal lands mid-job
         output={"flush_rows": 100000, "flush_seconds": 3600},  # nothing is committed before the signal
-        engine={"max_seqs": 2},
+        engine={"max_seqs": 1},
         runtime={"grace_seconds": 20},
     )
     proc = batchrun("submit", str(spec), "--no-progress", wait=False)
@@ -148,7 +148,7 @@ def test_sigterm_drains_commits_finished_rows_and_exits_for_requeue(tmp_path: Pa
     write_spec(
         spec,
         tiny_model_dir,
-        sampling={"max_new_tokens": 48, "ignore_eos": True},
+        sampling={"max_new_tokens": 150, "ignore_eos": True},
         output={"flush_rows": 100000, "flush_seconds": 3600},
         engine={"max_seqs": 64},
     )
