@@ -87,7 +87,11 @@ def run_node(
     if phases is None:
         phases = Phases()
     phases.done("launch")
-    devices = worker_devices(spec.runtime.gpus, visible_gpus(), spec.engine.tensor_parallel)
+    had_torch = "torch" in sys.modules
+    names = visible_gpus()
+    if not had_torch and "torch" in sys.modules:  # no nvidia-smi: torch counted them, its import is "imports"
+        phases.done("imports")
+    devices = worker_devices(spec.runtime.gpus, names, spec.engine.tensor_parallel)
     phases.done("count_gpus")
     if len(devices) == 1:
         if devices[0] is not None:
