@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -62,9 +63,9 @@ def load_hf_model(
 
     Raises UnsupportedModel for quantization schemes the fast path does not run.
     """
-    light = read_light_config(path)
-    files = safetensors_files(path)
     config = hf_config or load_config(path, revision)
+    light = config if isinstance(config, SimpleNamespace) else None  # read without transformers
+    files = safetensors_files(path)
     stored = read_quantization(config)
     on_device = bool(stored or fp8 or tp.size > 1)
     if files and (light or on_device):
