@@ -91,9 +91,8 @@ def _yarn(rope: dict, dim: int, max_position_embeddings: int) -> Rotary:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [R/2]
     pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
-    extrapolated = (
-        1 - ramp
-    )  # the share of each frequency kept as trained (1 - (1 - ramp): as transformers rounds)
+    # the share of each frequency kept as trained (1 - (1 - ramp): as transformers rounds)
+    extrapolated = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
     return Rotary(inv_freq, attention)
 
