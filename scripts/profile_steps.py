@@ -7,6 +7,7 @@ the tokens computed; then a torch.profiler pass over the first `--profile-prefil
 `--profile-decode` steady decode steps gives the kernels that take the GPU time in each.
 
     python scripts/profile_steps.py --workload W2 --out steps.json
+    python scripts/profile_steps.py --workload W3 --quantization fp8 --max-seqs 1024 --out steps.json
 """
 
 from __future__ import annotations
@@ -92,12 +93,19 @@ def main() -> None:
     ap.add_argument("--workload", default="W2")
     ap.add_argument("--profile-prefill", type=int, default=4, help="first steps to profile kernels of")
     ap.add_argument("--profile-decode", type=int, default=10, help="steady decode steps to profile")
+    ap.add_argument("--max-seqs", type=int, default=EngineConfig.max_seqs)
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = build_model(args.workload)
     prompts = make_prompts(args.workload, None)
     new = WORKLOADS[args.workload].new
-    engine = Engine(model, EngineConfig(device="cuda", dtype="bfloat16", async_mode=False))
+    config = EngineConfig(
+        device="cuda", dtype="bfloat16", async_mode=False, max_seqs=args.max_seqs,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+    )  # fmt: skip
+    engine = Engine(model, config)
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
 
     vocab = model.config.vocab_size

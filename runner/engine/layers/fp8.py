@@ -6,8 +6,11 @@ activations [T, K] are quantized per token (row amax / 448) and the product runs
     y[t, n] = sum_k (xq[t, k] * sx[t]) * (wq[n, k] * sw[n])  =  sx[t] * sw[n] * (xq @ wq.T)[t, n]
 
 - on Hopper (sm90+): `torch._scaled_mm` with row-wise scales (a = xq [T, K] row-major with scale
-  [T, 1], b = wq.t() [K, N] column-major with scale [1, N], fp32 accumulation, bf16 out); the
-  activation quantization is one Triton kernel (`fp8_kernels.py`);
+  [T, 1], b = wq.t() [K, N] column-major with scale [1, N], bf16 out) and fast accumulation (the
+  tensor cores' own accumulator, not promoted to fp32 every few k-blocks, as vLLM's and torchao's fp8
+  GEMMs run: 5-10% faster at W3's shapes, scripts/results/gemm-w3.json); the activation quantization
+  is fused into the RMSNorm or SiLU·mul kernel that makes the input (`Fp8Activations`), else one
+  Triton kernel (`fp8_kernels.py`);
 - elsewhere (the CPU, and GPUs without fp8 tensor cores): the same quantized values, dequantized to
   fp32 and multiplied with `F.linear` — the reference the tests check, with the same loader and layout.
 
@@ -53,17 +56,14 @@ def fp8_matmul_supported(device: torch.device) -> bool:
     )
 
 
-def reference_fp8_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The dequantizing path: x [T, K] quantized per token, times the dequantized weight, in fp32.
+@dataclass(slots=True)
+class Fp8Activations:
+    """Activations quantized per token for an fp8 linear (`Fp8Linear.fp8_input`), as the fused norm and
+    activation kernels hand them on: the same values `quantize_rows` gives, without a bf16 round trip."""
 
-    w: [N, K] fp32, the dequantized fp8 weight (`dequantize(wq, scale[N, 1])`); bias: [N] or None.
-    Returns [T, N] in x's dtype.
-    """
-    xq, x_scale = quantize_rows(x)
-    y = F.linear(dequantize(xq, x_scale), w)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    q: torch.Tensor  # [T, K] float8_e4m3fn
+    scale: torch.Tensor  # [T, 1] fp32
+    dtype: torch.dtype  # the activations' own dtype, which the linear's output takes
 
 
 def _quantize_rows_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,18 +109,34 @@ class Fp8Linear:
         wq, scale = quantize_weight(w.detach().to(device))
         return cls.from_quantized(wq, scale, bias, device)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, K] -> [T, N] in x's dtype."""
+    @property
+    def fp8_input(self) -> bool:
+        """Whether callers hand it `Fp8Activations` (from a fused kernel) rather than [T, K] activations:
+        where its GEMM runs in fp8, and on the CPU, whose reference path takes the same values (a GPU
+        without fp8 GEMMs quantizes inside the call)."""
+        return self.fast or self.weight.device.type == "cpu"
+
+    def __call__(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor:
+        """x: [T, K] (or those activations quantized) -> [T, N] in the activations' dtype."""
+        a = x if isinstance(x, Fp8Activations) else self.quantize_input(x)
         if not self.fast:
             w = self.dequantized if self.dequantized is not None else self.dequantize()
-            return reference_fp8_linear(x, w, self.bias)
-        xq, x_scale = _quantize_rows_cuda(x)
+            y = F.linear(dequantize(a.q, a.scale), w)  # fp32
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(a.dtype)
         y = torch._scaled_mm(
-            xq, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=torch.bfloat16
-        )
+            a.q, self.weight.t(), scale_a=a.scale, scale_b=self.scale, out_dtype=torch.bfloat16,
+            use_fast_accum=True,
+        )  # fmt: skip
         if self.bias is not None:
             y += self.bias
-        return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+        return y if a.dtype == torch.bfloat16 else y.to(a.dtype)
+
+    def quantize_input(self, x: torch.Tensor) -> Fp8Activations:
+        """x [T, K] quantized per token: by the Triton kernel where the GEMM is fp8, else in torch."""
+        xq, scale = _quantize_rows_cuda(x) if self.fast else quantize_rows(x)
+        return Fp8Activations(xq, scale, x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The weight's fp32 values [N, K]."""

@@ -11,7 +11,10 @@ KV store and SiLU·mul are ~30 kernels that each read and write the activations.
   the fused gate/up projection.
 
 Each rounds to the activation dtype where transformers' Llama does (after the add, after the
-normalisation, after each RoPE product), so bf16 results track transformers' closely.
+normalisation, after each RoPE product), so bf16 results track transformers' closely. With `fp8=True`
+the norm and the activation hand their output to an fp8 linear quantized per token (`Fp8Activations`:
+the rounded row, its amax / 448 as the scale, the row divided by it, as `fp8.quantize_rows`), which
+saves the quantization kernel's two reads and the bf16 write and read between them.
 `ops.TorchOps` is the plain-torch twin used on the CPU.
 """
 
@@ -21,7 +24,27 @@ import torch
 import triton
 import triton.language as tl
 
-from runner.engine.layers.fp8_format import FP8, FP8_MAX
+from runner.engine.layers.fp8 import Fp8Activations
+from runner.engine.layers.fp8_format import FP8, FP8_MAX, INV_FP8_MAX, MIN_SCALE
+
+
+@triton.jit
+def _quantized(y, s_ptr, QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr, SMIN: tl.constexpr):
+    """A row y (the activation dtype, masked lanes 0) as stored: itself, or with QUANT divided by its
+    scale max(amax / FMAX, SMIN), which goes to s_ptr, and clamped (`fp8_kernels`' quantization)."""
+    if QUANT:
+        yf = y.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(yf), 0) * INV_FMAX, SMIN)
+        tl.store(s_ptr, scale)
+        y = tl.clamp(tl.div_rn(yf, scale), -FMAX, FMAX)
+    return y
+
+
+def _fp8_output(x: torch.Tensor, width: int, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output [T, width] (x's dtype, or fp8) and the per-token scales [T, 1] (fp8; else a stand-in)."""
+    out = torch.empty((x.shape[0], width), device=x.device, dtype=FP8 if fp8 else x.dtype)
+    scale = torch.empty((x.shape[0], 1), device=x.device, dtype=torch.float32) if fp8 else out
+    return out, scale
 
 
 @triton.jit
@@ -29,10 +52,12 @@ def _add_rms_norm_kernel(
     h_ptr,  # [T, N]: residual stream, updated in place when HAS_DELTA
     delta_ptr,  # [T, N]
     w_ptr,  # [N]
-    out_ptr,  # [T, N]
+    out_ptr,  # [T, N]: h's dtype, or fp8 (QUANT)
+    s_ptr,  # [T] fp32 (QUANT)
     eps,
     stride_h, stride_d, stride_o,
     N: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr,
+    QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr, SMIN: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     dtype = h_ptr.dtype.element_ty
@@ -46,23 +71,26 @@ def _add_rms_norm_kernel(
     inv = tl.math.rsqrt(tl.sum(x * x, 0) / N + eps)
     y = (x * inv).to(dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * stride_o + cols, (w * y).to(dtype), mask=ok)
+    y = _quantized((w * y).to(dtype), s_ptr + t, QUANT, FMAX, INV_FMAX, SMIN)
+    tl.store(out_ptr + t * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def add_rms_norm(
-    h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """`h += delta` (in place, when given), then RMSNorm(h) * weight. h, delta: [T, N] -> [T, N]."""
+    h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, fp8: bool = False
+) -> torch.Tensor | Fp8Activations:
+    """`h += delta` (in place, when given), then RMSNorm(h) * weight. h, delta: [T, N] -> [T, N]
+    (quantized for an fp8 linear with `fp8`)."""
     assert h.stride(-1) == 1 and (delta is None or delta.stride(-1) == 1)
-    out = torch.empty_like(h)
     n = h.shape[-1]
+    out, scale = _fp8_output(h, n, fp8)
     block = triton.next_power_of_2(n)
     _add_rms_norm_kernel[(h.shape[0],)](
-        h, h if delta is None else delta, weight, out, eps,
+        h, h if delta is None else delta, weight, out, scale, eps,
         h.stride(0), 0 if delta is None else delta.stride(0), out.stride(0),
-        N=n, BLOCK=block, HAS_DELTA=delta is not None, num_warps=min(16, max(1, block // 256)),
+        N=n, BLOCK=block, HAS_DELTA=delta is not None, QUANT=fp8, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX,
+        SMIN=MIN_SCALE, num_warps=min(16, max(1, block // 256)),
     )  # fmt: skip
-    return out
+    return Fp8Activations(out, scale, h.dtype) if fp8 else out
 
 
 @triton.jit
@@ -186,14 +214,16 @@ def rope_store(
 @triton.jit
 def _silu_mul_kernel(
     gu_ptr,  # [T, 2 I]
-    out_ptr,  # [T, I]
+    out_ptr,  # [T, I]: gu's dtype, or fp8 (QUANT: one program per row)
+    s_ptr,  # [T] fp32 (QUANT)
     stride_gu, stride_o,
     INTER: tl.constexpr, BLOCK: tl.constexpr, GELU: tl.constexpr,
+    QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr, SMIN: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < INTER
-    dtype = out_ptr.dtype.element_ty
+    dtype = gu_ptr.dtype.element_ty
     g = tl.load(gu_ptr + t * stride_gu + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + t * stride_gu + INTER + cols, mask=ok, other=0.0).to(tl.float32)
     if GELU:  # noqa: SIM108 (constexpr) 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanh(x) = 2 sigmoid(2x) - 1
@@ -201,25 +231,30 @@ def _silu_mul_kernel(
     else:
         act = g / (1.0 + tl.exp(-g))
     act = act.to(dtype).to(tl.float32)
-    tl.store(out_ptr + t * stride_o + cols, (act * u).to(dtype), mask=ok)
+    y = _quantized((act * u).to(dtype), s_ptr + t, QUANT, FMAX, INV_FMAX, SMIN)
+    tl.store(out_ptr + t * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up of the fused projection's output [T, 2 I] -> [T, I]."""
-    return _act_mul(gate_up, gelu=False)
+def silu_mul(gate_up: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activations:
+    """SiLU(gate) * up of the fused projection's output [T, 2 I] -> [T, I] (quantized with `fp8`)."""
+    return _act_mul(gate_up, gelu=False, fp8=fp8)
 
 
-def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """GELU(gate) (tanh approximation, transformers' `gelu_pytorch_tanh`) * up: [T, 2 I] -> [T, I]."""
-    return _act_mul(gate_up, gelu=True)
+def gelu_tanh_mul(gate_up: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activations:
+    """GELU(gate) (tanh approximation, transformers' `gelu_pytorch_tanh`) * up: [T, 2 I] -> [T, I]
+    (quantized with `fp8`)."""
+    return _act_mul(gate_up, gelu=True, fp8=fp8)
 
 
-def _act_mul(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
+def _act_mul(gate_up: torch.Tensor, gelu: bool, fp8: bool) -> torch.Tensor | Fp8Activations:
     assert gate_up.stride(1) == 1
     inter = gate_up.shape[1] // 2
-    out = torch.empty((gate_up.shape[0], inter), device=gate_up.device, dtype=gate_up.dtype)
-    block = min(1024, triton.next_power_of_2(inter))
+    out, scale = _fp8_output(gate_up, inter, fp8)
+    # a quantized row is one program (its amax); else blocks of 1024 spread a few rows over the GPU
+    block = triton.next_power_of_2(inter) if fp8 else min(1024, triton.next_power_of_2(inter))
     _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(inter, block))](
-        gate_up, out, gate_up.stride(0), out.stride(0), INTER=inter, BLOCK=block, GELU=gelu, num_warps=4
-    )
-    return out
+        gate_up, out, scale, gate_up.stride(0), out.stride(0), INTER=inter, BLOCK=block, GELU=gelu,
+        QUANT=fp8, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX, SMIN=MIN_SCALE,
+        num_warps=min(16, max(4, block // 1024)),
+    )  # fmt: skip
+    return Fp8Activations(out, scale, gate_up.dtype) if fp8 else out

@@ -14,12 +14,13 @@ Per-output-channel scales concatenate along with the rows, so fusing never chang
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.engine.layers.fp8 import FP8, Fp8Linear
+from runner.engine.layers.fp8 import FP8, Fp8Activations, Fp8Linear
 
 
 def load(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -43,6 +44,7 @@ class DenseLinear:
 
     weight: torch.Tensor  # [N, K]
     bias: torch.Tensor | None  # [N]
+    fp8_input: ClassVar[bool] = False  # takes activations in the model dtype (`Fp8Linear.fp8_input`)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, K] -> [T, N]."""
@@ -142,10 +144,16 @@ class GatedMLP:
         gate_up = fused_linear([mlp.gate_proj, mlp.up_proj], device, dtype, fp8)
         return cls(gate_up, fused_linear([mlp.down_proj], device, dtype, fp8), ACTIVATIONS[hidden_act])
 
+    @property
+    def fp8_input(self) -> bool:
+        """Whether its input comes quantized (`Fp8Activations`): gate/up is an fp8 linear that takes them."""
+        return self.gate_up.fp8_input
+
     def activation_width(self) -> int:
         """Activation elements per token live in a call: gate/up [2 I] and act·mul [I]."""
         return 3 * self.down.weight.shape[1]
 
-    def __call__(self, x: torch.Tensor, ops) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]; `ops` gives the activation (fused kernel or torch)."""
-        return self.down(getattr(ops, self.act)(self.gate_up(x)))
+    def __call__(self, x: torch.Tensor | Fp8Activations, ops) -> torch.Tensor:
+        """x: [T, hidden] (quantized when `fp8_input`) -> [T, hidden]; `ops` gives the activation (fused
+        kernel or torch), which quantizes its output for an fp8 `down`."""
+        return self.down(getattr(ops, self.act)(self.gate_up(x), fp8=self.down.fp8_input))

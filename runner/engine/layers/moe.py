@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,7 @@ class SparseMoE:
     experts: Callable  # experts_torch or fused_moe.fused_experts
     shared: Callable | None = None  # (x, ops) -> [T, H]: the shared expert's MLP
     shared_gate: torch.Tensor | None = None  # [1, H]
+    fp8_input: ClassVar[bool] = False  # the router reads x in the model dtype
 
     @classmethod
     def from_hf(

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from runner.engine.layers.attention import write_kv
+from runner.engine.layers.fp8 import Fp8Activations, quantize_rows
 from runner.engine.layers.norm import rms_norm
 from runner.engine.layers.rope import apply_rope
 
@@ -19,12 +20,13 @@ class TorchOps:
 
     @staticmethod
     def add_rms_norm(
-        h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
-    ) -> torch.Tensor:
-        """`h += delta` (in place, when given), then RMSNorm(h) * weight. [T, N] -> [T, N]."""
+        h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, fp8: bool = False
+    ) -> torch.Tensor | Fp8Activations:
+        """`h += delta` (in place, when given), then RMSNorm(h) * weight. [T, N] -> [T, N] (quantized for
+        an fp8 linear with `fp8`)."""
         if delta is not None:
             h += delta
-        return rms_norm(h, weight, eps)
+        return _maybe_quantized(rms_norm(h, weight, eps), fp8)
 
     @staticmethod
     def rope_store(
@@ -52,16 +54,22 @@ class TorchOps:
         return q
 
     @staticmethod
-    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-        """SiLU(gate) * up. [T, 2 I] -> [T, I]."""
+    def silu_mul(gate_up: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activations:
+        """SiLU(gate) * up. [T, 2 I] -> [T, I] (quantized for an fp8 linear with `fp8`)."""
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return _maybe_quantized(F.silu(gate) * up, fp8)
 
     @staticmethod
-    def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
-        """GELU(gate) with the tanh approximation (`gelu_pytorch_tanh`) * up. [T, 2 I] -> [T, I]."""
+    def gelu_tanh_mul(gate_up: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activations:
+        """GELU(gate) with the tanh approximation (`gelu_pytorch_tanh`) * up. [T, 2 I] -> [T, I]
+        (quantized for an fp8 linear with `fp8`)."""
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.gelu(gate, approximate="tanh") * up
+        return _maybe_quantized(F.gelu(gate, approximate="tanh") * up, fp8)
+
+
+def _maybe_quantized(x: torch.Tensor, fp8: bool) -> torch.Tensor | Fp8Activations:
+    """x [T, K], or with `fp8` its per-token quantization (`fp8.quantize_rows`)."""
+    return Fp8Activations(*quantize_rows(x), x.dtype) if fp8 else x
 
 
 def ops_for(device: torch.device):

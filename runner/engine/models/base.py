@@ -40,8 +40,11 @@ def local_shape(shape: ModelShape, tp: TensorParallel) -> ModelShape:
 class MLP(Protocol):
     """A decoder layer's MLP (`layers.linear.GatedMLP`, `layers.moe.SparseMoE`)."""
 
-    def __call__(self, x: torch.Tensor, ops) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]; `ops` gives the activation (fused kernel or torch)."""
+    fp8_input: bool  # its input comes quantized per token (`layers.fp8.Fp8Activations`)
+
+    def __call__(self, x, ops) -> torch.Tensor:
+        """x: [T, hidden] (quantized when `fp8_input`) -> [T, hidden]; `ops` gives the activation (fused
+        kernel or torch)."""
         ...
 
     def activation_width(self) -> int:

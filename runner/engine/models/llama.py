@@ -15,7 +15,7 @@ import torch
 
 from runner.engine.config import UnsupportedModel
 from runner.engine.layers.attention import AttentionBatch, AttentionFn
-from runner.engine.layers.fp8 import Fp8Linear
+from runner.engine.layers.fp8 import Fp8Activations, Fp8Linear
 from runner.engine.layers.linear import DenseLinear, GatedMLP, fused_linear, load
 from runner.engine.layers.ops import ops_for
 from runner.engine.layers.parallel import SINGLE, TensorParallel, VocabSlice
@@ -122,8 +122,9 @@ class PagedLlama:
         qkv_width = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
         return 4 * s.hidden + 2 * qkv_width + max(layer.mlp.activation_width() for layer in self.layers)
 
-    def project_qkv(self, x: torch.Tensor, index: int, layer: _Layer) -> torch.Tensor:
-        """q, k, v of layer `index` side by side: [T, hidden] -> [T, (H + 2 Hkv) D]."""
+    def project_qkv(self, x: torch.Tensor | Fp8Activations, index: int, layer: _Layer) -> torch.Tensor:
+        """q, k, v of layer `index` side by side: [T, hidden] (quantized when the qkv linear takes fp8
+        input) -> [T, (H + 2 Hkv) D]."""
         return layer.qkv(x)
 
     def qkv_of(self, att, device: torch.device, dtype: torch.dtype) -> DenseLinear | Fp8Linear:
@@ -163,13 +164,14 @@ class PagedLlama:
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
         delta = None  # the last layer's MLP output, not yet added to h
         for i, layer in enumerate(self.layers):
-            x = ops.add_rms_norm(h, delta, layer.ln_attn, s.eps)
+            x = ops.add_rms_norm(h, delta, layer.ln_attn, s.eps, fp8=layer.qkv.fp8_input)
             qkv = self.project_qkv(x, i, layer)  # [T, (H + 2 Hkv) D]
             q = ops.rope_store(
                 qkv, cos, sin, kv_cache[i, 0], kv_cache[i, 1], batch.slot_mapping,
                 s.num_heads, layer.q_norm, layer.k_norm, s.eps,
             )  # fmt: skip
             o = attention(q, kv_cache[i, 0], kv_cache[i, 1], batch, self.scale, self.window, 0.0)  # [T, H, D]
-            x = ops.add_rms_norm(h, self.residual(layer.o(o.flatten(1))), layer.ln_mlp, s.eps)
+            o = self.residual(layer.o(o.flatten(1)))  # [T, hidden]
+            x = ops.add_rms_norm(h, o, layer.ln_mlp, s.eps, fp8=layer.mlp.fp8_input)
             delta = self.residual(layer.mlp(x, ops))
         return self.logits(h[logits_rows] + delta[logits_rows])  # [S, V]

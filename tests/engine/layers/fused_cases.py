@@ -63,11 +63,46 @@ def max_errors(case, device: str, dtype: torch.dtype) -> dict[str, float]:
     return errors
 
 
+def fp8_errors(case, device: str, dtype: torch.dtype) -> dict[str, float]:
+    """The norm's and the activations' outputs quantized for an fp8 linear (`fp8=True`), fused against
+    torch: the largest relative difference of the per-token scales, and (on CUDA) the share of fp8 values
+    that differ. Triton's interpreter does not round fp32 -> fp8 as the hardware does (fp8_cases.py), so
+    there the values are only checked for shape and dtype."""
+    from runner.engine.layers import fused
+    from runner.engine.layers.fp8 import FP8
+
+    seed, tokens, _, _, _, hidden, inter, _ = case
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    h, delta, w = rand(tokens, hidden), rand(tokens, hidden), rand(hidden)
+    h[0] = -delta[0]  # a row that is all zeros after the add: the smallest scale
+    gate_up = rand(tokens, 2 * inter) * torch.logspace(-2, 2, tokens)[:, None].to(device, dtype)  # row ranges
+    pairs = {
+        "add_rms_norm": [ops.add_rms_norm(h.clone(), delta, w, 1e-6, fp8=True) for ops in (fused, TorchOps)],
+        "silu_mul": [ops.silu_mul(gate_up, fp8=True) for ops in (fused, TorchOps)],
+        "gelu_tanh_mul": [ops.gelu_tanh_mul(gate_up, fp8=True) for ops in (fused, TorchOps)],
+    }
+    errors = {}
+    for name, (a, b) in pairs.items():
+        assert a.q.dtype == b.q.dtype == FP8 and a.q.shape == b.q.shape and a.scale.shape == b.scale.shape
+        assert a.dtype == b.dtype == dtype
+        errors[f"{name} scale"] = ((a.scale - b.scale).abs() / b.scale).max().item()
+        if device == "cuda":
+            errors[f"{name} values"] = (a.q.float() != b.q.float()).float().mean().item()
+    return errors
+
+
 def main() -> None:
     for case in CASES:
         errors = max_errors(case, "cpu", torch.float32)
         print(f"case {case[0]}: max errors {errors}")
         assert max(errors.values()) < 1e-4, (case, errors)
+        fp8 = fp8_errors(case, "cpu", torch.float32)
+        print(f"case {case[0]}: fp8 scale errors {fp8}")
+        assert max(fp8.values()) < 1e-5, (case, fp8)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.engine.layers.fp8 import FP8, Fp8Linear, quantize_rows, quantize_weight
+from runner.engine.layers.fp8 import FP8, Fp8Activations, Fp8Linear, quantize_rows, quantize_weight
+from runner.engine.layers.linear import DenseLinear, GatedMLP
+from runner.engine.layers.ops import TorchOps
 from tests.engine.conftest import run_in_triton_interpreter
 
 CPU = torch.device("cpu")
@@ -88,3 +90,20 @@ def test_scaled_mm_matches_the_reference_on_cuda(dtype):
         got = lin(x).float()
         assert got.dtype == torch.float32 and lin(x).dtype == dtype
         assert (got - ref).norm() / ref.norm() < 1e-2
+
+
+def test_prequantized_activations_give_the_same_output_as_the_activations():
+    """What the fused norm / SiLU·mul kernels hand an fp8 linear (`Fp8Activations`) is what the linear would
+    make of the activations itself; GatedMLP quantizes SiLU·mul's output for an fp8 `down`."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    lin = Fp8Linear.quantize(torch.randn(32, 64), torch.randn(32), CPU)
+    assert lin.fp8_input
+    a = Fp8Activations(*quantize_rows(x), x.dtype)
+    assert torch.equal(lin(a), lin(x)) and lin(a).dtype == torch.bfloat16
+
+    gate_up, down = (Fp8Linear.quantize(torch.randn(n, k), None, CPU) for n, k in ((128, 64), (64, 64)))
+    mlp = GatedMLP(gate_up, down)
+    assert mlp.fp8_input and not GatedMLP(DenseLinear(torch.randn(128, 64), None), down).fp8_input
+    expected = down(TorchOps.silu_mul(gate_up(x)))
+    assert torch.equal(mlp(a, TorchOps), expected) and torch.equal(mlp(x, TorchOps), expected)
