@@ -1,7 +1,8 @@
 """The decoder's GEMMs on the GPU at a workload's shapes: bf16 `F.linear` against fp8 `torch._scaled_mm`
 with row-wise scales (with and without fast accumulation) and the per-token activation quantization
-that precedes each fp8 GEMM. Each is timed over 20 calls in a CUDA graph; FLOP/s and weight-read
-rates are beside the 8192^3 rates measured in the same process (`bench.measure_rates`).
+that precedes each fp8 GEMM; and the kernels that make a GEMM's fp8 input, RMSNorm and SiLU·mul, with
+the quantization fused (`fp8=True`) and as a kernel of its own after them. Each is timed over 20 calls
+in a CUDA graph; FLOP/s are beside the 8192^3 rates measured in the same process (`bench.measure_rates`).
 
     python scripts/bench_gemm.py --workload W3 --rows 256,1024,8192 --out gemm-w3.json
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runner.engine.layers import fused  # noqa: E402
 from runner.engine.layers.fp8 import quantize_weight  # noqa: E402
 from runner.engine.layers.fp8_kernels import quantize_rows_kernel  # noqa: E402
 from scripts.bench import WORKLOADS, measure_rates  # noqa: E402
@@ -78,6 +80,21 @@ def one(n: int, k: int, rows: int) -> dict:
     return out
 
 
+def producers(name: str, rows: int) -> dict:
+    """µs of RMSNorm and SiLU·mul handing an fp8 GEMM its input: fused, and followed by the quantization."""
+    w = WORKLOADS[name]
+    h = torch.randn(rows, w.hidden, device="cuda", dtype=torch.bfloat16)
+    norm = torch.randn(w.hidden, device="cuda", dtype=torch.bfloat16)
+    gate_up = torch.randn(rows, 2 * w.inter, device="cuda", dtype=torch.bfloat16)
+    timings = {
+        "rms_norm_fp8_fused": lambda: fused.add_rms_norm(h, None, norm, 1e-6, fp8=True),
+        "rms_norm_then_quantize": lambda: quantize_rows_kernel(fused.add_rms_norm(h, None, norm, 1e-6)),
+        "silu_mul_fp8_fused": lambda: fused.silu_mul(gate_up, fp8=True),
+        "silu_mul_then_quantize": lambda: quantize_rows_kernel(fused.silu_mul(gate_up)),
+    }
+    return {"rows": rows} | {f"{k}_us": round(graph_ms(fn) * 1e3, 1) for k, fn in timings.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="W3")
@@ -90,8 +107,11 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "rates": {"bf16_tflops": rates.bf16_flops / 1e12, "fp8_tflops": rates.fp8_flops / 1e12},
         "gemms": [],
+        "producers": [],
     }
     for rows in (int(r) for r in args.rows.split(",")):
+        report["producers"].append(producers(args.workload, rows))
+        print(json.dumps(report["producers"][-1]), flush=True)
         for name, (n, k) in shapes(args.workload).items():
             r = {"linear": name} | one(n, k, rows)
             print(json.dumps(r), flush=True)

@@ -6,9 +6,13 @@ memcpys) it reports the window from the first kernel's start to the last one's e
 busy intervals in it, and the idle gaps: idle % = 1 - busy / window, of which gaps longer than
 20 µs are counted as idle between steps (shorter ones are the launch bubbles between the kernels
 of one graph). Writes the numbers as JSON
-(and the Chrome trace with --trace).
+(and the Chrome trace with --trace). With --whole-run it profiles a whole second pass of the workload
+instead (prefill and mixed steps too; the first pass compiles the kernels and captures the graphs),
+and sums the gaps by their length.
 
     python scripts/profile_decode.py --workload W1 --steps 30 --out decode_idle.json
+    python scripts/profile_decode.py --workload W3 --quantization fp8 --max-seqs 1024 --whole-run \
+        --out w3-idle.json
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runner.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
 from scripts.bench import WORKLOADS, build_model, make_prompts  # noqa: E402
+from scripts.profile_steps import top_kernels  # noqa: E402
 
 STEP_GAP_US = 20.0  # a gap this long is host latency between steps, not a kernel-to-kernel bubble
 
@@ -54,6 +59,10 @@ def idle_report(intervals: list[tuple[float, float]], steps: int) -> dict:
     big = sorted(gaps, reverse=True)
     between = sum(g for g in gaps if g > STEP_GAP_US)
     return {
+        "gap_ms_by_length_us": {
+            f"{lo}-{hi}": round(sum(g for g in gaps if lo <= g < hi) / 1e3, 1)
+            for lo, hi in ((0, 5), (5, 20), (20, 100), (100, 1000), (1000, 10**9))
+        },
         "steps": steps,
         "window_ms": round(window / 1e3, 3),
         "step_ms": round(window / 1e3 / steps, 3),
@@ -66,21 +75,56 @@ def idle_report(intervals: list[tuple[float, float]], steps: int) -> dict:
     }
 
 
+def write_report(args, report: dict, engine: Engine, prof) -> None:
+    report.update(workload=args.workload, async_mode=not args.sync, command=" ".join(sys.argv),
+                  stats=engine.stats())  # fmt: skip
+    print(json.dumps(report))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="W1")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--sync", action="store_true", help="profile the synchronous loop instead")
+    ap.add_argument("--whole-run", action="store_true", help="profile a whole (second) pass instead")
+    ap.add_argument("--max-seqs", type=int, default=EngineConfig.max_seqs)
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--trace", default=None, help="also write the Chrome trace here")
     args = ap.parse_args()
     model = build_model(args.workload)
     prompts = make_prompts(args.workload, None)
     new = WORKLOADS[args.workload].new
-    engine = Engine(model, EngineConfig(device="cuda", dtype="bfloat16", async_mode=not args.sync))
+    config = EngineConfig(
+        device="cuda", dtype="bfloat16", async_mode=not args.sync, max_seqs=args.max_seqs,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+    )  # fmt: skip
+    engine = Engine(model, config)
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add(Request(i, p, sp))
+    vocab = model.config.vocab_size
+    for i, p in enumerate(prompts):  # each pass shifts the token ids: no prefix of an earlier pass is reused
+        engine.add(Request(i, [(t + 1) % vocab for t in p] if args.whole_run else p, sp))
+    if args.whole_run:
+        while engine.has_unfinished():
+            engine.step()
+        for i, p in enumerate(prompts):
+            engine.add(Request(len(prompts) + i, p, sp))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            steps = 0
+            while engine.has_unfinished():
+                engine.step()
+                steps += 1
+            torch.cuda.synchronize()
+        report = idle_report(busy_intervals(prof), steps) | {"kernels_ms": top_kernels(prof)}
+        write_report(args, report, engine, prof)
+        engine.close()
+        return
     sched = engine.scheduler
     while sched.waiting or any(s.num_computed < s.prompt_len for s in sched.running):
         engine.step()
@@ -91,14 +135,7 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
-    report = idle_report(busy_intervals(prof), args.steps)
-    report.update(workload=args.workload, async_mode=not args.sync, command=" ".join(sys.argv),
-                  stats=engine.stats())  # fmt: skip
-    print(json.dumps(report))
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    write_report(args, idle_report(busy_intervals(prof), args.steps), engine, prof)
     while engine.has_unfinished():
         engine.step()
     engine.close()

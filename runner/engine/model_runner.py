@@ -40,7 +40,7 @@ GROUP_POLL_S = 50e-6  # rank 0 of a group: how often a wait checks that the othe
 class PendingSample:
     """A masked step's forward output, waiting for its bitmask before it samples."""
 
-    logits: torch.Tensor  # [R, V] fp32 (R: sample rows, padding rows included)
+    logits: torch.Tensor  # [R, V] model dtype (R: sample rows, padding rows included)
     views: dict[str, torch.Tensor]  # the step's packed inputs (sampling parameters, slots)
     num_samples: int
     all_greedy: bool

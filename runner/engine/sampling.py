@@ -63,11 +63,17 @@ def filtered_probs(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Ten
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Draw one token per row. logits: [B, V] fp32 -> (tokens [B] int64, logprobs [B] fp32 or None).
+    """Draw one token per row. logits: [B, V] (model dtype or fp32) -> (tokens [B] int64, logprobs [B]
+    fp32 or None).
 
-    Logprobs are those of the model's raw distribution (before temperature and filtering).
+    Logprobs are those of the model's raw distribution (before temperature and filtering). A greedy
+    step takes the argmax of the logits as they are (the same index as their fp32 copy's); the rest
+    computes in fp32.
     """
     tokens = logits.argmax(-1)  # [B]
+    if st.all_greedy and not st.want_logprobs:
+        return tokens, None
+    logits = logits.float()
     if not st.all_greedy:
         probs, ids = filtered_probs(logits, st)
         exp = -torch.log(uniform(st.seed, st.sample_index, st.position, ids))  # [B, V] Exp(1) variates
@@ -80,7 +86,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, tor
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Logits with the tokens a grammar forbids at -inf. logits: [B, V] fp32; bitmask: [B, W] int32,
+    """Logits with the tokens a grammar forbids at -inf. logits: [B, V]; bitmask: [B, W] int32,
     bit t % 32 of word t // 32 set = token t allowed (columns past W * 32 are forbidden)."""
     vocab = logits.shape[1]
     cols = torch.arange(vocab, device=logits.device)  # [V]

@@ -212,27 +212,46 @@ def rope_store(
 
 
 @triton.jit
+def _gated(gu_ptr, cols, ok, INTER: tl.constexpr, GELU: tl.constexpr):
+    """act(gate) * up at columns `cols` of one row of the fused projection, rounded as torch rounds."""
+    dtype = gu_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + INTER + cols, mask=ok, other=0.0).to(tl.float32)
+    if GELU:  # noqa: SIM108 (constexpr) 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanh(x) = 2 sigmoid(2x) - 1
+        act = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+    else:
+        act = g / (1.0 + tl.exp(-g))
+    return (act.to(dtype).to(tl.float32) * u).to(dtype)
+
+
+@triton.jit
 def _silu_mul_kernel(
     gu_ptr,  # [T, 2 I]
-    out_ptr,  # [T, I]: gu's dtype, or fp8 (QUANT: one program per row)
+    out_ptr,  # [T, I]: gu's dtype, or fp8 (QUANT)
     s_ptr,  # [T] fp32 (QUANT)
     stride_gu, stride_o,
     INTER: tl.constexpr, BLOCK: tl.constexpr, GELU: tl.constexpr,
     QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr, SMIN: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < INTER
-    dtype = gu_ptr.dtype.element_ty
-    g = tl.load(gu_ptr + t * stride_gu + cols, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + t * stride_gu + INTER + cols, mask=ok, other=0.0).to(tl.float32)
-    if GELU:  # noqa: SIM108 (constexpr) 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanh(x) = 2 sigmoid(2x) - 1
-        act = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+    row = gu_ptr + t * stride_gu
+    if QUANT:  # one program a row, two passes: the row's amax, then the values over the scale
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, INTER, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(_gated(row, cols, cols < INTER, INTER, GELU).to(tl.float32)))
+        scale = tl.maximum(tl.max(amax, 0) * INV_FMAX, SMIN)
+        tl.store(s_ptr + t, scale)
+        for start in range(0, INTER, BLOCK):  # the row again, from L2
+            cols = start + tl.arange(0, BLOCK)
+            y = _gated(row, cols, cols < INTER, INTER, GELU).to(tl.float32)
+            q = tl.clamp(tl.div_rn(y, scale), -FMAX, FMAX)
+            tl.store(out_ptr + t * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=cols < INTER)
     else:
-        act = g / (1.0 + tl.exp(-g))
-    act = act.to(dtype).to(tl.float32)
-    y = _quantized((act * u).to(dtype), s_ptr + t, QUANT, FMAX, INV_FMAX, SMIN)
-    tl.store(out_ptr + t * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(
+            out_ptr + t * stride_o + cols, _gated(row, cols, cols < INTER, INTER, GELU), mask=cols < INTER
+        )
 
 
 def silu_mul(gate_up: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activations:
@@ -250,11 +269,11 @@ def _act_mul(gate_up: torch.Tensor, gelu: bool, fp8: bool) -> torch.Tensor | Fp8
     assert gate_up.stride(1) == 1
     inter = gate_up.shape[1] // 2
     out, scale = _fp8_output(gate_up, inter, fp8)
+    block = min(1024, triton.next_power_of_2(inter))
     # a quantized row is one program (its amax); else blocks of 1024 spread a few rows over the GPU
-    block = triton.next_power_of_2(inter) if fp8 else min(1024, triton.next_power_of_2(inter))
-    _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(inter, block))](
+    blocks = 1 if fp8 else triton.cdiv(inter, block)
+    _silu_mul_kernel[(gate_up.shape[0], blocks)](
         gate_up, out, scale, gate_up.stride(0), out.stride(0), INTER=inter, BLOCK=block, GELU=gelu,
-        QUANT=fp8, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX, SMIN=MIN_SCALE,
-        num_warps=min(16, max(4, block // 1024)),
+        QUANT=fp8, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX, SMIN=MIN_SCALE, num_warps=4,
     )  # fmt: skip
     return Fp8Activations(out, scale, gate_up.dtype) if fp8 else out

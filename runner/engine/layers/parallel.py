@@ -5,7 +5,7 @@ Each rank holds a slice of every decoder projection (`runner/engine/shard.py` cu
 gate/up by output rows (heads, MLP width), o and down by input columns, so that a rank's o or down
 output is a partial sum and one all-reduce (`Reduced`) restores the full value on every rank. The
 embedding and the LM head are split by vocabulary rows (`VocabSlice`): a lookup sums the ranks'
-masked rows, the logits are gathered. All ranks end a forward with the same fp32 logits, sample the
+masked rows, the logits are gathered. All ranks end a forward with the same logits, sample the
 same tokens (seeded, on the device) and so keep the same token buffer without exchanging it.
 """
 

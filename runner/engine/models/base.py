@@ -87,5 +87,7 @@ class PagedModel(Protocol):
         logits_rows: torch.Tensor,  # [S] int64: token rows whose next-token logits are wanted
         attention: AttentionFn,
     ) -> torch.Tensor:
-        """fp32 logits [S, V] for `logits_rows`; writes the new tokens' K/V into `kv_cache`."""
+        """Logits [S, V] for `logits_rows` in the model dtype, as transformers' LM head computes them (the
+        sampler takes them to fp32 where it does more than an argmax); writes the new tokens' K/V into
+        `kv_cache`."""
         ...

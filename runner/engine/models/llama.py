@@ -145,8 +145,8 @@ class PagedLlama:
         return delta
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [S, V] of the last hidden states h [S, hidden] (Granite scales them)."""
-        return self.lm_head.logits(self.ops.add_rms_norm(h, None, self.norm, self.shape.eps)).float()
+        """Logits [S, V] (model dtype) of the last hidden states h [S, hidden] (Granite scales them)."""
+        return self.lm_head.logits(self.ops.add_rms_norm(h, None, self.norm, self.shape.eps))
 
     @torch.inference_mode()
     def forward(
@@ -158,7 +158,7 @@ class PagedLlama:
         logits_rows: torch.Tensor,  # [S] int64: token rows whose next-token logits are wanted
         attention: AttentionFn,
     ) -> torch.Tensor:
-        """Run the decoder; returns fp32 logits [S, V] for `logits_rows`."""
+        """Run the decoder; returns the logits [S, V] (model dtype) for `logits_rows`."""
         s, ops = self.shape, self.ops
         h = self.embed_tokens(input_ids)  # [T, hidden]: the residual stream, updated in place
         cos, sin = self.cos[positions], self.sin[positions]  # [T, D]

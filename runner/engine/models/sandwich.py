@@ -125,7 +125,7 @@ class PagedSandwich:
         logits_rows: torch.Tensor,  # [S] int64: token rows whose next-token logits are wanted
         attention: AttentionFn,
     ) -> torch.Tensor:
-        """Run the decoder; returns fp32 logits [S, V] for `logits_rows`."""
+        """Run the decoder; returns the logits [S, V] (model dtype) for `logits_rows`."""
         s, ops = self.shape, self.ops
         h = self.embed.embed(input_ids)  # [T, hidden]: the residual stream, updated in place
         if self.embed_scale is not None:
@@ -148,4 +148,4 @@ class PagedSandwich:
             delta = ops.add_rms_norm(layer.mlp(x, ops), None, layer.norm_post_mlp, s.eps)
         h = h[logits_rows] + delta[logits_rows]  # [S, hidden]
         logits = self.lm_head.logits(ops.add_rms_norm(h, None, self.norm, s.eps))
-        return soft_cap(logits, self.final_softcap).float()
+        return soft_cap(logits, self.final_softcap)
