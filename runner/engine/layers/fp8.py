@@ -36,10 +36,13 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token quantization (plain torch). x: [T, K] -> (xq [T, K] fp8, scale [T, 1] fp32)."""
+    """Dynamic per-token quantization (plain torch). x: [T, K] -> (xq [T, K] fp8, scale [T, 1] fp32).
+
+    Each row is multiplied by its scale's reciprocal: one IEEE division a row, not one a value, which
+    made the GPU kernels compute-bound (scripts/sweep_fp8_quantize.py)."""
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) * INV_FP8_MAX).clamp(min=MIN_SCALE)  # [T, 1]
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return (xf * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,11 @@ def _quantize_rows_kernel(
         amax = tl.maximum(amax, tl.abs(x))
     scale = tl.maximum(tl.max(amax, 0) * INV_FMAX, SMIN)
     tl.store(s_ptr + t, scale)
+    inv = tl.div_rn(1.0, scale)  # IEEE division (Triton's `/` is approximate), once a row
     for k in range(0, K, BLOCK):
         ok = k + cols < K
         x = tl.load(x_ptr + t * stride_x + k + cols, mask=ok, other=0.0).to(tl.float32)
-        q = tl.clamp(tl.div_rn(x, scale), -FMAX, FMAX)  # IEEE division (Triton's `/` is approximate)
+        q = tl.clamp(x * inv, -FMAX, FMAX)
         tl.store(q_ptr + t * stride_q + k + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
 
 

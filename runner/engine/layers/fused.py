@@ -13,8 +13,9 @@ KV store and SiLU·mul are ~30 kernels that each read and write the activations.
 Each rounds to the activation dtype where transformers' Llama does (after the add, after the
 normalisation, after each RoPE product), so bf16 results track transformers' closely. With `fp8=True`
 the norm and the activation hand their output to an fp8 linear quantized per token (`Fp8Activations`:
-the rounded row, its amax / 448 as the scale, the row divided by it, as `fp8.quantize_rows`), which
-saves the quantization kernel's two reads and the bf16 write and read between them.
+the rounded row, its amax / 448 as the scale, the row times the scale's reciprocal, as
+`fp8.quantize_rows`), which saves the quantization kernel's two reads and the bf16 write and read
+between them.
 `ops.TorchOps` is the plain-torch twin used on the CPU.
 """
 
@@ -30,13 +31,14 @@ from runner.engine.layers.fp8_format import FP8, FP8_MAX, INV_FP8_MAX, MIN_SCALE
 
 @triton.jit
 def _quantized(y, s_ptr, QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr, SMIN: tl.constexpr):
-    """A row y (the activation dtype, masked lanes 0) as stored: itself, or with QUANT divided by its
-    scale max(amax / FMAX, SMIN), which goes to s_ptr, and clamped (`fp8_kernels`' quantization)."""
+    """A row y (the activation dtype, masked lanes 0) as stored: itself, or with QUANT times the
+    reciprocal of its scale max(amax / FMAX, SMIN), which goes to s_ptr, and clamped (as
+    `fp8.quantize_rows`)."""
     if QUANT:
         yf = y.to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(yf), 0) * INV_FMAX, SMIN)
         tl.store(s_ptr, scale)
-        y = tl.clamp(tl.div_rn(yf, scale), -FMAX, FMAX)
+        y = tl.clamp(yf * tl.div_rn(1.0, scale), -FMAX, FMAX)
     return y
 
 
@@ -212,46 +214,27 @@ def rope_store(
 
 
 @triton.jit
-def _gated(gu_ptr, cols, ok, INTER: tl.constexpr, GELU: tl.constexpr):
-    """act(gate) * up at columns `cols` of one row of the fused projection, rounded as torch rounds."""
-    dtype = gu_ptr.dtype.element_ty
-    g = tl.load(gu_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + INTER + cols, mask=ok, other=0.0).to(tl.float32)
-    if GELU:  # noqa: SIM108 (constexpr) 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanh(x) = 2 sigmoid(2x) - 1
-        act = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
-    else:
-        act = g / (1.0 + tl.exp(-g))
-    return (act.to(dtype).to(tl.float32) * u).to(dtype)
-
-
-@triton.jit
 def _silu_mul_kernel(
     gu_ptr,  # [T, 2 I]
-    out_ptr,  # [T, I]: gu's dtype, or fp8 (QUANT)
+    out_ptr,  # [T, I]: gu's dtype, or fp8 (QUANT: BLOCK covers the row)
     s_ptr,  # [T] fp32 (QUANT)
     stride_gu, stride_o,
     INTER: tl.constexpr, BLOCK: tl.constexpr, GELU: tl.constexpr,
     QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr, SMIN: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
-    row = gu_ptr + t * stride_gu
-    if QUANT:  # one program a row, two passes: the row's amax, then the values over the scale
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, INTER, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            amax = tl.maximum(amax, tl.abs(_gated(row, cols, cols < INTER, INTER, GELU).to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, 0) * INV_FMAX, SMIN)
-        tl.store(s_ptr + t, scale)
-        for start in range(0, INTER, BLOCK):  # the row again, from L2
-            cols = start + tl.arange(0, BLOCK)
-            y = _gated(row, cols, cols < INTER, INTER, GELU).to(tl.float32)
-            q = tl.clamp(tl.div_rn(y, scale), -FMAX, FMAX)
-            tl.store(out_ptr + t * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=cols < INTER)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < INTER
+    dtype = gu_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + t * stride_gu + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + t * stride_gu + INTER + cols, mask=ok, other=0.0).to(tl.float32)
+    if GELU:  # noqa: SIM108 (constexpr) 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanh(x) = 2 sigmoid(2x) - 1
+        act = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
     else:
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(
-            out_ptr + t * stride_o + cols, _gated(row, cols, cols < INTER, INTER, GELU), mask=cols < INTER
-        )
+        act = g / (1.0 + tl.exp(-g))
+    act = act.to(dtype).to(tl.float32)
+    y = _quantized((act * u).to(dtype), s_ptr + t, QUANT, FMAX, INV_FMAX, SMIN)
+    tl.store(out_ptr + t * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def silu_mul(gate_up: torch.Tensor, fp8: bool = False) -> torch.Tensor | Fp8Activations:
@@ -269,11 +252,12 @@ def _act_mul(gate_up: torch.Tensor, gelu: bool, fp8: bool) -> torch.Tensor | Fp8
     assert gate_up.stride(1) == 1
     inter = gate_up.shape[1] // 2
     out, scale = _fp8_output(gate_up, inter, fp8)
-    block = min(1024, triton.next_power_of_2(inter))
-    # a quantized row is one program (its amax); else blocks of 1024 spread a few rows over the GPU
-    blocks = 1 if fp8 else triton.cdiv(inter, block)
-    _silu_mul_kernel[(gate_up.shape[0], blocks)](
+    # a quantized row is one program (its amax; 8 warps for W3's 14336, scripts/bench_gemm.py); else
+    # blocks of 1024 spread a few rows over the GPU
+    block = triton.next_power_of_2(inter) if fp8 else min(1024, triton.next_power_of_2(inter))
+    _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(inter, block))](
         gate_up, out, scale, gate_up.stride(0), out.stride(0), INTER=inter, BLOCK=block, GELU=gelu,
-        QUANT=fp8, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX, SMIN=MIN_SCALE, num_warps=4,
+        QUANT=fp8, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX, SMIN=MIN_SCALE,
+        num_warps=min(32, max(4, block // 2048)),
     )  # fmt: skip
     return Fp8Activations(out, scale, gate_up.dtype) if fp8 else out
