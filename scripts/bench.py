@@ -236,8 +236,8 @@ def t_min(
     weight and live-KV bytes. All prompts decode together (batch B = prompts); an MoE step reads the
     attention weights, the router and the experts touched by B tokens (`experts_touched`).
 
-    fp8: the decoder's weights are 1 byte each and its GEMMs run at the fp8 rate (embeddings,
-    LM head and KV cache stay bf16; an MoE's experts too, so fp8 is not counted for them).
+    fp8: the decoder's weights (an MoE's experts too) are 1 byte each and its GEMMs run at the fp8
+    rate (embeddings, LM head and KV cache stay bf16; the router is counted at 1 byte too, < 0.1%).
     fp8_kv: the KV cache is 1 byte a value."""
     w = WORKLOADS[name]
     attention = w.hidden * (w.heads + 2 * w.kv_heads) * w.head_dim + w.heads * w.head_dim * w.hidden
@@ -248,7 +248,6 @@ def t_min(
         read = attention + w.experts * w.hidden + experts_touched(w.experts, w.top_k, len(prompts)) * expert
     else:
         active = read = attention + expert
-    fp8 = fp8 and not w.experts
     weight_bytes = (1 if fp8 else 2) * w.layers * read + 2 * embeddings
     kv_bytes_per_token = w.layers * 2 * w.kv_heads * w.head_dim * (1 if fp8_kv else 2)
     prompt_tokens = sum(len(p) for p in prompts)

@@ -10,8 +10,15 @@ otherwise to the host, as transformers would load it, and the engine copies what
 
 A linear module whose weight is fp8 carries it as `module.weight` (float8_e4m3fn [N, K]) and its
 scales as `module.weight_scale` (fp32, [N] or one per-tensor value): the same form whether the file
-stored it so or the loader quantized it (`quantize=True`: every `nn.Linear` in the decoder layers,
-per output channel; embeddings, norms and the LM head stay in `dtype`).
+stored it so or the loader quantized it (`quantize=True`: every `nn.Linear` in the decoder layers but
+an MoE's router and shared-expert gate, per output channel; embeddings, norms and the LM head stay in
+`dtype`).
+
+An MoE checkpoint stores each expert's projections apart (`mlp.experts.3.gate_proj.weight`, Mixtral's
+`block_sparse_moe.experts.3.w1.weight`: transformers 5 calls the block `mlp`) where transformers 5
+holds them stacked (`experts.gate_up_proj` [E, 2 I, H], `experts.down_proj` [E, H, I]): each lands
+in its expert's slice of the stack, in `dtype` (the engine quantizes stacked experts itself,
+`fp8.Fp8Experts`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +42,12 @@ from runner.engine.shard import HeadSplit, cut, shard_decoder
 from runner.engine.skeleton import Skeleton
 
 log = logging.getLogger(__name__)
+
+ROUTERS = (".gate", ".shared_expert_gate")
+# one expert's projection in a checkpoint: gate / up -> halves of gate_up_proj, down -> down_proj
+EXPERT_KEY = re.compile(r"(.+)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+STACKED = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+           "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", 0), "w2": ("down_proj", 0)}  # fmt: skip
 
 
 def safetensors_files(path: str | Path) -> list[Path] | None:
@@ -112,18 +126,26 @@ def load_checkpoint(
         stored = read_quantization(config)
         model = _meta_model(config, dtype)
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _in_layers(name)]
-    quantizable = set(linears) if quantize else set()
+    # an MoE's router and shared-expert gate stay in the model dtype (layers/moe.py reads them so)
+    quantizable = {n for n in linears if not n.endswith(ROUTERS)} if quantize else set()
     split = HeadSplit.of(config, tp) if tp.size > 1 else None
     num_fp8 = 0
+    expert_parts: dict[str, int] = {}  # stacked expert parameter -> expert slices filled
     for file in files:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                t = f.get_tensor(key)
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                t = f.get_tensor(name)
+                key = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's block, transformers 5's name
+                if EXPERT_KEY.fullmatch(key):
+                    t = cut(key, t, split, tp).contiguous() if split is not None else t
+                    _load_expert(model, key, t, dtype, expert_parts)
+                    continue
                 if split is not None and _in_layers(key):
                     module = model.get_submodule(key.rpartition(".")[0])
                     t = cut(key, t, split, tp, getattr(module, "is_transposed", False)).contiguous()
                 num_fp8 += _load_tensor(model, key, t, dtype, quantizable)
     if light_config is None:
+        _check_experts(model, path, expert_parts)
         _finish_transformers_model(model, path, device)
     log.info("loaded %s: %d fp8 linear weights (%s)", path, num_fp8, stored.method if stored else "quantized")
     return model.eval()
@@ -208,6 +230,35 @@ def _load_tensor(model, key: str, t: torch.Tensor, dtype: torch.dtype, quantizab
     else:
         log.debug("checkpoint tensor %s has no place in the model; skipped", key)
     return 0
+
+
+def _load_expert(model, key: str, t: torch.Tensor, dtype: torch.dtype, parts: dict[str, int]) -> None:
+    """Copy one expert's projection t ([N, K], this rank's rows or columns) into its slice of the stack."""
+    block, expert, proj = EXPERT_KEY.fullmatch(key).groups()
+    experts = model.get_submodule(f"{block}.experts")
+    name, half = STACKED[proj]
+    stacked = getattr(experts, name)
+    if stacked.is_meta:  # the first expert tensor of this stack: allocate it where the tensors load
+        stacked = nn.Parameter(torch.empty(stacked.shape, dtype=dtype, device=t.device), requires_grad=False)
+        setattr(experts, name, stacked)
+    rows = stacked.data[int(expert)]  # [2 I, H] or [H, I] (transposed: [H, 2 I] or [I, H])
+    if getattr(experts, "is_transposed", False):
+        rows = rows.t()
+    if name == "gate_up_proj":
+        rows = rows.narrow(0, half * t.shape[0], t.shape[0])
+    rows.copy_(t)
+    full = f"{block}.experts.{name}"
+    parts[full] = parts.get(full, 0) + 1
+
+
+def _check_experts(model, path: str | Path, parts: dict[str, int]) -> None:
+    """Every expert slice of every stack filled (gate_up: two parts an expert, down: one)."""
+    for full, count in parts.items():
+        block, _, name = full.rpartition(".experts.")
+        per_expert = 2 if name == "gate_up_proj" else 1
+        expected = getattr(model.get_submodule(f"{block}.experts"), name).shape[0] * per_expert
+        if count != expected:
+            raise ValueError(f"{path}: the checkpoint has {count} of the {expected} expert tensors of {full}")
 
 
 def rebuild_buffers(model, device: torch.device) -> None:

@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from runner.engine import Engine, EngineConfig, Request, SamplingParams, UnsupportedModel
-from runner.engine.layers.fp8 import FP8, Fp8Linear, quantize_weight
-from tests.engine.conftest import random_prompts, tiny_model
+from runner.engine.layers.fp8 import FP8, Fp8Experts, Fp8Linear, quantize_weight
+from tests.engine.conftest import COMMON, random_prompts, tiny_model
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COMPRESSED_TENSORS = {
@@ -32,6 +33,19 @@ COMPRESSED_TENSORS = {
 }  # fmt: skip
 FBGEMM = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head"]}
 CPU32 = dict(device="cpu", dtype="float32", kv_cache_tokens=4096, page_size=8)
+# an MoE: its experts run in fp8 too (`Fp8Experts`); layer 1 keeps a dense MLP, quantized as any other
+MODELS = {
+    "llama": "llama",  # tied embeddings
+    "qwen2": "qwen2",  # q/k/v biases
+    "qwen3_moe": lambda: Qwen3MoeConfig(
+        **COMMON, num_experts_per_tok=2, moe_intermediate_size=48, num_experts=8, mlp_only_layers=[1]
+    ),
+}
+
+
+def model_of(kind: str):
+    spec = MODELS[kind]
+    return tiny_model(spec if isinstance(spec, str) else spec(), seed=1)
 
 
 def generate(engine: Engine, prompts: list[list[int]], new: int = 12) -> list[tuple[list[int], list[float]]]:
@@ -56,13 +70,16 @@ def write_fp8_checkpoint(model, folder, quantization_config: dict, scale_shape=(
     (folder / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # tied embeddings; q/k/v biases
+@pytest.mark.parametrize("kind", sorted(MODELS))
 def test_fp8_close_to_full_precision(kind):
-    model = tiny_model(kind, seed=1)
+    model = model_of(kind)
     prompts = random_prompts(4, 5, 30, seed=2)
     engine = Engine(model, EngineConfig(**CPU32, quantization="fp8"))
     assert isinstance(engine.model.layers[0].qkv, Fp8Linear)
-    assert engine.model.layers[0].mlp.gate_up.weight.dtype == FP8
+    assert isinstance(engine.model.layers[0].mlp.gate_up, Fp8Experts if kind == "qwen3_moe" else Fp8Linear)
+    assert all(
+        layer.mlp.gate_up.weight.dtype == layer.mlp.down.weight.dtype == FP8 for layer in engine.model.layers
+    )
     fp8 = generate(engine, prompts)
     full = generate(Engine(model, EngineConfig(**CPU32)), prompts)
     # the first token has the same context in both runs: its log-probability moves a little
@@ -130,16 +147,17 @@ def test_fp8_modules_on_the_device_share_the_fused_weights():
 
 
 @pytest.mark.gpu
-def test_fp8_on_cuda_tracks_the_cpu_reference():
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3_moe"])
+def test_fp8_on_cuda_tracks_the_cpu_reference(kind):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("needs a CUDA GPU with compute capability 9.0+")
-    model = tiny_model("qwen2", seed=1)
+    model = model_of(kind)
     prompts = random_prompts(6, 5, 60, seed=2)
     ref = generate(Engine(model, EngineConfig(**CPU32, quantization="fp8")), prompts)
     cuda = dict(device="cuda", kv_cache_tokens=4096, page_size=8, quantization="fp8")
     for dtype in ("float32", "bfloat16"):
         engine = Engine(model, EngineConfig(**cuda, dtype=dtype))
-        assert engine.model.layers[0].qkv.fast and engine.model.layers[0].mlp.down.fast
+        assert engine.model.layers[0].qkv.fast and engine.model.layers[1].mlp.down.fast
         got = generate(engine, prompts)
         assert engine.stats()["graph_steps"] > 0
         # _scaled_mm rounds its output to bf16: first tokens agree, their log-probabilities are close
@@ -149,3 +167,45 @@ def test_fp8_on_cuda_tracks_the_cpu_reference():
                 assert abs(la[0] - lb[0]) < 0.1
         sync = generate(Engine(model, EngineConfig(**cuda, dtype=dtype, async_mode=False)), prompts)
         assert [t for t, _ in sync] == [t for t, _ in got]
+
+
+MOE_CHECKPOINTS = {
+    "qwen3_moe": MODELS["qwen3_moe"],
+    "qwen2_moe": lambda: Qwen2MoeConfig(  # shared expert and its gate (kept in the model dtype)
+        **COMMON,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        num_experts=4,
+        shared_expert_intermediate_size=80,
+    ),
+    "mixtral": lambda: MixtralConfig(  # stored as block_sparse_moe.experts.N.w1/w3/w2
+        **{**COMMON, "intermediate_size": 48}, num_local_experts=4, num_experts_per_tok=2, sliding_window=None
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MOE_CHECKPOINTS))
+def test_moe_checkpoint_quantized_at_load_equals_the_model_in_memory(tmp_path, kind):
+    """A checkpoint stores each expert apart; the loader stacks them as transformers 5 holds them, so
+    `quantization: fp8` from the folder gives the tokens and log-probabilities of the model in memory."""
+    model = tiny_model(MOE_CHECKPOINTS[kind](), seed=1)
+    model.save_pretrained(tmp_path)
+    assert any(".experts.0." in key for key in load_file(tmp_path / "model.safetensors"))
+    prompts = random_prompts(3, 5, 30, seed=2)
+    config = EngineConfig(**CPU32, quantization="fp8")
+    from_folder = Engine.from_pretrained(str(tmp_path), config=config, tokenizer=None)
+    assert isinstance(from_folder.model.layers[0].mlp.gate_up, Fp8Experts)
+    assert generate(from_folder, prompts) == generate(Engine(model, config), prompts)
+
+
+def test_moe_checkpoint_missing_an_expert_is_an_error(tmp_path):
+    tiny_model(MOE_CHECKPOINTS["qwen3_moe"](), seed=1).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.0.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"has 15 of the 16 expert tensors of model\.layers\.0\.mlp\.experts\.gate_up_proj"
+    ):
+        Engine.from_pretrained(
+            str(tmp_path), config=EngineConfig(**CPU32, quantization="fp8"), tokenizer=None
+        )

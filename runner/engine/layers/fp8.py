@@ -14,8 +14,9 @@ activations [T, K] are quantized per token (row amax / 448) and the product runs
 - elsewhere (the CPU, and GPUs without fp8 tensor cores): the same quantized values, dequantized to
   fp32 and multiplied with `F.linear` — the reference the tests check, with the same loader and layout.
 
-Embeddings, norms and the LM head stay in the model dtype, and so does the KV cache (unless
-`kv_cache_dtype: fp8`).
+An MoE's stacked experts [E, N, K] quantize the same way, expert by expert (`Fp8Experts`, run by
+`moe.experts_torch` and `fused_moe.fused_experts`). Embeddings, norms, the LM head and an MoE's router
+stay in the model dtype, and so does the KV cache (unless `kv_cache_dtype: fp8`).
 """
 
 from __future__ import annotations
@@ -148,3 +149,41 @@ class Fp8Linear:
     @property
     def nbytes(self) -> int:
         return self.weight.numel() + 4 * self.scale.numel()
+
+
+@dataclass(slots=True)
+class Fp8Experts:
+    """Stacked expert weights in fp8 e4m3, one scale per output channel of each expert."""
+
+    weight: torch.Tensor  # [E, N, K] float8_e4m3fn
+    scale: torch.Tensor  # [E, N] fp32
+    dequantized: torch.Tensor | None = None  # [E, N, K] fp32 on the CPU (the reference path), else None
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> Fp8Experts:
+        """w: [E, N, K] in high precision, quantized one expert at a time on its device (no fp32 copy of
+        the whole stack); the CPU keeps the dequantized values for `experts_torch`."""
+        q = torch.empty(w.shape, dtype=FP8, device=w.device)
+        scale = torch.empty(w.shape[:2], dtype=torch.float32, device=w.device)
+        for e in range(w.shape[0]):
+            q[e], scale[e] = quantize_weight(w[e])
+        experts = cls(q, scale)
+        if w.device.type == "cpu":
+            experts.dequantized = experts.values()
+        return experts
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    def values(self) -> torch.Tensor:
+        """The weights' fp32 values [E, N, K]."""
+        if self.dequantized is not None:
+            return self.dequantized
+        return self.weight.float() * self.scale[:, :, None]
+
+
+def fp8_experts_supported(device: torch.device) -> bool:
+    """Whether the experts can run in fp8 on `device`: the CPU (reference) or a CUDA GPU whose tensor
+    cores multiply fp8 (compute capability 8.9+), which Triton's fp8 dot needs."""
+    return device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 9)

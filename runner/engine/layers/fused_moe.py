@@ -10,6 +10,10 @@ to one expert. One kernel then runs every block's rows against its expert's weig
 Grids are sized by the padded bound, not by the routing: blocks past `num_used` return at once, so
 a decode step's launch is the same whatever the tokens chose (CUDA graphs replay it). The weight
 product rounds to the activation dtype first, as transformers does. `moe.experts_torch` is the twin.
+
+fp8 experts (`moe.Fp8Experts`): x is quantized per token and SiLU·mul's output per pair (its fused
+kernel, `fp8=True`); the tiles multiply as fp8 (Hopper's fp8 tensor cores) and each result is scaled
+by its row's activation scale and its column's weight scale before the rounding.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-SiluMul = Callable[[torch.Tensor], torch.Tensor]  # [R, 2 I] -> [R, I]
+from runner.engine.layers.fp8 import FP8, Fp8Experts
+from runner.engine.layers.fp8_kernels import quantize_rows_kernel
+
+SiluMul = Callable[..., torch.Tensor]  # [R, 2 I] -> [R, I] (with fp8=True: `fp8.Fp8Activations`)
 
 
 def align_blocks(
@@ -59,12 +66,14 @@ def _moe_gemm_kernel(
     b_ptr,  # [E, N, K]
     c_ptr,  # [T k, N]: one row per pair
     w_ptr,  # [T k]: routing weights (MUL_WEIGHT only)
+    a_scale_ptr,  # [rows] fp32: a's per-row scales (FP8 only)
+    b_scale_ptr,  # [E, N] fp32: b's per-channel scales (FP8 only)
     pairs_ptr,  # [P_max] int32: pair per row, num_pairs in padding rows
     block_expert_ptr,  # [P_max / BLOCK_M] int32
     num_used_ptr,  # [1] int32: rows in use
     num_pairs, N, K, num_m,
     stride_a, stride_be, stride_bn, stride_c,
-    A_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE: tl.constexpr,
+    A_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # groups of GROUP_M row blocks sweep the columns together: an expert's weight tile is read from L2
@@ -78,7 +87,7 @@ def _moe_gemm_kernel(
     pid_n = (pid % (GROUP_M * num_n)) // size_m
     if pid_m * BLOCK_M >= tl.load(num_used_ptr):
         return
-    dtype = c_ptr.dtype.element_ty
+    dtype = c_ptr.dtype.element_ty  # the activations' (a is fp8 under FP8)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(pairs_ptr + rows)  # [M]
     row_ok = pair < num_pairs
@@ -99,6 +108,10 @@ def _moe_gemm_kernel(
             acc = tl.dot(a, b, acc)
         a_at += BLOCK_K
         b_at += BLOCK_K
+    if FP8:
+        a_scale = tl.load(a_scale_ptr + pair // A_DIV, mask=row_ok, other=0.0)
+        b_scale = tl.load(b_scale_ptr + expert * N + cols, mask=col_ok, other=0.0)
+        acc = acc * a_scale[:, None] * b_scale[None, :]
     if MUL_WEIGHT:
         w = tl.load(w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc.to(dtype).to(tl.float32) * w[:, None]
@@ -111,7 +124,7 @@ def _blocks(num_pairs: int, num_experts: int, dtype: torch.dtype) -> dict:
     sees a few tokens, and a block should hold them all so that its weights are read once; prefill:
     large tiles, and row blocks grouped so that an expert's weight tiles are reused from L2."""
     per_expert = num_pairs / num_experts
-    bk = 128 if dtype.itemsize <= 2 else 64  # fp32 tiles take twice the shared memory
+    bk = 128 if dtype.itemsize <= 2 else 64  # fp32 tiles take twice the shared memory (fp8: half)
     if per_expert <= 6:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk, GROUP_M=1, num_warps=4, num_stages=3)
     if per_expert <= 24:
@@ -126,30 +139,34 @@ def _blocks(num_pairs: int, num_experts: int, dtype: torch.dtype) -> dict:
 
 
 def _grouped_gemm(
-    a: torch.Tensor,  # [rows, K]
-    b: torch.Tensor,  # [E, N, K]
+    a: torch.Tensor,  # [rows, K]: the activations, or fp8 with `scales`
+    b: torch.Tensor,  # [E, N, K]: a's dtype, or fp8 with `scales`
     out: torch.Tensor,  # [T k, N]
     weights: torch.Tensor | None,  # [T k]
     align: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     a_div: int,
     blocks: dict,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # a's [rows, 1], b's [E, N] (fp32)
 ) -> None:
     pairs, block_expert, num_used = align
     n, k = b.shape[1:]
     assert a.stride(1) == 1 and b.stride(2) == 1 and out.is_contiguous()
+    assert (a.dtype == b.dtype == FP8) == (scales is not None)
     num_m = block_expert.numel()
     grid = (num_m * triton.cdiv(n, blocks["BLOCK_N"]),)
+    a_scale, b_scale = scales if scales is not None else (out, out)
     _moe_gemm_kernel[grid](
-        a, b, out, weights if weights is not None else out, pairs, block_expert, num_used,
+        a, b, out, weights if weights is not None else out, a_scale, b_scale, pairs, block_expert, num_used,
         out.shape[0], n, k, num_m, a.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        A_DIV=a_div, MUL_WEIGHT=weights is not None, IEEE=a.dtype == torch.float32, **blocks,
+        A_DIV=a_div, MUL_WEIGHT=weights is not None, IEEE=a.dtype == torch.float32, FP8=scales is not None,
+        **blocks,
     )  # fmt: skip
 
 
 def fused_experts(
     x: torch.Tensor,  # [T, H]
-    gate_up: torch.Tensor,  # [E, 2 I, H]
-    down: torch.Tensor,  # [E, H, I]
+    gate_up: torch.Tensor | Fp8Experts,  # [E, 2 I, H]
+    down: torch.Tensor | Fp8Experts,  # [E, H, I]
     weights: torch.Tensor,  # [T, k]
     ids: torch.Tensor,  # [T, k]
     silu_mul: SiluMul,
@@ -157,11 +174,18 @@ def fused_experts(
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) -> [T, H] (same contract as `moe.experts_torch`)."""
     tokens, top_k = ids.shape
     num_experts, two_inter, _ = gate_up.shape
-    blocks = _blocks(tokens * top_k, num_experts, x.dtype)
+    fp8 = isinstance(gate_up, Fp8Experts)
+    blocks = _blocks(tokens * top_k, num_experts, FP8 if fp8 else x.dtype)
     align = align_blocks(ids, num_experts, blocks["BLOCK_M"])
     inter = torch.empty((tokens * top_k, two_inter), device=x.device, dtype=x.dtype)
-    _grouped_gemm(x, gate_up, inter, None, align, top_k, blocks)
-    act = silu_mul(inter)  # [T k, I]
     out = torch.empty((tokens * top_k, down.shape[1]), device=x.device, dtype=x.dtype)
-    _grouped_gemm(act, down, out, weights.flatten(), align, 1, blocks)
+    if fp8:
+        xq, x_scale = quantize_rows_kernel(x)  # [T, H] fp8, [T, 1]
+        _grouped_gemm(xq, gate_up.weight, inter, None, align, top_k, blocks, (x_scale, gate_up.scale))
+        act = silu_mul(inter, fp8=True)  # [T k, I] fp8 and its scales
+        _grouped_gemm(act.q, down.weight, out, weights.flatten(), align, 1, blocks, (act.scale, down.scale))
+    else:
+        _grouped_gemm(x, gate_up, inter, None, align, top_k, blocks)
+        act = silu_mul(inter)  # [T k, I]
+        _grouped_gemm(act, down, out, weights.flatten(), align, 1, blocks)
     return out.view(tokens, top_k, -1).sum(dim=1)

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.engine.layers.fp8 import FP8, Fp8Activations, Fp8Linear
+from runner.engine.layers.fp8 import FP8, Fp8Activations, Fp8Linear, fp8_experts_supported
+
+_STACKED_EXPERTS = (".experts.gate_up_proj", ".experts.down_proj")  # transformers 5's stacked MoE experts
 
 
 def load(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -79,13 +81,19 @@ def fused_linear(
 def engine_weight_bytes(model, device: torch.device, dtype: torch.dtype, fp8: bool) -> tuple[int, int]:
     """(bytes of weights the engine will hold, bytes of them it copies onto `device`) for a transformers
     model: fp8 weights count one byte each and are used in place when already on the device; with `fp8`,
-    the decoder layers' linear weights count one byte (their quantized copy)."""
+    the decoder layers' linear weights and stacked experts count one byte (their quantized copy)."""
     quantized = set()
     if fp8:
         layers = (
             m for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{name}"
         )
         quantized = {id(m.weight) for m in layers}
+        if fp8_experts_supported(device):
+            quantized |= {
+                id(p)
+                for name, p in model.named_parameters()
+                if name.endswith(_STACKED_EXPERTS) and p.dim() == 3
+            }
     held = copied = 0
     for p in model.parameters():
         one_byte = p.dtype == FP8 or id(p) in quantized

@@ -13,6 +13,13 @@ top-k logits). The expert computation has two implementations with one signature
 - `fused_moe.fused_experts` (CUDA): token/expert pairs sorted into expert blocks on the device
   (`fused_moe.align_blocks`, fixed upper bound on the padded size), two grouped GEMMs in Triton.
 
+With `quantization: fp8` the stacked experts are `Fp8Experts` (each expert's rows quantized as a dense
+fp8 linear's, `fp8.quantize_weight`) and run as the dense fp8 linears do: activations quantized per
+token (the gate/up input per token, the down input per (token, expert) pair, by the SiLU·mul kernel),
+fp8 x fp8 products with fp32 accumulation, both scales applied to the result, which is rounded to the
+activation dtype. `experts_torch` does it on the dequantized values (the reference); the router and a
+shared expert's gate stay in the model dtype.
+
 Nothing here depends on the step's data for a shape or a host decision, so decode steps with MoE
 layers stay capturable in CUDA graphs.
 """
@@ -27,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from runner.engine.config import UnsupportedModel
+from runner.engine.layers.fp8 import Fp8Experts, dequantize, fp8_experts_supported, quantize_rows
 
-SiluMul = Callable[[torch.Tensor], torch.Tensor]  # [R, 2 I] -> [R, I]
+SiluMul = Callable[..., torch.Tensor]  # [R, 2 I] -> [R, I] (with fp8=True: `fp8.Fp8Activations`)
 
 
 def route(
@@ -48,8 +56,8 @@ def route(
 
 def experts_torch(
     x: torch.Tensor,  # [T, H]
-    gate_up: torch.Tensor,  # [E, 2 I, H]
-    down: torch.Tensor,  # [E, H, I]
+    gate_up: torch.Tensor | Fp8Experts,  # [E, 2 I, H]
+    down: torch.Tensor | Fp8Experts,  # [E, H, I]
     weights: torch.Tensor,  # [T, k]
     ids: torch.Tensor,  # [T, k]
     silu_mul: SiluMul,
@@ -58,11 +66,20 @@ def experts_torch(
 
     Every expert runs over every token (E / k times the routed work) and tokens that did not pick
     it get weight 0: shapes never depend on the routing, so nothing waits for the device. Experts
-    are added in ascending order, each product rounded to x's dtype first, as transformers does."""
+    are added in ascending order, each product rounded to x's dtype first, as transformers does.
+    fp8 experts: the quantized activations times the dequantized weights, in fp32."""
+    fp8 = isinstance(gate_up, Fp8Experts)
+    if fp8:
+        gate_up, down = gate_up.values(), down.values()
+        xq = dequantize(*quantize_rows(x))  # [T, H] fp32
     out = torch.zeros_like(x)
     for e in range(gate_up.shape[0]):
         w = (weights * (ids == e)).sum(dim=-1, dtype=weights.dtype)  # [T]: 0 where e is not chosen
-        y = F.linear(silu_mul(F.linear(x, gate_up[e])), down[e])  # [T, H]
+        if fp8:
+            act = silu_mul(F.linear(xq, gate_up[e]).to(x.dtype), fp8=True)
+            y = F.linear(dequantize(act.q, act.scale), down[e]).to(x.dtype)  # [T, H]
+        else:
+            y = F.linear(silu_mul(F.linear(x, gate_up[e])), down[e])  # [T, H]
         out += (y * w[:, None]).to(x.dtype)
     return out
 
@@ -105,8 +122,8 @@ class SparseMoE:
     (Qwen2-MoE), whose output is added to the routed experts' sum."""
 
     router: torch.Tensor  # [E, H]
-    gate_up: torch.Tensor  # [E, 2 I, H]
-    down: torch.Tensor  # [E, H, I]
+    gate_up: torch.Tensor | Fp8Experts  # [E, 2 I, H]
+    down: torch.Tensor | Fp8Experts  # [E, H, I]
     top_k: int
     renormalize: bool
     weight_dtype: torch.dtype  # routing weights: the activation dtype (Qwen, OLMoE) or fp32 (Mixtral)
@@ -125,10 +142,14 @@ class SparseMoE:
         dtype: torch.dtype,
         fp32_weights: bool = False,
         shared: Callable | None = None,
+        fp8: bool = False,
     ) -> SparseMoE:
         """From a transformers sparse-MoE block (`gate`: the router, `experts`); `shared` is the shared
-        expert's MLP already on the device, its gate read from `block.shared_expert_gate`."""
+        expert's MLP already on the device, its gate read from `block.shared_expert_gate`. `fp8`: the
+        experts quantized (`Fp8Experts`) where `fp8_experts_supported`; elsewhere they stay in `dtype`."""
         gate_up, down = stacked_experts(block.experts, device, dtype)
+        if fp8 and fp8_experts_supported(device):
+            gate_up, down = Fp8Experts.quantize(gate_up), Fp8Experts.quantize(down)
         shared_gate = None
         if shared is not None:
             shared_gate = block.shared_expert_gate.weight.detach().to(device=device, dtype=dtype)

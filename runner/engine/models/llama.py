@@ -133,7 +133,7 @@ class PagedLlama:
 
     def mlp_of(self, layer, config, device: torch.device, dtype: torch.dtype):
         """The MLP of a transformers decoder layer: gated here (fp8 with `self.fp8`); a sparse MoE in the
-        MoE families (their experts stay in the model dtype)."""
+        MoE families (its experts fp8 with `self.fp8` too)."""
         return GatedMLP.from_hf(layer.mlp, device, dtype, self.fp8)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

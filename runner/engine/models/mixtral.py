@@ -18,4 +18,6 @@ class PagedMixtral(PagedLlama):
 
     def mlp_of(self, layer, config, device: torch.device, dtype: torch.dtype):
         block = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe
-        return SparseMoE.from_hf(block, config.num_experts_per_tok, True, device, dtype, fp32_weights=True)
+        return SparseMoE.from_hf(
+            block, config.num_experts_per_tok, True, device, dtype, fp32_weights=True, fp8=self.fp8
+        )

@@ -38,4 +38,6 @@ class PagedOlmoe(PagedLlama):
         return qkv
 
     def mlp_of(self, layer, config, device: torch.device, dtype: torch.dtype):
-        return SparseMoE.from_hf(layer.mlp, config.num_experts_per_tok, config.norm_topk_prob, device, dtype)
+        return SparseMoE.from_hf(
+            layer.mlp, config.num_experts_per_tok, config.norm_topk_prob, device, dtype, fp8=self.fp8
+        )

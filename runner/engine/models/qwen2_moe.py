@@ -20,8 +20,14 @@ class PagedQwen2Moe(PagedLlama):
     def mlp_of(self, layer, config, device: torch.device, dtype: torch.dtype):
         block = layer.mlp
         if not hasattr(block, "experts"):
-            return GatedMLP.from_hf(block, device, dtype)
-        shared = GatedMLP.from_hf(block.shared_expert, device, dtype)
+            return GatedMLP.from_hf(block, device, dtype, self.fp8)
+        shared = GatedMLP.from_hf(block.shared_expert, device, dtype, self.fp8)
         return SparseMoE.from_hf(
-            block, config.num_experts_per_tok, config.norm_topk_prob, device, dtype, shared=shared
+            block,
+            config.num_experts_per_tok,
+            config.norm_topk_prob,
+            device,
+            dtype,
+            shared=shared,
+            fp8=self.fp8,
         )

@@ -20,5 +20,7 @@ class PagedQwen3Moe(PagedLlama):
 
     def mlp_of(self, layer, config, device: torch.device, dtype: torch.dtype):
         if not hasattr(layer.mlp, "experts"):
-            return GatedMLP.from_hf(layer.mlp, device, dtype)
-        return SparseMoE.from_hf(layer.mlp, config.num_experts_per_tok, config.norm_topk_prob, device, dtype)
+            return GatedMLP.from_hf(layer.mlp, device, dtype, self.fp8)
+        return SparseMoE.from_hf(
+            layer.mlp, config.num_experts_per_tok, config.norm_topk_prob, device, dtype, fp8=self.fp8
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from runner.engine.layers.fp8 import Fp8Experts, dequantize, quantize_rows
 from runner.engine.layers.moe import experts_torch, route
 
 # (seed, tokens, hidden, intermediate, experts, top_k, fp32 routing weights)
@@ -50,6 +51,34 @@ def max_error(case, device: str, dtype: torch.dtype, silu_mul) -> float:
     return _error(fused_experts(*args, silu_mul), experts_torch(*args, silu_mul))
 
 
+def fp8_gemm_error(case, device: str) -> float:
+    """The grouped GEMMs on fp8 experts (`Fp8Experts`) and activations quantized per row (in torch, which
+    rounds to fp8 as the hardware does; Triton's interpreter does not, fp8_cases.py), both scales applied,
+    against the dequantized values multiplied in fp32: gate/up (rows shared by a token's k pairs) and
+    down (a row per pair, times its routing weight)."""
+    from runner.engine.layers.fused_moe import FP8, _blocks, _grouped_gemm, align_blocks
+
+    x, gate_up, down, weights, ids = inputs(case, device, torch.float32)
+    tokens, top_k = ids.shape
+    blocks = _blocks(tokens * top_k, gate_up.shape[0], FP8)
+    align = align_blocks(ids, gate_up.shape[0], blocks["BLOCK_M"])
+    errors = []
+    pair_rows = torch.randn(tokens * top_k, down.shape[2], generator=torch.Generator().manual_seed(case[0]))
+    pair_weights = weights.flatten().float()
+    for w, a, a_div, mul in ((gate_up, x, top_k, None), (down, pair_rows.to(device), 1, pair_weights)):
+        experts = Fp8Experts.quantize(w)
+        aq, a_scale = quantize_rows(a)
+        out = torch.empty(tokens * top_k, w.shape[1], device=device)
+        _grouped_gemm(aq, experts.weight, out, mul, align, a_div, blocks, (a_scale, experts.scale))
+        values, rows = experts.values(), dequantize(aq, a_scale)
+        pairs = torch.arange(tokens * top_k, device=device)
+        expected = torch.einsum("pk,pnk->pn", rows[pairs // a_div], values[ids.flatten()])
+        if mul is not None:
+            expected = expected * mul[:, None]
+        errors.append(_error(out, expected))
+    return max(errors)
+
+
 def _torch_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
@@ -62,6 +91,9 @@ def main() -> None:
         half = max_error(case, "cpu", torch.float16, _torch_silu_mul)
         print(f"case {case[0]}: max error {error:.2e} (fp16 {half:.2e})")
         assert error < 1e-5 and half < 1e-2, (case, error, half)
+        fp8 = fp8_gemm_error(case, "cpu")
+        print(f"case {case[0]}: fp8 gemm error {fp8:.2e}")
+        assert fp8 < 1e-5, (case, fp8)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runner.engine.layers.fp8 import Fp8Experts, quantize_weight
 from runner.engine.layers.moe import SparseMoE, experts_torch, route
+from runner.engine.layers.ops import TorchOps
 from tests.engine.conftest import run_in_triton_interpreter
 from tests.engine.layers.moe_cases import CASES, inputs, max_error
 
@@ -94,7 +96,24 @@ def test_sparse_moe_equals_transformers_block(norm_topk_prob):
 
 
 def test_fused_moe_matches_torch_in_the_interpreter():
-    assert run_in_triton_interpreter("tests.engine.layers.moe_cases").count("max error") == len(CASES)
+    out = run_in_triton_interpreter("tests.engine.layers.moe_cases")
+    assert out.count("max error") == out.count("fp8 gemm error") == len(CASES), out
+
+
+def test_fp8_experts_are_each_expert_quantized_as_a_linear_and_stay_close():
+    """`fp8=True` stacks the experts in fp8, each expert's rows quantized as an fp8 linear's; the block's
+    output (activations quantized per token and per pair) stays within fp8 precision of transformers'."""
+    config, block = _qwen3_moe_block(True)
+    ours = SparseMoE.from_hf(block, 2, True, torch.device("cpu"), torch.float32, fp8=True)
+    assert isinstance(ours.gate_up, Fp8Experts) and ours.down.shape == (6, 32, 24)
+    wq, scale = quantize_weight(block.experts.down_proj[3].detach())
+    assert torch.equal(ours.down.weight[3].float(), wq.float()) and torch.equal(ours.down.scale[3], scale)
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = block(x[None])[0]
+    got = ours(x, TorchOps)
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert 1e-4 < error < 0.1, error  # quantized (not the fp32 result): two fp8 products (3 mantissa bits)
 
 
 def _cuda():
@@ -109,6 +128,27 @@ def test_fused_moe_on_cuda(case):
     assert max_error(case, "cuda", torch.float32, _silu_mul) < 1e-5
     # bf16: the kernel sums the k choices in fp32 once, transformers adds them one rounding at a time
     assert max_error(case, "cuda", torch.bfloat16, _silu_mul) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[str(c[0]) for c in CASES])
+def test_fused_fp8_experts_on_cuda(case):
+    """fp8 experts: the kernels (fp8 tensor-core products) against the torch reference on the same
+    quantized weights, activations quantized by the Triton kernels in both."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a CUDA GPU with fp8 (compute capability 8.9+)")
+    from runner.engine.layers import fused
+    from runner.engine.layers.fused_moe import fused_experts
+    from tests.engine.layers.moe_cases import _error, fp8_gemm_error
+
+    assert fp8_gemm_error(case, "cuda") < 1e-5
+    for dtype in (torch.float32, torch.bfloat16):
+        x, gate_up, down, weights, ids = inputs(case, "cuda", dtype)
+        experts = Fp8Experts.quantize(gate_up), Fp8Experts.quantize(down)
+        got = fused_experts(x, *experts, weights, ids, fused.silu_mul)
+        # the sum over the k choices in another order moves an intermediate across an fp8 rounding
+        # now and then: one fp8 step (2^-4) of one term
+        assert _error(got, experts_torch(x, *experts, weights, ids, fused.silu_mul)) < 5e-2
 
 
 @pytest.mark.gpu
