@@ -238,11 +238,14 @@ def _load_expert(model, key: str, t: torch.Tensor, dtype: torch.dtype, parts: di
     experts = model.get_submodule(f"{block}.experts")
     name, half = STACKED[proj]
     stacked = getattr(experts, name)
-    if stacked.is_meta:  # the first expert tensor of this stack: allocate it where the tensors load
-        stacked = nn.Parameter(torch.empty(stacked.shape, dtype=dtype, device=t.device), requires_grad=False)
+    transposed = getattr(experts, "is_transposed", False)
+    if stacked.is_meta:  # the first expert tensor of this stack: allocate it (the rank's part) where t is
+        n, k = t.shape[0] * (2 if name == "gate_up_proj" else 1), t.shape[1]
+        shape = (stacked.shape[0], k, n) if transposed else (stacked.shape[0], n, k)
+        stacked = nn.Parameter(torch.empty(shape, dtype=dtype, device=t.device), requires_grad=False)
         setattr(experts, name, stacked)
     rows = stacked.data[int(expert)]  # [2 I, H] or [H, I] (transposed: [H, 2 I] or [I, H])
-    if getattr(experts, "is_transposed", False):
+    if transposed:
         rows = rows.t()
     if name == "gate_up_proj":
         rows = rows.narrow(0, half * t.shape[0], t.shape[0])

@@ -81,6 +81,17 @@ def test_ranks_on_the_cpu_generate_the_tokens_of_one(factory, ranks):
     compare(factory, ranks, device="cpu", kv_cache_tokens=2048)
 
 
+def test_moe_checkpoint_folder_split_over_two_ranks(tmp_path):
+    """Each rank reads its slice of every expert from a folder that stores the experts apart (the
+    loader stacks them): the tokens of the model in memory on one rank."""
+    qwen2_moe().save_pretrained(tmp_path)
+    prompts = random_prompts(6, 1, 40, seed=3)
+    config = dict(device="cpu", kv_cache_tokens=2048)
+    one = generate(Engine(qwen2_moe(), EngineConfig(**config)), prompts, [8] * 6)
+    two = Engine.from_source(ModelSource(path=str(tmp_path)), EngineConfig(**config, tensor_parallel=2))
+    assert generate(two, prompts, [8] * 6) == one
+
+
 @pytest.mark.slow
 def test_fp8_weights_split_over_two_ranks():
     """fp8 is quantized after the cut, and o/down quantize their input per token over each rank's

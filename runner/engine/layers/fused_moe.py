@@ -11,7 +11,7 @@ Grids are sized by the padded bound, not by the routing: blocks past `num_used` 
 a decode step's launch is the same whatever the tokens chose (CUDA graphs replay it). The weight
 product rounds to the activation dtype first, as transformers does. `moe.experts_torch` is the twin.
 
-fp8 experts (`moe.Fp8Experts`): x is quantized per token and SiLU·mul's output per pair (its fused
+fp8 experts (`fp8.Fp8Experts`): x is quantized per token and SiLU·mul's output per pair (its fused
 kernel, `fp8=True`); the tiles multiply as fp8 (Hopper's fp8 tensor cores) and each result is scaled
 by its row's activation scale and its column's weight scale before the rounding.
 """

@@ -16,8 +16,9 @@ top-k logits). The expert computation has two implementations with one signature
 With `quantization: fp8` the stacked experts are `Fp8Experts` (each expert's rows quantized as a dense
 fp8 linear's, `fp8.quantize_weight`) and run as the dense fp8 linears do: activations quantized per
 token (the gate/up input per token, the down input per (token, expert) pair, by the SiLU·mul kernel),
-fp8 x fp8 products with fp32 accumulation, both scales applied to the result, which is rounded to the
-activation dtype. `experts_torch` does it on the dequantized values (the reference); the router and a
+fp8 x fp8 products (on Hopper accumulated by the tensor cores in reduced precision within a product,
+as the dense fp8 GEMMs run), both scales applied to the result, which is rounded to the activation
+dtype. `experts_torch` does it on the dequantized values (the reference); the router and a
 shared expert's gate stay in the model dtype.
 
 Nothing here depends on the step's data for a shape or a host decision, so decode steps with MoE
