@@ -6,8 +6,9 @@ on 8 prompts x 32 tokens the chosen tokens' log-probabilities differed by 0.11 o
 first divergence; teacher-forced on 8 prompts x 32 tokens (fp32 activations) fp8 weights + activations
 moved them by 0.135 (bf16 alone: 0.023). On all 64 prompts x 64 tokens against fp32
 (`python scripts/fp8_quality.py --prompts 64 --new 64`, scripts/results/fp8-quality-smollm2.json):
-mean |delta logprob| 0.084 (max 0.80) over 623 shared positions; 4 texts identical, the others
-first differ at token 6 (median; quartiles with the identical ones 2 / 6.5 / 13). A broken fp8 path
+mean |delta logprob| 0.086 (max 0.69) over 599 shared positions; 4 texts identical, the others
+first differ at token 8 (median; quartiles with the identical ones 2 / 8 / 14.2), with activations
+quantized as a product with the scale's reciprocal (0.084 / 6 with a division per value). A broken fp8 path
 (a scale on the wrong axis, a lost bias) moves them by whole nats and diverges at once.
 """
 
