@@ -125,6 +125,13 @@ def load_checkpoint(
         config = AutoConfig.from_pretrained(path)
         stored = read_quantization(config)
         model = _meta_model(config, dtype)
+        if stored is not None and any(
+            n.endswith(".experts.gate_up_proj") for n, _ in model.named_parameters()
+        ):
+            raise UnsupportedModel(
+                f"{path}: a mixture of experts stored in fp8 ({stored.method}); the fast path quantizes "
+                "experts itself: run the high-precision checkpoint with engine.quantization: fp8"
+            )
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _in_layers(name)]
     # an MoE's router and shared-expert gate stay in the model dtype (layers/moe.py reads them so)
     quantizable = {n for n in linears if not n.endswith(ROUTERS)} if quantize else set()

@@ -209,3 +209,18 @@ def test_moe_checkpoint_missing_an_expert_is_an_error(tmp_path):
         Engine.from_pretrained(
             str(tmp_path), config=EngineConfig(**CPU32, quantization="fp8"), tokenizer=None
         )
+
+
+def test_moe_checkpoint_stored_in_fp8_is_sent_to_the_fallback(tmp_path):
+    """Stored fp8 experts (their own scales per expert) are not read: the engine says so before loading,
+    and the runner falls back, rather than take fp8 values for bf16 ones."""
+    model = tiny_model(MOE_CHECKPOINTS["qwen3_moe"](), seed=1)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for key in [k for k in tensors if ".experts." in k]:
+        tensors[key], tensors[key.replace(".weight", ".weight_scale")] = quantize_weight(tensors[key])
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"quantization_config": FBGEMM}))
+    with pytest.raises(UnsupportedModel, match="a mixture of experts stored in fp8 \\(fbgemm_fp8\\)"):
+        Engine.from_pretrained(str(tmp_path), config=EngineConfig(**CPU32), tokenizer=None)
