@@ -154,7 +154,11 @@ def load_checkpoint(
     if light_config is None:
         _check_experts(model, path, expert_parts)
         _finish_transformers_model(model, path, device)
-    log.info("loaded %s: %d fp8 linear weights (%s)", path, num_fp8, stored.method if stored else "quantized")
+    if stored or quantize:
+        how = f"stored so, {stored.method}" if stored else "quantized as they loaded"
+        log.info("loaded %s: %d fp8 linear weights (%s)", path, num_fp8, how)
+    else:
+        log.info("loaded %s", path)
     return model.eval()
 
 
