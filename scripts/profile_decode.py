@@ -27,9 +27,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
+from runner.engine import Engine, Request, SamplingParams  # noqa: E402
 from scripts.bench import WORKLOADS, build_model, make_prompts  # noqa: E402
-from scripts.profile_steps import top_kernels  # noqa: E402
+from scripts.profile_steps import add_engine_args, engine_config, submit, top_kernels  # noqa: E402
 
 STEP_GAP_US = 20.0  # a gap this long is host latency between steps, not a kernel-to-kernel bubble
 
@@ -75,7 +75,26 @@ def idle_report(intervals: list[tuple[float, float]], steps: int) -> dict:
     }
 
 
-def write_report(args, report: dict, engine: Engine, prof) -> None:
+def whole_run(
+    engine: Engine, prompts: list[list[int]], sp: SamplingParams, vocab: int
+) -> tuple[dict, profile]:
+    """Idle gaps and top kernels of a whole pass of `prompts`, after a first pass (shifted token ids)
+    that compiles the kernels and captures the graphs."""
+    submit(engine, prompts, sp, 1, vocab)
+    while engine.has_unfinished():
+        engine.step()
+    submit(engine, prompts, sp, 0, vocab)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        steps = 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        torch.cuda.synchronize()
+    return idle_report(busy_intervals(prof), steps) | {"kernels_ms": top_kernels(prof)}, prof
+
+
+def write_report(args, report: dict, prof, engine: Engine) -> None:
     report.update(workload=args.workload, async_mode=not args.sync, command=" ".join(sys.argv),
                   stats=engine.stats())  # fmt: skip
     print(json.dumps(report))
@@ -91,40 +110,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--sync", action="store_true", help="profile the synchronous loop instead")
     ap.add_argument("--whole-run", action="store_true", help="profile a whole (second) pass instead")
-    ap.add_argument("--max-seqs", type=int, default=EngineConfig.max_seqs)
-    ap.add_argument("--quantization", default="none", choices=["none", "fp8"])
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    add_engine_args(ap)
     ap.add_argument("--out", default=None)
     ap.add_argument("--trace", default=None, help="also write the Chrome trace here")
     args = ap.parse_args()
     model = build_model(args.workload)
     prompts = make_prompts(args.workload, None)
     new = WORKLOADS[args.workload].new
-    config = EngineConfig(
-        device="cuda", dtype="bfloat16", async_mode=not args.sync, max_seqs=args.max_seqs,
-        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-    )  # fmt: skip
-    engine = Engine(model, config)
+    engine = Engine(model, engine_config(args, async_mode=not args.sync))
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
-    vocab = model.config.vocab_size
-    for i, p in enumerate(prompts):  # each pass shifts the token ids: no prefix of an earlier pass is reused
-        engine.add(Request(i, [(t + 1) % vocab for t in p] if args.whole_run else p, sp))
     if args.whole_run:
-        while engine.has_unfinished():
-            engine.step()
-        for i, p in enumerate(prompts):
-            engine.add(Request(len(prompts) + i, p, sp))
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            steps = 0
-            while engine.has_unfinished():
-                engine.step()
-                steps += 1
-            torch.cuda.synchronize()
-        report = idle_report(busy_intervals(prof), steps) | {"kernels_ms": top_kernels(prof)}
-        write_report(args, report, engine, prof)
+        write_report(args, *whole_run(engine, prompts, sp, model.config.vocab_size), engine)
         engine.close()
         return
+    for i, p in enumerate(prompts):
+        engine.add(Request(i, p, sp))
     sched = engine.scheduler
     while sched.waiting or any(s.num_computed < s.prompt_len for s in sched.running):
         engine.step()
@@ -135,7 +135,7 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
-    write_report(args, idle_report(busy_intervals(prof), args.steps), engine, prof)
+    write_report(args, idle_report(busy_intervals(prof), args.steps), prof, engine)
     while engine.has_unfinished():
         engine.step()
     engine.close()

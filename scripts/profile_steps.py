@@ -39,6 +39,27 @@ def top_kernels(prof, limit: int = 25) -> list[dict]:
     return [{"total_ms": round(total, 2)}] + rows[:limit]
 
 
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    """The engine settings a profile takes from the command line (the rest are EngineConfig's defaults)."""
+    ap.add_argument("--max-seqs", type=int, default=EngineConfig.max_seqs)
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+
+
+def engine_config(args: argparse.Namespace, async_mode: bool) -> EngineConfig:
+    """bf16 on CUDA with the settings of `add_engine_args`."""
+    return EngineConfig(
+        device="cuda", dtype="bfloat16", async_mode=async_mode, max_seqs=args.max_seqs,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+    )  # fmt: skip
+
+
+def submit(engine: Engine, prompts: list[list[int]], sp: SamplingParams, run: int, vocab: int) -> None:
+    """Add every prompt with its token ids shifted by `run`: no prefix of an earlier run is reused."""
+    for i, p in enumerate(prompts):
+        engine.add(Request(run * len(prompts) + i, [(t + run) % vocab for t in p], sp))
+
+
 def timed_steps(engine: Engine, limit: int | None = None) -> list[dict]:
     """Run engine steps (synchronous loop), timing each one's GPU work with CUDA events."""
     out = []
@@ -93,31 +114,19 @@ def main() -> None:
     ap.add_argument("--workload", default="W2")
     ap.add_argument("--profile-prefill", type=int, default=4, help="first steps to profile kernels of")
     ap.add_argument("--profile-decode", type=int, default=10, help="steady decode steps to profile")
-    ap.add_argument("--max-seqs", type=int, default=EngineConfig.max_seqs)
-    ap.add_argument("--quantization", default="none", choices=["none", "fp8"])
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    add_engine_args(ap)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = build_model(args.workload)
     prompts = make_prompts(args.workload, None)
     new = WORKLOADS[args.workload].new
-    config = EngineConfig(
-        device="cuda", dtype="bfloat16", async_mode=False, max_seqs=args.max_seqs,
-        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-    )  # fmt: skip
-    engine = Engine(model, config)
+    engine = Engine(model, engine_config(args, async_mode=False))
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
-
     vocab = model.config.vocab_size
-
-    def submit(run: int) -> None:  # each run shifts the token ids: no prefix of an earlier run is reused
-        for i, p in enumerate(prompts):
-            engine.add(Request(run * len(prompts) + i, [(t + run) % vocab for t in p], sp))
-
-    submit(1)  # a first full pass compiles the kernels and captures the graphs
+    submit(engine, prompts, sp, 1, vocab)  # a first full pass compiles the kernels and captures the graphs
     while engine.has_unfinished():
         engine.step()
-    submit(0)
+    submit(engine, prompts, sp, 0, vocab)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     steps = timed_steps(engine)
@@ -125,7 +134,7 @@ def main() -> None:
     report = {"workload": args.workload, "command": " ".join(sys.argv), "wall_s": round(wall, 3)}
     report.update(summarize(steps))
 
-    submit(2)
+    submit(engine, prompts, sp, 2, vocab)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         timed_steps(engine, args.profile_prefill)
         torch.cuda.synchronize()

@@ -180,7 +180,7 @@ class Fp8Experts:
         """The weights' fp32 values [E, N, K]."""
         if self.dequantized is not None:
             return self.dequantized
-        return self.weight.float() * self.scale[:, :, None]
+        return dequantize(self.weight, self.scale[:, :, None])
 
 
 def fp8_experts_supported(device: torch.device) -> bool:

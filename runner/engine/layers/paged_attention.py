@@ -11,9 +11,9 @@ read); soft-capping applies softcap * tanh(logit / softcap) to the scaled logits
 (exact: every e4m3 value is an fp16 / fp32 value); the dots accumulate in fp32. Under bf16 queries the
 dots then run in fp16 (`HALF_DOT`): e4m3 -> fp16 is one instruction per pair on sm89+, e4m3 -> bf16
 several (13-15% of a decode launch on the H200; an fp8 cache is still read slower than a bf16 one,
-runner/engine/README.md). q [M, D] converts once per
-program (bf16 -> fp16 is exact inside fp16's range; the rare |q| > 65504 is clamped), and the
-probabilities p in [0, 1] keep more bits in fp16 than in bf16.
+runner/engine/README.md). q [M, D] converts once per program (bf16 -> fp16 is exact inside fp16's
+range; the rare |q| > 65504 is clamped), and the probabilities p in [0, 1] keep more bits in fp16
+than in bf16.
 """
 
 from __future__ import annotations
