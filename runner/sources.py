@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from runner.parquet_files import READ_THREADS, open_parquet
 from runner.retry import retry
 from runner.storage import is_local, url_to_fs
 
@@ -194,7 +195,7 @@ def _open_parquet(shard: Shard, storage_options: dict) -> Iterator[pq.ParquetFil
     fs, path = url_to_fs(shard.url, storage_options)
     with retry(f"opening {shard.url}", lambda: fs.open(path, "rb")) as f:
         try:
-            pf = pq.ParquetFile(f, buffer_size=PARQUET_READ_BUFFER, pre_buffer=False)  # pages as needed
+            pf = open_parquet(f, buffer_size=PARQUET_READ_BUFFER)
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{shard.url}: not a readable Parquet file ({e})") from e
         yield pf
@@ -236,7 +237,9 @@ def _read_row_group(
     size = max(1, min(batch_rows, PARQUET_BATCH_BYTES // row_bytes))
     row, rows = start, []
     try:
-        for batch in pf.iter_batches(batch_size=size, row_groups=[group], columns=columns):
+        for batch in pf.iter_batches(
+            batch_size=size, row_groups=[group], columns=columns, use_threads=READ_THREADS
+        ):
             for values in batch.to_pylist():
                 if row not in skip:
                     rows.append(SourceRow(row=row, values=values, error=None))

@@ -28,9 +28,9 @@ from typing import IO, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from runner.faults import kill_point
+from runner.parquet_files import READ_THREADS, open_parquet
 from runner.retry import StorageError, retry
 from runner.sources import shard_stem
 from runner.storage import is_local
@@ -295,8 +295,9 @@ class OutputStore(StateStore):
         try:
             # only the open is retried: a failure while parsing is a torn part, and quarantined
             with self._open_part(path) as f:
-                pf = pq.ParquetFile(f)
-                table = pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
+                pf = open_parquet(f)
+                names = [c for c in columns if c in pf.schema_arrow.names]
+                table = pf.read(columns=names, use_threads=READ_THREADS)
         except StorageError:
             raise
         except (pa.ArrowException, OSError) as e:

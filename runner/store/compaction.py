@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from runner.parquet_files import READ_THREADS, open_parquet
 from runner.retry import StorageError, is_transient
 from runner.store.tables import conform_table, unified_schema
 
@@ -51,8 +52,9 @@ class PartIndex:
     @classmethod
     def read(cls, path: str, f: IO[bytes]) -> PartIndex:
         """Index the part open as `f`; raises ArrowException / OSError if it is torn."""
-        pf = pq.ParquetFile(f)
-        return cls(path, pf.metadata, pf.read(columns=[c for c in _KEYS if c in pf.schema_arrow.names]))
+        pf = open_parquet(f)
+        keys = [c for c in _KEYS if c in pf.schema_arrow.names]
+        return cls(path, pf.metadata, pf.read(columns=keys, use_threads=READ_THREADS))
 
 
 class ShardCompaction:
@@ -120,10 +122,11 @@ class ShardCompaction:
         groups = np.searchsorted(starts, positions, side="right") - 1
         try:
             with self._open_part(part.path) as f:
-                pf = pq.ParquetFile(f, metadata=part.metadata)
+                pf = open_parquet(f, metadata=part.metadata)
                 for g in np.unique(groups):
                     which = np.flatnonzero(groups == g)
-                    rows = pf.read_row_group(int(g))  # one row group of one part in memory
+                    # one row group of one part in memory
+                    rows = pf.read_row_group(int(g), use_threads=READ_THREADS)
                     rows = rows.take(positions[which] - starts[g])
                     yield which, conform_table(rows, self.schema, self._json_cols)
         except (pa.ArrowException, OSError) as e:

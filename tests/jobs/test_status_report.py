@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ from jobs.run import run_job
 from jobs.spec import load_spec
 from jobs.status import error_reason, job_status
 from tests.conftest import committed_rows, write_inputs, write_spec
-from tests.test_kill_resume import batchrun
+from tests.test_kill_resume import REPO, batchrun
 
 
 def test_two_tasks_one_finished_one_stale_and_the_json_schema(tmp_path: Path, tiny_model_dir: Path):
@@ -146,3 +149,39 @@ def test_regression_a_kill_during_the_last_heartbeat_leaves_its_temp_file(
     (tmp_path / "out/_batchrun/metrics/.tmp-task-0-of-1.jsonl-0123abcd").write_text("{")
     assert run_job(load_spec(spec_path), show_progress=False).rows_ok == 2  # nothing to do: last report
     assert not list((tmp_path / "out").rglob(".tmp-*"))
+
+
+THREADS_STARTED = """
+import collections, json, os, sys
+from jobs.spec import load_spec
+from jobs.status import job_status
+from runner.sources import list_shards, read_shard
+
+def threads():
+    names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    return collections.Counter(names)
+
+spec = load_spec(sys.argv[1])
+before = threads()
+job_status(spec)
+for shard in list_shards(spec.input.path, {}):
+    list(read_shard(shard, {}))
+print(json.dumps(threads() - before))
+"""
+
+
+def test_regression_status_reads_parquet_without_arrow_worker_threads(tmp_path: Path, tiny_model_dir: Path):
+    """Found by CI: `batchrun status` aborted at exit about once in a hundred runs ("terminate called
+    without an active exception", SIGABRT). An Arrow pool worker that read a part through fsspec's
+    Python file was still releasing its buffers while the interpreter finalized. Parquet reads now
+    stay on the calling thread; only Arrow's allocator thread may start."""
+    write_inputs(tmp_path / "in", parquet=2, jsonl=0, rows=7)
+    spec_path = write_spec(tmp_path / "spec.yaml", tiny_model_dir, output={"flush_rows": 3})
+    code, _, err = batchrun("submit", str(spec_path), "--no-progress", kill_at="part_committed:3")
+    assert code == -9, err[-2000:]
+    assert committed_rows(tmp_path / "out")  # parts to read
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-c", THREADS_STARTED, str(spec_path)]
+    done = subprocess.run(command, env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert set(json.loads(done.stdout)) <= {"jemalloc_bg_thd"}
