@@ -16,6 +16,7 @@ import torch
 from runner.engine.kv import PageTable
 from runner.engine.layers.attention import prefill_blocks
 from runner.engine.scheduler import ScheduledBatch
+from runner.engine.sequence import Sequence
 
 
 @dataclass(slots=True)
@@ -29,12 +30,58 @@ class StepInputs:
     want_logprobs: bool
 
 
+class SlotSampling:
+    """Each slot's sampling parameters as arrays [slots + 1], so that a step gathers its sample rows'
+    parameters by slot instead of reading them off every sequence (a W0 decode step samples 512 rows).
+
+    A slot's row is written when a step first has a sequence in it (`update`); row `num_slots`, the
+    padding rows' slot, keeps neutral values: greedy, no logprobs, position 0.
+    """
+
+    def __init__(self, num_slots: int) -> None:
+        n = num_slots + 1
+        self._owner: list[Sequence | None] = [None] * n
+        self.prompt_len = np.zeros(n, dtype=np.int64)
+        self.top_k = np.zeros(n, dtype=np.int64)
+        self.seed = np.zeros(n, dtype=np.int64)
+        self.sample_index = np.zeros(n, dtype=np.int64)
+        self.temperature = np.zeros(n, dtype=np.float32)
+        self.top_p = np.ones(n, dtype=np.float32)
+        self.min_p = np.zeros(n, dtype=np.float32)
+        self.logprobs = np.zeros(n, dtype=bool)
+
+    def update(self, seqs: list[Sequence]) -> None:
+        """Write the rows of the slots whose sequence changed since they were last written."""
+        owner = self._owner
+        for seq in seqs:
+            if owner[seq.slot] is not seq:
+                owner[seq.slot] = seq
+                self._write(seq)
+
+    def _write(self, seq: Sequence) -> None:
+        i, p = seq.slot, seq.params
+        self.prompt_len[i] = seq.prompt_len
+        self.top_k[i] = p.top_k
+        self.seed[i] = seq.seed
+        self.sample_index[i] = seq.sample_index
+        self.temperature[i] = p.temperature
+        self.top_p[i] = p.top_p
+        self.min_p[i] = p.min_p
+        self.logprobs[i] = p.logprobs
+
+
 def build_inputs(
-    batch: ScheduledBatch, table: PageTable, page_size: int, spare_kv: int, pad_to: int = 0, width: int = 0
+    batch: ScheduledBatch,
+    table: PageTable,
+    sampling: SlotSampling,
+    page_size: int,
+    spare_kv: int,
+    pad_to: int = 0,
+    width: int = 0,
 ) -> StepInputs:
     """Flat inputs of `batch`. `pad_to` > 0 (decode-only batches) pads the rows to that many with
     rows that attend to nothing, use the spare slot and write their K/V to cache slot `spare_kv`;
-    `width` > 0 fixes the page-table width."""
+    `width` > 0 fixes the page-table width. `sampling` is brought up to date with `batch`'s slots."""
     seqs = batch.seqs
     nd = batch.num_decodes
     q_lens = np.array(batch.num_new, dtype=np.int64)  # [B]
@@ -69,11 +116,10 @@ def build_inputs(
     assert len(ids) == num_tokens, "a prefill chunk reached a token the host does not know yet"
     block_seq, block_start = prefill_blocks(q_lens[nd:], nd)
 
-    rows = batch.sample_rows + list(range(len(seqs), num_rows))  # padding rows sample too
-    sample_seqs = [seqs[r] for r in batch.sample_rows]
-    params = [s.params for s in sample_seqs]
-    pad = num_rows - len(seqs)
-    sample_rows = np.array(rows, dtype=np.int64)
+    sampling.update(seqs)
+    sample_rows = np.array(batch.sample_rows + list(range(len(seqs), num_rows)), dtype=np.int64)  # + padding
+    sample_slot = row_slot[sample_rows]
+    temperature = sampling.temperature[sample_slot]
     arrays = {
         "ids": np.array(ids, dtype=np.int64),
         "positions": positions,
@@ -85,24 +131,22 @@ def build_inputs(
         "block_seq": block_seq,
         "block_start": block_start,
         "logits_rows": cu[sample_rows + 1] - 1,
-        "sample_slot": row_slot[sample_rows],
-        "top_k": np.array([p.top_k for p in params] + [0] * pad, dtype=np.int64),
-        "seed": np.array([s.seed for s in sample_seqs] + [0] * pad, dtype=np.int64),
-        "sample_index": np.array([s.sample_index for s in sample_seqs] + [0] * pad, dtype=np.int64),
-        "position": np.array(
-            [batch.starts[r] + batch.num_new[r] - seqs[r].prompt_len for r in batch.sample_rows] + [0] * pad,
-            dtype=np.int64,
-        ),  # index of the drawn token among the generated ones
-        "temperature": np.array([p.temperature for p in params] + [0.0] * pad, dtype=np.float32),
-        "top_p": np.array([p.top_p for p in params] + [1.0] * pad, dtype=np.float32),
-        "min_p": np.array([p.min_p for p in params] + [0.0] * pad, dtype=np.float32),
+        "sample_slot": sample_slot,
+        "top_k": sampling.top_k[sample_slot],
+        "seed": sampling.seed[sample_slot],
+        "sample_index": sampling.sample_index[sample_slot],
+        # index of the drawn token among the generated ones
+        "position": kv_lens[sample_rows] - sampling.prompt_len[sample_slot],
+        "temperature": temperature,
+        "top_p": sampling.top_p[sample_slot],
+        "min_p": sampling.min_p[sample_slot],
     }
     return StepInputs(
         arrays=arrays,
         num_decodes=nd,
-        num_samples=len(sample_seqs),
-        all_greedy=all(p.greedy for p in params),
-        want_logprobs=any(p.logprobs for p in params),
+        num_samples=len(batch.sample_rows),
+        all_greedy=not temperature.any(),
+        want_logprobs=bool(sampling.logprobs[sample_slot].any()),
     )
 
 

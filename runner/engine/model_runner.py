@@ -26,7 +26,16 @@ import torch
 
 from runner.engine.graphs import DecodeGraphs, GraphKey
 from runner.engine.group import Group, StepChannel
-from runner.engine.inputs import Staging, StepInputs, build_inputs, fill, layout_of, layout_words, unpack
+from runner.engine.inputs import (
+    SlotSampling,
+    Staging,
+    StepInputs,
+    build_inputs,
+    fill,
+    layout_of,
+    layout_words,
+    unpack,
+)
 from runner.engine.kv import PageTable
 from runner.engine.layers.attention import AttentionBatch, AttentionFn
 from runner.engine.models import PagedModel
@@ -80,6 +89,7 @@ class ModelRunner:
         dev = model.device
         self.model = model
         self.table = table
+        self.sampling = SlotSampling(table.num_slots)
         self.page_size = page_size
         self.attention = attention
         self.spare_kv = num_pages * page_size  # first slot of the spare page (padding rows write there)
@@ -116,9 +126,10 @@ class ModelRunner:
                 len(batch.seqs), width, all(p.greedy for p in params), any(p.logprobs for p in params), masked
             )
         if key is None:
-            inp = build_inputs(batch, self.table, self.page_size, self.spare_kv)
+            inp = build_inputs(batch, self.table, self.sampling, self.page_size, self.spare_kv)
         else:
-            inp = build_inputs(batch, self.table, self.page_size, self.spare_kv, pad_to=key[0], width=key[1])
+            pad_to, width = key[:2]
+            inp = build_inputs(batch, self.table, self.sampling, self.page_size, self.spare_kv, pad_to, width)
         if self.group is None:
             return self._launch(inp, key, masked)
         with self.group.collective():  # on the CPU the forward's all-reduces run here too
@@ -251,7 +262,7 @@ class ModelRunner:
         """Packed inputs of a decode step made of padding rows only (for graph capture)."""
         empty = ScheduledBatch([], [], [], 0, [])
         arrays = build_inputs(
-            empty, self.table, self.page_size, self.spare_kv, pad_to=rows, width=width
+            empty, self.table, self.sampling, self.page_size, self.spare_kv, pad_to=rows, width=width
         ).arrays
         layout = layout_of(arrays)
         host = np.zeros(layout_words(layout), dtype=np.int64)

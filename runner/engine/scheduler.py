@@ -70,19 +70,12 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         """Pick the next forward's sequences and token counts, allocating their pages; commits them."""
         batch = ScheduledBatch([], [], [], 0, [])
-        budget = self.max_batch_tokens
-        at_length = self.stops.at_length
-        for seq in list(self.running):
+        prefilling = self._put_decodes(batch)
+        budget = self.max_batch_tokens - batch.num_decodes
+        for seq in prefilling:
             if budget == 0:
                 break
-            if seq.pages and seq.is_decoding and not at_length(seq) and self._grow(seq, batch):
-                budget -= self._put(batch, seq, 1)
-        batch.num_decodes = len(batch.seqs)
-        scheduled = {id(s) for s in batch.seqs}
-        for seq in list(self.running):
-            if budget == 0:
-                break
-            if id(seq) not in scheduled and not seq.is_decoding:
+            if seq.pages:  # not preempted by a decode after it
                 budget -= self._put(batch, seq, min(seq.num_tokens - seq.num_computed, budget))
         while self.waiting and budget > 0 and self._admit(self.waiting[0]):
             seq = self.waiting.popleft()
@@ -120,9 +113,8 @@ class Scheduler:
                 else:  # preempted while its token was on the way
                     self.waiting.remove(seq)
                 finished.append(seq)
-        for seq in batch.seqs:
-            if seq.pages:
-                self.kv.cache_full_pages(seq)
+        self.kv.cache_full_pages(batch.seqs)
+        for seq in batch.seqs[batch.num_decodes :]:  # a decode's prompt is computed: its siblings went
             if seq.siblings and seq.num_computed >= seq.prompt_len:
                 self.waiting.extendleft(reversed(seq.siblings))  # they find the prompt's pages cached
                 seq.siblings = []
@@ -131,6 +123,34 @@ class Scheduler:
     def release(self, seq: Sequence) -> None:
         """Free a finished sequence's pages and slot (once no step in flight uses them)."""
         self.kv.free(seq)
+
+    def _put_decodes(self, batch: ScheduledBatch) -> list[Sequence]:
+        """Put the next token of every decoding sequence in `batch` (up to `max_batch_tokens`), giving it a
+        page where it needs one; returns the running sequences still prefilling, in order.
+
+        This runs for every running sequence at every step: each is looked at once, and a decode is
+        put without `_put`'s general accounting (its one token is always a sample row).
+        """
+        at_length = self.stops.at_length
+        seqs, num_new, starts, sample_rows = batch.seqs, batch.num_new, batch.starts, batch.sample_rows
+        prefilling = []
+        for seq in list(self.running):
+            if len(seqs) == self.max_batch_tokens:
+                break
+            if not seq.pages:
+                continue  # preempted by an earlier decode of this step
+            if not seq.is_decoding:
+                prefilling.append(seq)
+            elif not at_length(seq) and self._grow(seq, batch):
+                sample_rows.append(len(seqs))
+                seqs.append(seq)
+                num_new.append(1)
+                starts.append(seq.num_computed)
+                seq.num_computed += 1
+                seq.num_pending += 1
+        batch.num_decodes = len(seqs)
+        self.stats.decode_tokens += len(seqs)
+        return prefilling
 
     def _put(self, batch: ScheduledBatch, seq: Sequence, n: int) -> int:
         assert n > 0

@@ -55,4 +55,5 @@ class Sequence:
     @property
     def is_decoding(self) -> bool:
         """One token left to compute: the last sampled one."""
-        return self.num_tokens - self.num_computed == 1 and self.num_generated > 0
+        num_tokens = len(self.tokens) + self.num_pending  # not the properties: the scheduler's hot loop
+        return num_tokens - self.num_computed == 1 and num_tokens > self.prompt_len

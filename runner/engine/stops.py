@@ -49,7 +49,8 @@ class StopChecker:
 
     def at_length(self, seq: Sequence) -> bool:
         """Whether `seq`, placeholders counted, has all the tokens it may have (no further step needed)."""
-        return seq.num_generated >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len
+        num_tokens = len(seq.tokens) + seq.num_pending  # not the properties: the scheduler's hot loop
+        return num_tokens - seq.prompt_len >= seq.params.max_new_tokens or num_tokens >= self.max_model_len
 
     def text(self, seq: Sequence) -> str:
         """The decoded generated text, cut before a matched stop string."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from runner.engine.inputs import Staging, build_inputs, layout_of
+from runner.engine.inputs import SlotSampling, Staging, build_inputs, layout_of
 from runner.engine.kv import PageTable
 from runner.engine.scheduler import ScheduledBatch
 from runner.engine.sequence import Sequence
@@ -25,9 +25,9 @@ def _decode_batch(table: PageTable, lengths: list[int], page: int) -> ScheduledB
 
 def test_padded_decode_inputs_have_one_layout_per_bucket():
     table = PageTable(8, 16)
-    a = build_inputs(_decode_batch(table, [5, 17], 4), table, 4, spare_kv=400, pad_to=4, width=8)
+    a = build_inputs(_decode_batch(table, [5, 17], 4), table, SlotSampling(8), 4, 400, pad_to=4, width=8)
     table = PageTable(8, 16)
-    b = build_inputs(_decode_batch(table, [9, 2, 30], 4), table, 4, spare_kv=400, pad_to=4, width=8)
+    b = build_inputs(_decode_batch(table, [9, 2, 30], 4), table, SlotSampling(8), 4, 400, pad_to=4, width=8)
     assert layout_of(a.arrays) == layout_of(b.arrays)
     assert a.num_samples == 2 and b.num_samples == 3 and a.num_decodes == 4
     x = a.arrays
@@ -53,3 +53,23 @@ def test_grown_staging_buffer_is_not_overwritten_by_the_step_in_flight():
     dev, _ = staging.pack(arrays)
     torch.cuda.synchronize()
     assert dev.cpu().tolist() == list(range(4096))
+
+
+def test_a_reused_slot_samples_with_its_new_sequences_parameters():
+    table, sampling = PageTable(4, 16), SlotSampling(4)
+    hot = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, logprobs=True)
+    first = Sequence("a", 1, hot, 3, [3, 4, 5, 6], seed=11, order=0, pages=[0], slot=table.take([0]))
+    x = build_inputs(ScheduledBatch([first], [1], [3], 1, [0]), table, sampling, 4, 400)
+    assert not x.all_greedy and x.want_logprobs
+    arrays = {k: x.arrays[k].tolist() for k in ("top_k", "seed", "sample_index", "position")}
+    assert arrays == {"top_k": [5], "seed": [11], "sample_index": [1], "position": [1]}
+    assert x.arrays["temperature"].tolist() == pytest.approx([0.7]) and x.arrays[
+        "min_p"
+    ].tolist() == pytest.approx([0.1])
+    table.give_back(first.slot)
+    second = Sequence("b", 0, SamplingParams(), 2, [7, 8], seed=22, order=1, pages=[1], slot=table.take([1]))
+    assert second.slot == first.slot
+    x = build_inputs(ScheduledBatch([second], [2], [0], 0, [0]), table, sampling, 4, 400)
+    assert x.all_greedy and not x.want_logprobs
+    assert x.arrays["seed"].tolist() == [22] and x.arrays["top_p"].tolist() == [1.0]
+    assert x.arrays["position"].tolist() == [0]  # its first generated token

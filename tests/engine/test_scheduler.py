@@ -92,6 +92,26 @@ def test_a_decode_out_of_pages_preempts_the_newest_unscheduled_sequence():
     assert sched.stats.prefix_hit_tokens == 2
 
 
+def test_a_prefill_listed_before_the_decode_that_preempts_it_is_not_scheduled():
+    """Each running sequence is looked at once a step: one still prefilling is set aside for after the
+    decodes, and a decode further down that runs out of pages may preempt it meanwhile."""
+    sched = scheduler(num_pages=16, page_size=2, max_batch_tokens=4)
+    late, early = sequence(5, 10), sequence(0, 2)
+    sched.add(late)  # admitted first, so listed first, though the newer request
+    sched.add(early)
+    assert sched.schedule().seqs == [late]  # 4 of its 10 prompt tokens: the budget is spent
+    sched.max_batch_tokens = 8
+    batch = sched.schedule()
+    assert batch.seqs == [late, early] and batch.num_new == [6, 2]
+    sched.postprocess(batch, [60, 61], None)
+    late.num_computed = 4  # as if late's last chunk were still to come: it is prefilling again
+    held = sched.kv.pool.allocate(sched.kv.num_free_pages)  # early's next token needs a page: none left
+    batch = sched.schedule()
+    assert batch.seqs == [early] and batch.num_decodes == 1
+    assert list(sched.waiting) == [late] and late.pages == [] and sched.stats.preemptions == 1
+    sched.kv.pool.release(held)
+
+
 def test_a_sequence_preempts_itself_when_nothing_newer_can_go():
     sched = scheduler(num_pages=16, page_size=2)
     a, b = sequence(0, 3), sequence(1, 2)

@@ -81,12 +81,15 @@ class KVManager:
         self.table.give_back(seq.slot)
         seq.pages, seq.page_hashes, seq.slot = [], [], -1
 
-    def cache_full_pages(self, seq: Sequence) -> None:
-        """Register `seq`'s full pages whose tokens are all computed and known, under their chained hash."""
+    def cache_full_pages(self, seqs: list[Sequence]) -> None:
+        """Register the full pages of `seqs` whose tokens are all computed and known, under their chained
+        hash (a sequence whose pages went, preempted or freed, has none to register)."""
         ps = self.page_size
-        while len(seq.page_hashes) < min(seq.num_computed, len(seq.tokens)) // ps:
-            i = len(seq.page_hashes)
-            chunk = tuple(seq.tokens[i * ps : (i + 1) * ps])
-            h = page_hash(seq.page_hashes[-1] if seq.page_hashes else -1, chunk)
-            self.pool.register(seq.pages[i], h, chunk)
-            seq.page_hashes.append(h)
+        for seq in seqs:  # every sequence of every step: a decode fills a page once in `ps` steps
+            full = min(seq.num_computed, len(seq.tokens)) // ps if seq.pages else 0
+            while len(seq.page_hashes) < full:
+                i = len(seq.page_hashes)
+                chunk = tuple(seq.tokens[i * ps : (i + 1) * ps])
+                h = page_hash(seq.page_hashes[-1] if seq.page_hashes else -1, chunk)
+                self.pool.register(seq.pages[i], h, chunk)
+                seq.page_hashes.append(h)

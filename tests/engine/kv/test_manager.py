@@ -36,7 +36,7 @@ def test_full_computed_pages_are_reused_by_a_later_prompt():
     first = sequence(list(range(10)))
     kv.admit(first, keep_free=0)
     first.num_computed = 10
-    kv.cache_full_pages(first)  # pages 0 and 1 are full; page 2 holds 2 tokens
+    kv.cache_full_pages([first])  # pages 0 and 1 are full; page 2 holds 2 tokens
     assert len(first.page_hashes) == 2
     kv.free(first)
     assert kv.num_used_pages == 0 and first.pages == [] and first.slot == -1
@@ -54,7 +54,7 @@ def test_pages_that_are_not_computed_yet_are_not_cached():
     seq = sequence(list(range(10)))
     kv.admit(seq, keep_free=0)
     seq.num_computed = 7  # the second page is not complete in the cache
-    kv.cache_full_pages(seq)
+    kv.cache_full_pages([seq])
     assert len(seq.page_hashes) == 1
     kv.free(seq)
     assert kv.admit(sequence(list(range(10))), keep_free=0)
