@@ -111,8 +111,8 @@ def build_inputs(
     # then takes it from its token buffer), e.g. when the step before sampled it
     ids = [s.tokens[st] if st < len(s.tokens) else -1 for s, st in zip(seqs[:nd], batch.starts, strict=False)]
     ids += [0] * (num_rows - len(seqs))
-    ids += [t for s, st, n in zip(seqs[nd:], batch.starts[nd:], batch.num_new[nd:], strict=True)
-            for t in s.tokens[st : st + n]]  # fmt: skip
+    for s, st, n in zip(seqs[nd:], batch.starts[nd:], batch.num_new[nd:], strict=True):
+        ids += s.tokens[st : st + n]  # a prefill chunk
     assert len(ids) == num_tokens, "a prefill chunk reached a token the host does not know yet"
     block_seq, block_start = prefill_blocks(q_lens[nd:], nd)
 
