@@ -61,14 +61,12 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         self._side = torch.cuda.Stream()  # warm-ups and captures: each new stream gets a cuBLAS workspace
 
-    def key(
-        self, num_rows: int, width: int, all_greedy: bool, want_logprobs: bool, masked: bool
-    ) -> GraphKey | None:
-        """The graph for a decode step of `num_rows` rows and table `width`; None if too large."""
+    def bucket(self, num_rows: int, width: int) -> tuple[int, int] | None:
+        """The (rows, table width) a decode step of `num_rows` rows and table `width` is padded to for its
+        graph; None if too large for one."""
         if num_rows > self.buckets[-1]:
             return None
-        rows = next(b for b in self.buckets if b >= num_rows)
-        return rows, width_bucket(width, self.max_width), all_greedy, want_logprobs, masked
+        return next(b for b in self.buckets if b >= num_rows), width_bucket(width, self.max_width)
 
     def __len__(self) -> int:
         return len(self._graphs)

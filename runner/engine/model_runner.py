@@ -118,18 +118,12 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch, masked: bool = False) -> LaunchedStep:
         """Queue `batch` on the device; never waits for it. `masked`: queue the forward only (see
         `sample`)."""
-        key = None
+        bucket = None
         if self.graphs is not None and batch.num_decodes == len(batch.seqs):
-            width = -(-(max(batch.starts) + 1) // self.page_size)
-            params = [s.params for s in batch.seqs]
-            key = self.graphs.key(
-                len(batch.seqs), width, all(p.greedy for p in params), any(p.logprobs for p in params), masked
-            )
-        if key is None:
-            inp = build_inputs(batch, self.table, self.sampling, self.page_size, self.spare_kv)
-        else:
-            pad_to, width = key[:2]
-            inp = build_inputs(batch, self.table, self.sampling, self.page_size, self.spare_kv, pad_to, width)
+            bucket = self.graphs.bucket(len(batch.seqs), -(-(max(batch.starts) + 1) // self.page_size))
+        pad_to, width = bucket or (0, 0)
+        inp = build_inputs(batch, self.table, self.sampling, self.page_size, self.spare_kv, pad_to, width)
+        key = None if bucket is None else (pad_to, width, inp.all_greedy, inp.want_logprobs, masked)
         if self.group is None:
             return self._launch(inp, key, masked)
         with self.group.collective():  # on the CPU the forward's all-reduces run here too

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from runner.engine import Engine, EngineConfig, Request, SamplingParams
-from runner.engine.graphs import row_buckets, width_bucket
+from runner.engine.graphs import DecodeGraphs, row_buckets, width_bucket
+from runner.engine.inputs import unpack
 from tests.engine.conftest import tiny_model
 
 
@@ -18,6 +19,42 @@ def test_row_and_width_buckets():
     assert row_buckets(20) == [1, 2, 4, 8, 16, 32] and row_buckets(600)[-1] == 640
     assert [width_bucket(w, 256) for w in (1, 8, 9, 33, 200, 256)] == [8, 8, 16, 64, 256, 256]
     assert width_bucket(300, 256) == 256
+
+
+class EagerGraphs(DecodeGraphs):
+    """`DecodeGraphs` on the CPU, where CUDA graphs cannot exist (a stand-in, so CI runs the engine's
+    graph path: buckets, keys, padding rows, the fixed layout): a replay runs the padded step eagerly."""
+
+    def __init__(self, step, max_rows: int, max_width: int) -> None:
+        self.step, self.buckets, self.max_width = step, row_buckets(max_rows), max_width
+        self._graphs, self.capture_seconds, self.keys = {}, 0.0, []
+
+    def replay(self, key, inputs, layout, padding):
+        self.keys.append(key)
+        rows, _, all_greedy, want_logprobs, masked = key
+        views = unpack(inputs.clone(), layout)
+        return *self.step(views, rows, all_greedy, want_logprobs, masked), views
+
+
+def test_decode_steps_padded_to_graph_buckets_give_the_same_tokens():
+    model = tiny_model("llama")
+    config = EngineConfig(device="cpu", kv_cache_tokens=4096, max_seqs=8)
+    greedy = SamplingParams(max_new_tokens=6)
+    sampled = SamplingParams(max_new_tokens=3, temperature=0.8, seed=3)
+    logprobs = SamplingParams(max_new_tokens=3, logprobs=True)
+    kinds = [greedy, greedy, sampled, logprobs, greedy]
+    requests = [Request(i, [5 + i, 7, 9 + 2 * i], sp) for i, sp in enumerate(kinds)]
+    expected = {c.id: (c.token_ids, c.logprobs) for c in Engine(model, config).generate(requests)}
+    engine = Engine(model, config)
+    runner = engine.model_runner
+    runner.graphs = graphs = EagerGraphs(runner._step, runner.table.num_slots, runner.table.max_pages)
+    got = {c.id: (c.token_ids, c.logprobs) for c in engine.generate(requests)}
+    assert {i: t for i, (t, _) in got.items()} == {i: t for i, (t, _) in expected.items()}
+    assert got[3][1] == pytest.approx(expected[3][1], abs=1e-5)
+    # (rows, width, all greedy, logprobs, masked): 5 rows pad to 8 while the sampled and the logprobs
+    # request run, then the 3 greedy ones pad to 4; one page each, in the smallest width bucket
+    assert graphs.keys == [(8, 8, False, True, False)] * 2 + [(4, 8, True, False, False)] * 3
+    assert engine.stats()["graph_steps"] == 5
 
 
 @pytest.mark.gpu
