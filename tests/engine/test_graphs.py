@@ -1,5 +1,6 @@
-"""Decode-graph bucketing, and captures that survive another engine's garbage (capture and replay
-themselves run on CUDA: test_async.py's gpu test)."""
+"""Decode-graph bucketing, the engine's graph path on the CPU (padded steps replayed eagerly), and
+captures that survive another engine's garbage (capture and replay themselves run on CUDA:
+test_async.py's gpu test)."""
 
 from __future__ import annotations
 
