@@ -41,7 +41,7 @@ def top_kernels(prof, limit: int = 25) -> list[dict]:
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
     """The engine settings a profile takes from the command line (the rest are EngineConfig's defaults)."""
-    ap.add_argument("--max-seqs", type=int, default=EngineConfig.max_seqs)
+    ap.add_argument("--max-seqs", type=int, default=EngineConfig().max_seqs)
     ap.add_argument("--quantization", default="none", choices=["none", "fp8"])
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
 

@@ -62,6 +62,7 @@ def follow(
     model, build the same runner as rank 0, and run rank 0's steps until it closes the engine."""
     model = source.load(config.resolve_dtype(device), device, config.quantization == "fp8", tp)
     _, _, runner = build_runner(model, config, Group(tp, channel, []))
+    runner.capture_graphs()  # with rank 0's
     runner.follow(channel)
 
 

@@ -77,6 +77,8 @@ class Engine:
         self._rng = random.Random()
         # start-up phases, as {phase: time.monotonic() at its end} (runner/phases.py reads them)
         self.startup: dict[str, float] = {"engine_build": time.monotonic()}
+        if self.model_runner.capture_graphs():
+            self.startup["graph_capture"] = time.monotonic()
         ranks = f" x {config.tensor_parallel} ranks (tensor parallel)" if group is not None else ""
         log.info(
             "batchrun engine: %s on %s%s (%s), %d KV pages x %d tokens",

@@ -1,12 +1,15 @@
-"""CUDA graphs of decode-only steps: captured on first use, replayed with one input copy.
+"""CUDA graphs of decode-only steps: captured at engine build, replayed with one input copy.
 
-A decode step is padded to a row bucket (powers of two, then multiples of 128) and a page-table width
-bucket (powers of two); its packed inputs then have one fixed layout, which the graph reads from a
-static buffer. The graph holds the whole step: carry-over gather of the input tokens, forward,
-sampling (greedy or not, logprobs or not: part of the key, decided on the host) and the scatter of
-the sampled tokens into the device token buffer; for a step with grammar rows ("masked") only the
-forward, whose logits are then masked and sampled outside the graph once the host has the masks.
-Capture warms up on padding rows only, which touch nothing but the spare slot and the spare KV page.
+A decode step is padded to a row bucket (powers of two, then multiples of 128); its packed inputs then
+have one fixed layout, which the graph reads from a static buffer. The attention kernels read the pages
+from the runner's device page table by slot, so no table width enters the layout. The graph holds the
+whole step: carry-over gather of the input tokens, forward, sampling (greedy or not, logprobs or not:
+part of the key, decided on the host) and the scatter of the sampled tokens into the device token
+buffer; for a step with grammar rows ("masked") only the forward, whose logits are then masked and
+sampled outside the graph once the host has the masks. The greedy and the sampled graph of every row
+bucket are captured when the engine is built (`capture_buckets`); the rarer keys (logprobs, grammar
+rows) on their first use. Capture warms up on padding rows only, which touch nothing but the spare slot
+and the spare KV page.
 """
 
 from __future__ import annotations
@@ -22,22 +25,18 @@ import torch
 from runner.engine.inputs import Layout, unpack
 
 StepFn = Callable[[dict[str, torch.Tensor], int, bool, bool, bool], tuple[torch.Tensor, torch.Tensor | None]]
-GraphKey = tuple[int, int, bool, bool, bool]  # rows, table width, all greedy, logprobs, masked
+PaddingFn = Callable[[int], tuple[torch.Tensor, Layout]]  # rows -> packed all-padding inputs, their layout
+GraphKey = tuple[int, bool, bool, bool]  # rows, all greedy, logprobs, masked
 
 
 def row_buckets(max_rows: int) -> list[int]:
     """Batch sizes that get a graph: powers of two up to 128, then multiples of 128, up to the first
-    >= max_rows. Few buckets, since each first use costs a capture (a device sync and a warm-up
-    step); padding rows cost little (they attend to nothing)."""
+    >= max_rows. Few buckets, since each costs a capture (a warm-up step and the capture) and graph
+    memory; padding rows cost little (they attend to nothing)."""
     buckets = [1]
     while buckets[-1] < max_rows:
         buckets.append(buckets[-1] * 2 if buckets[-1] < 128 else buckets[-1] + 128)
     return buckets
-
-
-def width_bucket(width: int, max_width: int) -> int:
-    """The page-table width a graph is captured for: a power of two >= `width` (at least 8)."""
-    return min(max(8, 1 << (width - 1).bit_length()), max_width)
 
 
 @dataclass(slots=True)
@@ -52,21 +51,25 @@ class _Graph:
 class DecodeGraphs:
     """One graph per `GraphKey`, all in one memory pool."""
 
-    def __init__(self, step: StepFn, max_rows: int, max_width: int) -> None:
+    def __init__(self, step: StepFn, max_rows: int, padding: PaddingFn) -> None:
         self.step = step
+        self.padding = padding
         self.buckets = row_buckets(max_rows)
-        self.max_width = max_width
         self._graphs: dict[GraphKey, _Graph] = {}
-        self.capture_seconds = 0.0  # host time spent capturing (each capture syncs the device)
+        self.capture_seconds = 0.0  # host time spent capturing
         self._pool = torch.cuda.graph_pool_handle()
         self._side = torch.cuda.Stream()  # warm-ups and captures: each new stream gets a cuBLAS workspace
 
-    def bucket(self, num_rows: int, width: int) -> tuple[int, int] | None:
-        """The (rows, table width) a decode step of `num_rows` rows and table `width` is padded to for its
-        graph; None if too large for one."""
-        if num_rows > self.buckets[-1]:
-            return None
-        return next(b for b in self.buckets if b >= num_rows), width_bucket(width, self.max_width)
+    def bucket(self, num_rows: int) -> int:
+        """The rows a decode step of `num_rows` rows is padded to for its graph; 0 if too many for one."""
+        return next((b for b in self.buckets if b >= num_rows), 0)
+
+    def capture_buckets(self) -> None:
+        """Capture the greedy and the sampled graph of every row bucket, largest first (the shared pool
+        then grows once, to the largest step's workspace, which the smaller ones reuse)."""
+        for rows in reversed(self.buckets):
+            for greedy in (True, False):
+                self._graph((rows, greedy, False, False))
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -78,26 +81,31 @@ class DecodeGraphs:
         self._graphs.clear()
 
     def replay(
-        self, key: GraphKey, inputs: torch.Tensor, layout: Layout, padding: Callable[[], torch.Tensor]
+        self, key: GraphKey, inputs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-        """Run the step packed in `inputs`; `padding()` gives all-padding inputs for a first capture.
-        Returns the step's outputs and the views of the graph's static inputs."""
-        graph = self._graphs.get(key)
-        if graph is None:
-            t0 = time.perf_counter()
-            graph = self._graphs[key] = self._capture(key, padding(), layout)
-            self.capture_seconds += time.perf_counter() - t0
+        """Run the step packed in `inputs` (laid out as `padding(rows)`'s). Returns the step's outputs and
+        the views of the graph's static inputs."""
+        graph = self._graph(key)
         graph.inputs.copy_(inputs)
         graph.graph.replay()
         return graph.tokens, graph.logprobs, graph.views
 
-    def _capture(self, key: GraphKey, padding: torch.Tensor, layout: Layout) -> _Graph:
+    def _graph(self, key: GraphKey) -> _Graph:
+        """The graph of `key`, captured now if it is not yet."""
+        graph = self._graphs.get(key)
+        if graph is None:
+            t0 = time.perf_counter()
+            graph = self._graphs[key] = self._capture(key)
+            self.capture_seconds += time.perf_counter() - t0
+        return graph
+
+    def _capture(self, key: GraphKey) -> _Graph:
         """Warm up on padding rows, then capture, both on the side stream and ordered after the work
         already queued, without stopping it: `torch.cuda.graph` would synchronize the device and empty
         the allocator's caches (device and pinned host) first, which stalls the async pipeline and makes
         the next eager steps allocate again (W3: 8 captures in the run, ~75 ms each)."""
-        rows, _, all_greedy, want_logprobs, masked = key
-        static = padding.clone()
+        rows, all_greedy, want_logprobs, masked = key
+        static, layout = self.padding(rows)
         views = unpack(static, layout)
         side = self._side
         side.wait_stream(torch.cuda.current_stream())

@@ -2,8 +2,10 @@
 
 `build_inputs` lays a step out as named int64 arrays (float arrays ride in int64 words); a decode
 step padded to a graph bucket has the same layout whatever its contents, so a CUDA graph can read
-its inputs from one static buffer. `Staging` packs the arrays into pinned host memory (two
-buffers, used in turn) and copies them to the device on a copy stream in one transfer.
+its inputs from one static buffer. The page-table entries written since the step before travel with
+the step, packed after its own arrays (`TABLE_UPDATES`): the device applies them before the step.
+`Staging` packs the arrays into pinned host memory (two buffers, used in turn) and copies them to the
+device on a copy stream in one transfer.
 """
 
 from __future__ import annotations
@@ -18,16 +20,22 @@ from runner.engine.layers.attention import prefill_blocks
 from runner.engine.scheduler import ScheduledBatch
 from runner.engine.sequence import Sequence
 
+TABLE_UPDATES = ("table_index", "table_page")  # PageTable.drain's arrays, packed last
+
 
 @dataclass(slots=True)
 class StepInputs:
     """One step on the host: named arrays in packing order, and what the host must know of it."""
 
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray]  # the step's own arrays, then TABLE_UPDATES
     num_decodes: int
     num_samples: int  # real sample rows (the arrays may hold padding rows after them)
     all_greedy: bool
     want_logprobs: bool
+
+    @property
+    def num_table_updates(self) -> int:
+        return self.arrays[TABLE_UPDATES[0]].size
 
 
 class SlotSampling:
@@ -77,11 +85,11 @@ def build_inputs(
     page_size: int,
     spare_kv: int,
     pad_to: int = 0,
-    width: int = 0,
 ) -> StepInputs:
-    """Flat inputs of `batch`. `pad_to` > 0 (decode-only batches) pads the rows to that many with
-    rows that attend to nothing, use the spare slot and write their K/V to cache slot `spare_kv`;
-    `width` > 0 fixes the page-table width. `sampling` is brought up to date with `batch`'s slots."""
+    """Flat inputs of `batch`, with the entries of `table` written since the last step. `pad_to` > 0
+    (decode-only batches) pads the rows to that many with rows that attend to nothing, use the spare
+    slot and write their K/V to cache slot `spare_kv`. `sampling` is brought up to date with `batch`'s
+    slots."""
     seqs = batch.seqs
     nd = batch.num_decodes
     q_lens = np.array(batch.num_new, dtype=np.int64)  # [B]
@@ -102,9 +110,7 @@ def build_inputs(
     num_tokens = int(cu[-1])
     tok_row = np.repeat(np.arange(num_rows), q_lens)  # [T]
     positions = starts[tok_row] + np.arange(num_tokens) - cu[tok_row]
-    width = width or -(-int(kv_lens.max()) // page_size)
-    page_rows = table.rows[row_slot, :width]  # [B, W]
-    slot_mapping = page_rows[tok_row, positions // page_size] * page_size + positions % page_size
+    slot_mapping = table.rows[row_slot[tok_row], positions // page_size] * page_size + positions % page_size
     if pad_to:
         slot_mapping[len(seqs) :] = spare_kv
     # a decode's input is its last sampled token: -1 when the host does not have it yet (the device
@@ -127,7 +133,6 @@ def build_inputs(
         "cu": cu,
         "kv_lens": kv_lens,
         "row_slot": row_slot,
-        "table": page_rows,
         "block_seq": block_seq,
         "block_start": block_start,
         "logits_rows": cu[sample_rows + 1] - 1,
@@ -141,6 +146,7 @@ def build_inputs(
         "top_p": sampling.top_p[sample_slot],
         "min_p": sampling.min_p[sample_slot],
     }
+    arrays.update(zip(TABLE_UPDATES, table.drain(), strict=True))
     return StepInputs(
         arrays=arrays,
         num_decodes=nd,

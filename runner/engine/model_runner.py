@@ -27,6 +27,8 @@ import torch
 from runner.engine.graphs import DecodeGraphs, GraphKey
 from runner.engine.group import Group, StepChannel
 from runner.engine.inputs import (
+    TABLE_UPDATES,
+    Layout,
     SlotSampling,
     Staging,
     StepInputs,
@@ -69,7 +71,8 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    """Holds the model, the KV cache [layers, 2, pages + 1, page_size, Hkv, D] and the token buffer."""
+    """Holds the model, the KV cache [layers, 2, pages + 1, page_size, Hkv, D], the device copy of the page
+    table and the token buffer."""
 
     def __init__(
         self,
@@ -98,11 +101,12 @@ class ModelRunner:
             device=dev,
             dtype=kv_dtype,
         )
+        self.page_table = torch.zeros(table.rows.shape, dtype=torch.int64, device=dev)  # [slots + 1, W]
         self.token_buf = torch.zeros(table.num_slots + 1, dtype=torch.int64, device=dev)  # [slots + 1]
         self.staging = Staging(dev)
         self.cuda = dev.type == "cuda"
         self.graphs = (
-            DecodeGraphs(self._step, table.num_slots, table.max_pages) if self.cuda and cuda_graphs else None
+            DecodeGraphs(self._step, table.num_slots, self._padding) if self.cuda and cuda_graphs else None
         )
         rows = self.graphs.buckets[-1] if self.graphs else table.num_slots
         self._out = [torch.empty(rows, dtype=torch.int64, device=dev) for _ in range(2)]
@@ -115,15 +119,27 @@ class ModelRunner:
             self._computed = [torch.cuda.Event(), torch.cuda.Event()]
             self._fetched = [torch.cuda.Event(), torch.cuda.Event()]
 
+    def capture_graphs(self) -> bool:
+        """Capture the decode graphs of every row bucket now (`DecodeGraphs.capture_buckets`), so that the
+        run pays for none; every rank of a group at once (the graphs hold its collectives). False when
+        there are none to capture (CPU, or `cuda_graphs` off)."""
+        if self.graphs is None:
+            return False
+        if self.group is None:
+            self.graphs.capture_buckets()
+        else:
+            with self.group.collective():
+                self.graphs.capture_buckets()
+        return True
+
     def launch(self, batch: ScheduledBatch, masked: bool = False) -> LaunchedStep:
         """Queue `batch` on the device; never waits for it. `masked`: queue the forward only (see
         `sample`)."""
-        bucket = None
+        pad_to = 0
         if self.graphs is not None and batch.num_decodes == len(batch.seqs):
-            bucket = self.graphs.bucket(len(batch.seqs), -(-(max(batch.starts) + 1) // self.page_size))
-        pad_to, width = bucket or (0, 0)
-        inp = build_inputs(batch, self.table, self.sampling, self.page_size, self.spare_kv, pad_to, width)
-        key = None if bucket is None else (pad_to, width, inp.all_greedy, inp.want_logprobs, masked)
+            pad_to = self.graphs.bucket(len(batch.seqs))
+        inp = build_inputs(batch, self.table, self.sampling, self.page_size, self.spare_kv, pad_to)
+        key = (pad_to, inp.all_greedy, inp.want_logprobs, masked) if pad_to else None
         if self.group is None:
             return self._launch(inp, key, masked)
         with self.group.collective():  # on the CPU the forward's all-reduces run here too
@@ -147,14 +163,17 @@ class ModelRunner:
             self.wait(step)
 
     def _launch(self, inp: StepInputs, key: GraphKey | None, masked: bool) -> LaunchedStep:
-        """Queue the step laid out in `inp`: eager, or the replay of graph `key`."""
+        """Queue the step laid out in `inp`: the page-table entries it carries, then its forward, eager or
+        the replay of graph `key`."""
         flat, layout = self.staging.pack(inp.arrays)
+        views = unpack(flat, layout)
+        if inp.num_table_updates:
+            self.page_table.view(-1).index_copy_(0, *(views[name] for name in TABLE_UPDATES))
         if key is None:
-            views = unpack(flat, layout)
             out, logprobs = self._step(views, inp.num_decodes, inp.all_greedy, inp.want_logprobs, masked)
         else:
-            rows, width = key[:2]
-            out, logprobs, views = self.graphs.replay(key, flat, layout, lambda: self._padding(rows, width))
+            own = layout[: -len(TABLE_UPDATES)]  # the graph's inputs: the step's own arrays
+            out, logprobs, views = self.graphs.replay(key, flat[: layout_words(own)])
         if masked:
             pending = PendingSample(out, views, inp.num_samples, inp.all_greedy, inp.want_logprobs)
             return LaunchedStep(None, None, None, key is not None, pending)
@@ -200,7 +219,7 @@ class ModelRunner:
         if self.group is not None:
             self.group.close()
         self.graphs = self.model = self.staging = self.group = None
-        self.kv_cache = self.token_buf = torch.empty(0)
+        self.kv_cache = self.page_table = self.token_buf = torch.empty(0)
         self._out = self._out_lp = self._host = self._host_lp = []
 
     @torch.inference_mode()
@@ -220,7 +239,8 @@ class ModelRunner:
         attn = AttentionBatch(
             cu_seqlens_q=v["cu"],
             kv_lens=v["kv_lens"],
-            page_table=v["table"],
+            page_table=self.page_table,
+            row_slot=v["row_slot"],
             slot_mapping=v["slot_mapping"],
             num_decodes=num_decodes,
             block_seq=v["block_seq"],
@@ -252,16 +272,17 @@ class ModelRunner:
         self.token_buf.index_copy_(0, v["sample_slot"], tokens)
         return tokens, logprobs
 
-    def _padding(self, rows: int, width: int) -> torch.Tensor:
-        """Packed inputs of a decode step made of padding rows only (for graph capture)."""
+    def _padding(self, rows: int) -> tuple[torch.Tensor, Layout]:
+        """Packed inputs of a decode step of `rows` padding rows (for graph capture), and their layout
+        (a decode step's own arrays, without page-table entries)."""
         empty = ScheduledBatch([], [], [], 0, [])
-        arrays = build_inputs(
-            empty, self.table, self.sampling, self.page_size, self.spare_kv, pad_to=rows, width=width
-        ).arrays
+        spare = PageTable(self.table.num_slots, 1)  # the padding rows' slot; nothing to drain
+        arrays = build_inputs(empty, spare, self.sampling, self.page_size, self.spare_kv, pad_to=rows).arrays
+        arrays = {name: a for name, a in arrays.items() if name not in TABLE_UPDATES}
         layout = layout_of(arrays)
         host = np.zeros(layout_words(layout), dtype=np.int64)
         fill(host, layout, arrays)
-        return torch.from_numpy(host).to(self.model.device)
+        return torch.from_numpy(host).to(self.model.device), layout
 
     def _fetch(
         self, tokens: torch.Tensor, logprobs: torch.Tensor | None, n: int, graphed: bool

@@ -1,6 +1,6 @@
 """Decode-graph bucketing, the engine's graph path on the CPU (padded steps replayed eagerly), and
-captures that survive another engine's garbage (capture and replay themselves run on CUDA:
-test_async.py's gpu test)."""
+captures at engine build that survive another engine's garbage (capture and replay themselves run on
+CUDA: test_async.py's gpu test)."""
 
 from __future__ import annotations
 
@@ -10,30 +10,28 @@ import pytest
 import torch
 
 from runner.engine import Engine, EngineConfig, Request, SamplingParams
-from runner.engine.graphs import DecodeGraphs, row_buckets, width_bucket
+from runner.engine.graphs import DecodeGraphs, row_buckets
 from runner.engine.inputs import unpack
 from tests.engine.conftest import tiny_model
 
 
-def test_row_and_width_buckets():
+def test_row_buckets():
     assert row_buckets(512) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512]
     assert row_buckets(20) == [1, 2, 4, 8, 16, 32] and row_buckets(600)[-1] == 640
-    assert [width_bucket(w, 256) for w in (1, 8, 9, 33, 200, 256)] == [8, 8, 16, 64, 256, 256]
-    assert width_bucket(300, 256) == 256
 
 
 class EagerGraphs(DecodeGraphs):
     """`DecodeGraphs` on the CPU, where CUDA graphs cannot exist (a stand-in, so CI runs the engine's
     graph path: buckets, keys, padding rows, the fixed layout): a replay runs the padded step eagerly."""
 
-    def __init__(self, step, max_rows: int, max_width: int) -> None:
-        self.step, self.buckets, self.max_width = step, row_buckets(max_rows), max_width
+    def __init__(self, step, max_rows: int, padding) -> None:
+        self.step, self.buckets, self.padding = step, row_buckets(max_rows), padding
         self._graphs, self.capture_seconds, self.keys = {}, 0.0, []
 
-    def replay(self, key, inputs, layout, padding):
+    def replay(self, key, inputs):
         self.keys.append(key)
-        rows, _, all_greedy, want_logprobs, masked = key
-        views = unpack(inputs.clone(), layout)
+        rows, all_greedy, want_logprobs, masked = key
+        views = unpack(inputs.clone(), self.padding(rows)[1])
         return *self.step(views, rows, all_greedy, want_logprobs, masked), views
 
 
@@ -48,39 +46,40 @@ def test_decode_steps_padded_to_graph_buckets_give_the_same_tokens():
     expected = {c.id: (c.token_ids, c.logprobs) for c in Engine(model, config).generate(requests)}
     engine = Engine(model, config)
     runner = engine.model_runner
-    runner.graphs = graphs = EagerGraphs(runner._step, runner.table.num_slots, runner.table.max_pages)
+    runner.graphs = graphs = EagerGraphs(runner._step, runner.table.num_slots, runner._padding)
     got = {c.id: (c.token_ids, c.logprobs) for c in engine.generate(requests)}
     assert {i: t for i, (t, _) in got.items()} == {i: t for i, (t, _) in expected.items()}
     assert got[3][1] == pytest.approx(expected[3][1], abs=1e-5)
-    # (rows, width, all greedy, logprobs, masked): 5 rows pad to 8 while the sampled and the logprobs
-    # request run, then the 3 greedy ones pad to 4; one page each, in the smallest width bucket
-    assert graphs.keys == [(8, 8, False, True, False)] * 2 + [(4, 8, True, False, False)] * 3
+    # (rows, all greedy, logprobs, masked): 5 rows pad to 8 while the sampled and the logprobs request
+    # run, then the 3 greedy ones pad to 4
+    assert graphs.keys == [(8, False, True, False)] * 2 + [(4, True, False, False)] * 3
     assert engine.stats()["graph_steps"] == 5
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_captures_run_with_the_cycle_collector_off():
+def test_captures_run_with_the_cycle_collector_off(monkeypatch):
     """A collection during a capture may destroy another engine's graphs (garbage since the last
     collection), and destroying a graph while a stream captures invalidates the capture: the MoE
     parity tests hit it ("operation not permitted when stream is capturing"). Captures run with the
-    collector off, and an engine built while an old one with graphs is garbage gives its tokens."""
+    collector off, and an engine built (its graphs captured) while an old one with graphs is garbage
+    gives its tokens."""
     model = tiny_model("llama").cuda()
     config = EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=4096)
     requests = [Request(i, [5 + i, 7, 9], SamplingParams(max_new_tokens=4)) for i in range(3)]
     old = Engine(model, config)
     expected = {c.id: c.token_ids for c in old.generate(requests)}
     assert old.stats()["graphs_captured"] > 0
-    old.cycle = old  # only the cycle collector can free it now
-    del old
-    new = Engine(model, config)
-    forward, seen = new.model.forward, []
+    forward, seen = type(old.model).forward, []
 
     def forward_noting_the_collector(*args, **kwargs):
         if torch.cuda.is_current_stream_capturing():
             seen.append(gc.isenabled())
         return forward(*args, **kwargs)
 
-    new.model.forward = forward_noting_the_collector
-    assert {c.id: c.token_ids for c in new.generate(requests)} == expected
+    monkeypatch.setattr(type(old.model), "forward", forward_noting_the_collector)
+    old.cycle = old  # only the cycle collector can free it now
+    del old
+    new = Engine(model, config)  # captures its graphs
     assert seen and not any(seen)
+    assert {c.id: c.token_ids for c in new.generate(requests)} == expected

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from runner.engine.inputs import SlotSampling, Staging, build_inputs, layout_of
+from runner.engine.inputs import TABLE_UPDATES, SlotSampling, Staging, build_inputs, layout_of
 from runner.engine.kv import PageTable
 from runner.engine.scheduler import ScheduledBatch
 from runner.engine.sequence import Sequence
@@ -23,20 +23,41 @@ def _decode_batch(table: PageTable, lengths: list[int], page: int) -> ScheduledB
     return ScheduledBatch(seqs, [1] * len(seqs), [n - 1 for n in lengths], len(seqs), list(range(len(seqs))))
 
 
+def _own_layout(inp):
+    """The layout of a step's own arrays (a graph's static inputs), without the page-table entries."""
+    return layout_of({name: a for name, a in inp.arrays.items() if name not in TABLE_UPDATES})
+
+
 def test_padded_decode_inputs_have_one_layout_per_bucket():
     table = PageTable(8, 16)
-    a = build_inputs(_decode_batch(table, [5, 17], 4), table, SlotSampling(8), 4, 400, pad_to=4, width=8)
+    a = build_inputs(_decode_batch(table, [5, 17], 4), table, SlotSampling(8), 4, 400, pad_to=4)
     table = PageTable(8, 16)
-    b = build_inputs(_decode_batch(table, [9, 2, 30], 4), table, SlotSampling(8), 4, 400, pad_to=4, width=8)
-    assert layout_of(a.arrays) == layout_of(b.arrays)
+    b = build_inputs(_decode_batch(table, [9, 2, 30], 4), table, SlotSampling(8), 4, 400, pad_to=4)
+    assert _own_layout(a) == _own_layout(b)
+    assert list(a.arrays)[-2:] == list(TABLE_UPDATES)
     assert a.num_samples == 2 and b.num_samples == 3 and a.num_decodes == 4
     x = a.arrays
     assert x["row_slot"].tolist() == [0, 1, 8, 8]  # padding rows use the spare slot
     assert x["kv_lens"].tolist() == [5, 17, 0, 0]  # ... attend to nothing
     assert x["slot_mapping"].tolist() == [1 * 4 + 0, 14 * 4 + 0, 400, 400]  # ... and write to the spare page
     assert x["ids"].tolist() == [7, 19, 0, 0]  # known last tokens; the device carries over the others
-    assert x["table"].shape == (4, 8) and x["table"][1, :5].tolist() == [10, 11, 12, 13, 14]
+    # the pages the table got since the last step: a's two rows (slot 0: 2 pages, slot 1: 5), as flat
+    # indices into the [9, 16] table
+    assert x["table_index"].tolist() == [0, 1, 16, 17, 18, 19, 20]
+    assert x["table_page"].tolist() == [0, 1, 10, 11, 12, 13, 14]
     assert x["position"].tolist() == [1, 1, 0, 0]
+
+
+def test_a_step_carries_the_page_table_entries_written_since_the_step_before():
+    table, sampling = PageTable(8, 16), SlotSampling(8)
+    batch = _decode_batch(table, [5, 17], 4)
+    first = build_inputs(batch, table, sampling, 4, 400)
+    assert first.num_table_updates == 7  # the two rows taken: 2 + 5 pages
+    assert build_inputs(batch, table, sampling, 4, 400).num_table_updates == 0
+    table.set_page(1, 5, 15)  # slot 1 grows a page
+    third = build_inputs(batch, table, sampling, 4, 400)
+    assert third.arrays["table_index"].tolist() == [1 * 16 + 5]
+    assert third.arrays["table_page"].tolist() == [15]
 
 
 @pytest.mark.gpu

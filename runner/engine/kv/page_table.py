@@ -1,9 +1,13 @@
-"""The page table of the running sequences, one row (a slot) each, on the host.
+"""The page table of the running sequences, one row (a slot) each, kept on the host and mirrored on the
+device.
 
-A sequence holds a slot from admission until it finishes or is preempted. Its row of `rows`
-lists its KV pages (the model runner copies the rows of a step's sequences to the device), and the
-runner's device token buffer keeps its last sampled token at the same index, so a decode reads its
-input there without the host ever seeing the value. Row `num_slots` is a spare for padding rows.
+A sequence holds a slot from admission until it finishes or is preempted. Its row of `rows` lists its
+KV pages. The host uses the rows to place each new token's K/V; the model runner keeps a device copy
+of the whole table, which the attention kernels read by slot, and brings it up to date each step with
+the entries written since the step before (`drain`): a few per step, instead of the rows of every
+sequence of the step. The runner's device token buffer keeps a slot's last sampled token at the same
+index, so a decode reads its input there without the host ever seeing the value. Row `num_slots` is a
+spare for padding rows.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ class PageTable:
         self.num_slots = num_slots
         self.rows = np.zeros((num_slots + 1, max_pages), dtype=np.int64)  # [slots + 1, max_pages]
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out low slots first
+        self._written: list[np.ndarray] = []  # flat indices into `rows` written since the last drain
 
     @property
     def num_free(self) -> int:
@@ -36,11 +41,22 @@ class PageTable:
         """A free slot whose row starts with `pages`."""
         slot = self._free.pop()
         self.rows[slot, : len(pages)] = pages
+        self._written.append(np.arange(len(pages), dtype=np.int64) + slot * self.max_pages)
         return slot
 
     def set_page(self, slot: int, index: int, page: int) -> None:
         self.rows[slot, index] = page
+        self._written.append(np.array([slot * self.max_pages + index], dtype=np.int64))
 
     def give_back(self, slot: int) -> None:
         assert 0 <= slot < self.num_slots, slot
         self._free.append(slot)
+
+    def drain(self) -> tuple[np.ndarray, np.ndarray]:
+        """The entries written since the last drain, as (flat index into `rows` [N], page [N]) int64; an
+        entry written twice appears twice, the later last."""
+        if not self._written:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        index = np.concatenate(self._written)
+        self._written = []
+        return index, self.rows.ravel()[index]

@@ -26,7 +26,8 @@ class AttentionBatch:
 
     cu_seqlens_q: torch.Tensor  # [B+1] int64
     kv_lens: torch.Tensor  # [B] int64
-    page_table: torch.Tensor  # [B, W] int64, rows padded with 0
+    page_table: torch.Tensor  # [S, W] int64: the pages of each slot's sequence (the engine's whole table)
+    row_slot: torch.Tensor  # [B] int64: each sequence's row of `page_table`
     slot_mapping: torch.Tensor  # [T] int64: cache slot (page * page_size + offset) of each new token
     num_decodes: int  # sequences [0, num_decodes) have q_len == 1
     block_seq: torch.Tensor  # [NB] int64: sequence of each prefill query block (kernel grid)
@@ -107,7 +108,7 @@ def reference_attention(
     start = 0
     for i, kv_len in enumerate(kv_lens):
         q_len = cu[i + 1] - cu[i]
-        pages = batch.page_table[i, : -(-kv_len // page)]
+        pages = batch.page_table[batch.row_slot[i], : -(-kv_len // page)]
         k = _gather(k_cache, pages, kv_len).float()  # [S, Hkv, D]
         v = _gather(v_cache, pages, kv_len).float()
         group = q.shape[1] // k.shape[1]

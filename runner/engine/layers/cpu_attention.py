@@ -31,16 +31,15 @@ def batched_attention(
     if nd == 0:
         return reference_attention(q, k_cache, v_cache, batch, scale, window, softcap)
     out = torch.empty_like(q)
-    out[:nd] = decode_attention(
-        q[:nd], k_cache, v_cache, batch.page_table[:nd], batch.kv_lens[:nd], scale, window, softcap
-    )
+    pages = batch.page_table[batch.row_slot[:nd]]  # [Bd, W]
+    out[:nd] = decode_attention(q[:nd], k_cache, v_cache, pages, batch.kv_lens[:nd], scale, window, softcap)
     if batch.kv_lens.shape[0] > nd:
         cu = batch.cu_seqlens_q
         prefill = replace(
             batch,
             cu_seqlens_q=cu[nd:] - cu[nd],
             kv_lens=batch.kv_lens[nd:],
-            page_table=batch.page_table[nd:],
+            row_slot=batch.row_slot[nd:],
             num_decodes=0,
         )
         out[nd:] = reference_attention(q[nd:], k_cache, v_cache, prefill, scale, window, softcap)

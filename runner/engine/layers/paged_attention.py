@@ -29,15 +29,16 @@ BLOCK_N = 64  # keys per iteration
 
 
 # Triton compiles one variant per specialization of its integer arguments (== 1, divisible by 16) and
-# of its pointers' 16-byte alignment: the table width changes from step to step, so it is not
-# specialized, and the step's packed inputs are laid out 16-byte aligned (runner/engine/inputs.py).
-@triton.jit(do_not_specialize=["stride_table", "window"])
+# of its pointers' 16-byte alignment: the window size is not specialized, and the step's packed inputs
+# are laid out 16-byte aligned (runner/engine/inputs.py).
+@triton.jit(do_not_specialize=["window"])
 def _paged_attention_kernel(
     q_ptr,  # [T, H, D]
     k_ptr,  # [P, PAGE, Hkv, D]: q's dtype, or fp8 (upcast on load)
     v_ptr,
     o_ptr,  # [T, H, D]
-    table_ptr,  # [B, W] pages of each sequence
+    table_ptr,  # [S, W] pages of each slot's sequence
+    slot_ptr,  # [B] each sequence's slot (row of the table)
     cu_ptr,  # [B + 1] query offsets
     kv_len_ptr,  # [B]
     blk_seq_ptr,  # [NB] sequence of each prefill block (unused for decodes)
@@ -62,6 +63,7 @@ def _paged_attention_kernel(
     q_begin = tl.load(cu_ptr + seq)
     q_len = tl.load(cu_ptr + seq + 1) - q_begin
     kv_len = tl.load(kv_len_ptr + seq)
+    table_row = table_ptr + tl.load(slot_ptr + seq) * stride_table
 
     rows = tl.arange(0, BLOCK_M)
     q_idx = q_first + rows // GROUP  # query within the sequence
@@ -89,7 +91,7 @@ def _paged_attention_kernel(
     for start in range(kv_start, kv_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_end
-        page = tl.load(table_ptr + seq * stride_table + n // PAGE, mask=n_ok, other=0)
+        page = tl.load(table_row + n // PAGE, mask=n_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kp + (n % PAGE) * stride_ks + kv_head * stride_kh
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
@@ -136,7 +138,7 @@ def _launch(
     block_q = 1 if decode else PREFILL_BLOCK_Q
     dim = q.shape[2]
     _paged_attention_kernel[(grid, k_cache.shape[2])](
-        q, k_cache, v_cache, out, batch.page_table, batch.cu_seqlens_q, batch.kv_lens,
+        q, k_cache, v_cache, out, batch.page_table, batch.row_slot, batch.cu_seqlens_q, batch.kv_lens,
         batch.block_seq, batch.block_start, scale, window,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), batch.page_table.stride(0),

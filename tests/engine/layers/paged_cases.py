@@ -59,7 +59,12 @@ def random_batch(
     free = list(range(num_pages))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-kv // page))] for _, kv in shapes]
-    width = max(map(len, tables))
+    width = max(map(len, tables)) + 1
+    row_slot = list(range(len(shapes) + 1))  # a slot per sequence and a spare, in shuffled order
+    rng.shuffle(row_slot)
+    rows = [[0] * width for _ in row_slot]
+    for slot, pages in zip(row_slot, tables, strict=False):
+        rows[slot][: len(pages)] = pages
     q_lens = np.array([s[0] for s in shapes])
     cu = np.concatenate(([0], np.cumsum(q_lens)))
     block_seq, block_start = prefill_blocks(q_lens[num_decodes:], num_decodes)
@@ -70,7 +75,8 @@ def random_batch(
     batch = AttentionBatch(
         cu_seqlens_q=t(cu),
         kv_lens=t([s[1] for s in shapes]),
-        page_table=t([row + [0] * (width - len(row)) for row in tables]),
+        page_table=t(rows),
+        row_slot=t(row_slot[: len(shapes)]),
         slot_mapping=t(np.zeros(cu[-1])),
         num_decodes=num_decodes,
         block_seq=t(block_seq),

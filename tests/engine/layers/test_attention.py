@@ -33,7 +33,7 @@ def test_reference_masks_future_and_other_sequences():
     """A query sees its own sequence's keys up to its position: changing any other key is invisible."""
     q, k_cache, v_cache, batch = random_batch(4, 2, [(6, 10)])
     before = reference_attention(q, k_cache, v_cache, batch, 0.35)
-    pages = batch.page_table[2].tolist()
+    pages = batch.page_table[batch.row_slot[2]].tolist()
     k_cache[pages[2], 1] += 5.0  # position 9 of the prefill sequence: only its last query sees it
     after = reference_attention(q, k_cache, v_cache, batch, 0.35)
     changed = (after - before).abs().amax(dim=(1, 2)) > 0
@@ -44,7 +44,7 @@ def test_reference_window_hides_keys_that_left_it():
     """With a window of 4, the query at position 9 sees keys 6..9 only; the one at 5 sees 2..5."""
     q, k_cache, v_cache, batch = random_batch(4, 0, [(6, 10)])
     before = reference_attention(q, k_cache, v_cache, batch, 0.35, window=4)
-    pages = batch.page_table[0].tolist()
+    pages = batch.page_table[batch.row_slot[0]].tolist()
     k_cache[pages[1], 1] += 5.0  # position 5: seen by queries at 5..8 (rows 1..4), not 9 (row 5)
     k_cache[pages[0], 0] += 5.0  # position 0: left every query's window
     after = reference_attention(q, k_cache, v_cache, batch, 0.35, window=4)
@@ -55,7 +55,7 @@ def test_reference_window_hides_keys_that_left_it():
 def test_soft_cap_bounds_the_logits():
     """One key with a huge logit among zero ones: capped at 2, its weight is e^2 / (e^2 + 2)."""
     q, k_cache, v_cache, batch = random_batch(5, 0, [(1, 3)], dim=4)
-    page = batch.page_table[0, 0]
+    page = batch.page_table[batch.row_slot[0], 0]
     k_cache.zero_(), v_cache.zero_()
     k_cache[page, 0], v_cache[page, 0] = 1e4, 1.0  # position 0
     out = reference_attention(q.abs(), k_cache, v_cache, batch, 1.0, softcap=2.0)
