@@ -38,8 +38,8 @@ def test_a_kv_cache_too_small_for_one_sequence_is_refused_with_the_numbers(monke
     assert str(e.value) == (
         "engine: the KV cache does not fit: one sequence of max_model_len 512 tokens needs 0.2 MiB of KV, "
         "and 0.0 MiB are left for it (100.0 MiB free of 80.00 GiB after 0.3 MiB of weights, x "
-        "kv_memory_fraction 0.85, less 92.0 MiB of step workspace for max_seqs 2048 and max_batch_tokens "
-        "8192). Ways out: lower engine.max_seqs or engine.max_batch_tokens, raise "
+        "kv_memory_fraction 0.85, less 0.12 GiB of step workspace for max_seqs 2048 and max_batch_tokens "
+        "16384). Ways out: lower engine.max_seqs or engine.max_batch_tokens, raise "
         "engine.kv_memory_fraction, lower engine.max_model_len, an fp8 KV cache (engine.kv_cache_dtype), fp8 "
         "weights or tensor parallelism, or a GPU with more free memory."
     )
@@ -51,7 +51,7 @@ def test_a_kv_cache_too_small_for_one_sequence_is_refused_with_the_numbers(monke
 
 def engine_workspace(max_seqs: int) -> int:
     width = 4 * 64 + 2 * 128 + 3 * 128  # residual and norms, q/k/v [(4 + 2 x 2) x 16], gate/up + act
-    return step_workspace_bytes(8192, max_seqs, width, 256, 4, cuda_graphs=True)
+    return step_workspace_bytes(EngineConfig().max_batch_tokens, max_seqs, width, 256, 4, cuda_graphs=True)
 
 
 def test_the_model_reports_its_activation_width(model):
@@ -81,7 +81,7 @@ def test_an_moe_workspace_counts_the_routed_experts_and_the_shared_one(monkeypat
     width = 4 * 64 + 2 * 128 + moe
     assert engine.model.activation_width() == width
     page_bytes = 2 * 2 * 16 * 2 * 16 * 4
-    workspace = step_workspace_bytes(8192, 64, width, 256, 4, cuda_graphs=True)
+    workspace = step_workspace_bytes(EngineConfig().max_batch_tokens, 64, width, 256, 4, cuda_graphs=True)
     assert engine.kv.num_pages == (int(free * 0.85) - workspace) // page_bytes
 
 
