@@ -360,7 +360,7 @@ def run_batchrun(
         max_new_tokens=new, ignore_eos=True, temperature=temperature, top_p=0.95, seed=0, json_schema=schema
     )
     warm = SamplingParams(max_new_tokens=4, ignore_eos=True, json_schema=schema)
-    # no prefix of a measured prompt; 64 prompts fill a whole 8192-token step, so that the largest
+    # no prefix of a measured prompt; 64 prompts fill a whole 16384-token step, so that the largest
     # prefill tiles (an MoE's 128-row expert blocks) compile here, not in the measured run
     shifted = [[(t + 1) % vocab for t in p] for p in prompts[:64]]
     list(engine.generate(Request(-i - 1, p, warm) for i, p in enumerate(shifted)))  # compile kernels
