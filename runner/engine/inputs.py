@@ -35,6 +35,7 @@ class StepInputs:
 
     @property
     def num_table_updates(self) -> int:
+        """Page-table entries the step carries."""
         return self.arrays[TABLE_UPDATES[0]].size
 
 

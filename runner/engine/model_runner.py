@@ -166,13 +166,13 @@ class ModelRunner:
         """Queue the step laid out in `inp`: the page-table entries it carries, then its forward, eager or
         the replay of graph `key`."""
         flat, layout = self.staging.pack(inp.arrays)
-        views = unpack(flat, layout)
+        own, updates = layout[: -len(TABLE_UPDATES)], layout[-len(TABLE_UPDATES) :]
         if inp.num_table_updates:
-            self.page_table.view(-1).index_copy_(0, *(views[name] for name in TABLE_UPDATES))
+            self.page_table.view(-1).index_copy_(0, *unpack(flat, updates).values())
         if key is None:
+            views = unpack(flat, own)
             out, logprobs = self._step(views, inp.num_decodes, inp.all_greedy, inp.want_logprobs, masked)
-        else:
-            own = layout[: -len(TABLE_UPDATES)]  # the graph's inputs: the step's own arrays
+        else:  # a graph reads the step's own arrays from its static copy of them
             out, logprobs, views = self.graphs.replay(key, flat[: layout_words(own)])
         if masked:
             pending = PendingSample(out, views, inp.num_samples, inp.all_greedy, inp.want_logprobs)

@@ -54,7 +54,7 @@ class PageTable:
 
     def drain(self) -> tuple[np.ndarray, np.ndarray]:
         """The entries written since the last drain, as (flat index into `rows` [N], page [N]) int64; an
-        entry written twice appears twice, the later last."""
+        entry written twice appears twice, both times with its latest page."""
         if not self._written:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         index = np.concatenate(self._written)
