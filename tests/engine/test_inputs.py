@@ -94,3 +94,26 @@ def test_a_reused_slot_samples_with_its_new_sequences_parameters():
     assert x.all_greedy and not x.want_logprobs
     assert x.arrays["seed"].tolist() == [22] and x.arrays["top_p"].tolist() == [1.0]
     assert x.arrays["position"].tolist() == [0]  # its first generated token
+
+
+def test_the_device_page_table_mirrors_the_host_one_through_preemptions_and_prefix_hits():
+    """Every page-table write reaches the runner's device copy (here a CPU tensor), in the step that
+    needs it: after each step the two tables are equal, with slots reused, pages grown, sequences
+    preempted and readmitted, and cached prefix pages taken by new sequences."""
+    from runner.engine import Engine, EngineConfig, Request
+    from tests.engine.conftest import random_prompts, tiny_model
+
+    config = EngineConfig(device="cpu", kv_cache_tokens=160, page_size=8, max_batch_tokens=24, max_seqs=8)
+    engine = Engine(tiny_model("llama"), config)
+    prompts = random_prompts(8, 9, 30)
+    prompts += [p[:24] + [5, 6] for p in prompts[:4] if len(p) >= 24]  # their first 3 pages are cached
+    for i, p in enumerate(prompts):
+        engine.add(Request(i, p, SamplingParams(max_new_tokens=12, ignore_eos=True)))
+    host, device = engine.kv.table.rows, engine.model_runner.page_table
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+        assert torch.equal(device, torch.from_numpy(host)), f"step {steps}"
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["prefix_hit_tokens"] > 0, stats
