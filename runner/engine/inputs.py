@@ -27,7 +27,7 @@ TABLE_UPDATES = ("table_index", "table_page")  # PageTable.drain's arrays, packe
 class StepInputs:
     """One step on the host: named arrays in packing order, and what the host must know of it."""
 
-    arrays: dict[str, np.ndarray]  # the step's own arrays, then TABLE_UPDATES
+    arrays: dict[str, np.ndarray]  # the step's own arrays, then TABLE_UPDATES (a launched step)
     num_decodes: int
     num_samples: int  # real sample rows (the arrays may hold padding rows after them)
     all_greedy: bool
@@ -86,11 +86,13 @@ def build_inputs(
     page_size: int,
     spare_kv: int,
     pad_to: int = 0,
+    table_updates: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> StepInputs:
-    """Flat inputs of `batch`, with the entries of `table` written since the last step. `pad_to` > 0
-    (decode-only batches) pads the rows to that many with rows that attend to nothing, use the spare
-    slot and write their K/V to cache slot `spare_kv`. `sampling` is brought up to date with `batch`'s
-    slots."""
+    """Flat inputs of `batch`. `pad_to` > 0 (decode-only batches) pads the rows to that many with rows
+    that attend to nothing, use the spare slot and write their K/V to cache slot `spare_kv`.
+    `table_updates`: the page-table entries written since the last step (`PageTable.drain`), packed
+    last as `TABLE_UPDATES` (a launched step carries them; a graph's padding inputs do not).
+    `sampling` is brought up to date with `batch`'s slots."""
     seqs = batch.seqs
     nd = batch.num_decodes
     q_lens = np.array(batch.num_new, dtype=np.int64)  # [B]
@@ -147,7 +149,8 @@ def build_inputs(
         "top_p": sampling.top_p[sample_slot],
         "min_p": sampling.min_p[sample_slot],
     }
-    arrays.update(zip(TABLE_UPDATES, table.drain(), strict=True))
+    if table_updates is not None:
+        arrays.update(zip(TABLE_UPDATES, table_updates, strict=True))
     return StepInputs(
         arrays=arrays,
         num_decodes=nd,

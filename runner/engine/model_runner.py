@@ -138,7 +138,8 @@ class ModelRunner:
         pad_to = 0
         if self.graphs is not None and batch.num_decodes == len(batch.seqs):
             pad_to = self.graphs.bucket(len(batch.seqs))
-        inp = build_inputs(batch, self.table, self.sampling, self.page_size, self.spare_kv, pad_to)
+        updates = self.table.drain()
+        inp = build_inputs(batch, self.table, self.sampling, self.page_size, self.spare_kv, pad_to, updates)
         key = (pad_to, inp.all_greedy, inp.want_logprobs, masked) if pad_to else None
         if self.group is None:
             return self._launch(inp, key, masked)
@@ -276,9 +277,9 @@ class ModelRunner:
         """Packed inputs of a decode step of `rows` padding rows (for graph capture), and their layout
         (a decode step's own arrays, without page-table entries)."""
         empty = ScheduledBatch([], [], [], 0, [])
-        spare = PageTable(self.table.num_slots, 1)  # the padding rows' slot; nothing to drain
-        arrays = build_inputs(empty, spare, self.sampling, self.page_size, self.spare_kv, pad_to=rows).arrays
-        arrays = {name: a for name, a in arrays.items() if name not in TABLE_UPDATES}
+        arrays = build_inputs(
+            empty, self.table, self.sampling, self.page_size, self.spare_kv, pad_to=rows
+        ).arrays
         layout = layout_of(arrays)
         host = np.zeros(layout_words(layout), dtype=np.int64)
         fill(host, layout, arrays)

@@ -30,9 +30,25 @@ def _own_layout(inp):
 
 def test_padded_decode_inputs_have_one_layout_per_bucket():
     table = PageTable(8, 16)
-    a = build_inputs(_decode_batch(table, [5, 17], 4), table, SlotSampling(8), 4, 400, pad_to=4)
+    a = build_inputs(
+        _decode_batch(table, [5, 17], 4),
+        table,
+        SlotSampling(8),
+        4,
+        400,
+        pad_to=4,
+        table_updates=table.drain(),
+    )
     table = PageTable(8, 16)
-    b = build_inputs(_decode_batch(table, [9, 2, 30], 4), table, SlotSampling(8), 4, 400, pad_to=4)
+    b = build_inputs(
+        _decode_batch(table, [9, 2, 30], 4),
+        table,
+        SlotSampling(8),
+        4,
+        400,
+        pad_to=4,
+        table_updates=table.drain(),
+    )
     assert _own_layout(a) == _own_layout(b)
     assert list(a.arrays)[-2:] == list(TABLE_UPDATES)
     assert a.num_samples == 2 and b.num_samples == 3 and a.num_decodes == 4
@@ -51,11 +67,11 @@ def test_padded_decode_inputs_have_one_layout_per_bucket():
 def test_a_step_carries_the_page_table_entries_written_since_the_step_before():
     table, sampling = PageTable(8, 16), SlotSampling(8)
     batch = _decode_batch(table, [5, 17], 4)
-    first = build_inputs(batch, table, sampling, 4, 400)
+    first = build_inputs(batch, table, sampling, 4, 400, table_updates=table.drain())
     assert first.num_table_updates == 7  # the two rows taken: 2 + 5 pages
-    assert build_inputs(batch, table, sampling, 4, 400).num_table_updates == 0
+    assert build_inputs(batch, table, sampling, 4, 400, table_updates=table.drain()).num_table_updates == 0
     table.set_page(1, 5, 15)  # slot 1 grows a page
-    third = build_inputs(batch, table, sampling, 4, 400)
+    third = build_inputs(batch, table, sampling, 4, 400, table_updates=table.drain())
     assert third.arrays["table_index"].tolist() == [1 * 16 + 5]
     assert third.arrays["table_page"].tolist() == [15]
 

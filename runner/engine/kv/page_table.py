@@ -22,7 +22,7 @@ class PageTable:
         self.num_slots = num_slots
         self.rows = np.zeros((num_slots + 1, max_pages), dtype=np.int64)  # [slots + 1, max_pages]
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out low slots first
-        self._written: list[np.ndarray] = []  # flat indices into `rows` written since the last drain
+        self._written: list[int] = []  # flat indices into `rows` written since the last drain
 
     @property
     def num_free(self) -> int:
@@ -41,12 +41,12 @@ class PageTable:
         """A free slot whose row starts with `pages`."""
         slot = self._free.pop()
         self.rows[slot, : len(pages)] = pages
-        self._written.append(np.arange(len(pages), dtype=np.int64) + slot * self.max_pages)
+        self._written.extend(range(slot * self.max_pages, slot * self.max_pages + len(pages)))
         return slot
 
     def set_page(self, slot: int, index: int, page: int) -> None:
         self.rows[slot, index] = page
-        self._written.append(np.array([slot * self.max_pages + index], dtype=np.int64))
+        self._written.append(slot * self.max_pages + index)
 
     def give_back(self, slot: int) -> None:
         assert 0 <= slot < self.num_slots, slot
@@ -55,8 +55,6 @@ class PageTable:
     def drain(self) -> tuple[np.ndarray, np.ndarray]:
         """The entries written since the last drain, as (flat index into `rows` [N], page [N]) int64; an
         entry written twice appears twice, both times with its latest page."""
-        if not self._written:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        index = np.concatenate(self._written)
+        index = np.array(self._written, dtype=np.int64)
         self._written = []
         return index, self.rows.ravel()[index]
