@@ -1,8 +1,9 @@
 """Throughput benchmark: DESIGN.md's workloads through batchrun and transformers' generate_batch.
 
 Random-weight Llama-shaped bf16 models, greedy, no EOS, every request generates exactly `new`
-tokens; prompt lengths uniform in [64, 768] (W3: all 128), token ids uniform, seed 0. All backends
-run in the same process on the same model. Prints one table and writes JSON (with the command line).
+tokens; prompt lengths uniform in [64, 768] (W3: all 128; L1: in [15360, 16384]), token ids uniform,
+seed 0. All backends run in the same process on the same model. Prints one table and writes JSON (with
+the command line).
 
     python scripts/bench.py --workloads W0 --backends batchrun,hf-sync,hf-async --out results.json
     python scripts/bench.py --workloads W2,W3 --backends batchrun,batchrun-fp8   # bf16 vs fp8 weights
@@ -11,6 +12,7 @@ run in the same process on the same model. Prints one table and writes JSON (wit
     python scripts/bench.py --workloads W1 --backends batchrun,batchrun-json   # structured output
     python scripts/bench.py --workloads W2 --backends batchrun-tp1,batchrun-tp2   # tensor parallel, 2 GPUs
     python scripts/bench.py --workloads W70B --backends batchrun-tp2   # Llama-3.1-70B shape, bf16, 2 GPUs
+    python scripts/bench.py --workloads L1 --backends batchrun,hf-sync   # 16 prompts of 15-16k tokens
 
 `batchrun-json` runs the engine with every request under `JSON_SCHEMA` (structured output), whose
 free-text field cannot close before `new` tokens, so rows run to the end under the grammar: compare it
@@ -54,6 +56,7 @@ class Workload:
     prompt_len: tuple[int, int] = (64, 768)  # prompt lengths uniform in [lo, hi]
     fp8_only: bool = False  # built on the meta device, fp8 weights filled layer by layer (no bf16 copy)
     family: str = "llama"  # llama | gemma2 | phi3: the transformers config class (dense only)
+    positions: int = 4096  # max_position_embeddings
 
 
 WORKLOADS = {
@@ -67,6 +70,11 @@ WORKLOADS = {
     "P3": Workload(3072, 8192, 32, 32, 32, 96, 32064, False, 512, 256, family="phi3"),  # phi-3-mini
     # llama-3.1-70b in bf16: 140 GB, tensor parallel only (batchrun-tp2 and up)
     "W70B": Workload(8192, 28672, 80, 64, 8, 128, 128256, False, 256, 128),
+    # long prompts (documents to summarize): W1's model, 16 prompts of 15-16k tokens; decode attention
+    # reads 8 GB a step from 16 x 8 (sequence, KV head) pairs
+    "L1": Workload(
+        2048, 8192, 16, 32, 8, 64, 128256, True, 16, 256, prompt_len=(15360, 16384), positions=32768
+    ),
 }
 
 
@@ -470,7 +478,12 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine.max_batch_tokens")
     ap.add_argument("--page-size", type=int, default=None, help="engine.page_size")
     ap.add_argument("--temperature", type=float, default=0.0, help="> 0: seeded top-p sampling, as jobs do")
-    ap.add_argument("--positions", type=int, default=4096, help="max_position_embeddings (Llama 3.1: 131072)")
+    ap.add_argument(
+        "--positions",
+        type=int,
+        default=None,
+        help="max_position_embeddings (default: the workload's; Llama 3.1: 131072)",
+    )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     engine = {k: v for k, v in (("max_seqs", args.max_seqs), ("max_batch_tokens", args.max_batch_tokens),
@@ -485,14 +498,15 @@ def main() -> None:
     for name in args.workloads.split(","):
         backends = args.backends.split(",")
         in_process = any(not tensor_parallel(b) for b in backends)  # the -tpN backends build their own
-        model = build_model(name, positions=args.positions) if in_process else None
+        positions = args.positions or WORKLOADS[name].positions
+        model = build_model(name, positions=positions) if in_process else None
         prompts = make_prompts(name, args.prompts)
         new = args.new or WORKLOADS[name].new
         for backend in backends:
             if WORKLOADS[name].fp8_only and not backend.startswith("batchrun"):
                 print(f"{name}: {backend} skipped (its bf16 weights would not fit; only batchrun runs fp8)")
                 continue
-            r = bench(name, backend, model, prompts, new, engine, rates, args.temperature, args.positions)
+            r = bench(name, backend, model, prompts, new, engine, rates, args.temperature, positions)
             print(json.dumps(asdict(r)), flush=True)
             results.append(r)
         del model

@@ -1,7 +1,11 @@
 """Triton paged attention over the ragged batch (CUDA; the tests also run it in Triton's interpreter).
 
-One kernel, two launches per layer: decodes (one query per sequence, grid [Bd, Hkv]) and prefill
-chunks (blocks of BLOCK_Q queries, grid [blocks, Hkv], block -> sequence mapped on the host). A
+One kernel, two launches per layer: decodes (one query per sequence, grid [Bd, Hkv, splits]) and prefill
+chunks (blocks of BLOCK_Q queries, grid [blocks, Hkv], block -> sequence mapped on the host). A decode
+launch of few sequences splits each sequence's keys over `splits` programs (split-KV, as flash-decoding):
+without it, a batch of 16 long sequences would run 16 x Hkv programs on 132 SMs. Each split writes its
+partial output and log-sum-exp to a workspace, and a second kernel merges them; the split count depends
+only on the row count (`decode_splits`), so a decode graph's launch has one fixed shape. A
 program takes the GROUP query heads that share one KV head, so K/V pages are read once per GROUP
 (GQA packing: M = queries x GROUP rows feed the tensor cores). K/V are gathered token by token
 through the page table, BLOCK_N tokens per iteration, with an online softmax in fp32. A sliding
@@ -18,6 +22,8 @@ than in bf16.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +32,8 @@ from runner.engine.layers.attention import PREFILL_BLOCK_Q, AttentionBatch
 from runner.engine.layers.fp8_format import FP8
 
 BLOCK_N = 64  # keys per iteration
+DECODE_PROGRAMS_PER_SM = 4  # a decode launch of fewer programs than this x SMs splits its keys up to it
+MAX_SPLITS = 32
 
 
 # Triton compiles one variant per specialization of its integer arguments (== 1, divisible by 16) and
@@ -43,17 +51,22 @@ def _paged_attention_kernel(
     kv_len_ptr,  # [B]
     blk_seq_ptr,  # [NB] sequence of each prefill block (unused for decodes)
     blk_start_ptr,  # [NB] first query (within its sequence) of each prefill block
+    part_ptr,  # SPLIT: [Bd, H, splits, D_PAD] fp32, each split's normalized output
+    lse_ptr,  # SPLIT: [Bd, H, splits] fp32, each split's log2-sum-exp2 of its logits (-inf: no keys)
+    num_splits,
     scale,
     window,  # 0: full attention
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_ot, stride_oh, stride_table,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr,  # decode only: this program covers split program_id(2) of the keys
     SOFTCAP: tl.constexpr,  # 0.0: none
     WINDOWED: tl.constexpr,  # window > 0 (compiled out of full-attention layers)
     HALF_DOT: tl.constexpr,  # an fp8 cache under bf16 queries: the dots run in fp16
 ):  # fmt: skip
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)  # 0 but in a SPLIT launch
     if DECODE:
         seq = pid
         q_first = 0
@@ -88,6 +101,10 @@ def _paged_attention_kernel(
     kv_start = 0
     if WINDOWED:  # keys before the block's first query's window are invisible to the whole block
         kv_start = tl.maximum(kv_len - q_len + q_first - window + 1, 0) // BLOCK_N * BLOCK_N
+    if SPLIT:  # this split's share of the visible keys, whole key blocks of them
+        share = tl.cdiv(tl.cdiv(kv_end - kv_start, num_splits), BLOCK_N) * BLOCK_N
+        kv_start = kv_start + split * share
+        kv_end = tl.minimum(kv_end, kv_start + share)
     for start in range(kv_start, kv_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_end
@@ -119,11 +136,57 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(
-        o_ptr + (q_begin + q_idx)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-        out.to(o_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
+    if SPLIT:  # row `seq` of the decodes is token `seq`; the merge writes o
+        part = (seq * (tl.num_programs(1) * GROUP) + head) * num_splits + split  # [M]
+        tl.store(part_ptr + part[:, None] * D_PAD + d[None, :], out, mask=row_ok[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_i), float("-inf"))
+        tl.store(lse_ptr + part, lse, mask=row_ok)
+    else:
+        tl.store(
+            o_ptr + (q_begin + q_idx)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr,  # [Bd, H, splits, D_PAD] fp32
+    lse_ptr,  # [Bd, H, splits] fp32
+    o_ptr,  # [T, H, D]
+    num_splits, stride_ot, stride_oh,
+    D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):  # fmt: skip
+    """o[seq, head] = the splits' outputs weighted by their share of the softmax: grid [Bd, H]."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq * tl.num_programs(1) + head
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D_PAD)
+    lse = tl.load(lse_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))  # [SPLITS_PAD]
+    top = tl.max(lse, 0)
+    weight = tl.where(lse > float("-inf"), tl.math.exp2(lse - top), 0.0)
+    part = tl.load(
+        part_ptr + (row * num_splits + s)[:, None] * D_PAD + d[None, :],
+        mask=(s < num_splits)[:, None],
+        other=0.0,
+    )  # [SPLITS_PAD, D_PAD]
+    total = tl.sum(weight, 0)
+    out = tl.sum(part * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(o_ptr + seq * stride_ot + head * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """The device's SMs; one stands for Triton's interpreter on the CPU."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def decode_splits(rows: int, kv_heads: int, sms: int) -> int:
+    """How many programs a decode launch of `rows` sequences gives each (sequence, KV head): as many as
+    DECODE_PROGRAMS_PER_SM programs on each of `sms` SMs take, at most MAX_SPLITS (rounded down: a
+    second, partial wave of programs would cost as much as the first)."""
+    return min(MAX_SPLITS, max(1, DECODE_PROGRAMS_PER_SM * sms // (rows * kv_heads)))
 
 
 def half_dot(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
@@ -132,21 +195,57 @@ def half_dot(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
 
 
 def _launch(
-    q, k_cache, v_cache, out, batch: AttentionBatch, scale, window, softcap, grid: int, decode: bool
+    q,
+    k_cache,
+    v_cache,
+    out,
+    batch: AttentionBatch,
+    scale,
+    window,
+    softcap,
+    grid: int,
+    decode: bool,
+    splits: int = 1,
 ) -> None:
     group = q.shape[1] // k_cache.shape[2]
     block_q = 1 if decode else PREFILL_BLOCK_Q
     dim = q.shape[2]
-    _paged_attention_kernel[(grid, k_cache.shape[2])](
+    d_pad = max(16, triton.next_power_of_2(dim))
+    part = lse = out  # unused without splits
+    if splits > 1:
+        part = torch.empty(grid, q.shape[1], splits, d_pad, device=q.device, dtype=torch.float32)
+        lse = torch.empty(grid, q.shape[1], splits, device=q.device, dtype=torch.float32)
+    _paged_attention_kernel[(grid, k_cache.shape[2], splits)](
         q, k_cache, v_cache, out, batch.page_table, batch.row_slot, batch.cu_seqlens_q, batch.kv_lens,
-        batch.block_seq, batch.block_start, scale, window,
+        batch.block_seq, batch.block_start, part, lse, splits, scale, window,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), batch.page_table.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
-        BLOCK_N=BLOCK_N, PAGE=k_cache.shape[1], D=dim, D_PAD=max(16, triton.next_power_of_2(dim)),
-        DECODE=decode, IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap), WINDOWED=window > 0,
+        BLOCK_N=BLOCK_N, PAGE=k_cache.shape[1], D=dim, D_PAD=d_pad, DECODE=decode,
+        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, SOFTCAP=float(softcap), WINDOWED=window > 0,
         HALF_DOT=half_dot(q.dtype, k_cache.dtype), num_warps=4, num_stages=2,
     )  # fmt: skip
+    if splits > 1:
+        _merge_splits_kernel[(grid, q.shape[1])](
+            part, lse, out, splits, out.stride(0), out.stride(1),
+            D=dim, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(splits),
+        )  # fmt: skip
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    window: int,
+    softcap: float,
+    splits: int,
+) -> None:
+    """The decodes' rows of `out` [T, H, D]: each (sequence, KV head)'s visible keys split over `splits`
+    programs (1: no split, no merge)."""
+    _launch(q, k_cache, v_cache, out, batch, scale, window, softcap, batch.num_decodes, True, splits)
 
 
 def paged_attention(
@@ -163,7 +262,8 @@ def paged_attention(
     assert k_cache.stride(3) == 1 and q.stride(2) == 1
     out = torch.empty_like(q)
     if batch.num_decodes:
-        _launch(q, k_cache, v_cache, out, batch, scale, window, softcap, batch.num_decodes, decode=True)
+        splits = decode_splits(batch.num_decodes, k_cache.shape[2], sm_count(q.device))
+        decode_attention(q, k_cache, v_cache, out, batch, scale, window, softcap, splits)
     if batch.block_seq.numel():
         _launch(
             q, k_cache, v_cache, out, batch, scale, window, softcap, batch.block_seq.numel(), decode=False

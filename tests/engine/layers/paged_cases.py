@@ -37,6 +37,18 @@ CASES = [
     (13, 3, [(40, 200), (1, 9)], 8, 4, 2, 32, 64, 2.0),
 ]
 
+# split-KV decodes (`decode_attention`): (seed, decodes, longest decode, page size, heads, kv heads, head
+# dim, sliding window, soft cap, splits). Decodes of 1..600 keys over 3 or 8 splits of whole 64-key
+# blocks: some splits get no key (a short sequence), others a partial block; a window that starts past
+# some splits; 33 splits, past the merge's power of two.
+SPLIT_CASES = [
+    (20, 6, 600, 16, 8, 2, 64, 0, 0.0, 3),
+    (21, 5, 600, 8, 6, 2, 16, 0, 0.0, 8),
+    (22, 4, 500, 16, 8, 2, 32, 100, 0.0, 8),
+    (23, 3, 400, 4, 4, 2, 32, 0, 1.5, 3),
+    (24, 2, 300, 64, 32, 8, 128, 0, 0.0, 33),
+]
+
 
 def random_batch(
     seed: int,
@@ -48,14 +60,16 @@ def random_batch(
     dim: int = 16,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    longest_decode: int = 30,
 ):
-    """Caches filled with random K/V, pages shuffled; prefills are (q_len, kv_len) pairs."""
+    """Caches filled with random K/V, pages shuffled; prefills are (q_len, kv_len) pairs; decodes have
+    1..`longest_decode` keys."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    num_pages = 128
+    num_pages = max(128, num_decodes * -(-longest_decode // page) + 32)
     k_cache = torch.randn(num_pages, page, kv_heads, dim, generator=g).to(device, dtype)
     v_cache = torch.randn(num_pages, page, kv_heads, dim, generator=g).to(device, dtype)
-    shapes = [(1, rng.randint(1, 30)) for _ in range(num_decodes)] + prefills
+    shapes = [(1, rng.randint(1, longest_decode)) for _ in range(num_decodes)] + prefills
     free = list(range(num_pages))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-kv // page))] for _, kv in shapes]
@@ -110,10 +124,33 @@ def relative_error(case, device: str, dtype: torch.dtype, kv_dtype: torch.dtype 
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def split_relative_error(case, device: str, dtype: torch.dtype) -> float:
+    """`relative_error` of a SPLIT_CASES case: decodes only, keys split over the case's `splits`."""
+    from runner.engine.layers.paged_attention import decode_attention
+
+    seed, nd, longest, page, heads, kv_heads, dim, window, softcap, splits = case
+    q, k_cache, v_cache, batch = random_batch(
+        seed, nd, [], page, heads, kv_heads, dim, device, dtype, longest
+    )
+    scale = dim**-0.5
+    ref = reference_attention(
+        q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(), to_cpu(batch), scale, window, softcap
+    )
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k_cache, v_cache, out, batch, scale, window, softcap, splits)
+    out = out.cpu().float()
+    assert torch.isfinite(out).all()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
 def main() -> None:
     for case in CASES:
         err = relative_error(case, "cpu", torch.float32)
         print(f"case {case[0]}: relative error {err:.2e}")
+        assert err < 1e-5, case
+    for case in SPLIT_CASES:
+        err = split_relative_error(case, "cpu", torch.float32)
+        print(f"split case {case[0]}: relative error {err:.2e}")
         assert err < 1e-5, case
 
 

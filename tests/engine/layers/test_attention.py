@@ -12,12 +12,21 @@ import torch
 
 from runner.engine.layers.attention import PREFILL_BLOCK_Q, prefill_blocks, reference_attention, write_kv
 from runner.engine.layers.cpu_attention import batched_attention
+from runner.engine.layers.paged_attention import decode_splits, sm_count
 from tests.engine.conftest import run_in_triton_interpreter
-from tests.engine.layers.paged_cases import CASES, random_batch, relative_error
+from tests.engine.layers.paged_cases import (
+    CASES,
+    SPLIT_CASES,
+    random_batch,
+    relative_error,
+    split_relative_error,
+)
 
 
 def test_paged_attention_matches_reference_in_the_interpreter():
-    assert run_in_triton_interpreter("tests.engine.layers.paged_cases").count("relative error") == len(CASES)
+    out = run_in_triton_interpreter("tests.engine.layers.paged_cases")
+    assert out.count("relative error") == len(CASES) + len(SPLIT_CASES)
+    assert out.count("split case") == len(SPLIT_CASES)
 
 
 @pytest.mark.gpu
@@ -27,6 +36,24 @@ def test_paged_attention_on_cuda(case):
         pytest.skip("needs CUDA")
     assert relative_error(case, "cuda", torch.float32) < 1e-5
     assert relative_error(case, "cuda", torch.bfloat16) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[str(c[0]) for c in SPLIT_CASES])
+def test_split_decode_attention_on_cuda(case):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    assert split_relative_error(case, "cuda", torch.float32) < 1e-5
+    assert split_relative_error(case, "cuda", torch.bfloat16) < 1e-2
+
+
+def test_decode_splits_fill_the_sms_only_for_few_rows():
+    """A decode launch splits its keys when rows x KV heads give fewer than 4 programs an SM (132 SMs on
+    an H200: 528), into as many as fit in 528 programs, at most 32; the interpreter counts as one SM."""
+    h200 = 132
+    splits = {rows: decode_splits(rows, 8, h200) for rows in (1, 2, 4, 16, 17, 33, 512)}
+    assert splits == {1: 32, 2: 32, 4: 16, 16: 4, 17: 3, 33: 2, 512: 1}
+    assert sm_count(torch.device("cpu")) == 1
 
 
 def test_reference_masks_future_and_other_sequences():
