@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `runner` imports
 
-from runner.engine.layers.attention import AttentionBatch, prefill_blocks  # noqa: E402
+from runner.engine.layers.attention import PREFILL_BLOCK_Q, AttentionBatch, prefill_blocks  # noqa: E402
 from runner.engine.layers.paged_attention import (  # noqa: E402
     decode_attention,
     decode_splits,
@@ -112,8 +112,10 @@ def elapsed_s(fn, repeats: int = 20) -> float:
     return start.elapsed_time(end) / 1e3 / repeats
 
 
-def make_batch(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch]:
-    """q [T, H, D], K and V caches over shuffled pages, and the batch."""
+def make_batch(
+    case: Case, block_q: int = PREFILL_BLOCK_Q
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch]:
+    """q [T, H, D], K and V caches over shuffled pages, and the batch (prefill blocks of `block_q`)."""
     q_lens = np.array([q for q, _ in case.seqs])
     kv_lens = [kv for _, kv in case.seqs]
     pages = [-(-n // PAGE) for n in kv_lens]
@@ -128,7 +130,7 @@ def make_batch(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, At
     v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(int(q_lens.sum()), case.heads, case.dim, device="cuda", dtype=torch.bfloat16)
     decodes = len(case.seqs) if case.decode else 0
-    block_seq, block_start = prefill_blocks(q_lens[decodes:], decodes)
+    block_seq, block_start = prefill_blocks(q_lens[decodes:], decodes, block_q)
 
     def t(values) -> torch.Tensor:
         return torch.tensor(np.asarray(values), dtype=torch.int64, device="cuda")

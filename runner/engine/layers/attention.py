@@ -34,14 +34,17 @@ class AttentionBatch:
     block_start: torch.Tensor  # [NB] int64: first query, within its sequence, of each prefill block
 
 
-def prefill_blocks(q_lens: np.ndarray, first_row: int) -> tuple[np.ndarray, np.ndarray]:
+def prefill_blocks(
+    q_lens: np.ndarray, first_row: int, block_q: int = PREFILL_BLOCK_Q
+) -> tuple[np.ndarray, np.ndarray]:
     """The prefill programs' grid: q_lens [R] are the query counts of batch rows first_row.. (the
     prefill chunks, after the decodes). Returns (block_seq [NB], block_start [NB]) int64: the batch row
-    of each block of PREFILL_BLOCK_Q queries and its first query within that row."""
-    blocks = -(-q_lens // PREFILL_BLOCK_Q)  # [R] query blocks per prefill row
+    of each block of `block_q` queries and its first query within that row (`block_q`: other than the
+    kernel's for scripts/sweep_attention_tiles.py only)."""
+    blocks = -(-q_lens // block_q)  # [R] query blocks per prefill row
     block_seq = np.repeat(np.arange(first_row, first_row + len(q_lens), dtype=np.int64), blocks)
     block_first = np.repeat(np.cumsum(blocks) - blocks, blocks)  # index of each row's first block
-    block_start = (np.arange(len(block_seq), dtype=np.int64) - block_first) * PREFILL_BLOCK_Q
+    block_start = (np.arange(len(block_seq), dtype=np.int64) - block_first) * block_q
     return block_seq, block_start
 
 

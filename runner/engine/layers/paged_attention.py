@@ -34,6 +34,9 @@ from runner.engine.layers.attention import PREFILL_BLOCK_Q, AttentionBatch
 from runner.engine.layers.fp8_format import FP8
 
 BLOCK_N = 64  # keys per iteration
+# software-pipeline stages of the key loop: 3 for a prefill launch of head dim <= 64 (W0's 16k-token step
+# +17%, a 16k-token 1B prompt +23%), else 2 (3 cost head dim 128 2-3%): scripts/sweep_attention_tiles.py
+PREFILL_STAGES_SMALL_HEADS = 3
 DECODE_PROGRAMS_PER_SM = 4  # a decode launch of fewer programs than this x SMs splits its keys up to it
 MAX_SPLITS = 32
 
@@ -263,7 +266,8 @@ def _launch(
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
         BLOCK_N=BLOCK_N, PAGE=k_cache.shape[1], D=dim, D_PAD=d_pad, DECODE=decode,
         IEEE=q.dtype == torch.float32, SPLIT=splits > 1, SOFTCAP=float(softcap), WINDOWED=window > 0,
-        HALF_DOT=half_dot(q.dtype, k_cache.dtype), num_warps=4, num_stages=2,
+        HALF_DOT=half_dot(q.dtype, k_cache.dtype), num_warps=4,
+        num_stages=PREFILL_STAGES_SMALL_HEADS if not decode and dim <= 64 else 2,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(grid, q.shape[1])](
