@@ -115,7 +115,8 @@ def elapsed_s(fn, repeats: int = 20) -> float:
 def make_batch(
     case: Case, block_q: int = PREFILL_BLOCK_Q
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch]:
-    """q [T, H, D], K and V caches over shuffled pages, and the batch (prefill blocks of `block_q`)."""
+    """q [T, H, D], K and V caches over shuffled pages, and the batch (prefill blocks of `block_q`); the
+    same values at every call."""
     q_lens = np.array([q for q, _ in case.seqs])
     kv_lens = [kv for _, kv in case.seqs]
     pages = [-(-n // PAGE) for n in kv_lens]
@@ -126,9 +127,10 @@ def make_batch(
         table[row, :n] = order[start : start + n]
         start += n
     shape = (sum(pages) + 1, PAGE, case.kv_heads, case.dim)
-    k_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    q = torch.randn(int(q_lens.sum()), case.heads, case.dim, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(int(q_lens.sum()), case.heads, case.dim, device="cuda", dtype=torch.bfloat16, generator=g)
     decodes = len(case.seqs) if case.decode else 0
     block_seq, block_start = prefill_blocks(q_lens[decodes:], decodes, block_q)
 

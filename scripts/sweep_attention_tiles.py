@@ -1,11 +1,16 @@
-"""Prefill attention tiles: the paged kernel's prefill launch under other tile settings than it takes.
+"""Tile settings of the paged attention kernel: its decode or prefill launch under other tiles than it takes.
 
-For each prefill case of `bench_attention.py` (a 16k-token step of W0's and W2's prompts, one 16k prompt
-of the 1B and of the 8B shape), times the launch at every (queries per block, keys per iteration, warps,
-pipeline stages) and prints the settings by their geometric-mean slowdown against each case's best.
-What `paged_attention.py` takes (BLOCK_N, PREFILL_BLOCK_Q, its stage rule) came from this.
+`--kind decode`: the steady decode batches of W0, W1 and W2 (`bench_attention.CASES`), over a bf16 cache
+and an fp8 one, the fp8 one with its dots in bf16 (`fp8-bf16dot`) and in fp16 (`fp8`, what the engine
+runs), at every (keys per iteration, warps, pipeline stages); outputs are checked against the engine's
+tile over the same cache, and the K/V read rate is reported. `--kind prefill`: a 16k-token step of W0's
+and W2's prompts and one 16k prompt of the 1B and of the 8B shape, at every (queries per block, keys per
+iteration, warps, stages). Each launch is timed in a CUDA graph (`bench_attention.elapsed_s`); the tiles
+are ranked by their geometric-mean slowdown against each case's best. What `paged_attention.py` takes
+(BLOCK_N, PREFILL_BLOCK_Q, its stage rule) came from these.
 
-    python scripts/sweep_attention_tiles.py --out tiles.json
+    python scripts/sweep_attention_tiles.py --kind prefill --out tiles.json
+    python scripts/sweep_attention_tiles.py --kind decode --current-only --out decode.json
 """
 
 from __future__ import annotations
@@ -23,54 +28,109 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `runner` imports
 
-from runner.engine.layers.paged_attention import _paged_attention_kernel  # noqa: E402
+from runner.engine.layers.attention import PREFILL_BLOCK_Q, to_cache  # noqa: E402
+from runner.engine.layers.fp8_format import FP8  # noqa: E402
+from runner.engine.layers.paged_attention import (  # noqa: E402
+    BLOCK_N,
+    PREFILL_STAGES_SMALL_HEADS,
+    _paged_attention_kernel,
+)
 from scripts.bench_attention import CASES, elapsed_s, make_batch  # noqa: E402
 
-SWEEP = ["W0 prefill step", "W2 prefill step", "1B prefill 16k", "8B prefill 16k"]
-TILES = list(itertools.product((16, 32), (32, 64, 128), (4, 8), (2, 3)))  # block_q, block_n, warps, stages
+DECODE_CASES = ["W0 decode", "W1 decode", "W2 decode"]
+PREFILL_CASES = ["W0 prefill step", "W2 prefill step", "1B prefill 16k", "8B prefill 16k"]
+# (queries per block, keys per iteration, warps, stages)
+DECODE_TILES = [(1, *t) for t in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4))]
+PREFILL_TILES = list(itertools.product((16, 32), (32, 64, 128), (4, 8), (2, 3)))
+# cache dtype, dots in fp16
+CACHES = {"bf16": (torch.bfloat16, False), "fp8-bf16dot": (FP8, False), "fp8": (FP8, True)}
 
 
-def launch(q, k_cache, v_cache, out, batch, block_q: int, block_n: int, warps: int, stages: int) -> None:
-    """The kernel's prefill launch, as `paged_attention` makes it, with the given tiles."""
+def engine_tile(decode: bool, dim: int) -> tuple[int, int, int, int]:
+    """The tile `paged_attention` launches with."""
+    if decode:
+        return 1, BLOCK_N, 4, 2
+    return PREFILL_BLOCK_Q, BLOCK_N, 4, PREFILL_STAGES_SMALL_HEADS if dim <= 64 else 2
+
+
+def launch(q, k_cache, v_cache, out, batch, half_dot: bool, tile: tuple[int, int, int, int]) -> None:
+    """The kernel's decode (block_q 1) or prefill launch, as `paged_attention` makes it, with `tile`."""
+    block_q, block_n, warps, stages = tile
     group = q.shape[1] // k_cache.shape[2]
     dim = q.shape[2]
-    _paged_attention_kernel[(batch.block_seq.numel(), k_cache.shape[2], 1)](
+    grid = batch.num_decodes if block_q == 1 else batch.block_seq.numel()
+    _paged_attention_kernel[(grid, k_cache.shape[2], 1)](
         q, k_cache, v_cache, out, batch.page_table, batch.row_slot, batch.cu_seqlens_q, batch.kv_lens,
         batch.block_seq, batch.block_start, out, out, 1, dim**-0.5, 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), batch.page_table.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
         BLOCK_N=block_n, PAGE=k_cache.shape[1], D=dim, D_PAD=max(16, triton.next_power_of_2(dim)),
-        DECODE=False, IEEE=False, SPLIT=False, SOFTCAP=0.0, WINDOWED=False, HALF_DOT=False,
+        DECODE=block_q == 1, IEEE=False, SPLIT=False, SOFTCAP=0.0, WINDOWED=False, HALF_DOT=half_dot,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
+def sweep(case_names: list[str], tiles: list[tuple], caches: list[str]) -> list[dict]:
+    """One row per (case, cache, tile): microseconds, rate (decode: K/V TB/s), max |error| against the
+    engine's tile."""
+    rows = []
+    for case in (c for c in CASES if c.name in case_names):
+        for cache in caches:
+            dtype, half_dot = CACHES[cache]
+            current = engine_tile(case.decode, case.dim)
+            batches = {}  # block_q -> the same q, K and V, blocked by block_q
+            for tile in sorted(set(tiles) | {current}, key=lambda t: t != current):  # the engine's first
+                if tile[0] not in batches:
+                    q, k_cache, v_cache, batch = make_batch(case, tile[0])
+                    batches[tile[0]] = q, to_cache(k_cache, dtype), to_cache(v_cache, dtype), batch
+                q, k_cache, v_cache, batch = batches[tile[0]]
+                out = torch.empty_like(q)
+                s = elapsed_s(functools.partial(launch, q, k_cache, v_cache, out, batch, half_dot, tile), 10)
+                if tile == current:
+                    reference = out.float()
+                keys = sum(kv for _, kv in case.seqs)
+                rate = keys * 2 * case.kv_heads * case.dim * k_cache.element_size() / s / 1e12
+                row = dict(case=case.name, cache=cache, block_q=tile[0], block_n=tile[1], warps=tile[2],
+                           stages=tile[3], engine=tile == current, us=round(s * 1e6, 1),
+                           kv_tb_s=round(rate, 2) if case.decode else None,
+                           max_err=(out.float() - reference).abs().max().item())  # fmt: skip
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def ranking(rows: list[dict]) -> None:
+    """Print the tiles by geometric-mean slowdown over every (case, cache), and each one's slowdowns."""
+    keys = sorted({(r["case"], r["cache"]) for r in rows})
+    best = {k: min(r["us"] for r in rows if (r["case"], r["cache"]) == k) for k in keys}
+    by_tile: dict[tuple, dict] = {}
+    for r in rows:
+        tile = (r["block_q"], r["block_n"], r["warps"], r["stages"])
+        by_tile.setdefault(tile, {})[r["case"], r["cache"]] = r
+    print("\nblock_q block_n warps stages  slowdown  " + "  ".join(f"{c} ({kv})" for c, kv in keys))
+    ranked = sorted((math.prod(t[k]["us"] / best[k] for k in keys) ** (1 / len(keys)), tile)
+                    for tile, t in by_tile.items() if len(t) == len(keys))  # fmt: skip
+    for slowdown, tile in ranked:
+        engine = "*" if any(by_tile[tile][k]["engine"] for k in keys) else " "
+        per_case = "  ".join(f"{by_tile[tile][k]['us'] / best[k]:.2f}" for k in keys)
+        print(f"{tile[0]:7} {tile[1]:7} {tile[2]:5} {tile[3]:6}{engine} {slowdown:8.2f}  {per_case}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", choices=["decode", "prefill"], default="prefill")
+    ap.add_argument("--current-only", action="store_true", help="time the engine's tile alone")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
-    times: dict[tuple, dict[str, float]] = {tile: {} for tile in TILES}
-    for case in (c for c in CASES if c.name in SWEEP):
-        for tile in TILES:
-            q, k_cache, v_cache, batch = make_batch(case, tile[0])
-            out = torch.empty_like(q)
-            run = functools.partial(launch, q, k_cache, v_cache, out, batch, *tile)
-            times[tile][case.name] = elapsed_s(run, 10)
-            print(case.name, tile, f"{times[tile][case.name] * 1e6:.1f} us", flush=True)
-        torch.cuda.empty_cache()
-    best = {name: min(t[name] for t in times.values()) for name in SWEEP}
-    mean = {tile: math.prod(t[n] / best[n] for n in SWEEP) ** (1 / len(SWEEP)) for tile, t in times.items()}
-    ranked = sorted((m, tile) for tile, m in mean.items())
-    print("\nblock_q block_n warps stages  slowdown (geometric mean)  " + "  ".join(SWEEP))
-    for slowdown, tile in ranked:
-        per_case = "  ".join(f"{times[tile][n] / best[n]:.2f}" for n in SWEEP)
-        print(f"{tile[0]:7} {tile[1]:7} {tile[2]:5} {tile[3]:6}  {slowdown:25.2f}  {per_case}")
+    decode = args.kind == "decode"
+    tiles = [] if args.current_only else DECODE_TILES if decode else PREFILL_TILES
+    rows = sweep(DECODE_CASES if decode else PREFILL_CASES, tiles, list(CACHES) if decode else ["bf16"])
+    ranking(rows)
     if args.out:
-        rows = [{"block_q": t[0], "block_n": t[1], "warps": t[2], "stages": t[3],
-                 "us": {n: round(s * 1e6, 1) for n, s in times[t].items()}} for t in TILES]  # fmt: skip
         result = {"command": " ".join(["scripts/sweep_attention_tiles.py", *sys.argv[1:]]),
-                  "device": torch.cuda.get_device_name(), "tiles": rows}  # fmt: skip
+                  "device": torch.cuda.get_device_name(), "rows": rows}  # fmt: skip
         Path(args.out).write_text(json.dumps(result, indent=1))
 
 
