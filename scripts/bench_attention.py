@@ -1,13 +1,14 @@
 """Attention alone: the paged kernel's decode K/V read rate and prefill FLOP rate, against the copy and
 matmul rates measured in the same run (`bench.measure_rates`).
 
-One layer's launch on random K/V, bf16, pages of 16 shuffled over the cache, timed in a CUDA graph (as
-the engine's decode graphs run it: no host time between launches). Decode cases: the steady batches of
-W0, W1 and W2 (prompt lengths uniform in [64, 768], half their new tokens out), and few sequences of 4k
-or 16k keys (the 1B and 8B shapes), whose keys split over several programs per (sequence, KV head)
-(`decode_splits`); `--splits` times other split counts too. Decode bytes are the K/V of every key read.
-Prefill cases: a 16,384-token step of W0's and W2's prompts, one 16k prompt, and the last 4k chunk of
-one; prefill FLOPs are 4 x heads x head_dim per (query, visible key) pair. Prints a table, writes JSON.
+One layer's launch on random K/V, bf16, pages of 16 shuffled over the cache, timed in a CUDA graph
+(`bench_gemm.graph_ms`: as the engine's decode graphs run it, no host time between launches). Decode
+cases: the steady batches of W0, W1 and W2 (prompt lengths uniform in [64, 768], half their new tokens
+out), and few sequences of 4k or 16k keys (the 1B and 8B shapes), whose keys split over several programs
+per (sequence, KV head) (`decode_splits`); `--splits` times other split counts too. Decode bytes are the
+K/V of every key read. Prefill cases: a 16,384-token step of W0's and W2's prompts, a 16k prompt of the
+1B and of the 8B shape, and the last 4k chunk of the 8B one; prefill FLOPs are 4 x heads x head_dim per
+(query, visible key) pair. Prints a table, writes JSON.
 
     python scripts/bench_attention.py --out attention.json
     python scripts/bench_attention.py --splits 1,2,4,8,16,32   # every split count besides the chosen one
@@ -35,6 +36,7 @@ from runner.engine.layers.paged_attention import (  # noqa: E402
     sm_count,
 )
 from scripts.bench import Rates, measure_rates  # noqa: E402
+from scripts.bench_gemm import graph_ms  # noqa: E402
 
 PAGE = 16
 
@@ -94,24 +96,6 @@ class Timing:
     of_peak: float  # decode: of the measured copy rate; prefill: of the measured bf16 matmul rate
 
 
-def elapsed_s(fn, repeats: int = 20) -> float:
-    """Mean GPU seconds of `fn`, from a CUDA graph of `repeats` calls, after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeats
-
-
 def make_batch(
     case: Case, block_q: int = PREFILL_BLOCK_Q
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch]:
@@ -157,7 +141,7 @@ def time_case(case: Case, splits: list[int], rates: Rates) -> list[Timing]:
     if not case.decode:
         pairs = sum(q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2 for q_len, kv_len in case.seqs)
         flops = 4 * case.heads * case.dim * pairs
-        s = elapsed_s(lambda: paged_attention(q, k_cache, v_cache, batch, scale))
+        s = graph_ms(lambda: paged_attention(q, k_cache, v_cache, batch, scale)) / 1e3
         t = Timing(case.name, 0, True, round(s * 1e6, 1), round(flops / 1e12, 3), round(flops / s / 1e12, 1),
                    round(flops / s / rates.bf16_flops, 3))  # fmt: skip
         print(json.dumps(asdict(t)), flush=True)
@@ -167,7 +151,7 @@ def time_case(case: Case, splits: list[int], rates: Rates) -> list[Timing]:
     chosen = decode_splits(len(case.seqs), case.kv_heads, sm_count(q.device))
     timings = []
     for n in sorted({chosen, *splits}):
-        s = elapsed_s(lambda n=n: decode_attention(q, k_cache, v_cache, out, batch, scale, 0, 0.0, n))
+        s = graph_ms(lambda n=n: decode_attention(q, k_cache, v_cache, out, batch, scale, 0, 0.0, n)) / 1e3
         t = Timing(case.name, n, n == chosen, round(s * 1e6, 1), round(nbytes / 1e9, 3),
                    round(nbytes / s / 1e12, 3), round(nbytes / s / rates.bytes_per_s, 3))  # fmt: skip
         print(json.dumps(asdict(t)), flush=True)

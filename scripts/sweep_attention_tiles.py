@@ -5,7 +5,7 @@ and an fp8 one, the fp8 one with its dots in bf16 (`fp8-bf16dot`) and in fp16 (`
 runs), at every (keys per iteration, warps, pipeline stages); outputs are checked against the engine's
 tile over the same cache, and the K/V read rate is reported. `--kind prefill`: a 16k-token step of W0's
 and W2's prompts and one 16k prompt of the 1B and of the 8B shape, at every (queries per block, keys per
-iteration, warps, stages). Each launch is timed in a CUDA graph (`bench_attention.elapsed_s`); the tiles
+iteration, warps, stages). Each launch is timed in a CUDA graph (`bench_gemm.graph_ms`); the tiles
 are ranked by their geometric-mean slowdown against each case's best. What `paged_attention.py` takes
 (BLOCK_N, PREFILL_BLOCK_Q, its stage rule) came from these.
 
@@ -35,7 +35,8 @@ from runner.engine.layers.paged_attention import (  # noqa: E402
     PREFILL_STAGES_SMALL_HEADS,
     _paged_attention_kernel,
 )
-from scripts.bench_attention import CASES, elapsed_s, make_batch  # noqa: E402
+from scripts.bench_attention import CASES, make_batch  # noqa: E402
+from scripts.bench_gemm import graph_ms  # noqa: E402
 
 DECODE_CASES = ["W0 decode", "W1 decode", "W2 decode"]
 PREFILL_CASES = ["W0 prefill step", "W2 prefill step", "1B prefill 16k", "8B prefill 16k"]
@@ -86,7 +87,8 @@ def sweep(case_names: list[str], tiles: list[tuple], caches: list[str]) -> list[
                     batches[tile[0]] = q, to_cache(k_cache, dtype), to_cache(v_cache, dtype), batch
                 q, k_cache, v_cache, batch = batches[tile[0]]
                 out = torch.empty_like(q)
-                s = elapsed_s(functools.partial(launch, q, k_cache, v_cache, out, batch, half_dot, tile), 10)
+                run = functools.partial(launch, q, k_cache, v_cache, out, batch, half_dot, tile)
+                s = graph_ms(run, 10) / 1e3
                 if tile == current:
                     reference = out.float()
                 keys = sum(kv for _, kv in case.seqs)
