@@ -5,7 +5,7 @@ chunks (blocks of BLOCK_Q queries, grid [blocks, Hkv], block -> sequence mapped 
 launch of few sequences splits each sequence's keys over `splits` programs (split-KV, as flash-decoding):
 without it, a batch of 16 long sequences would run 16 x Hkv programs on 132 SMs. Each split writes its
 partial output and log-sum-exp to a workspace, and a second kernel merges them; the split count depends
-only on the row count (`decode_splits`), so a decode graph's launch has one fixed shape. A
+on the row count, not the lengths (`decode_splits`), so a decode graph's launch has one fixed shape. A
 program takes the GROUP query heads that share one KV head, so K/V pages are read once per GROUP
 (GQA packing: M = queries x GROUP rows feed the tensor cores). K/V are gathered token by token
 through the page table, BLOCK_N tokens per iteration, with an online softmax in fp32; a prefill block
