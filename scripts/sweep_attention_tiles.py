@@ -6,8 +6,8 @@ runs), at every (keys per iteration, warps, pipeline stages); outputs are checke
 tile over the same cache, and the K/V read rate is reported. `--kind prefill`: a 16k-token step of W0's
 and W2's prompts and one 16k prompt of the 1B and of the 8B shape, at every (queries per block, keys per
 iteration, warps, stages). Each launch is timed in a CUDA graph (`bench_gemm.graph_ms`); the tiles
-are ranked by their geometric-mean slowdown against each case's best. What `paged_attention.py` takes
-(BLOCK_N, PREFILL_BLOCK_Q, its stage rule) came from these.
+are ranked by their geometric-mean slowdown against each case's best. The tiles the engine takes
+(`paged_attention.kernel_tile`) came from these.
 
     python scripts/sweep_attention_tiles.py --kind prefill --out tiles.json
     python scripts/sweep_attention_tiles.py --kind decode --current-only --out decode.json
@@ -24,17 +24,12 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `runner` imports
 
-from runner.engine.layers.attention import PREFILL_BLOCK_Q, to_cache  # noqa: E402
+from runner.engine.layers.attention import to_cache  # noqa: E402
 from runner.engine.layers.fp8_format import FP8  # noqa: E402
-from runner.engine.layers.paged_attention import (  # noqa: E402
-    BLOCK_N,
-    PREFILL_STAGES_SMALL_HEADS,
-    _paged_attention_kernel,
-)
+from runner.engine.layers.paged_attention import kernel_tile, launch  # noqa: E402
 from scripts.bench_attention import CASES, make_batch  # noqa: E402
 from scripts.bench_gemm import graph_ms  # noqa: E402
 
@@ -47,31 +42,6 @@ PREFILL_TILES = list(itertools.product((16, 32), (32, 64, 128), (4, 8), (2, 3)))
 CACHES = {"bf16": (torch.bfloat16, False), "fp8-bf16dot": (FP8, False), "fp8": (FP8, True)}
 
 
-def engine_tile(decode: bool, dim: int) -> tuple[int, int, int, int]:
-    """The tile `paged_attention` launches with."""
-    if decode:
-        return 1, BLOCK_N, 4, 2
-    return PREFILL_BLOCK_Q, BLOCK_N, 4, PREFILL_STAGES_SMALL_HEADS if dim <= 64 else 2
-
-
-def launch(q, k_cache, v_cache, out, batch, half_dot: bool, tile: tuple[int, int, int, int]) -> None:
-    """The kernel's decode (block_q 1) or prefill launch, as `paged_attention` makes it, with `tile`."""
-    block_q, block_n, warps, stages = tile
-    group = q.shape[1] // k_cache.shape[2]
-    dim = q.shape[2]
-    grid = batch.num_decodes if block_q == 1 else batch.block_seq.numel()
-    _paged_attention_kernel[(grid, k_cache.shape[2], 1)](
-        q, k_cache, v_cache, out, batch.page_table, batch.row_slot, batch.cu_seqlens_q, batch.kv_lens,
-        batch.block_seq, batch.block_start, out, out, 1, dim**-0.5, 0,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), batch.page_table.stride(0),
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
-        BLOCK_N=block_n, PAGE=k_cache.shape[1], D=dim, D_PAD=max(16, triton.next_power_of_2(dim)),
-        DECODE=block_q == 1, IEEE=False, SPLIT=False, SOFTCAP=0.0, WINDOWED=False, HALF_DOT=half_dot,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-
-
 def sweep(case_names: list[str], tiles: list[tuple], caches: list[str]) -> list[dict]:
     """One row per (case, cache, tile): microseconds, rate (decode: K/V TB/s), max |error| against the
     engine's tile."""
@@ -79,7 +49,7 @@ def sweep(case_names: list[str], tiles: list[tuple], caches: list[str]) -> list[
     for case in (c for c in CASES if c.name in case_names):
         for cache in caches:
             dtype, half_dot = CACHES[cache]
-            current = engine_tile(case.decode, case.dim)
+            current = kernel_tile(case.decode, case.dim)
             batches = {}  # block_q -> the same q, K and V, blocked by block_q
             for tile in sorted(set(tiles) | {current}, key=lambda t: t != current):  # the engine's first
                 if tile[0] not in batches:
@@ -87,7 +57,10 @@ def sweep(case_names: list[str], tiles: list[tuple], caches: list[str]) -> list[
                     batches[tile[0]] = q, to_cache(k_cache, dtype), to_cache(v_cache, dtype), batch
                 q, k_cache, v_cache, batch = batches[tile[0]]
                 out = torch.empty_like(q)
-                run = functools.partial(launch, q, k_cache, v_cache, out, batch, half_dot, tile)
+                grid = batch.num_decodes if case.decode else batch.block_seq.numel()
+                scale = case.dim**-0.5
+                run = functools.partial(launch, q, k_cache, v_cache, out, batch, scale, 0, 0.0, grid,
+                                        case.decode, tile=tile, fp16_dots=half_dot)  # fmt: skip
                 s = graph_ms(run, 10) / 1e3
                 if tile == current:
                     reference = out.float()

@@ -237,21 +237,25 @@ def half_dot(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
     return kv_dtype == FP8 and q_dtype == torch.bfloat16
 
 
-def _launch(
-    q,
-    k_cache,
-    v_cache,
-    out,
-    batch: AttentionBatch,
-    scale,
-    window,
-    softcap,
-    grid: int,
-    decode: bool,
-    splits: int = 1,
-) -> None:
+Tile = tuple[int, int, int, int]  # queries per program, keys per iteration, warps, pipeline stages
+
+
+def kernel_tile(decode: bool, dim: int) -> Tile:
+    """The tile a decode or prefill launch of head dim `dim` takes (scripts/sweep_attention_tiles.py)."""
+    if decode:
+        return 1, BLOCK_N, 4, 2
+    return PREFILL_BLOCK_Q, BLOCK_N, 4, PREFILL_STAGES_SMALL_HEADS if dim <= 64 else 2
+
+
+def launch(
+    q, k_cache, v_cache, out, batch: AttentionBatch, scale, window, softcap, grid: int, decode: bool,
+    splits: int = 1, tile: Tile | None = None, fp16_dots: bool | None = None,
+) -> None:  # fmt: skip
+    """The kernel over `grid` programs per KV head (the decodes, or the prefill blocks of `batch`), and the
+    merge of its `splits`. `tile` (default `kernel_tile`) and `fp16_dots` (default `half_dot`) set
+    otherwise only by scripts/sweep_attention_tiles.py."""
+    block_q, block_n, warps, stages = tile or kernel_tile(decode, q.shape[2])
     group = q.shape[1] // k_cache.shape[2]
-    block_q = 1 if decode else PREFILL_BLOCK_Q
     dim = q.shape[2]
     d_pad = max(16, triton.next_power_of_2(dim))
     part = lse = out  # unused without splits
@@ -264,10 +268,10 @@ def _launch(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), batch.page_table.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
-        BLOCK_N=BLOCK_N, PAGE=k_cache.shape[1], D=dim, D_PAD=d_pad, DECODE=decode,
+        BLOCK_N=block_n, PAGE=k_cache.shape[1], D=dim, D_PAD=d_pad, DECODE=decode,
         IEEE=q.dtype == torch.float32, SPLIT=splits > 1, SOFTCAP=float(softcap), WINDOWED=window > 0,
-        HALF_DOT=half_dot(q.dtype, k_cache.dtype), num_warps=4,
-        num_stages=PREFILL_STAGES_SMALL_HEADS if not decode and dim <= 64 else 2,
+        HALF_DOT=half_dot(q.dtype, k_cache.dtype) if fp16_dots is None else fp16_dots,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(grid, q.shape[1])](
@@ -289,7 +293,7 @@ def decode_attention(
 ) -> None:
     """The decodes' rows of `out` [T, H, D]: each (sequence, KV head)'s visible keys split over `splits`
     programs (1: no split, no merge)."""
-    _launch(q, k_cache, v_cache, out, batch, scale, window, softcap, batch.num_decodes, True, splits)
+    launch(q, k_cache, v_cache, out, batch, scale, window, softcap, batch.num_decodes, True, splits)
 
 
 def paged_attention(
@@ -309,7 +313,5 @@ def paged_attention(
         splits = decode_splits(batch.num_decodes, k_cache.shape[2], sm_count(q.device))
         decode_attention(q, k_cache, v_cache, out, batch, scale, window, softcap, splits)
     if batch.block_seq.numel():
-        _launch(
-            q, k_cache, v_cache, out, batch, scale, window, softcap, batch.block_seq.numel(), decode=False
-        )
+        launch(q, k_cache, v_cache, out, batch, scale, window, softcap, batch.block_seq.numel(), decode=False)
     return out
