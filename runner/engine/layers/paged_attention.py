@@ -38,6 +38,11 @@ BLOCK_N = 64  # keys per iteration
 # +17%, a 16k-token 1B prompt +23%), else 2 (3 cost head dim 128 2-3%): scripts/sweep_attention_tiles.py
 PREFILL_STAGES_SMALL_HEADS = 3
 DECODE_PROGRAMS_PER_SM = 4  # a decode launch of fewer programs than this x SMs splits its keys up to it
+# an unsplit decode launch of 8 to 16 programs per SM (W0: 512 rows x 3 KV heads, 11.6 on 132 SMs; W2:
+# 256 x 8, 15.5) runs 1-warp programs of 32 keys at head dim <= 64 (W0's launch -6 %), 128 keys an
+# iteration at head dim 65-128 (W2's -8 %); fewer programs (64 long sequences x 8 KV heads: +13-22 %) or
+# more (W1's 31 per SM: +3-6 %) keep the default tile (scripts/sweep_attention_tiles.py --kind decode)
+SMALL_DECODE_LAUNCH = (8, 16)
 MAX_SPLITS = 32
 
 
@@ -240,11 +245,15 @@ def half_dot(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
 Tile = tuple[int, int, int, int]  # queries per program, keys per iteration, warps, pipeline stages
 
 
-def kernel_tile(decode: bool, dim: int) -> Tile:
-    """The tile a decode or prefill launch of head dim `dim` takes (scripts/sweep_attention_tiles.py)."""
-    if decode:
-        return 1, BLOCK_N, 4, 2
-    return PREFILL_BLOCK_Q, BLOCK_N, 4, PREFILL_STAGES_SMALL_HEADS if dim <= 64 else 2
+def kernel_tile(decode: bool, dim: int, programs_per_sm: float = 0.0, splits: int = 1) -> Tile:
+    """The tile a decode or prefill launch of head dim `dim` takes (scripts/sweep_attention_tiles.py); a
+    decode launch's also depends on its programs per SM and its splits (`SMALL_DECODE_LAUNCH`)."""
+    if not decode:
+        return PREFILL_BLOCK_Q, BLOCK_N, 4, PREFILL_STAGES_SMALL_HEADS if dim <= 64 else 2
+    lo, hi = SMALL_DECODE_LAUNCH
+    if splits == 1 and lo <= programs_per_sm < hi and dim <= 128:
+        return (1, 32, 1, 2) if dim <= 64 else (1, 128, 4, 2)
+    return 1, BLOCK_N, 4, 2
 
 
 def launch(
@@ -254,7 +263,8 @@ def launch(
     """The kernel over `grid` programs per KV head (the decodes, or the prefill blocks of `batch`), and the
     merge of its `splits`. `tile` (default `kernel_tile`) and `fp16_dots` (default `half_dot`) set
     otherwise only by scripts/sweep_attention_tiles.py."""
-    block_q, block_n, warps, stages = tile or kernel_tile(decode, q.shape[2])
+    programs_per_sm = grid * k_cache.shape[2] * splits / sm_count(q.device)
+    block_q, block_n, warps, stages = tile or kernel_tile(decode, q.shape[2], programs_per_sm, splits)
     group = q.shape[1] // k_cache.shape[2]
     dim = q.shape[2]
     d_pad = max(16, triton.next_power_of_2(dim))

@@ -35,6 +35,9 @@ CASES = [
     (11, 4, [(70, 300)], 16, 8, 2, 32, 100, 0.0),
     (12, 5, [(33, 120)], 8, 8, 4, 16, 0, 1.5),
     (13, 3, [(40, 200), (1, 9)], 8, 4, 2, 32, 64, 2.0),
+    # decodes x KV heads in paged_attention.SMALL_DECODE_LAUNCH (the interpreter counts one SM): the
+    # 1-warp tile of 32 keys at head dim 32 (also cases 0, 8, 10, 11), the tile of 128 keys at head dim 96
+    (14, 5, [(9, 40)], 16, 8, 2, 96),
 ]
 
 # split-KV decodes (`decode_attention`): (seed, decodes, longest decode, page size, heads, kv heads, head

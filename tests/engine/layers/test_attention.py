@@ -12,7 +12,7 @@ import torch
 
 from runner.engine.layers.attention import PREFILL_BLOCK_Q, prefill_blocks, reference_attention, write_kv
 from runner.engine.layers.cpu_attention import batched_attention
-from runner.engine.layers.paged_attention import decode_splits, sm_count
+from runner.engine.layers.paged_attention import BLOCK_N, decode_splits, kernel_tile, sm_count
 from tests.engine.conftest import run_in_triton_interpreter
 from tests.engine.layers.paged_cases import (
     CASES,
@@ -54,6 +54,20 @@ def test_decode_splits_fill_the_sms_only_for_few_rows():
     splits = {rows: decode_splits(rows, 8, h200) for rows in (1, 2, 4, 16, 17, 33, 512)}
     assert splits == {1: 32, 2: 32, 4: 16, 16: 4, 17: 3, 33: 2, 512: 1}
     assert sm_count(torch.device("cpu")) == 1
+
+
+def test_decode_tiles_follow_the_head_dim_and_the_programs_per_sm():
+    """Unsplit decodes on an H200's 132 SMs: W0's 512 rows x 3 KV heads of dim 64 run 1-warp programs of 32
+    keys and W2's 256 x 8 of dim 128 read 128 keys an iteration; W1's 512 x 8, 64 long rows x 8, split
+    launches and head dim 256 keep the default tile."""
+    per_sm = {programs: programs / 132 for programs in (512 * 3, 256 * 8, 512 * 8, 64 * 8)}
+    assert kernel_tile(True, 64, per_sm[512 * 3]) == (1, 32, 1, 2)
+    assert kernel_tile(True, 128, per_sm[256 * 8]) == (1, 128, 4, 2)
+    default = (1, BLOCK_N, 4, 2)
+    assert kernel_tile(True, 64, per_sm[512 * 8]) == default
+    assert kernel_tile(True, 128, per_sm[64 * 8]) == default
+    assert kernel_tile(True, 64, 12.0, splits=2) == default
+    assert kernel_tile(True, 256, per_sm[256 * 8]) == default
 
 
 def test_reference_masks_future_and_other_sequences():
