@@ -265,7 +265,9 @@ def t_min(
     return t
 
 
-BUSY_POLL_S = 0.5  # every 50 ms, the polls slowed W0 by 5-15 % (102-116k tok/s, 117-129k without)
+# twice a second, as a job's monitor (runner/monitor.py) polls: every 50 ms, the polls slowed W0 by 5-15 %
+# (PERF_NOTES.md, "NVML polls")
+BUSY_POLL_S = 0.5
 
 
 class BusySampler:
