@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from runner.engine.layers.attention import to_cache  # noqa: E402
 from runner.engine.layers.fp8_format import FP8  # noqa: E402
-from runner.engine.layers.paged_attention import kernel_tile, launch, sm_count  # noqa: E402
+from runner.engine.layers.paged_attention import kernel_tile, launch, sm_count, smem_per_sm  # noqa: E402
 from scripts.bench_attention import CASES, make_batch  # noqa: E402
 from scripts.bench_gemm import graph_ms  # noqa: E402
 
@@ -46,11 +46,12 @@ def sweep(case_names: list[str], tiles: list[tuple], caches: list[str]) -> list[
     """One row per (case, cache, tile): microseconds, rate (decode: K/V TB/s), max |error| against the
     engine's tile."""
     rows = []
-    sms = sm_count(torch.device("cuda"))
+    cuda = torch.device("cuda")
     for case in (c for c in CASES if c.name in case_names):
         for cache in caches:
             dtype, half_dot = CACHES[cache]
-            current = kernel_tile(case.decode, case.dim, len(case.seqs) * case.kv_heads / sms)
+            per_sm = len(case.seqs) * case.kv_heads / sm_count(cuda)
+            current = kernel_tile(case.decode, case.dim, per_sm, smem=smem_per_sm(cuda))
             batches = {}  # block_q -> the same q, K and V, blocked by block_q
             for tile in sorted(set(tiles) | {current}, key=lambda t: t != current):  # the engine's first
                 if tile[0] not in batches:

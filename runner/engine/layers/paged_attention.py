@@ -39,10 +39,13 @@ BLOCK_N = 64  # keys per iteration
 PREFILL_STAGES_SMALL_HEADS = 3
 DECODE_PROGRAMS_PER_SM = 4  # a decode launch of fewer programs than this x SMs splits its keys up to it
 # an unsplit decode launch of 8 to 16 programs per SM (W0: 512 rows x 3 KV heads, 11.6 on 132 SMs; W2:
-# 256 x 8, 15.5) runs 1-warp programs of 32 keys at head dim <= 64 (W0's launch -6 %), 128 keys an
-# iteration at head dim 65-128 (W2's -8 %); fewer programs (64 long sequences x 8 KV heads: +13-22 %) or
+# 256 x 8, 15.5) runs 1-warp programs of 32 keys at head dim <= 64 (W0's launch -7 %), 128 keys an
+# iteration at head dim 65-128 (W2's -7-9 %); fewer programs (64 long sequences x 8 KV heads: +13-22 %) or
 # more (W1's 31 per SM: +3-6 %) keep the default tile (scripts/sweep_attention_tiles.py --kind decode)
 SMALL_DECODE_LAUNCH = (8, 16)
+# shared memory per SM that the 128-key tile needs (2 stages of K and V at head dim 128: 128 KiB, and the
+# rest): an H100 / H200 has 228 KiB, an sm89 GPU 100 KiB (which keeps the default tile)
+WIDE_DECODE_SMEM = 160 * 1024
 MAX_SPLITS = 32
 
 
@@ -230,6 +233,14 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+@functools.cache
+def smem_per_sm(device: torch.device) -> int:
+    """The device's shared memory per SM in bytes; Triton's interpreter on the CPU has no such limit."""
+    if device.type != "cuda":
+        return WIDE_DECODE_SMEM
+    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+
+
 def decode_splits(rows: int, kv_heads: int, sms: int) -> int:
     """How many programs a decode launch of `rows` sequences gives each (sequence, KV head): as many as
     DECODE_PROGRAMS_PER_SM programs on each of `sms` SMs take, at most MAX_SPLITS (rounded down: a
@@ -245,14 +256,20 @@ def half_dot(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
 Tile = tuple[int, int, int, int]  # queries per program, keys per iteration, warps, pipeline stages
 
 
-def kernel_tile(decode: bool, dim: int, programs_per_sm: float = 0.0, splits: int = 1) -> Tile:
+def kernel_tile(
+    decode: bool, dim: int, programs_per_sm: float = 0.0, splits: int = 1, smem: int = WIDE_DECODE_SMEM
+) -> Tile:
     """The tile a decode or prefill launch of head dim `dim` takes (scripts/sweep_attention_tiles.py); a
-    decode launch's also depends on its programs per SM and its splits (`SMALL_DECODE_LAUNCH`)."""
+    decode launch's also depends on its programs per SM, its splits (`SMALL_DECODE_LAUNCH`) and the
+    device's shared memory per SM (`smem`, bytes)."""
     if not decode:
         return PREFILL_BLOCK_Q, BLOCK_N, 4, PREFILL_STAGES_SMALL_HEADS if dim <= 64 else 2
     lo, hi = SMALL_DECODE_LAUNCH
-    if splits == 1 and lo <= programs_per_sm < hi and dim <= 128:
-        return (1, 32, 1, 2) if dim <= 64 else (1, 128, 4, 2)
+    if splits == 1 and lo <= programs_per_sm < hi:
+        if dim <= 64:
+            return 1, 32, 1, 2
+        if dim <= 128 and smem >= WIDE_DECODE_SMEM:
+            return 1, 128, 4, 2
     return 1, BLOCK_N, 4, 2
 
 
@@ -264,7 +281,9 @@ def launch(
     merge of its `splits`. `tile` (default `kernel_tile`) and `fp16_dots` (default `half_dot`) set
     otherwise only by scripts/sweep_attention_tiles.py."""
     programs_per_sm = grid * k_cache.shape[2] * splits / sm_count(q.device)
-    block_q, block_n, warps, stages = tile or kernel_tile(decode, q.shape[2], programs_per_sm, splits)
+    block_q, block_n, warps, stages = tile or kernel_tile(
+        decode, q.shape[2], programs_per_sm, splits, smem_per_sm(q.device)
+    )
     group = q.shape[1] // k_cache.shape[2]
     dim = q.shape[2]
     d_pad = max(16, triton.next_power_of_2(dim))

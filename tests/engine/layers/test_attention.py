@@ -59,7 +59,7 @@ def test_decode_splits_fill_the_sms_only_for_few_rows():
 def test_decode_tiles_follow_the_head_dim_and_the_programs_per_sm():
     """Unsplit decodes on an H200's 132 SMs: W0's 512 rows x 3 KV heads of dim 64 run 1-warp programs of 32
     keys and W2's 256 x 8 of dim 128 read 128 keys an iteration; W1's 512 x 8, 64 long rows x 8, split
-    launches and head dim 256 keep the default tile."""
+    launches, head dim 256 and an sm89 GPU's 100 KiB of shared memory per SM keep the default tile."""
     per_sm = {programs: programs / 132 for programs in (512 * 3, 256 * 8, 512 * 8, 64 * 8)}
     assert kernel_tile(True, 64, per_sm[512 * 3]) == (1, 32, 1, 2)
     assert kernel_tile(True, 128, per_sm[256 * 8]) == (1, 128, 4, 2)
@@ -68,6 +68,7 @@ def test_decode_tiles_follow_the_head_dim_and_the_programs_per_sm():
     assert kernel_tile(True, 128, per_sm[64 * 8]) == default
     assert kernel_tile(True, 64, 12.0, splits=2) == default
     assert kernel_tile(True, 256, per_sm[256 * 8]) == default
+    assert kernel_tile(True, 128, per_sm[256 * 8], smem=100 * 1024) == default
 
 
 def test_reference_masks_future_and_other_sequences():
