@@ -108,14 +108,18 @@ def to_cpu(batch: AttentionBatch) -> AttentionBatch:
     return AttentionBatch(*(f.cpu() if isinstance(f, torch.Tensor) else f for f in fields))
 
 
-def relative_error(case, device: str, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> float:
+def relative_error(
+    case, device: str, dtype: torch.dtype, kv_dtype: torch.dtype | None = None, longest_decode: int = 30
+) -> float:
     """‖kernel − reference‖ / ‖reference‖ on one case (the reference in fp32 on the CPU). `kv_dtype`: the
     cache's dtype when it is not `dtype` (fp8: the reference reads the same rounded K/V, upcast)."""
     from runner.engine.layers.paged_attention import paged_attention
 
     seed, nd, prefills, page, heads, kv_heads, dim, *masking = case
     window, softcap = masking or (0, 0.0)
-    q, k_cache, v_cache, batch = random_batch(seed, nd, prefills, page, heads, kv_heads, dim, device, dtype)
+    q, k_cache, v_cache, batch = random_batch(
+        seed, nd, prefills, page, heads, kv_heads, dim, device, dtype, longest_decode
+    )
     if kv_dtype is not None:
         k_cache, v_cache = to_cache(k_cache, kv_dtype), to_cache(v_cache, kv_dtype)
     scale = dim**-0.5

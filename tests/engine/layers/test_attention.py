@@ -12,7 +12,15 @@ import torch
 
 from runner.engine.layers.attention import PREFILL_BLOCK_Q, prefill_blocks, reference_attention, write_kv
 from runner.engine.layers.cpu_attention import batched_attention
-from runner.engine.layers.paged_attention import BLOCK_N, decode_splits, kernel_tile, sm_count
+from runner.engine.layers.fp8_format import FP8
+from runner.engine.layers.paged_attention import (
+    BLOCK_N,
+    WIDE_DECODE_SMEM,
+    decode_splits,
+    kernel_tile,
+    sm_count,
+    smem_per_sm,
+)
 from tests.engine.conftest import run_in_triton_interpreter
 from tests.engine.layers.paged_cases import (
     CASES,
@@ -45,6 +53,26 @@ def test_split_decode_attention_on_cuda(case):
         pytest.skip("needs CUDA")
     assert split_relative_error(case, "cuda", torch.float32) < 1e-5
     assert split_relative_error(case, "cuda", torch.bfloat16) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+def test_small_decode_launch_tiles_on_cuda(dim):
+    """A decode launch of 10 programs per SM (5 x SMs sequences x 2 KV heads, up to 300 keys each) takes
+    `SMALL_DECODE_LAUNCH`'s tile on this GPU: 1 warp and 32 keys at head dim 64, 128 keys at head dim 128
+    where the SMs' shared memory allows. It matches the reference over fp32, bf16 and fp8 caches."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cuda = torch.device("cuda")
+    case = (40, 5 * sm_count(cuda), [], 16, 8, 2, dim)
+    wide = dim == 128 and smem_per_sm(cuda) >= WIDE_DECODE_SMEM
+    assert kernel_tile(True, dim, 10.0, 1, smem_per_sm(cuda))[1] == (
+        32 if dim == 64 else 128 if wide else BLOCK_N
+    )
+    assert relative_error(case, "cuda", torch.float32, longest_decode=300) < 1e-5
+    assert relative_error(case, "cuda", torch.bfloat16, longest_decode=300) < 1e-2
+    if torch.cuda.get_device_capability(cuda) >= (8, 9):  # an fp8 cache needs sm89+
+        assert relative_error(case, "cuda", torch.bfloat16, FP8, longest_decode=300) < 1e-2
 
 
 def test_decode_splits_fill_the_sms_only_for_few_rows():
