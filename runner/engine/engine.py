@@ -328,6 +328,10 @@ class Engine:
             graph_capture_s=round(self.model_runner.graphs.capture_seconds, 3)
             if self.model_runner.graphs
             else 0.0,
+            piece_graphs=len(self.model_runner.pieces or ()),
+            piece_capture_s=round(self.model_runner.pieces.capture_seconds, 3)
+            if self.model_runner.pieces
+            else 0.0,
             requests_added=self._num_added,
         )
         return out

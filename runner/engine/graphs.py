@@ -112,7 +112,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             self.step(views, rows, all_greedy, want_logprobs, masked)  # compiles kernels, sets up handles
-            with _no_gc():
+            with no_gc():
                 graph.capture_begin(self._pool)
                 try:
                     tokens, logprobs = self.step(views, rows, all_greedy, want_logprobs, masked)
@@ -123,7 +123,7 @@ class DecodeGraphs:
 
 
 @contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
+def no_gc() -> Iterator[None]:
     """Python's cycle collector off: run during a capture, it may free another engine's graphs, and
     destroying a graph while a stream captures invalidates the capture."""
     enabled = gc.isenabled()

@@ -21,6 +21,8 @@ from runner.engine.scheduler import ScheduledBatch
 from runner.engine.sequence import Sequence
 
 TABLE_UPDATES = ("table_index", "table_page")  # PageTable.drain's arrays, packed last
+# a piece-graphed step's arrays that its graphs read, packed first (`build_inputs`' pad_tokens)
+PIECE_INPUTS = ("ids", "positions", "slot_mapping", "carry_slot", "logits_rows")
 
 
 @dataclass(slots=True)
@@ -87,9 +89,14 @@ def build_inputs(
     spare_kv: int,
     pad_to: int = 0,
     table_updates: tuple[np.ndarray, np.ndarray] | None = None,
+    pad_tokens: tuple[int, int] | None = None,
 ) -> StepInputs:
     """Flat inputs of `batch`. `pad_to` > 0 (decode-only batches) pads the rows to that many with rows
     that attend to nothing, use the spare slot and write their K/V to cache slot `spare_kv`.
+    `pad_tokens` = (tokens, sample rows): a step run from piece graphs (`piece_graphs.py`) pads its
+    token-level arrays (id 0, position 0, cache slot `spare_kv`) and its logits rows (row 0) to those
+    sizes, and adds `carry_slot` [tokens]: the token-buffer slot each decode takes its input from (the
+    spare slot for the other tokens). Those arrays come first in the layout (`PIECE_INPUTS`).
     `table_updates`: the page-table entries written since the last step (`PageTable.drain`), packed
     last as `TABLE_UPDATES` (a launched step carries them; a graph's padding inputs do not).
     `sampling` is brought up to date with `batch`'s slots."""
@@ -129,16 +136,21 @@ def build_inputs(
     sample_rows = np.array(batch.sample_rows + list(range(len(seqs), num_rows)), dtype=np.int64)  # + padding
     sample_slot = row_slot[sample_rows]
     temperature = sampling.temperature[sample_slot]
-    arrays = {
+    tokens = {
         "ids": np.array(ids, dtype=np.int64),
         "positions": positions,
         "slot_mapping": slot_mapping,
+        "logits_rows": cu[sample_rows + 1] - 1,
+    }
+    if pad_tokens is not None:
+        tokens = _pad_tokens(tokens, row_slot[:nd], table.pad_slot, spare_kv, *pad_tokens)
+    arrays = {
+        **tokens,
         "cu": cu,
         "kv_lens": kv_lens,
         "row_slot": row_slot,
         "block_seq": block_seq,
         "block_start": block_start,
-        "logits_rows": cu[sample_rows + 1] - 1,
         "sample_slot": sample_slot,
         "top_k": sampling.top_k[sample_slot],
         "seed": sampling.seed[sample_slot],
@@ -158,6 +170,28 @@ def build_inputs(
         all_greedy=not temperature.any(),
         want_logprobs=bool(sampling.logprobs[sample_slot].any()),
     )
+
+
+def _pad_tokens(
+    tokens: dict[str, np.ndarray],
+    decode_slots: np.ndarray,
+    pad_slot: int,
+    spare_kv: int,
+    width: int,
+    rows: int,
+) -> dict[str, np.ndarray]:
+    """`tokens`' arrays padded to `width` tokens and `rows` logits rows, with `carry_slot` (build_inputs)."""
+    n, s = tokens["ids"].size, tokens["logits_rows"].size
+    assert n <= width and s <= rows, (n, width, s, rows)
+    out = {name: np.zeros(width, dtype=np.int64) for name in PIECE_INPUTS[:4]}
+    for name in PIECE_INPUTS[:3]:
+        out[name][:n] = tokens[name]
+    out["slot_mapping"][n:] = spare_kv
+    out["carry_slot"][:] = pad_slot
+    out["carry_slot"][: decode_slots.size] = decode_slots
+    out["logits_rows"] = np.zeros(rows, dtype=np.int64)
+    out["logits_rows"][:s] = tokens["logits_rows"]
+    return out
 
 
 def _words(a: np.ndarray) -> int:

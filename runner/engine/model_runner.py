@@ -27,6 +27,7 @@ import torch
 from runner.engine.graphs import DecodeGraphs, GraphKey
 from runner.engine.group import Group, StepChannel
 from runner.engine.inputs import (
+    PIECE_INPUTS,
     TABLE_UPDATES,
     Layout,
     SlotSampling,
@@ -41,6 +42,7 @@ from runner.engine.inputs import (
 from runner.engine.kv import PageTable
 from runner.engine.layers.attention import AttentionBatch, AttentionFn
 from runner.engine.models import PagedModel
+from runner.engine.piece_graphs import PieceGraphs
 from runner.engine.sampling import SamplingTensors, apply_token_bitmask, sample
 from runner.engine.scheduler import ScheduledBatch
 
@@ -84,9 +86,11 @@ class ModelRunner:
         attention: AttentionFn,
         cuda_graphs: bool,
         group: Group | None = None,
+        piece_tokens: int = 0,
     ) -> None:
         """`kv_dtype`: the KV cache's (the model's, or fp8); `group`: set on rank 0 of a tensor-parallel
-        group, which sends each step to the other ranks."""
+        group, which sends each step to the other ranks; `piece_tokens` > 0 (CUDA graphs on): eager steps of
+        up to that many tokens run from piece graphs (`piece_graphs.py`)."""
         s = model.shape
         self.group = group
         dev = model.device
@@ -107,6 +111,12 @@ class ModelRunner:
         self.cuda = dev.type == "cuda"
         self.graphs = (
             DecodeGraphs(self._step, table.num_slots, self._padding) if self.cuda and cuda_graphs else None
+        )
+        self.sample_rows = table.num_slots  # a piece-graphed step's logits rows: one per sequence at most
+        self.pieces = (
+            PieceGraphs(self._piece_forward, attention, piece_tokens, self._piece_padding)
+            if self.graphs is not None and piece_tokens
+            else None
         )
         rows = self.graphs.buckets[-1] if self.graphs else table.num_slots
         self._out = [torch.empty(rows, dtype=torch.int64, device=dev) for _ in range(2)]
@@ -130,6 +140,8 @@ class ModelRunner:
         else:
             with self.group.collective():
                 self.graphs.capture_buckets()
+        if self.pieces is not None:
+            self.pieces.capture_buckets()
         return True
 
     def launch(self, batch: ScheduledBatch, masked: bool = False) -> LaunchedStep:
@@ -138,8 +150,13 @@ class ModelRunner:
         pad_to = 0
         if self.graphs is not None and batch.num_decodes == len(batch.seqs):
             pad_to = self.graphs.bucket(len(batch.seqs))
+        pad_tokens = None
+        if self.pieces is not None and not pad_to and (width := self.pieces.bucket(sum(batch.num_new))):
+            pad_tokens = (width, self.sample_rows)
         updates = self.table.drain()
-        inp = build_inputs(batch, self.table, self.sampling, self.page_size, self.spare_kv, pad_to, updates)
+        inp = build_inputs(
+            batch, self.table, self.sampling, self.page_size, self.spare_kv, pad_to, updates, pad_tokens
+        )
         key = (pad_to, inp.all_greedy, inp.want_logprobs, masked) if pad_to else None
         if self.group is None:
             return self._launch(inp, key, masked)
@@ -170,7 +187,10 @@ class ModelRunner:
         own, updates = layout[: -len(TABLE_UPDATES)], layout[-len(TABLE_UPDATES) :]
         if inp.num_table_updates:
             self.page_table.view(-1).index_copy_(0, *unpack(flat, updates).values())
-        if key is None:
+        if key is None and "carry_slot" in inp.arrays:  # a step of piece graphs
+            views, static = unpack(flat, own), flat[: layout_words(own[: len(PIECE_INPUTS)])]
+            out, logprobs = self._piece_step(views, static, inp, masked)
+        elif key is None:
             views = unpack(flat, own)
             out, logprobs = self._step(views, inp.num_decodes, inp.all_greedy, inp.want_logprobs, masked)
         else:  # a graph reads the step's own arrays from its static copy of them
@@ -217,9 +237,11 @@ class ModelRunner:
         the device memory goes back to the allocator."""
         if self.graphs is not None:
             self.graphs.close()
+        if self.pieces is not None:
+            self.pieces.close()
         if self.group is not None:
             self.group.close()
-        self.graphs = self.model = self.staging = self.group = None
+        self.graphs = self.pieces = self.model = self.staging = self.group = None
         self.kv_cache = self.page_table = self.token_buf = torch.empty(0)
         self._out = self._out_lp = self._host = self._host_lp = []
 
@@ -237,7 +259,29 @@ class ModelRunner:
         ids = v["ids"]  # [T]
         carried = self.token_buf[v["row_slot"][:num_decodes]]  # [Bd] tokens sampled on the device
         ids = torch.cat((torch.where(ids[:num_decodes] < 0, carried, ids[:num_decodes]), ids[num_decodes:]))
-        attn = AttentionBatch(
+        logits = self.model.forward(
+            ids, v["positions"], self.kv_cache, self._attention_batch(v, num_decodes), v["logits_rows"],
+            self.attention,
+        )  # fmt: skip
+        if masked:
+            return logits, None
+        return self._sample(logits, v, all_greedy, want_logprobs)
+
+    @torch.inference_mode()
+    def _piece_step(
+        self, v: dict[str, torch.Tensor], static: torch.Tensor, inp: StepInputs, masked: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_step` from piece graphs: `static` holds the step's PIECE_INPUTS, `v` views every array."""
+        batch = self._attention_batch(v, inp.num_decodes)
+        logits = self.pieces.replay(v["ids"].numel(), static, self.attention, batch)
+        logits = logits[: v["sample_slot"].numel()]  # [sample rows, V]
+        if masked:
+            return logits, None
+        return self._sample(logits, v, inp.all_greedy, inp.want_logprobs)
+
+    def _attention_batch(self, v: dict[str, torch.Tensor], num_decodes: int) -> AttentionBatch:
+        """The attention metadata of a step's packed inputs `v`."""
+        return AttentionBatch(
             cu_seqlens_q=v["cu"],
             kv_lens=v["kv_lens"],
             page_table=self.page_table,
@@ -247,12 +291,31 @@ class ModelRunner:
             block_seq=v["block_seq"],
             block_start=v["block_start"],
         )
-        logits = self.model.forward(
-            ids, v["positions"], self.kv_cache, attn, v["logits_rows"], self.attention
-        )
-        if masked:
-            return logits, None
-        return self._sample(logits, v, all_greedy, want_logprobs)
+
+    @torch.inference_mode()
+    def _piece_forward(self, v: dict[str, torch.Tensor], attention: AttentionFn) -> torch.Tensor:
+        """The forward that piece graphs capture, over the static, padded PIECE_INPUTS `v`: the decodes'
+        inputs from the token buffer, then the model to the logits [sample rows, V]. The model reads
+        only the slot mapping of its attention batch; `attention` gets the rest at replay."""
+        ids = torch.where(v["ids"] < 0, self.token_buf[v["carry_slot"]], v["ids"])  # [tokens]
+        none = v["slot_mapping"][:0]
+        batch = AttentionBatch(none, none, self.page_table, none, v["slot_mapping"], 0, none, none)
+        return self.model.forward(ids, v["positions"], self.kv_cache, batch, v["logits_rows"], attention)
+
+    def _piece_padding(self, tokens: int) -> tuple[torch.Tensor, Layout, AttentionBatch]:
+        """Packed PIECE_INPUTS of a step of `tokens` padding tokens (for capture), their layout, and the
+        attention batch of that step (no sequence: attention launches nothing)."""
+        empty = ScheduledBatch([], [], [], 0, [])
+        arrays = build_inputs(
+            empty, self.table, self.sampling, self.page_size, self.spare_kv,
+            pad_tokens=(tokens, self.sample_rows),
+        ).arrays  # fmt: skip
+        layout = layout_of(arrays)
+        host = np.zeros(layout_words(layout), dtype=np.int64)
+        fill(host, layout, arrays)
+        flat = torch.from_numpy(host).to(self.model.device)
+        own = layout[: len(PIECE_INPUTS)]
+        return flat[: layout_words(own)].clone(), own, self._attention_batch(unpack(flat, layout), 0)
 
     def _sample(
         self, logits: torch.Tensor, v: dict[str, torch.Tensor], all_greedy: bool, want_logprobs: bool

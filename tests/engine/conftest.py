@@ -18,6 +18,9 @@ from transformers import (
     Qwen3Config,
 )
 
+from runner.engine.inputs import unpack
+from runner.engine.piece_graphs import PieceGraphs, token_buckets
+
 VOCAB = 256
 COMMON = dict(
     vocab_size=VOCAB,
@@ -99,3 +102,17 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def arch(request) -> str:
     return request.param
+
+
+class EagerPieces(PieceGraphs):
+    """`PieceGraphs` on the CPU (a stand-in, as `EagerGraphs`): a replay runs the forward over the padded
+    static inputs eagerly, its attention over the step's batch."""
+
+    def __init__(self, forward, attention, max_tokens: int, padding) -> None:
+        self.forward, self.attention, self.padding = forward, attention, padding
+        self.buckets, self._pieces, self.capture_seconds, self.widths = token_buckets(max_tokens), {}, 0.0, []
+
+    def replay(self, tokens, inputs, attention, batch):
+        self.widths.append(tokens)
+        views = unpack(inputs.clone(), self.padding(tokens)[1])
+        return self.forward(views, lambda q, k, v, _, *settings: attention(q, k, v, batch, *settings))

@@ -14,6 +14,7 @@ from runner.engine.grammar import GrammarError, check_grammar
 from runner.engine.sampling import apply_token_bitmask
 from runner.engine.sequence import Sequence
 from runner.engine.tokenizer import Tokenizer, load_tokenizer
+from tests.engine.conftest import EagerPieces
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 pytest.importorskip("xgrammar")
@@ -145,6 +146,20 @@ def test_async_and_sync_give_the_same_constrained_tokens(model, tok):
     a = _run(_engine(model, tok, async_mode=True), prompts, params)
     s = _run(_engine(model, tok, async_mode=False), prompts, params)
     assert [c.token_ids for c in a] == [c.token_ids for c in s]
+
+
+def test_grammar_rows_through_piece_graphs_sample_as_eager_steps(model, tok):
+    """Masked steps from piece graphs (a CPU stand-in: the padded forward replayed eagerly): their logits
+    wait for the bitmask in the pieces' static buffer and give the eager steps' constrained tokens."""
+    params = SamplingParams(max_new_tokens=40, temperature=0.8, seed=5, json_schema=json.dumps(SCHEMA), n=2)
+    prompts = _prompts(tok, 3)
+    expected = _run(_engine(model, tok), prompts, params)
+    engine = _engine(model, tok)
+    r = engine.model_runner
+    r.pieces = pieces = EagerPieces(r._piece_forward, r.attention, 512, r._piece_padding)
+    got = _run(engine, prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert len(pieces.widths) == engine.stats()["steps"]
 
 
 def test_our_tokenizer_constrains_as_the_transformers_one_does(model, tok, tmp_path):

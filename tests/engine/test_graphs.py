@@ -5,6 +5,7 @@ CUDA: test_async.py's gpu test)."""
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,12 +13,18 @@ import torch
 from runner.engine import Engine, EngineConfig, Request, SamplingParams
 from runner.engine.graphs import DecodeGraphs, row_buckets
 from runner.engine.inputs import unpack
-from tests.engine.conftest import tiny_model
+from runner.engine.piece_graphs import token_buckets
+from tests.engine.conftest import EagerPieces, tiny_model
 
 
 def test_row_buckets():
     assert row_buckets(512) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512]
     assert row_buckets(20) == [1, 2, 4, 8, 16, 32] and row_buckets(600)[-1] == 640
+
+
+def test_token_buckets():
+    assert token_buckets(16384) == [512, 1024, 2048, 4096, 8192, 16384]
+    assert token_buckets(100) == [512] and token_buckets(600) == [512, 1024]
 
 
 class EagerGraphs(DecodeGraphs):
@@ -54,6 +61,55 @@ def test_decode_steps_padded_to_graph_buckets_give_the_same_tokens():
     # run, then the 3 greedy ones pad to 4
     assert graphs.keys == [(8, False, True, False)] * 2 + [(4, True, False, False)] * 3
     assert engine.stats()["graph_steps"] == 5
+
+
+def test_a_step_takes_the_pieces_of_a_bucket_it_fills_to_seven_eighths():
+    pieces = EagerPieces(None, None, 16384, None)
+    assert [pieces.bucket(n) for n in (1, 512, 513, 896, 897, 1024)] == [512, 512, 0, 1024, 1024, 1024]
+    assert [pieces.bucket(n) for n in (14335, 14336, 16384, 16385)] == [0, 16384, 16384, 0]
+
+
+def test_eager_steps_padded_for_piece_graphs_give_the_same_tokens():
+    """Prefill and mixed steps (chunks of 24-token prompts beside decodes, 32 tokens a step) padded to
+    512 tokens and 8 logits rows, their decodes' inputs carried over on the device, give the tokens of
+    the unpadded steps."""
+    model = tiny_model("llama")
+    config = EngineConfig(device="cpu", kv_cache_tokens=4096, max_seqs=8, max_batch_tokens=32)
+    requests = [
+        Request(i, [(5 + 3 * i + j) % 50 for j in range(24)], SamplingParams(max_new_tokens=5))
+        for i in range(5)
+    ]
+    expected = {c.id: c.token_ids for c in Engine(model, config).generate(requests)}
+    engine = Engine(model, config)
+    runner = engine.model_runner
+    runner.pieces = pieces = EagerPieces(runner._piece_forward, runner.attention, 32, runner._piece_padding)
+    got = {c.id: c.token_ids for c in engine.generate(requests)}
+    assert got == expected
+    steps = engine.stats()["steps"]
+    assert len(pieces.widths) == steps and set(pieces.widths) == {512}  # every step: CPU has no decode graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_piece_graphs_give_the_tokens_of_eager_steps():
+    """On CUDA, fp32: prefill and mixed steps replayed from piece graphs (captured at build, every token
+    bucket) give the greedy tokens of the engine without graphs."""
+    model = tiny_model("llama").cuda()
+    config = EngineConfig(
+        device="cuda", dtype="float32", kv_cache_tokens=8192, max_seqs=8, max_batch_tokens=1024
+    )
+    requests = [
+        Request(i, [(5 + 3 * i + j) % 50 for j in range(300 + 40 * i)], SamplingParams(max_new_tokens=6))
+        for i in range(6)
+    ]
+    expected = {
+        c.id: c.token_ids for c in Engine(model, replace(config, cuda_graphs=False)).generate(requests)
+    }
+    engine = Engine(model, config)
+    got = {c.id: c.token_ids for c in engine.generate(requests)}
+    assert got == expected
+    stats = engine.stats()
+    assert stats["piece_graphs"] == 2 * (model.config.num_hidden_layers + 1)  # buckets 512 and 1024
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from runner.engine.inputs import TABLE_UPDATES, SlotSampling, Staging, build_inputs, layout_of
+from runner.engine.inputs import PIECE_INPUTS, TABLE_UPDATES, SlotSampling, Staging, build_inputs, layout_of
 from runner.engine.kv import PageTable
 from runner.engine.scheduler import ScheduledBatch
 from runner.engine.sequence import Sequence
@@ -133,3 +133,25 @@ def test_the_device_page_table_mirrors_the_host_one_through_preemptions_and_pref
         assert torch.equal(device, torch.from_numpy(host)), f"step {steps}"
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["prefix_hit_tokens"] > 0, stats
+
+
+def test_a_piece_graphed_step_pads_its_token_arrays_and_lays_them_out_first():
+    """A mixed step for piece graphs: two decodes (one whose last token only the device has) and a
+    prefill chunk of 3 tokens, padded to 8 tokens and 4 logits rows."""
+    table = PageTable(8, 16)
+    batch = _decode_batch(table, [5, 9], 4)
+    batch.seqs[1].tokens.pop()  # sampled by the step in flight: the device carries it over
+    chunk = Sequence(2, 0, SamplingParams(), 3, [20, 21, 22], seed=2, order=2)
+    chunk.pages = [30]
+    chunk.slot = table.take(chunk.pages)
+    batch = ScheduledBatch([*batch.seqs, chunk], [1, 1, 3], [4, 8, 0], 2, [0, 1, 2])
+    x = build_inputs(batch, table, SlotSampling(8), 4, 400, pad_tokens=(8, 4)).arrays
+    assert list(x)[: len(PIECE_INPUTS)] == list(PIECE_INPUTS)
+    assert x["ids"].tolist() == [7, -1, 20, 21, 22, 0, 0, 0]
+    assert x["positions"].tolist() == [4, 8, 0, 1, 2, 0, 0, 0]
+    assert x["slot_mapping"].tolist() == [1 * 4 + 0, 12 * 4 + 0, 120, 121, 122, 400, 400, 400]
+    assert x["carry_slot"].tolist() == [0, 1] + [8] * 6  # the decodes' slots; the spare slot elsewhere
+    assert x["logits_rows"].tolist() == [0, 1, 4, 0]  # each sequence's last token, then row 0
+    assert x["sample_slot"].tolist() == [0, 1, 2]  # sampling takes the real rows only
+    with pytest.raises(AssertionError):
+        build_inputs(batch, table, SlotSampling(8), 4, 400, pad_tokens=(4, 4))

@@ -1,8 +1,10 @@
 """How much device memory the engine may take, and the message when the model or its KV cache won't fit.
 
 The KV pool gets `kv_memory_fraction` of the memory left after the weights, minus the step's
-workspace: activations of a `max_batch_tokens` forward and the sampling buffers of `max_seqs` rows
-([rows, vocab] in fp32/int64, once for eager steps and once more in the CUDA graphs' pool). The
+workspace: activations of a `max_batch_tokens` forward (twice with piece graphs: their pool holds one
+step's, and a step that fills too little of its bucket runs eagerly beside it) and the sampling buffers
+of `max_seqs` rows ([rows, vocab] in fp32/int64, once for eager steps and once more in the CUDA graphs'
+pool). The
 workspace grows with the config, so a pool sized from a constant share alone leaves too little room
 at a large `max_seqs` over a large vocabulary.
 """
@@ -34,16 +36,17 @@ class MemoryPlan:
 
 def step_workspace_bytes(
     max_batch_tokens: int, max_seqs: int, activation_width: int, vocab: int, dtype_bytes: int,
-    cuda_graphs: bool,
+    cuda_graphs: bool, piece_graphs: bool,
 ) -> int:  # fmt: skip
     """Device memory a step needs beside the weights and the KV pool (an upper estimate).
 
     `activation_width`: activation elements per token live in a forward, as the model reports it
-    (`PagedModel.activation_width`: residual, q/k/v, and its widest MLP, routed experts included)."""
+    (`PagedModel.activation_width`: residual, q/k/v, and its widest MLP, routed experts included).
+    `piece_graphs`: eager steps run from piece graphs (`piece_graphs.py`) where they fill their bucket."""
     activations = max_batch_tokens * activation_width * dtype_bytes
     rows = min(max_seqs, max_batch_tokens)
     sampling = rows * vocab * SAMPLING_BYTES_PER_LOGIT
-    return activations + sampling * (2 if cuda_graphs else 1)
+    return activations * (2 if piece_graphs else 1) + sampling * (2 if cuda_graphs else 1)
 
 
 def _size(n: int) -> str:

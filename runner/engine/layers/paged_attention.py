@@ -333,11 +333,13 @@ def paged_attention(
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every query over its sequence's cached K/V (the last `window` positions when > 0,
-    logits soft-capped when `softcap` > 0). q: [T, H, D] -> [T, H, D]."""
+    logits soft-capped when `softcap` > 0). q: [T, H, D] -> [T, H, D], written into `out` when given (a
+    piece graph's static buffer, `piece_graphs.py`)."""
     assert k_cache.stride(3) == 1 and q.stride(2) == 1
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if batch.num_decodes:
         splits = decode_splits(batch.num_decodes, k_cache.shape[2], sm_count(q.device))
         decode_attention(q, k_cache, v_cache, out, batch, scale, window, softcap, splits)

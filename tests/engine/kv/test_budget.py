@@ -34,24 +34,26 @@ def test_weights_that_do_not_fit_name_their_size_and_the_ways_out(monkeypatch, m
 
 def test_a_kv_cache_too_small_for_one_sequence_is_refused_with_the_numbers(monkeypatch, model):
     with pytest.raises(DeviceMemoryError) as e:
-        engine_with_free_memory(monkeypatch, model, free=100 * 2**20, max_seqs=2048)
+        engine_with_free_memory(monkeypatch, model, free=160 * 2**20, max_seqs=2048)
     assert str(e.value) == (
         "engine: the KV cache does not fit: one sequence of max_model_len 512 tokens needs 0.2 MiB of KV, "
-        "and 0.0 MiB are left for it (100.0 MiB free of 80.00 GiB after 0.3 MiB of weights, x "
-        "kv_memory_fraction 0.85, less 0.12 GiB of step workspace for max_seqs 2048 and max_batch_tokens "
+        "and 0.0 MiB are left for it (0.16 GiB free of 80.00 GiB after 0.3 MiB of weights, x "
+        "kv_memory_fraction 0.85, less 0.17 GiB of step workspace for max_seqs 2048 and max_batch_tokens "
         "16384). Ways out: lower engine.max_seqs or engine.max_batch_tokens, raise "
         "engine.kv_memory_fraction, lower engine.max_model_len, an fp8 KV cache (engine.kv_cache_dtype), fp8 "
         "weights or tensor parallelism, or a GPU with more free memory."
     )
     # the same memory takes a smaller max_seqs: the workspace, not a constant share, sets the pool
-    engine = engine_with_free_memory(monkeypatch, model, free=100 * 2**20, max_seqs=64)
+    engine = engine_with_free_memory(monkeypatch, model, free=160 * 2**20, max_seqs=64)
     page_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers, K and V, page, KV heads, head dim, fp32
-    assert engine.kv.num_pages == (int(100 * 2**20 * 0.85) - engine_workspace(64)) // page_bytes
+    assert engine.kv.num_pages == (int(160 * 2**20 * 0.85) - engine_workspace(64)) // page_bytes
 
 
 def engine_workspace(max_seqs: int) -> int:
     width = 4 * 64 + 2 * 128 + 3 * 128  # residual and norms, q/k/v [(4 + 2 x 2) x 16], gate/up + act
-    return step_workspace_bytes(EngineConfig().max_batch_tokens, max_seqs, width, 256, 4, cuda_graphs=True)
+    return step_workspace_bytes(
+        EngineConfig().max_batch_tokens, max_seqs, width, 256, 4, cuda_graphs=True, piece_graphs=True
+    )
 
 
 def test_the_model_reports_its_activation_width(model):
@@ -62,7 +64,7 @@ def test_the_model_reports_its_activation_width(model):
 def test_the_workspace_grows_with_max_seqs_and_the_vocabulary():
     """The 8B shape (vocab 128256) in bf16: sampling buffers of 1024 rows take GiBs, twice with graphs."""
     width = 4 * 4096 + 2 * 6144 + 3 * 14336
-    w = {s: step_workspace_bytes(8192, s, width, 128256, 2, True) for s in (512, 1024, 2048)}
+    w = {s: step_workspace_bytes(8192, s, width, 128256, 2, True, True) for s in (512, 1024, 2048)}
     assert 8 * GIB < w[512] < w[1024] < w[2048]
     assert w[2048] - w[1024] == 2 * 1024 * 128256 * 64
 
@@ -75,13 +77,15 @@ def test_an_moe_workspace_counts_the_routed_experts_and_the_shared_one(monkeypat
 
     config = Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                             shared_expert_intermediate_size=80)  # fmt: skip
-    free = 100 * 2**20
+    free = 200 * 2**20
     engine = engine_with_free_memory(monkeypatch, tiny_model(config), free=free, max_seqs=64)
     moe = 4 + 2 * (3 * 48 + 64) + 3 * 80 + 1  # router logits, per pair gate/up + act + output, shared
     width = 4 * 64 + 2 * 128 + moe
     assert engine.model.activation_width() == width
     page_bytes = 2 * 2 * 16 * 2 * 16 * 4
-    workspace = step_workspace_bytes(EngineConfig().max_batch_tokens, 64, width, 256, 4, cuda_graphs=True)
+    workspace = step_workspace_bytes(
+        EngineConfig().max_batch_tokens, 64, width, 256, 4, cuda_graphs=True, piece_graphs=True
+    )
     assert engine.kv.num_pages == (int(free * 0.85) - workspace) // page_bytes
 
 

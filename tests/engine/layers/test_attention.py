@@ -35,6 +35,7 @@ def test_paged_attention_matches_reference_in_the_interpreter():
     out = run_in_triton_interpreter("tests.engine.layers.paged_cases")
     assert out.count("relative error") == len(CASES) + len(SPLIT_CASES)
     assert out.count("split case") == len(SPLIT_CASES)
+    assert "out: written in place" in out
 
 
 @pytest.mark.gpu
