@@ -89,6 +89,24 @@ def test_eager_steps_padded_for_piece_graphs_give_the_same_tokens():
     assert len(pieces.widths) == steps and set(pieces.widths) == {512}  # every step: CPU has no decode graphs
 
 
+def test_a_step_that_fills_too_little_of_its_bucket_runs_eagerly():
+    """Buckets 512 and 1024: the first step (three 200-token prompts, 600 tokens: 59 % of 1024) runs
+    eagerly, the decode steps after it (3 tokens, in the smallest bucket) from pieces."""
+    model = tiny_model("llama")
+    config = EngineConfig(device="cpu", kv_cache_tokens=4096, max_seqs=4, max_batch_tokens=1024)
+    requests = [
+        Request(i, [(7 + 5 * i + j) % 50 for j in range(200)], SamplingParams(max_new_tokens=4))
+        for i in range(3)
+    ]
+    expected = {c.id: c.token_ids for c in Engine(model, config).generate(requests)}
+    engine = Engine(model, config)
+    runner = engine.model_runner
+    runner.pieces = pieces = EagerPieces(runner._piece_forward, runner.attention, 1024, runner._piece_padding)
+    got = {c.id: c.token_ids for c in engine.generate(requests)}
+    assert got == expected
+    assert pieces.widths == [512] * (engine.stats()["steps"] - 1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_piece_graphs_give_the_tokens_of_eager_steps():
