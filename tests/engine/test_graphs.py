@@ -69,42 +69,43 @@ def test_a_step_takes_the_pieces_of_a_bucket_it_fills_to_seven_eighths():
     assert [pieces.bucket(n) for n in (14335, 14336, 16384, 16385)] == [0, 16384, 16384, 0]
 
 
+def through_eager_pieces(config: EngineConfig, requests: list[Request]) -> tuple[dict, dict, list[int], int]:
+    """`requests`' tokens from the engine without piece graphs and with the CPU stand-in of pieces up to
+    `max_batch_tokens`; the widths the stand-in replayed, and the steps."""
+    model = tiny_model("llama")
+    expected = {c.id: c.token_ids for c in Engine(model, config).generate(requests)}
+    engine = Engine(model, config)
+    r = engine.model_runner
+    r.pieces = pieces = EagerPieces(r._piece_forward, r.attention, config.max_batch_tokens, r._piece_padding)
+    got = {c.id: c.token_ids for c in engine.generate(requests)}
+    return expected, got, pieces.widths, engine.stats()["steps"]
+
+
 def test_eager_steps_padded_for_piece_graphs_give_the_same_tokens():
     """Prefill and mixed steps (chunks of 24-token prompts beside decodes, 32 tokens a step) padded to
     512 tokens and 8 logits rows, their decodes' inputs carried over on the device, give the tokens of
     the unpadded steps."""
-    model = tiny_model("llama")
     config = EngineConfig(device="cpu", kv_cache_tokens=4096, max_seqs=8, max_batch_tokens=32)
     requests = [
         Request(i, [(5 + 3 * i + j) % 50 for j in range(24)], SamplingParams(max_new_tokens=5))
         for i in range(5)
     ]
-    expected = {c.id: c.token_ids for c in Engine(model, config).generate(requests)}
-    engine = Engine(model, config)
-    runner = engine.model_runner
-    runner.pieces = pieces = EagerPieces(runner._piece_forward, runner.attention, 32, runner._piece_padding)
-    got = {c.id: c.token_ids for c in engine.generate(requests)}
+    expected, got, widths, steps = through_eager_pieces(config, requests)
     assert got == expected
-    steps = engine.stats()["steps"]
-    assert len(pieces.widths) == steps and set(pieces.widths) == {512}  # every step: CPU has no decode graphs
+    assert widths == [512] * steps  # every step: CPU has no decode graphs
 
 
 def test_a_step_that_fills_too_little_of_its_bucket_runs_eagerly():
     """Buckets 512 and 1024: the first step (three 200-token prompts, 600 tokens: 59 % of 1024) runs
     eagerly, the decode steps after it (3 tokens, in the smallest bucket) from pieces."""
-    model = tiny_model("llama")
     config = EngineConfig(device="cpu", kv_cache_tokens=4096, max_seqs=4, max_batch_tokens=1024)
     requests = [
         Request(i, [(7 + 5 * i + j) % 50 for j in range(200)], SamplingParams(max_new_tokens=4))
         for i in range(3)
     ]
-    expected = {c.id: c.token_ids for c in Engine(model, config).generate(requests)}
-    engine = Engine(model, config)
-    runner = engine.model_runner
-    runner.pieces = pieces = EagerPieces(runner._piece_forward, runner.attention, 1024, runner._piece_padding)
-    got = {c.id: c.token_ids for c in engine.generate(requests)}
+    expected, got, widths, steps = through_eager_pieces(config, requests)
     assert got == expected
-    assert pieces.widths == [512] * (engine.stats()["steps"] - 1)
+    assert widths == [512] * (steps - 1)
 
 
 @pytest.mark.gpu
