@@ -37,7 +37,8 @@ def build_runner(
         check_weights_fit(to_copy, *memory, str(device), str(dtype).removeprefix("torch."))
     kv_dtype = config.resolve_kv_dtype(device, dtype)
     paged = build_model(model, device, dtype, fp8=fp8, tp=tp)
-    piece_tokens = config.max_batch_tokens if tp.size == 1 else 0  # a group's ranks run eager steps eagerly
+    # eager steps from piece graphs along the decode graphs; a group's ranks run eager steps eagerly
+    piece_tokens = config.max_batch_tokens if config.cuda_graphs and tp.size == 1 else 0
     num_pages = _num_pages(config, paged, kv_dtype, device, weights, max_model_len, piece_tokens > 0)
     if group is not None:  # the smallest pool any rank has room for
         pages = torch.tensor([num_pages])
@@ -86,8 +87,8 @@ def _num_pages(
 ) -> int:
     """KV pages for the pool: `kv_cache_tokens`, a fixed default on the CPU, else what the device's free
     memory holds after the weights and the step workspace (the model reports its activations), in
-    pages of `kv_dtype` (fp8: half the bytes of bf16, so twice the pages). `piece_graphs`: a single rank,
-    whose eager steps may run from piece graphs when CUDA graphs are on."""
+    pages of `kv_dtype` (fp8: half the bytes of bf16, so twice the pages). `piece_graphs`: eager steps may run
+    from piece graphs (CUDA graphs on, a single rank)."""
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens // config.page_size
     memory = _device_memory(device)
@@ -101,7 +102,7 @@ def _num_pages(
         s.vocab,
         itemsize,
         config.cuda_graphs,
-        config.cuda_graphs and piece_graphs,
+        piece_graphs,
     )
     page_bytes = s.num_layers * 2 * config.page_size * s.num_kv_heads * s.head_dim * kv_dtype.itemsize
     plan = MemoryPlan(*memory, weights, workspace, page_bytes, config.page_size)
