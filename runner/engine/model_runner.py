@@ -273,7 +273,7 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`_step` from piece graphs: `static` holds the step's PIECE_INPUTS, `v` views every array."""
         batch = self._attention_batch(v, inp.num_decodes)
-        logits = self.pieces.replay(v["ids"].numel(), static, self.attention, batch)
+        logits = self.pieces.replay(v["ids"].numel(), static, batch)
         logits = logits[: v["sample_slot"].numel()]  # [sample rows, V]
         if masked:
             return logits, None
@@ -305,15 +305,7 @@ class ModelRunner:
     def _piece_padding(self, tokens: int) -> tuple[torch.Tensor, Layout, AttentionBatch]:
         """Packed PIECE_INPUTS of a step of `tokens` padding tokens (for capture), their layout, and the
         attention batch of that step (no sequence: attention launches nothing)."""
-        empty = ScheduledBatch([], [], [], 0, [])
-        arrays = build_inputs(
-            empty, self.table, self.sampling, self.page_size, self.spare_kv,
-            pad_tokens=(tokens, self.sample_rows),
-        ).arrays  # fmt: skip
-        layout = layout_of(arrays)
-        host = np.zeros(layout_words(layout), dtype=np.int64)
-        fill(host, layout, arrays)
-        flat = torch.from_numpy(host).to(self.model.device)
+        flat, layout = self._packed_padding(pad_tokens=(tokens, self.sample_rows))
         own = layout[: len(PIECE_INPUTS)]
         return flat[: layout_words(own)].clone(), own, self._attention_batch(unpack(flat, layout), 0)
 
@@ -339,9 +331,14 @@ class ModelRunner:
     def _padding(self, rows: int) -> tuple[torch.Tensor, Layout]:
         """Packed inputs of a decode step of `rows` padding rows (for graph capture), and their layout
         (a decode step's own arrays, without page-table entries)."""
+        return self._packed_padding(pad_to=rows)
+
+    def _packed_padding(self, **padding) -> tuple[torch.Tensor, Layout]:
+        """Packed inputs of a step of padding only, `padding` being `build_inputs`' `pad_to` or
+        `pad_tokens`, on the device, and their layout."""
         empty = ScheduledBatch([], [], [], 0, [])
         arrays = build_inputs(
-            empty, self.table, self.sampling, self.page_size, self.spare_kv, pad_to=rows
+            empty, self.table, self.sampling, self.page_size, self.spare_kv, **padding
         ).arrays
         layout = layout_of(arrays)
         host = np.zeros(layout_words(layout), dtype=np.int64)

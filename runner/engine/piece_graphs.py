@@ -103,7 +103,7 @@ class _Cut:
 class PieceGraphs:
     """The pieces of every token bucket, in one memory pool (the largest step's workspace)."""
 
-    def __init__(self, forward: PieceForward, attention: AttentionFn, max_tokens: int, padding: PaddingFn):
+    def __init__(self, forward: PieceForward, attention: PieceAttention, max_tokens: int, padding: PaddingFn):
         self.forward = forward
         self.attention = attention
         self.padding = padding
@@ -136,16 +136,14 @@ class PieceGraphs:
                 g.reset()
         self._pieces.clear()
 
-    def replay(
-        self, tokens: int, inputs: torch.Tensor, attention: PieceAttention, batch: AttentionBatch
-    ) -> torch.Tensor:
+    def replay(self, tokens: int, inputs: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """Run a step of `tokens` (a bucket) whose PIECE_INPUTS are packed in `inputs`, with `batch` for
         its attention; returns the logits [rows, V] (a static buffer, valid until the next replay)."""
         p = self._pieces[tokens]
         p.inputs.copy_(inputs)
         for graph, (k_cache, v_cache, scale, window, softcap) in zip(p.graphs, p.calls, strict=False):
             graph.replay()
-            attention(p.q, k_cache, v_cache, batch, scale, window, softcap, p.out)
+            self.attention(p.q, k_cache, v_cache, batch, scale, window, softcap, p.out)
         p.graphs[-1].replay()
         return self._logits
 

@@ -112,7 +112,7 @@ class EagerPieces(PieceGraphs):
         self.forward, self.attention, self.padding = forward, attention, padding
         self.buckets, self._pieces, self.capture_seconds, self.widths = token_buckets(max_tokens), {}, 0.0, []
 
-    def replay(self, tokens, inputs, attention, batch):
+    def replay(self, tokens, inputs, batch):
         self.widths.append(tokens)
         views = unpack(inputs.clone(), self.padding(tokens)[1])
-        return self.forward(views, lambda q, k, v, _, *settings: attention(q, k, v, batch, *settings))
+        return self.forward(views, lambda q, k, v, _, *settings: self.attention(q, k, v, batch, *settings))
