@@ -28,7 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `runner` imports
 
-from runner.engine.layers.attention import PREFILL_BLOCK_Q, AttentionBatch, prefill_blocks  # noqa: E402
+from runner.engine.layers.attention import (  # noqa: E402
+    PREFILL_BLOCK_Q,
+    AttentionBatch,
+    decode_order,
+    prefill_blocks,
+)
 from runner.engine.layers.paged_attention import (  # noqa: E402
     decode_attention,
     decode_splits,
@@ -102,7 +107,7 @@ def make_batch(
     """q [T, H, D], K and V caches over shuffled pages, and the batch (prefill blocks of `block_q`); the
     same values at every call."""
     q_lens = np.array([q for q, _ in case.seqs])
-    kv_lens = [kv for _, kv in case.seqs]
+    kv_lens = np.array([kv for _, kv in case.seqs])
     pages = [-(-n // PAGE) for n in kv_lens]
     order = np.random.default_rng(0).permutation(sum(pages) + 1)
     table = np.zeros((len(pages), max(pages)), dtype=np.int64)
@@ -116,7 +121,7 @@ def make_batch(
     v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
     q = torch.randn(int(q_lens.sum()), case.heads, case.dim, device="cuda", dtype=torch.bfloat16, generator=g)
     decodes = len(case.seqs) if case.decode else 0
-    block_seq, block_start = prefill_blocks(q_lens[decodes:], decodes, block_q)
+    block_seq, block_start = prefill_blocks(q_lens[decodes:], kv_lens[decodes:], decodes, block_q)
 
     def t(values) -> torch.Tensor:
         return torch.tensor(np.asarray(values), dtype=torch.int64, device="cuda")
@@ -128,6 +133,7 @@ def make_batch(
         row_slot=t(np.arange(len(pages))),
         slot_mapping=t(np.zeros(len(q))),
         num_decodes=decodes,
+        decode_seq=t(decode_order(kv_lens[:decodes])),
         block_seq=t(block_seq),
         block_start=t(block_start),
     )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from runner.engine.kv import PageTable
-from runner.engine.layers.attention import prefill_blocks
+from runner.engine.layers.attention import decode_order, prefill_blocks
 from runner.engine.scheduler import ScheduledBatch
 from runner.engine.sequence import Sequence
 
@@ -130,7 +130,7 @@ def build_inputs(
     for s, st, n in zip(seqs[nd:], batch.starts[nd:], batch.num_new[nd:], strict=True):
         ids += s.tokens[st : st + n]  # a prefill chunk
     assert len(ids) == num_tokens, "a prefill chunk reached a token the host does not know yet"
-    block_seq, block_start = prefill_blocks(q_lens[nd:], nd)
+    block_seq, block_start = prefill_blocks(q_lens[nd:], kv_lens[nd:], nd)
 
     sampling.update(seqs)
     sample_rows = np.array(batch.sample_rows + list(range(len(seqs), num_rows)), dtype=np.int64)  # + padding
@@ -149,6 +149,7 @@ def build_inputs(
         "cu": cu,
         "kv_lens": kv_lens,
         "row_slot": row_slot,
+        "decode_seq": decode_order(kv_lens[:nd]),
         "block_seq": block_seq,
         "block_start": block_start,
         "sample_slot": sample_slot,

@@ -288,6 +288,7 @@ class ModelRunner:
             row_slot=v["row_slot"],
             slot_mapping=v["slot_mapping"],
             num_decodes=num_decodes,
+            decode_seq=v["decode_seq"],
             block_seq=v["block_seq"],
             block_start=v["block_start"],
         )
@@ -299,7 +300,7 @@ class ModelRunner:
         only the slot mapping of its attention batch; `attention` gets the rest at replay."""
         ids = torch.where(v["ids"] < 0, self.token_buf[v["carry_slot"]], v["ids"])  # [tokens]
         none = v["slot_mapping"][:0]
-        batch = AttentionBatch(none, none, self.page_table, none, v["slot_mapping"], 0, none, none)
+        batch = AttentionBatch(none, none, self.page_table, none, v["slot_mapping"], 0, none, none, none)
         return self.model.forward(ids, v["positions"], self.kv_cache, batch, v["logits_rows"], attention)
 
     def _piece_padding(self, tokens: int) -> tuple[torch.Tensor, Layout, AttentionBatch]:

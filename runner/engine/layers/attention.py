@@ -3,8 +3,10 @@
 The batch packs sequences back to back: sequence i owns query tokens
 `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, which are the last `q_len` of its `kv_len` tokens (its K/V,
 the new ones included, are already in the cache). Decoding sequences (q_len == 1) come first.
-The CUDA kernels are in `paged_attention.py`; their prefill launch runs one program per block of
-`PREFILL_BLOCK_Q` queries, laid out on the host by `prefill_blocks`.
+The CUDA kernels are in `paged_attention.py`; their decode launch runs one program per decode, and
+their prefill launch one per block of `PREFILL_BLOCK_Q` queries. The host orders both by their keys,
+most first (`decode_order`, `prefill_blocks`), so the GPU starts the longest programs first instead of
+finishing on them.
 """
 
 from __future__ import annotations
@@ -30,22 +32,35 @@ class AttentionBatch:
     row_slot: torch.Tensor  # [B] int64: each sequence's row of `page_table`
     slot_mapping: torch.Tensor  # [T] int64: cache slot (page * page_size + offset) of each new token
     num_decodes: int  # sequences [0, num_decodes) have q_len == 1
+    decode_seq: torch.Tensor  # [num_decodes] int64: sequence of each decode program (`decode_order`)
     block_seq: torch.Tensor  # [NB] int64: sequence of each prefill query block (kernel grid)
     block_start: torch.Tensor  # [NB] int64: first query, within its sequence, of each prefill block
 
 
+def decode_order(kv_lens: np.ndarray) -> np.ndarray:
+    """The decode launch's grid: the decodes of kv_lens [Bd] longest first, as indices [Bd] int64.
+
+    The GPU deals programs to its SMs in grid order; in batch order an SM may get several long sequences
+    and finish last while the others idle, longest first every SM ends on short ones. A decode launch
+    on the H200 (`scripts/bench_attention.py`'s batches, PERF_NOTES.md): W0 70.2 -> 64.1 µs (54.7 for
+    sequences of one length), W1 156.2 -> 149.8, W2 129.7 -> 126.8."""
+    return np.argsort(-kv_lens, kind="stable").astype(np.int64)
+
+
 def prefill_blocks(
-    q_lens: np.ndarray, first_row: int, block_q: int = PREFILL_BLOCK_Q
+    q_lens: np.ndarray, kv_lens: np.ndarray, first_row: int, block_q: int = PREFILL_BLOCK_Q
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The prefill programs' grid: q_lens [R] are the query counts of batch rows first_row.. (the
-    prefill chunks, after the decodes). Returns (block_seq [NB], block_start [NB]) int64: the batch row
-    of each block of `block_q` queries and its first query within that row (`block_q`: other than the
-    kernel's for scripts/sweep_attention_tiles.py only)."""
+    """The prefill programs' grid: q_lens [R] and kv_lens [R] are the query and key counts of batch rows
+    first_row.. (the prefill chunks, after the decodes). Returns (block_seq [NB], block_start [NB])
+    int64: the batch row of each block of `block_q` queries and its first query within that row, the
+    blocks that see the most keys first (W0's 16k-token step: 84.4 -> 77.2 µs a launch;
+    `block_q`: other than the kernel's for scripts/sweep_attention_tiles.py only)."""
     blocks = -(-q_lens // block_q)  # [R] query blocks per prefill row
-    block_seq = np.repeat(np.arange(first_row, first_row + len(q_lens), dtype=np.int64), blocks)
+    row = np.repeat(np.arange(len(q_lens)), blocks)  # [NB]
     block_first = np.repeat(np.cumsum(blocks) - blocks, blocks)  # index of each row's first block
-    block_start = (np.arange(len(block_seq), dtype=np.int64) - block_first) * block_q
-    return block_seq, block_start
+    block_start = (np.arange(len(row), dtype=np.int64) - block_first) * block_q
+    order = np.argsort(-(kv_lens - q_lens)[row] - block_start, kind="stable")  # keys before each block
+    return (row[order] + first_row).astype(np.int64), block_start[order]
 
 
 # (q, k_cache, v_cache, batch, scale, window, softcap) -> out: `window` > 0 lets a query see only the last

@@ -1,7 +1,8 @@
 """Triton paged attention over the ragged batch (CUDA; the tests also run it in Triton's interpreter).
 
 One kernel, two launches per layer: decodes (one query per sequence, grid [Bd, Hkv, splits]) and prefill
-chunks (blocks of BLOCK_Q queries, grid [blocks, Hkv], block -> sequence mapped on the host). A decode
+chunks (blocks of BLOCK_Q queries, grid [blocks, Hkv]), program -> sequence mapped on the host, the
+programs with the most keys first (`attention.decode_order`, `attention.prefill_blocks`). A decode
 launch of few sequences splits each sequence's keys over `splits` programs (split-KV, as flash-decoding):
 without it, a batch of 16 long sequences would run 16 x Hkv programs on 132 SMs. Each split writes its
 partial output and log-sum-exp to a workspace, and a second kernel merges them; the split count depends
@@ -118,8 +119,8 @@ def _paged_attention_kernel(
     slot_ptr,  # [B] each sequence's slot (row of the table)
     cu_ptr,  # [B + 1] query offsets
     kv_len_ptr,  # [B]
-    blk_seq_ptr,  # [NB] sequence of each prefill block (unused for decodes)
-    blk_start_ptr,  # [NB] first query (within its sequence) of each prefill block
+    blk_seq_ptr,  # [NB] sequence of each program: each prefill block's, or each decode's (`decode_seq`)
+    blk_start_ptr,  # [NB] first query (within its sequence) of each prefill block (unused for decodes)
     part_ptr,  # SPLIT: [Bd, H, splits, D_PAD] fp32, each split's normalized output
     lse_ptr,  # SPLIT: [Bd, H, splits] fp32, each split's log2-sum-exp2 of its logits (-inf: no keys)
     num_splits,
@@ -136,11 +137,10 @@ def _paged_attention_kernel(
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)  # 0 but in a SPLIT launch
-    if DECODE:
-        seq = pid
+    seq = tl.load(blk_seq_ptr + pid)
+    if DECODE:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
         q_first = 0
     else:
-        seq = tl.load(blk_seq_ptr + pid)
         q_first = tl.load(blk_start_ptr + pid)
     q_begin = tl.load(cu_ptr + seq)
     q_len = tl.load(cu_ptr + seq + 1) - q_begin
@@ -293,7 +293,7 @@ def launch(
         lse = torch.empty(grid, q.shape[1], splits, device=q.device, dtype=torch.float32)
     _paged_attention_kernel[(grid, k_cache.shape[2], splits)](
         q, k_cache, v_cache, out, batch.page_table, batch.row_slot, batch.cu_seqlens_q, batch.kv_lens,
-        batch.block_seq, batch.block_start, part, lse, splits, scale, window,
+        batch.decode_seq if decode else batch.block_seq, batch.block_start, part, lse, splits, scale, window,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), batch.page_table.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),

@@ -12,7 +12,13 @@ import random
 import numpy as np
 import torch
 
-from runner.engine.layers.attention import AttentionBatch, prefill_blocks, reference_attention, to_cache
+from runner.engine.layers.attention import (
+    AttentionBatch,
+    decode_order,
+    prefill_blocks,
+    reference_attention,
+    to_cache,
+)
 
 # (seed, decodes, [(q_len, kv_len) of each prefill chunk], page size, heads, kv heads, head dim
 #  [, sliding window, soft cap])
@@ -83,19 +89,21 @@ def random_batch(
     for slot, pages in zip(row_slot, tables, strict=False):
         rows[slot][: len(pages)] = pages
     q_lens = np.array([s[0] for s in shapes])
+    kv_lens = np.array([s[1] for s in shapes])
     cu = np.concatenate(([0], np.cumsum(q_lens)))
-    block_seq, block_start = prefill_blocks(q_lens[num_decodes:], num_decodes)
+    block_seq, block_start = prefill_blocks(q_lens[num_decodes:], kv_lens[num_decodes:], num_decodes)
 
     def t(values) -> torch.Tensor:
         return torch.tensor(np.asarray(values), dtype=torch.int64, device=device)
 
     batch = AttentionBatch(
         cu_seqlens_q=t(cu),
-        kv_lens=t([s[1] for s in shapes]),
+        kv_lens=t(kv_lens),
         page_table=t(rows),
         row_slot=t(row_slot[: len(shapes)]),
         slot_mapping=t(np.zeros(cu[-1])),
         num_decodes=num_decodes,
+        decode_seq=t(decode_order(kv_lens[:num_decodes])),
         block_seq=t(block_seq),
         block_start=t(block_start),
     )

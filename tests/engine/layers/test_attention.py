@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from runner.engine.layers.attention import PREFILL_BLOCK_Q, prefill_blocks, reference_attention, write_kv
+from runner.engine.layers.attention import (
+    PREFILL_BLOCK_Q,
+    decode_order,
+    prefill_blocks,
+    reference_attention,
+    write_kv,
+)
 from runner.engine.layers.cpu_attention import batched_attention
 from runner.engine.layers.fp8_format import FP8
 from runner.engine.layers.paged_attention import (
@@ -149,11 +155,19 @@ def test_write_kv_puts_tokens_at_their_slots():
     assert k_cache.count_nonzero() == k.numel()
 
 
-def test_prefill_blocks_cover_every_query_once():
+def test_prefill_blocks_cover_every_query_once_the_most_keys_first():
     assert PREFILL_BLOCK_Q == 16
-    block_seq, block_start = prefill_blocks(np.array([1, 16, 17, 40]), first_row=3)
-    assert block_seq.tolist() == [3, 4, 5, 5, 6, 6, 6]
-    assert block_start.tolist() == [0, 0, 0, 16, 0, 16, 32]
+    # row 4 is a chunk after 100 cached keys; the others are whole prompts
+    block_seq, block_start = prefill_blocks(
+        np.array([1, 16, 17, 40]), np.array([1, 116, 17, 40]), first_row=3
+    )
+    assert block_seq.tolist() == [4, 6, 5, 6, 3, 5, 6]
+    assert block_start.tolist() == [0, 32, 16, 16, 0, 0, 0]
     assert block_seq.dtype == block_start.dtype == np.int64
-    empty = prefill_blocks(np.array([], dtype=np.int64), first_row=2)
+    empty = prefill_blocks(np.array([], dtype=np.int64), np.array([], dtype=np.int64), first_row=2)
     assert empty[0].size == empty[1].size == 0
+
+
+def test_decode_order_is_longest_first_ties_in_batch_order():
+    order = decode_order(np.array([5, 9, 1, 9]))
+    assert order.tolist() == [1, 3, 0, 2] and order.dtype == np.int64
