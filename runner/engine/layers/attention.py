@@ -38,12 +38,14 @@ class AttentionBatch:
 
 
 def decode_order(kv_lens: np.ndarray) -> np.ndarray:
-    """The decode launch's grid: the decodes of kv_lens [Bd] longest first, as indices [Bd] int64.
+    """The decode launch's grid: the decodes of kv_lens [Bd] longest first, as indices [Bd] int64 (a
+    launch of pairs runs the i-th longest and the i-th shortest in program i, `paged_attention.py`).
 
     The GPU deals programs to its SMs in grid order; in batch order an SM may get several long sequences
     and finish last while the others idle, longest first every SM ends on short ones. A decode launch
-    on the H200 (`scripts/bench_attention.py`'s batches, PERF_NOTES.md): W0 70.2 -> 64.1 µs (54.7 for
-    sequences of one length), W1 156.2 -> 149.8, W2 129.7 -> 126.8."""
+    on the H200 (`scripts/bench_attention.py`'s batches, one program a decode): W0 70.2 -> 64.1 µs (54.7
+    for sequences of one length), W1 156.2 -> 149.8, W2 129.7 -> 126.8
+    (scripts/results/attention-decode-order-sweep.*)."""
     return np.argsort(-kv_lens, kind="stable").astype(np.int64)
 
 

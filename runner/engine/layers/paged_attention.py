@@ -2,7 +2,10 @@
 
 One kernel, two launches per layer: decodes (one query per sequence, grid [Bd, Hkv, splits]) and prefill
 chunks (blocks of BLOCK_Q queries, grid [blocks, Hkv]), program -> sequence mapped on the host, the
-programs with the most keys first (`attention.decode_order`, `attention.prefill_blocks`). A decode
+programs with the most keys first (`attention.decode_order`, `attention.prefill_blocks`). An SM runs all
+its share of a launch of short decode programs at once, so programs of unequal lengths leave SMs idle
+while one finishes its long sequences: W0's launch (`seqs_per_program`) runs the i-th longest and the
+i-th shortest decode in program i, pairs of about equal reads. A decode
 launch of few sequences splits each sequence's keys over `splits` programs (split-KV, as flash-decoding):
 without it, a batch of 16 long sequences would run 16 x Hkv programs on 132 SMs. Each split writes its
 partial output and log-sum-exp to a workspace, and a second kernel merges them; the split count depends
@@ -40,9 +43,10 @@ BLOCK_N = 64  # keys per iteration
 PREFILL_STAGES_SMALL_HEADS = 3
 DECODE_PROGRAMS_PER_SM = 4  # a decode launch of fewer programs than this x SMs splits its keys up to it
 # an unsplit decode launch of 8 to 16 programs per SM (W0: 512 rows x 3 KV heads, 11.6 on 132 SMs; W2:
-# 256 x 8, 15.5) runs 1-warp programs of 32 keys at head dim <= 64 (W0's launch -7 %), 128 keys an
-# iteration at head dim 65-128 (W2's -7-9 %); fewer programs (64 long sequences x 8 KV heads: +13-22 %) or
-# more (W1's 31 per SM: +3-6 %) keep the default tile (scripts/sweep_attention_tiles.py --kind decode)
+# 256 x 8, 15.5) runs pairs of decodes in 2-warp programs of 64 keys at head dim <= 64 (W0's launch 69.8
+# -> 57.9 µs against one decode a program), 128 keys an iteration at head dim 65-128 (W2's -7-9 %); fewer
+# programs (64 long sequences x 8 KV heads: +13-22 %) or more (W1's 31 per SM: +3-6 %) keep the default
+# tile (scripts/sweep_attention_tiles.py --kind decode, scripts/results/attention-decode-pairs-sweep.*)
 SMALL_DECODE_LAUNCH = (8, 16)
 # shared memory per SM that the 128-key tile needs (2 stages of K and V at head dim 128: 128 KiB, and the
 # rest): an H100 / H200 has 228 KiB, an sm89 GPU 100 KiB (which keeps the default tile)
@@ -106,42 +110,18 @@ def _attend(
     return acc, l_i, m_i
 
 
-# Triton compiles one variant per specialization of its integer arguments (== 1, divisible by 16) and
-# of its pointers' 16-byte alignment: the window size is not specialized, and the step's packed inputs
-# are laid out 16-byte aligned (runner/engine/inputs.py).
-@triton.jit(do_not_specialize=["window"])
-def _paged_attention_kernel(
-    q_ptr,  # [T, H, D]
-    k_ptr,  # [P, PAGE, Hkv, D]: q's dtype, or fp8 (upcast on load)
-    v_ptr,
-    o_ptr,  # [T, H, D]
-    table_ptr,  # [S, W] pages of each slot's sequence
-    slot_ptr,  # [B] each sequence's slot (row of the table)
-    cu_ptr,  # [B + 1] query offsets
-    kv_len_ptr,  # [B]
-    blk_seq_ptr,  # [NB] sequence of each program: each prefill block's, or each decode's (`decode_seq`)
-    blk_start_ptr,  # [NB] first query (within its sequence) of each prefill block (unused for decodes)
-    part_ptr,  # SPLIT: [Bd, H, splits, D_PAD] fp32, each split's normalized output
-    lse_ptr,  # SPLIT: [Bd, H, splits] fp32, each split's log2-sum-exp2 of its logits (-inf: no keys)
-    num_splits,
-    scale,
-    window,  # 0: full attention
+@triton.jit
+def _attend_sequence(
+    seq, q_first,  # the batch row, and its first query this program attends (0 for a decode)
+    kv_head, split, q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, slot_ptr, cu_ptr, kv_len_ptr, part_ptr, lse_ptr,
+    num_splits, scale, window,
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_ot, stride_oh, stride_table,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT: tl.constexpr,  # decode only: this program covers split program_id(2) of the keys
-    SOFTCAP: tl.constexpr,  # 0.0: none
-    WINDOWED: tl.constexpr,  # window > 0 (compiled out of full-attention layers)
-    HALF_DOT: tl.constexpr,  # an fp8 cache under bf16 queries: the dots run in fp16
+    SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOWED: tl.constexpr, HALF_DOT: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)  # 0 but in a SPLIT launch
-    seq = tl.load(blk_seq_ptr + pid)
-    if DECODE:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
-        q_first = 0
-    else:
-        q_first = tl.load(blk_start_ptr + pid)
+    """One program's work on one sequence: the BLOCK_Q queries from q_first (the GROUP heads of `kv_head`)
+    over their visible keys (a SPLIT decode: this split's share), stored to o (SPLIT: to the workspace)."""
     q_begin = tl.load(cu_ptr + seq)
     q_len = tl.load(cu_ptr + seq + 1) - q_begin
     kv_len = tl.load(kv_len_ptr + seq)
@@ -198,6 +178,55 @@ def _paged_attention_kernel(
             out.to(o_ptr.dtype.element_ty),
             mask=row_ok[:, None] & d_ok[None, :],
         )
+
+
+# Triton compiles one variant per specialization of its integer arguments (== 1, divisible by 16) and
+# of its pointers' 16-byte alignment: the window size and the grid array's length are not specialized,
+# and the step's packed inputs are laid out 16-byte aligned (runner/engine/inputs.py).
+@triton.jit(do_not_specialize=["window", "num_seqs"])
+def _paged_attention_kernel(
+    q_ptr,  # [T, H, D]
+    k_ptr,  # [P, PAGE, Hkv, D]: q's dtype, or fp8 (upcast on load)
+    v_ptr,
+    o_ptr,  # [T, H, D]
+    table_ptr,  # [S, W] pages of each slot's sequence
+    slot_ptr,  # [B] each sequence's slot (row of the table)
+    cu_ptr,  # [B + 1] query offsets
+    kv_len_ptr,  # [B]
+    grid_seq_ptr,  # [num_seqs] the grid array: each prefill block's sequence, or the decodes longest first
+    blk_start_ptr,  # [num_seqs] first query (within its sequence) of each prefill block (unused for decodes)
+    num_seqs,
+    part_ptr,  # SPLIT: [Bd, H, splits, D_PAD] fp32, each split's normalized output
+    lse_ptr,  # SPLIT: [Bd, H, splits] fp32, each split's log2-sum-exp2 of its logits (-inf: no keys)
+    num_splits,
+    scale,
+    window,  # 0: full attention
+    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_ot, stride_oh, stride_table,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DECODE: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr,  # decode only: this program covers split program_id(2) of the keys
+    SOFTCAP: tl.constexpr,  # 0.0: none
+    WINDOWED: tl.constexpr,  # window > 0 (compiled out of full-attention layers)
+    HALF_DOT: tl.constexpr,  # an fp8 cache under bf16 queries: the dots run in fp16
+    SEQS: tl.constexpr,  # grid entries a program runs: 1, or 2 (decodes: entry pid, then its mirror)
+):  # fmt: skip
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)  # 0 but in a SPLIT launch
+    for j in tl.static_range(SEQS):  # SEQS 2: the pid-th longest decode, then the pid-th shortest
+        entry = pid + j * (num_seqs - 1 - 2 * pid)
+        if entry >= pid + j:  # an odd count's middle entry is its own mirror: run once
+            if DECODE:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
+                q_first = 0
+            else:
+                q_first = tl.load(blk_start_ptr + pid)
+            _attend_sequence(
+                tl.load(grid_seq_ptr + entry), q_first, kv_head, split, q_ptr, k_ptr, v_ptr, o_ptr, table_ptr,
+                slot_ptr, cu_ptr, kv_len_ptr, part_ptr, lse_ptr, num_splits, scale, window,
+                stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_ot, stride_oh, stride_table,
+                GROUP, BLOCK_Q, BLOCK_M, BLOCK_N, PAGE, D, D_PAD, DECODE, IEEE, SPLIT, SOFTCAP, WINDOWED,
+                HALF_DOT,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -266,11 +295,20 @@ def kernel_tile(
         return PREFILL_BLOCK_Q, BLOCK_N, 4, PREFILL_STAGES_SMALL_HEADS if dim <= 64 else 2
     lo, hi = SMALL_DECODE_LAUNCH
     if splits == 1 and lo <= programs_per_sm < hi:
-        if dim <= 64:
-            return 1, 32, 1, 2
+        if dim <= 64:  # in pairs (`seqs_per_program`)
+            return 1, 64, 2, 2
         if dim <= 128 and smem >= WIDE_DECODE_SMEM:
             return 1, 128, 4, 2
     return 1, BLOCK_N, 4, 2
+
+
+def seqs_per_program(decode: bool, dim: int, programs_per_sm: float, splits: int) -> int:
+    """Sequences each program of a launch runs: a pair of decodes (the i-th longest and the i-th shortest:
+    programs of about equal reads) in an unsplit decode launch of SMALL_DECODE_LAUNCH programs per SM at
+    head dim <= 64 (W0's), else one. W2's launch in pairs took 123.1 µs at best against 127.2 and W1's
+    154.2 against 150.4 (one decode a program, longest first): they keep one."""
+    lo, hi = SMALL_DECODE_LAUNCH
+    return 2 if decode and splits == 1 and lo <= programs_per_sm < hi and dim <= 64 else 1
 
 
 def launch(
@@ -291,16 +329,18 @@ def launch(
     if splits > 1:
         part = torch.empty(grid, q.shape[1], splits, d_pad, device=q.device, dtype=torch.float32)
         lse = torch.empty(grid, q.shape[1], splits, device=q.device, dtype=torch.float32)
-    _paged_attention_kernel[(grid, k_cache.shape[2], splits)](
+    seqs = seqs_per_program(decode, q.shape[2], programs_per_sm, splits)
+    _paged_attention_kernel[(triton.cdiv(grid, seqs), k_cache.shape[2], splits)](
         q, k_cache, v_cache, out, batch.page_table, batch.row_slot, batch.cu_seqlens_q, batch.kv_lens,
-        batch.decode_seq if decode else batch.block_seq, batch.block_start, part, lse, splits, scale, window,
+        batch.decode_seq if decode else batch.block_seq, batch.block_start, grid, part, lse, splits, scale,
+        window,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), batch.page_table.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
         BLOCK_N=block_n, PAGE=k_cache.shape[1], D=dim, D_PAD=d_pad, DECODE=decode,
         IEEE=q.dtype == torch.float32, SPLIT=splits > 1, SOFTCAP=float(softcap), WINDOWED=window > 0,
         HALF_DOT=half_dot(q.dtype, k_cache.dtype) if fp16_dots is None else fp16_dots,
-        num_warps=warps, num_stages=stages,
+        SEQS=seqs, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(grid, q.shape[1])](

@@ -24,6 +24,7 @@ from runner.engine.layers.paged_attention import (
     WIDE_DECODE_SMEM,
     decode_splits,
     kernel_tile,
+    seqs_per_program,
     sm_count,
     smem_per_sm,
 )
@@ -66,16 +67,18 @@ def test_split_decode_attention_on_cuda(case):
 @pytest.mark.parametrize("dim", [64, 128])
 def test_small_decode_launch_tiles_on_cuda(dim):
     """A decode launch of 10 programs per SM (5 x SMs sequences x 2 KV heads, up to 300 keys each) takes
-    `SMALL_DECODE_LAUNCH`'s tile on this GPU: 1 warp and 32 keys at head dim 64, 128 keys at head dim 128
-    where the SMs' shared memory allows. It matches the reference over fp32, bf16 and fp8 caches."""
+    `SMALL_DECODE_LAUNCH`'s tile on this GPU: pairs of decodes (an odd count: 5 x 132 on an H200), 2 warps
+    and 64 keys at head dim 64; 128 keys at head dim 128 where the SMs' shared memory allows. It matches
+    the reference over fp32, bf16 and fp8 caches."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     cuda = torch.device("cuda")
     case = (40, 5 * sm_count(cuda), [], 16, 8, 2, dim)
     wide = dim == 128 and smem_per_sm(cuda) >= WIDE_DECODE_SMEM
     assert kernel_tile(True, dim, 10.0, 1, smem_per_sm(cuda))[1] == (
-        32 if dim == 64 else 128 if wide else BLOCK_N
+        64 if dim == 64 else 128 if wide else BLOCK_N
     )
+    assert seqs_per_program(True, dim, 10.0, 1) == (2 if dim == 64 else 1)
     assert relative_error(case, "cuda", torch.float32, longest_decode=300) < 1e-5
     assert relative_error(case, "cuda", torch.bfloat16, longest_decode=300) < 1e-2
     if torch.cuda.get_device_capability(cuda) >= (8, 9):  # an fp8 cache needs sm89+
@@ -92,11 +95,17 @@ def test_decode_splits_fill_the_sms_only_for_few_rows():
 
 
 def test_decode_tiles_follow_the_head_dim_and_the_programs_per_sm():
-    """Unsplit decodes on an H200's 132 SMs: W0's 512 rows x 3 KV heads of dim 64 run 1-warp programs of 32
-    keys and W2's 256 x 8 of dim 128 read 128 keys an iteration; W1's 512 x 8, 64 long rows x 8, split
-    launches, head dim 256 and an sm89 GPU's 100 KiB of shared memory per SM keep the default tile."""
+    """Unsplit decodes on an H200's 132 SMs: W0's 512 rows x 3 KV heads of dim 64 run pairs of decodes in
+    2-warp programs of 64 keys and W2's 256 x 8 of dim 128 read 128 keys an iteration, one decode a
+    program; W1's 512 x 8, 64 long rows x 8, split launches, head dim 256 and an sm89 GPU's 100 KiB of
+    shared memory per SM keep the default tile and one decode a program, as prefill blocks do."""
     per_sm = {programs: programs / 132 for programs in (512 * 3, 256 * 8, 512 * 8, 64 * 8)}
-    assert kernel_tile(True, 64, per_sm[512 * 3]) == (1, 32, 1, 2)
+    assert kernel_tile(True, 64, per_sm[512 * 3]) == (1, 64, 2, 2)
+    assert seqs_per_program(True, 64, per_sm[512 * 3], 1) == 2
+    assert seqs_per_program(True, 128, per_sm[256 * 8], 1) == 1
+    assert seqs_per_program(True, 64, per_sm[512 * 8], 1) == 1
+    assert seqs_per_program(True, 64, 12.0, 2) == 1
+    assert seqs_per_program(False, 64, per_sm[512 * 3], 1) == 1
     assert kernel_tile(True, 128, per_sm[256 * 8]) == (1, 128, 4, 2)
     default = (1, BLOCK_N, 4, 2)
     assert kernel_tile(True, 64, per_sm[512 * 8]) == default
