@@ -3,10 +3,10 @@
 The batch packs sequences back to back: sequence i owns query tokens
 `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, which are the last `q_len` of its `kv_len` tokens (its K/V,
 the new ones included, are already in the cache). Decoding sequences (q_len == 1) come first.
-The CUDA kernels are in `paged_attention.py`; their decode launch runs one program per decode, and
-their prefill launch one per block of `PREFILL_BLOCK_Q` queries. The host orders both by their keys,
-most first (`decode_order`, `prefill_blocks`), so the GPU starts the longest programs first instead of
-finishing on them.
+The CUDA kernels are in `paged_attention.py`; their decode launch runs one program per decode (W0's
+shape: per pair of decodes), and their prefill launch one per block of `PREFILL_BLOCK_Q` queries. The
+host orders both by their keys, most first (`decode_order`, `prefill_blocks`), so the GPU starts the
+longest programs first instead of finishing on them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class AttentionBatch:
     row_slot: torch.Tensor  # [B] int64: each sequence's row of `page_table`
     slot_mapping: torch.Tensor  # [T] int64: cache slot (page * page_size + offset) of each new token
     num_decodes: int  # sequences [0, num_decodes) have q_len == 1
-    decode_seq: torch.Tensor  # [num_decodes] int64: sequence of each decode program (`decode_order`)
+    decode_seq: torch.Tensor  # [num_decodes] int64: the decodes longest first, the decode launch's grid
     block_seq: torch.Tensor  # [NB] int64: sequence of each prefill query block (kernel grid)
     block_start: torch.Tensor  # [NB] int64: first query, within its sequence, of each prefill block
 

@@ -219,7 +219,7 @@ def _paged_attention_kernel(
             if DECODE:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
                 q_first = 0
             else:
-                q_first = tl.load(blk_start_ptr + pid)
+                q_first = tl.load(blk_start_ptr + entry)
             _attend_sequence(
                 tl.load(grid_seq_ptr + entry), q_first, kv_head, split, q_ptr, k_ptr, v_ptr, o_ptr, table_ptr,
                 slot_ptr, cu_ptr, kv_len_ptr, part_ptr, lse_ptr, num_splits, scale, window,
