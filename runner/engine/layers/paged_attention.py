@@ -285,6 +285,12 @@ def half_dot(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
 Tile = tuple[int, int, int, int]  # queries per program, keys per iteration, warps, pipeline stages
 
 
+def _small_decode_launch(programs_per_sm: float, splits: int) -> bool:
+    """An unsplit decode launch of SMALL_DECODE_LAUNCH programs per SM."""
+    lo, hi = SMALL_DECODE_LAUNCH
+    return splits == 1 and lo <= programs_per_sm < hi
+
+
 def kernel_tile(
     decode: bool, dim: int, programs_per_sm: float = 0.0, splits: int = 1, smem: int = WIDE_DECODE_SMEM
 ) -> Tile:
@@ -293,12 +299,10 @@ def kernel_tile(
     device's shared memory per SM (`smem`, bytes)."""
     if not decode:
         return PREFILL_BLOCK_Q, BLOCK_N, 4, PREFILL_STAGES_SMALL_HEADS if dim <= 64 else 2
-    lo, hi = SMALL_DECODE_LAUNCH
-    if splits == 1 and lo <= programs_per_sm < hi:
-        if dim <= 64:  # in pairs (`seqs_per_program`)
-            return 1, 64, 2, 2
-        if dim <= 128 and smem >= WIDE_DECODE_SMEM:
-            return 1, 128, 4, 2
+    if seqs_per_program(decode, dim, programs_per_sm, splits) == 2:  # the tile a pair of decodes needs
+        return 1, 64, 2, 2
+    if _small_decode_launch(programs_per_sm, splits) and dim <= 128 and smem >= WIDE_DECODE_SMEM:
+        return 1, 128, 4, 2
     return 1, BLOCK_N, 4, 2
 
 
@@ -307,8 +311,7 @@ def seqs_per_program(decode: bool, dim: int, programs_per_sm: float, splits: int
     programs of about equal reads) in an unsplit decode launch of SMALL_DECODE_LAUNCH programs per SM at
     head dim <= 64 (W0's), else one. W2's launch in pairs took 123.1 µs at best against 127.2 and W1's
     154.2 against 150.4 (one decode a program, longest first): they keep one."""
-    lo, hi = SMALL_DECODE_LAUNCH
-    return 2 if decode and splits == 1 and lo <= programs_per_sm < hi and dim <= 64 else 1
+    return 2 if decode and dim <= 64 and _small_decode_launch(programs_per_sm, splits) else 1
 
 
 def launch(
