@@ -4,11 +4,11 @@ matmul rates measured in the same run (`bench.measure_rates`).
 One layer's launch on random K/V, bf16, pages of 16 shuffled over the cache, timed in a CUDA graph
 (`bench_gemm.graph_ms`: as the engine's decode graphs run it, no host time between launches). Decode
 cases: the steady batches of W0, W1 and W2 (prompt lengths uniform in [64, 768], half their new tokens
-out), and few sequences of 4k or 16k keys (the 1B and 8B shapes), whose keys split over several programs
-per (sequence, KV head) (`decode_splits`); `--splits` times other split counts too. Decode bytes are the
-K/V of every key read. Prefill cases: a 16,384-token step of W0's and W2's prompts, a 16k prompt of the
-1B and of the 8B shape, and the last 4k chunk of the 8B one; prefill FLOPs are 4 x heads x head_dim per
-(query, visible key) pair. Prints a table, writes JSON.
+out) and of W3 at `--max-seqs 1024`, and few sequences of 4k or 16k keys (the 1B and 8B shapes), whose
+keys split over several programs per (sequence, KV head) (`decode_splits`); `--splits` times other split
+counts too. Decode bytes are the K/V of every key read. Prefill cases: a 16,384-token step of W0's and
+W2's prompts, a 16k prompt of the 1B and of the 8B shape, and the last 4k chunk of the 8B one; prefill
+FLOPs are 4 x heads x head_dim per (query, visible key) pair. Prints a table, writes JSON.
 
     python scripts/bench_attention.py --out attention.json
     python scripts/bench_attention.py --splits 1,2,4,8,16,32   # every split count besides the chosen one
@@ -79,6 +79,8 @@ CASES = [
     Case("W0 decode", uniform(512, 64 + 128, 768 + 128, True), 9, 3, 64),
     Case("W1 decode", uniform(512, 64 + 128, 768 + 128, True), 32, 8, 64),
     Case("W2 decode", uniform(256, 64 + 64, 768 + 64, True), 32, 8, 128),
+    # W3 at --max-seqs 1024: 128-token prompts admitted over ~8 steps, half their new tokens out
+    Case("W3 decode", uniform(1024, 188, 196, True), 32, 8, 128),
     *(Case(f"1B decode {n} x 16k", [(1, 16384)] * n, 32, 8, 64) for n in (1, 4, 16, 32, 64)),
     *(Case(f"8B decode {n} x 16k", [(1, 16384)] * n, 32, 8, 128) for n in (1, 4, 16, 32, 64)),
     *(Case(f"8B decode {n} x 4k", [(1, 4096)] * n, 32, 8, 128) for n in (4, 16, 64)),
