@@ -1,5 +1,4 @@
-"""Decode attention beside the matmuls: does a layer's decode run faster with its attention and its matmuls
-side by side than one after the other? (CUDA)
+"""Decode attention beside the matmuls: side by side against one after the other, a layer at a time (CUDA).
 
 bench.py's roofline counts a decode step by its bytes alone, so W1 >= 0.75 and W2 >= 0.85 of it ask the
 decode attention (memory-bound) and the decode matmuls (compute-bound on the H200 at these row counts) to
@@ -76,15 +75,26 @@ def per_layer_us(fn: Callable[[], None]) -> float:
     return round(graph_ms(fn, calls=5) * 1e3 / LAYERS, 1)
 
 
+def layers(*fns: Callable[[], None]) -> Callable[[], None]:
+    """LAYERS layers of `fns`, one after the other, on the current stream."""
+
+    def run() -> None:
+        for _ in range(LAYERS):
+            for fn in fns:
+                fn()
+
+    return run
+
+
 def on_stream(stream: torch.cuda.Stream, fn: Callable[[], None]) -> Callable[[], None]:
     """LAYERS calls of `fn` on `stream`, forked from and joined to the current stream."""
+    body = layers(fn)
 
     def run() -> None:
         main = torch.cuda.current_stream()
         stream.wait_stream(main)
         with torch.cuda.stream(stream):
-            for _ in range(LAYERS):
-                fn()
+            body()
         main.wait_stream(stream)
 
     return run
@@ -129,10 +139,10 @@ def time_workload(workload: str, sms: list[int]) -> dict:
     half = [(matmuls_fn(workload, len(h.seqs)), attention_fn(h)) for h in halves]
     (mm_a, att_a), (mm_b, att_b) = half
     r = {"workload": workload, "rows": len(case.seqs)}
-    r["matmuls"] = per_layer_us(lambda: [mm() for _ in range(LAYERS)])
-    r["attention"] = per_layer_us(lambda: [att() for _ in range(LAYERS)])
-    r["serial"] = per_layer_us(lambda: [(mm(), att()) for _ in range(LAYERS)])
-    r["halves"] = per_layer_us(lambda: [(mm_a(), att_a(), mm_b(), att_b()) for _ in range(LAYERS)])
+    r["matmuls"] = per_layer_us(layers(mm))
+    r["attention"] = per_layer_us(layers(att))
+    r["serial"] = per_layer_us(layers(mm, att))
+    r["halves"] = per_layer_us(layers(mm_a, att_a, mm_b, att_b))
     r["side_by_side"] = per_layer_us(side_by_side(half, torch.cuda.Stream()))
     green = {}
     for k in sms:
