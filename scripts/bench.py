@@ -3,7 +3,9 @@
 Random-weight Llama-shaped bf16 models, greedy, no EOS, every request generates exactly `new`
 tokens; prompt lengths uniform in [64, 768] (W3: all 128; L1: in [15360, 16384]), token ids uniform,
 seed 0. All backends run in the same process on the same model. Prints one table and writes JSON (with
-the command line).
+the command line). Each run's `roofline` is t_min / wall (`t_min`: decode steps at their bytes alone, as if
+attention ran beside the matmuls) and its `serial` t_serial / wall (`t_serial`: the kernels one after the
+other, as the engine runs them), both from the copy and matmul rates measured at the start.
 
     python scripts/bench.py --workloads W0 --backends batchrun,hf-sync,hf-async --out results.json
     python scripts/bench.py --workloads W2,W3 --backends batchrun,batchrun-fp8   # bf16 vs fp8 weights
@@ -125,6 +127,8 @@ class Result:
     gpu_busy_pct: float | None
     roofline_fraction: float
     t_min_s: float
+    serial_fraction: float  # of t_serial: the best of kernels one after the other
+    t_serial_s: float
     peak_mem_gib: float
     stats: dict | None = None
 
@@ -237,31 +241,70 @@ def experts_touched(experts: int, top_k: int, batch: int) -> float:
     return experts * (1.0 - (1.0 - top_k / experts) ** batch)
 
 
-def t_min(
-    name: str, prompts: list[list[int]], new: int, rates: Rates, fp8: bool = False, fp8_kv: bool = False
-) -> float:
-    """Roofline time: prefill FLOPs of the active parameters at the measured matmul rate + every decode step's
-    weight and live-KV bytes. All prompts decode together (batch B = prompts); an MoE step reads the
-    attention weights, the router and the experts touched by B tokens (`experts_touched`).
+@dataclass(slots=True, frozen=True)
+class StepCosts:
+    """What a workload's matmuls and decode steps cost, as the roofline counts them."""
 
-    fp8: the decoder's weights (an MoE's experts too) are 1 byte each and its GEMMs run at the fp8
-    rate (embeddings, LM head and KV cache stay bf16; the router is counted at 1 byte too, < 0.1%).
-    fp8_kv: the KV cache is 1 byte a value."""
+    active: float  # decoder parameters a token's matmuls use (an MoE's: attention, router, its top_k experts)
+    weight_bytes: float  # weights a decode step reads: the decoder's, the embeddings and the LM head
+    kv_bytes_per_token: float  # K and V of one token, every layer
+
+
+def step_costs(name: str, batch: int, fp8: bool = False, fp8_kv: bool = False) -> StepCosts:
+    """`name`'s costs at decode steps of `batch` rows (an MoE step reads the experts `batch` tokens touch,
+    `experts_touched`). fp8: the decoder's weights are 1 byte each (the router too, < 0.1%; embeddings and LM
+    head stay bf16); fp8_kv: the KV cache is 1 byte a value."""
     w = WORKLOADS[name]
     attention = w.hidden * (w.heads + 2 * w.kv_heads) * w.head_dim + w.heads * w.head_dim * w.hidden
     expert = 3 * w.hidden * w.inter
     embeddings = w.vocab * w.hidden * (1 if w.tied else 2)
     if w.experts:
         active = attention + w.experts * w.hidden + w.top_k * expert
-        read = attention + w.experts * w.hidden + experts_touched(w.experts, w.top_k, len(prompts)) * expert
+        read = attention + w.experts * w.hidden + experts_touched(w.experts, w.top_k, batch) * expert
     else:
         active = read = attention + expert
-    weight_bytes = (1 if fp8 else 2) * w.layers * read + 2 * embeddings
-    kv_bytes_per_token = w.layers * 2 * w.kv_heads * w.head_dim * (1 if fp8_kv else 2)
+    return StepCosts(
+        active=active,
+        weight_bytes=(1 if fp8 else 2) * w.layers * read + 2 * embeddings,
+        kv_bytes_per_token=w.layers * 2 * w.kv_heads * w.head_dim * (1 if fp8_kv else 2),
+    )
+
+
+def t_min(
+    name: str, prompts: list[list[int]], new: int, rates: Rates, fp8: bool = False, fp8_kv: bool = False
+) -> float:
+    """Roofline time: prefill FLOPs of the active parameters at the measured matmul rate + every decode step's
+    weight and live-KV bytes. All prompts decode together (batch B = prompts); `step_costs` says what a step
+    reads, and what fp8 and fp8_kv change (fp8: the GEMMs run at the fp8 rate)."""
+    w, c = WORKLOADS[name], step_costs(name, len(prompts), fp8, fp8_kv)
     prompt_tokens = sum(len(p) for p in prompts)
-    t = 2 * w.layers * active * prompt_tokens / (rates.fp8_flops if fp8 else rates.bf16_flops)
+    t = 2 * w.layers * c.active * prompt_tokens / (rates.fp8_flops if fp8 else rates.bf16_flops)
     for step in range(new):
-        t += (weight_bytes + (prompt_tokens + step * len(prompts)) * kv_bytes_per_token) / rates.bytes_per_s
+        kv_bytes = (prompt_tokens + step * len(prompts)) * c.kv_bytes_per_token
+        t += (c.weight_bytes + kv_bytes) / rates.bytes_per_s
+    return t
+
+
+def t_serial(
+    name: str, prompts: list[list[int]], new: int, rates: Rates, fp8: bool = False, fp8_kv: bool = False
+) -> float:
+    """The best time of a step's kernels one after the other, each at the measured peak, as the engine runs
+    them: `t_min` plus the causal prefill attention's FLOPs, and each decode step's matmuls (the LM head's
+    included) at the larger of their FLOPs and their weight bytes, its KV bytes after them. t_min counts a
+    decode step by its bytes alone, which asks the attention to run beside the matmuls; on the H200 they do
+    not (scripts/bench_overlap.py, PERF_NOTES.md "attention beside the matmuls")."""
+    w, c = WORKLOADS[name], step_costs(name, len(prompts), fp8, fp8_kv)
+    matmul_rate = rates.fp8_flops if fp8 else rates.bf16_flops
+    lengths = [len(p) for p in prompts]
+    pairs = sum(n * (n + 1) // 2 for n in lengths)  # (query, visible key) pairs of every prompt's prefill
+    prompt_tokens, batch = sum(lengths), len(prompts)
+    t = 2 * w.layers * c.active * prompt_tokens / matmul_rate
+    t += 4 * w.layers * w.heads * w.head_dim * pairs / rates.bf16_flops
+    decoder_s = 2 * w.layers * c.active * batch / matmul_rate
+    lm_head_s = 2 * w.vocab * w.hidden * batch / rates.bf16_flops
+    step_matmuls = max(decoder_s + lm_head_s, c.weight_bytes / rates.bytes_per_s)  # a decode step's
+    for step in range(new):
+        t += step_matmuls + (prompt_tokens + step * batch) * c.kv_bytes_per_token / rates.bytes_per_s
     return t
 
 
@@ -441,6 +484,7 @@ def bench(
     wall = time.perf_counter() - t0
     fp8_kv = "fp8kv" in backend.split("-")
     floor = t_min(name, prompts, new, rates, fp8, fp8_kv) / ranks  # N GPUs: N times the bandwidth and FLOP/s
+    serial = t_serial(name, prompts, new, rates, fp8, fp8_kv) / ranks
     peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     gc.collect()  # the backend's objects (engine, transformers' manager and cache) are gone now
     torch.cuda.empty_cache()
@@ -450,6 +494,7 @@ def bench(
         workload=name, backend=backend, generated_tokens=generated, wall_s=round(wall, 3),
         tok_s=round(generated / wall, 1), gpu_busy_pct=busy.mean,
         roofline_fraction=round(floor / wall, 4), t_min_s=round(floor, 3),
+        serial_fraction=round(serial / wall, 4), t_serial_s=round(serial, 3),
         peak_mem_gib=peak_gib, stats=stats,
     )  # fmt: skip
 
@@ -521,14 +566,14 @@ def main() -> None:
     for r in results:
         if r.backend.startswith("hf"):
             best_hf[r.workload] = max(best_hf.get(r.workload, 0.0), r.tok_s)
-    cols = ("tok/s", "wall s", "busy %", "roofline", "vs hf", "wait ms/step")
+    cols = ("tok/s", "wall s", "busy %", "roofline", "serial", "vs hf", "wait ms/step")
     print(f"\n{'workload':8} {'backend':14} " + " ".join(f"{c:>9}" for c in cols))
     for r in results:
         speedup = f"{r.tok_s / best_hf[r.workload]:.2f}x" if r.workload in best_hf else "-"
         wait = f"{r.stats['host_wait_ms_per_step']:.2f}" if r.stats else "-"
         print(
             f"{r.workload:8} {r.backend:14} {r.tok_s:9.0f} {r.wall_s:9.2f} {r.gpu_busy_pct or 0:9.1f} "
-            f"{r.roofline_fraction:9.3f} {speedup:>9} {wait:>12}"
+            f"{r.roofline_fraction:9.3f} {r.serial_fraction:9.3f} {speedup:>9} {wait:>12}"
         )
     by_key = {(r.workload, r.backend): r.tok_s for r in results}
     for (workload, backend), tok_s in by_key.items():
