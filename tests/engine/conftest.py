@@ -116,3 +116,10 @@ class EagerPieces(PieceGraphs):
         self.widths.append(tokens)
         views = unpack(inputs.clone(), self.padding(tokens)[1])
         return self.forward(views, lambda q, k, v, _, *settings: self.attention(q, k, v, batch, *settings))
+
+
+def with_eager_pieces(engine, max_tokens: int) -> EagerPieces:
+    """Give `engine`'s runner the CPU stand-in of piece graphs, buckets up to `max_tokens`; returns it."""
+    r = engine.model_runner
+    r.pieces = EagerPieces(r._piece_forward, r.attention, max_tokens, r._piece_padding)
+    return r.pieces

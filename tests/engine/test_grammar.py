@@ -14,7 +14,7 @@ from runner.engine.grammar import GrammarError, check_grammar
 from runner.engine.sampling import apply_token_bitmask
 from runner.engine.sequence import Sequence
 from runner.engine.tokenizer import Tokenizer, load_tokenizer
-from tests.engine.conftest import EagerPieces
+from tests.engine.conftest import with_eager_pieces
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 pytest.importorskip("xgrammar")
@@ -155,8 +155,7 @@ def test_grammar_rows_through_piece_graphs_sample_as_eager_steps(model, tok):
     prompts = _prompts(tok, 3)
     expected = _run(_engine(model, tok), prompts, params)
     engine = _engine(model, tok)
-    r = engine.model_runner
-    r.pieces = pieces = EagerPieces(r._piece_forward, r.attention, 512, r._piece_padding)
+    pieces = with_eager_pieces(engine, 512)
     got = _run(engine, prompts, params)
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
     assert len(pieces.widths) == engine.stats()["steps"]

@@ -14,7 +14,7 @@ from runner.engine import Engine, EngineConfig, Request, SamplingParams
 from runner.engine.graphs import DecodeGraphs, row_buckets
 from runner.engine.inputs import unpack
 from runner.engine.piece_graphs import token_buckets
-from tests.engine.conftest import EagerPieces, tiny_model
+from tests.engine.conftest import EagerPieces, tiny_model, with_eager_pieces
 
 
 def test_row_buckets():
@@ -75,8 +75,7 @@ def through_eager_pieces(config: EngineConfig, requests: list[Request]) -> tuple
     model = tiny_model("llama")
     expected = {c.id: c.token_ids for c in Engine(model, config).generate(requests)}
     engine = Engine(model, config)
-    r = engine.model_runner
-    r.pieces = pieces = EagerPieces(r._piece_forward, r.attention, config.max_batch_tokens, r._piece_padding)
+    pieces = with_eager_pieces(engine, config.max_batch_tokens)
     got = {c.id: c.token_ids for c in engine.generate(requests)}
     return expected, got, pieces.widths, engine.stats()["steps"]
 
