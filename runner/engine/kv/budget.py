@@ -4,9 +4,8 @@ The KV pool gets `kv_memory_fraction` of the memory left after the weights, minu
 workspace: activations of a `max_batch_tokens` forward (twice with piece graphs: their pool holds one
 step's, and a step that fills too little of its bucket runs eagerly beside it) and the sampling buffers
 of `max_seqs` rows ([rows, vocab] in fp32/int64, once for eager steps and once more in the CUDA graphs'
-pool). The
-workspace grows with the config, so a pool sized from a constant share alone leaves too little room
-at a large `max_seqs` over a large vocabulary.
+pool). The workspace grows with the config, so a pool sized from a constant share alone leaves too
+little room at a large `max_seqs` over a large vocabulary.
 """
 
 from __future__ import annotations
