@@ -34,7 +34,7 @@ test-slurm: setup  # on a real single-node Slurm that the tests start (root; apt
 
 test-ray: setup  # on a real local Ray cluster that the tests start (`ray start --head`, CPU); installs [ray]
 	$(PIP) -e '.[ray]'
-	$(PY) -m pytest -q -rs tests/test_ray_cluster.py tests/jobs/test_ray.py
+	$(PY) -m pytest -q -rs tests/test_ray_cluster.py tests/jobs/executors/test_ray.py
 
 lint: setup imports
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.spec import SpecError, parse_spec
+from jobs.spec.job import SpecError, parse_spec
 
 SPEC_NAME = "spec.yaml"
 

@@ -1,4 +1,5 @@
-"""`batchrun`: a thin shell over jobs.spec, jobs.task (one task), jobs.slurm, jobs.ray and jobs.status."""
+"""`batchrun`: a thin shell over jobs.spec.job, jobs.task (one task), jobs.executors (local, slurm,
+ray) and jobs.status."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import get_args
 import click
 from click.core import ParameterSource
 
-from jobs.spec import JobSpec, RuntimeSpec, SpecError, load_spec
+from jobs.spec.job import JobSpec, RuntimeSpec, SpecError, load_spec
 from jobs.task import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_INTERRUPTED
 
 EXIT_CODES = (
@@ -151,8 +152,8 @@ def submit(
 ) -> None:
     """Run the job described by SPEC: here in the foreground, as a Slurm array, or as Ray tasks (waited
     for); again to resume."""
-    from jobs import ray as ray_executor
-    from jobs.slurm import SlurmError, refuse_if_active
+    from jobs.executors import ray as ray_executor
+    from jobs.executors.slurm import SlurmError, refuse_if_active
     from runner.store import OutputStore
 
     spec = _load(spec_path, None, None)
@@ -188,7 +189,7 @@ def submit(
 
 
 def _submit_slurm(spec: JobSpec, spec_path: str, dry_run: bool) -> None:
-    from jobs import slurm
+    from jobs.executors import slurm
     from runner.store import OutputStore
 
     if dry_run:
@@ -212,8 +213,8 @@ def _submit_slurm(spec: JobSpec, spec_path: str, dry_run: bool) -> None:
 
 
 def _submit_ray(spec: JobSpec, spec_path: str) -> None:
-    from jobs import ray as ray_executor
-    from jobs.slurm import SlurmError, all_done, refuse_if_active
+    from jobs.executors import ray as ray_executor
+    from jobs.executors.slurm import SlurmError, all_done, refuse_if_active
     from runner.store import OutputStore
 
     store = OutputStore.for_output(spec.output)
@@ -286,8 +287,8 @@ def run(spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bo
 def status(spec_path: str, as_json: bool) -> None:
     """Show each shard's state (done / partial / pending) and error rows, read from the output; and the
     Slurm array's or Ray tasks' state where the job was submitted there."""
-    from jobs.ray import ray_status
-    from jobs.slurm import slurm_status
+    from jobs.executors.ray import ray_status
+    from jobs.executors.slurm import slurm_status
     from jobs.status import job_status
 
     spec = _load(spec_path, None, None)

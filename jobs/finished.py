@@ -16,12 +16,12 @@ import logging
 from jobs.history import report_name
 from jobs.lease import lease_path
 from jobs.plan import assign_shards, spec_fingerprint
-from jobs.spec import JobSpec
-from runner.attempts import summary_from_report
-from runner.model_resolve import ModelError, resolve_model
-from runner.progress import Summary
-from runner.sources import InputError, list_shards
+from jobs.spec.job import JobSpec
+from runner.io.sources import InputError, list_shards
+from runner.models.resolve import ModelError, resolve_model
 from runner.store import OutputStore
+from runner.telemetry.attempts import summary_from_report
+from runner.telemetry.progress import Summary
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,17 @@
 """What a task's earlier attempts left: its report, and the heartbeat of one killed outright.
 
-Read when an attempt starts, before its monitor replaces the heartbeat; `runner/attempts.py` adds
+Read when an attempt starts, before its monitor replaces the heartbeat; `runner/telemetry/attempts.py` adds
 this attempt to them.
 """
 
 from __future__ import annotations
 
-from jobs.spec import JobSpec
-from runner.attempts import killed_attempt
-from runner.monitor import task_name
-from runner.sources import Shard, count_rows
-from runner.storage import is_local
+from jobs.spec.job import JobSpec
+from runner.io.sources import Shard, count_rows
+from runner.io.storage import is_local
 from runner.store import OutputStore
+from runner.telemetry.attempts import killed_attempt
+from runner.telemetry.monitor import task_name
 
 
 def report_name(task_index: int, num_tasks: int) -> str:

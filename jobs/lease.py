@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import fsspec
 
-from runner.retry import retry
+from runner.io.retry import retry
 from runner.store.atomic import remove_temps, write_bytes_atomic
 
 log = logging.getLogger(__name__)

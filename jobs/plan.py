@@ -8,9 +8,9 @@ import logging
 import string
 from typing import Any
 
-from jobs.spec import JobSpec
+from jobs.spec.job import JobSpec
 from runner.feeder import ShardWork
-from runner.sources import InputError, Shard, count_rows
+from runner.io.sources import InputError, Shard, count_rows
 from runner.store import OutputStore
 
 log = logging.getLogger(__name__)

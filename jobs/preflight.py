@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.spec import JobSpec
-from runner.model_fetch import is_url
-from runner.model_resolve import BUILTIN_PREFIX, ModelError, builtin_gguf, looks_local, missing_model_message
-from runner.openai_batch import RequestError, parse_request
-from runner.sources import InputError, Shard, list_shards, read_shard
-from runner.storage import is_local, url_to_fs
+from jobs.spec.job import JobSpec
+from runner.io.sources import InputError, Shard, list_shards, read_shard
+from runner.io.storage import is_local, url_to_fs
+from runner.models.fetch import is_url
+from runner.models.resolve import BUILTIN_PREFIX, ModelError, builtin_gguf, looks_local, missing_model_message
+from runner.openai.batch import RequestError, parse_request
 
 SAMPLE_ROWS = 20  # rows read from the first shard of each kind
 

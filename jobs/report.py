@@ -6,7 +6,7 @@ import io
 import json
 from dataclasses import dataclass
 
-from jobs.spec import JobSpec
+from jobs.spec.job import JobSpec
 from jobs.status import JobStatus, job_status
 from runner.store import OutputStore
 

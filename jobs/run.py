@@ -16,25 +16,25 @@ import time
 from jobs.history import TaskHistory, error_location, report_name
 from jobs.lease import TaskLease
 from jobs.plan import assign_shards, input_columns, plan_work, run_fingerprint
-from jobs.spec import JobSpec, PromptSpec, SamplingSpec, SpecError
-from runner.attempts import attempt_of, summary_from_report, with_history
+from jobs.spec.job import JobSpec, PromptSpec, SamplingSpec, SpecError
 from runner.backends import load_backend
 from runner.cpu_threads import configure_cpu_threads, cuda_available
-from runner.error_budget import ErrorBudgetExceeded
+from runner.errors.budget import ErrorBudgetExceeded
+from runner.io.memory import return_freed_buffers_to_os
+from runner.io.sources import list_shards
 from runner.loop import GenerationLoop, LoopSettings, OutputRows, RowBuilder
-from runner.memory import return_freed_buffers_to_os
-from runner.model_cache import use_kernel_cache
-from runner.model_resolve import ResolvedModel, load_tokenizer, resolve_model
-from runner.monitor import Counters, Monitor, clear_heartbeat_temps
-from runner.openai_prompts import BatchRequestBuilder, ModelMismatch
-from runner.openai_response import BatchOutputRows
-from runner.phases import Phases
-from runner.progress import Summary
+from runner.models.cache import use_kernel_cache
+from runner.models.resolve import ResolvedModel, load_tokenizer, resolve_model
+from runner.openai.prompts import BatchRequestBuilder, ModelMismatch
+from runner.openai.response import BatchOutputRows
 from runner.prompts import PromptBuilder, PromptConfig, PromptSetupError
 from runner.signals import StopRequested
-from runner.sources import list_shards
 from runner.store import OutputStore
 from runner.store.uploads import sweep_stale_uploads
+from runner.telemetry.attempts import attempt_of, summary_from_report, with_history
+from runner.telemetry.monitor import Counters, Monitor, clear_heartbeat_temps
+from runner.telemetry.phases import Phases
+from runner.telemetry.progress import Summary
 
 log = logging.getLogger(__name__)
 

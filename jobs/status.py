@@ -7,9 +7,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from jobs.lease import process_alive
-from jobs.spec import JobSpec
-from runner.error_reasons import error_reason
-from runner.sources import count_rows, list_shards
+from jobs.spec.job import JobSpec
+from runner.errors.reasons import error_reason
+from runner.io.sources import count_rows, list_shards
 from runner.store import OutputStore
 
 

@@ -1,7 +1,7 @@
 """One task of a job, as `batchrun run` runs it (and so each Slurm array task and each Ray task).
 
 A task with nothing to do is answered from the output (no torch, no GPU); otherwise the preflight runs,
-then the task on every worker of the node (jobs.workers). The summary and what to do next go to
+then the task on every worker of the node (jobs.executors.node). The summary and what to do next go to
 stderr; the outcome is an exit code: 0 done, 1 failed, 2 bad spec or preflight problem, 75 stopped by
 a signal with every finished row committed (run it again for the rest).
 """
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from jobs.spec import JobSpec, SpecError
+from jobs.spec.job import JobSpec, SpecError
 
 if TYPE_CHECKING:
-    from runner.progress import Summary
+    from runner.telemetry.progress import Summary
 
 EXIT_DONE = 0
 EXIT_FAILED = 1
@@ -51,16 +51,16 @@ def run_task(
     """Run (or resume) task `runtime.task_index` of `runtime.num_tasks` of SPEC in this process and its
     workers; print the summary and what to do next (naming SPEC_PATH); exit codes: module docstring.
     `started`: when the task began, on the time.monotonic() clock (default: when this process did)."""
+    from jobs.executors.node import run_node
     from jobs.finished import finished_summary
     from jobs.lease import LeaseHeld
     from jobs.run import EngineFailed, JobFailed, JobInterrupted
-    from jobs.workers import run_node
-    from runner.model_resolve import ModelError
-    from runner.phases import Phases
+    from runner.io.retry import StorageError
+    from runner.io.sources import InputError
+    from runner.models.resolve import ModelError
     from runner.prompts import PromptTooLong
-    from runner.retry import StorageError
-    from runner.sources import InputError
     from runner.store import CheckpointError, FingerprintMismatch
+    from runner.telemetry.phases import Phases
 
     try:
         summary = None if force_new_run else finished_summary(spec)  # nothing to do: no torch, no GPU

@@ -14,9 +14,9 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from runner.budget import HeldBytes, value_bytes
+from runner.held_bytes import HeldBytes, value_bytes
+from runner.io.sources import InputError, Shard, read_shard
 from runner.prompts import PreparedRow, PromptBuilder
-from runner.sources import InputError, Shard, read_shard
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from runner.engine.config import resolve_device, resolve_dtype
-from runner.engine.eos import eos_token_ids
-from runner.engine.stops import find_stop
+from runner.engine.core.stops import find_stop
+from runner.engine.text.eos import eos_token_ids
 from runner.engine.types import Completion, Request, SamplingParams
 
 _POLL_S = 0.05  # how long step() waits for the first finished request before returning []
@@ -107,7 +107,7 @@ class TransformersBackend:
         caller already loaded."""
         from transformers import AutoModelForCausalLM
 
-        from runner.model_resolve import load_tokenizer
+        from runner.models.resolve import load_tokenizer
 
         torch_device = resolve_device(device)
         model = AutoModelForCausalLM.from_pretrained(

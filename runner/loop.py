@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from runner.backends import Backend
-from runner.budget import HeldBytes
 from runner.engine.types import Completion, Request
-from runner.error_budget import ErrorBudget
+from runner.errors.budget import ErrorBudget
 from runner.faults import fault_point, kill_point
 from runner.feeder import Feeder, ShardEnd, ShardFailed, ShardWork
-from runner.monitor import Counters
-from runner.progress import ProgressBar
+from runner.held_bytes import HeldBytes
 from runner.prompts import PreparedRow, PromptBuilder
 from runner.signals import StopRequested
 from runner.store import OutputStore
+from runner.telemetry.monitor import Counters
+from runner.telemetry.progress import ProgressBar
 from runner.writer import PartWriter
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ DRAIN_SHARE = 0.5  # of the grace period spent finishing in-flight rows; the res
 
 
 class RowBuilder(Protocol):
-    """Makes the output rows of one input row: `OutputRows`, or OpenAI lines (runner/openai_response.py).
+    """Makes the output rows of one input row: `OutputRows`, or OpenAI lines (runner/openai/response.py).
     Each row holds `_shard`, `_row`, `finish_reason`, `error`, `prompt_tokens`, `generated_tokens`."""
 
     def error_rows(self, prep: PreparedRow, error: str) -> list[dict]: ...
@@ -112,7 +112,7 @@ class LoopSettings:
     storage_options: dict  # for reading the input
     columns: list[str] | None  # input columns to read (None: all)
     rows: RowBuilder
-    max_error_fraction: float  # the error budget (runner/error_budget.py)
+    max_error_fraction: float  # the error budget (runner/errors/budget.py)
     error_window_rows: int
 
 

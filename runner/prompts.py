@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
-from runner.engine.grammar import GrammarError, check_grammar
+from runner.engine.sample.grammar import GrammarError, check_grammar
 from runner.engine.types import GRAMMAR_KEYS, SamplingParams
 
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -58,7 +58,7 @@ class PreparedRow:
     prompt_ids: list[int] | None = None
     sampling: SamplingParams | None = None
     error: str | None = None
-    nbytes: int = 0  # size of `values`, held against the job's HeldBytes budget (runner/budget.py)
+    nbytes: int = 0  # size of `values`, held against the job's HeldBytes budget (runner/held_bytes.py)
 
 
 class PromptBuilder:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runner.budget import HeldBytes
+from runner.held_bytes import HeldBytes
 from runner.store import OutputStore
 
 log = logging.getLogger(__name__)

@@ -182,7 +182,7 @@ def pooled_model(name: str, positions: int = 4096):
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from runner.engine.loader import rebuild_buffers
+    from runner.engine.loading.loader import rebuild_buffers
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(workload_config(name, positions), dtype=torch.bfloat16)
@@ -201,13 +201,13 @@ def pooled_model(name: str, positions: int = 4096):
 def build_fp8_model(config, device: torch.device):
     """A random model whose bf16 weights would not fit the GPU (W70: 140 GB): built on the meta device,
     then each decoder linear gets random fp8 weights + per-channel scales straight on `device` (the form
-    a stored fp8 checkpoint loads into, see runner/engine/loader.py), one matrix at a time; embeddings,
-    LM head and norms in bf16."""
+    a stored fp8 checkpoint loads into, see runner/engine/loading/loader.py), one matrix at a time;
+    embeddings, LM head and norms in bf16."""
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from runner.engine.layers.fp8 import quantize_weight
-    from runner.engine.loader import rebuild_buffers
+    from runner.engine.layers.fp8.torch import quantize_weight
+    from runner.engine.loading.loader import rebuild_buffers
 
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -308,7 +308,8 @@ def t_serial(
     return t
 
 
-# twice a second, as a job's monitor (runner/monitor.py) polls: every 50 ms, the polls slowed W0 by 5-15 %
+# twice a second, as a job's monitor (runner/telemetry/monitor.py) polls: every 50 ms, the polls
+# slowed W0 by 5-15 %
 # (PERF_NOTES.md, "NVML polls")
 BUSY_POLL_S = 0.5
 
@@ -466,7 +467,7 @@ def bench(
 ) -> Result:
     ranks = max(tensor_parallel(backend), 1)
     if backend.startswith("batchrun"):
-        from runner.engine.group import ModelSource
+        from runner.engine.loading.source import ModelSource
 
         source = ModelSource(factory=functools.partial(pooled_model, name, positions))
         run = lambda: run_batchrun(name, model, prompts, new, backend, engine, temperature, source)

@@ -28,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `runner` imports
 
-from runner.engine.layers.attention import (  # noqa: E402
+from runner.engine.layers.attention.torch import (  # noqa: E402
     PREFILL_BLOCK_Q,
     AttentionBatch,
     decode_order,
     prefill_blocks,
 )
-from runner.engine.layers.paged_attention import (  # noqa: E402
+from runner.engine.layers.attention.triton import (  # noqa: E402
     decode_attention,
     decode_splits,
     paged_attention,

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.engine.layers import fused  # noqa: E402
-from runner.engine.layers.fp8 import quantize_weight  # noqa: E402
-from runner.engine.layers.fp8_kernels import quantize_rows_kernel  # noqa: E402
+from runner.engine.layers.fp8.torch import quantize_weight  # noqa: E402
+from runner.engine.layers.fp8.triton import quantize_rows_kernel  # noqa: E402
+from runner.engine.layers.ops import triton as fused  # noqa: E402
 from scripts.bench import WORKLOADS, measure_rates  # noqa: E402
 
 

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from runner.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
-from runner.engine import model_runner as model_runner_module  # noqa: E402
-from runner.engine.scheduler import Scheduler  # noqa: E402
+from runner.engine.core.scheduler import Scheduler  # noqa: E402
+from runner.engine.worker import model_runner as model_runner_module  # noqa: E402
 from scripts.bench import WORKLOADS, make_prompts  # noqa: E402
 
 VOCAB = 256  # the stub's logits: sampling a big vocabulary on the CPU would swamp the host parts

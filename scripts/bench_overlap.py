@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `runner` imports
 
-from runner.engine.layers.paged_attention import decode_attention, decode_splits, sm_count  # noqa: E402
+from runner.engine.layers.attention.triton import decode_attention, decode_splits, sm_count  # noqa: E402
 from scripts.bench import WORKLOADS, measure_rates  # noqa: E402
 from scripts.bench_attention import CASES, Case, make_batch  # noqa: E402
 from scripts.bench_gemm import graph_ms  # noqa: E402

@@ -19,7 +19,7 @@ for run in cold warm; do
   "$py" - "$results/$run.json" "$run" <<'PY'
 import json, sys
 sys.path.insert(0, ".")
-from runner.phases import describe
+from runner.telemetry.phases import describe
 doc = json.load(open(sys.argv[1]))
 for r in doc["runs"]:
     print(f"{sys.argv[2]} {r['gpus']} GPU: wall {r['wall_s']} s, first token {r['first_token_s']} s, "

@@ -65,7 +65,7 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 def run(model: str, prompts: int, new: int, dtype: str, quantization: str) -> dict:
     """Greedy completions (token ids and chosen-token logprobs) of the first `prompts` chat prompts."""
     from runner.engine import Engine, EngineConfig, Request, SamplingParams
-    from runner.model_resolve import resolve_model
+    from runner.models.resolve import resolve_model
 
     folder = resolve_model(model).local_path
     config = EngineConfig(device="cpu", dtype=dtype, quantization=quantization, max_seqs=64)

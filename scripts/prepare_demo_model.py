@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without installing
 
-from runner.model_resolve import DEFAULT_MODEL, ModelError, resolve_model  # noqa: E402
+from runner.models.resolve import DEFAULT_MODEL, ModelError, resolve_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

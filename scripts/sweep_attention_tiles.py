@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `runner` imports
 
-from runner.engine.layers.attention import to_cache  # noqa: E402
-from runner.engine.layers.fp8_format import FP8  # noqa: E402
-from runner.engine.layers.paged_attention import kernel_tile, launch, sm_count, smem_per_sm  # noqa: E402
+from runner.engine.layers.attention.torch import to_cache  # noqa: E402
+from runner.engine.layers.attention.triton import kernel_tile, launch, sm_count, smem_per_sm  # noqa: E402
+from runner.engine.layers.fp8.format import FP8  # noqa: E402
 from scripts.bench_attention import CASES, make_batch  # noqa: E402
 from scripts.bench_gemm import graph_ms  # noqa: E402
 

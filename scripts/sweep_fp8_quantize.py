@@ -20,8 +20,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.engine.layers import fused  # noqa: E402
-from runner.engine.layers.fp8_kernels import quantize_rows_kernel  # noqa: E402
+from runner.engine.layers.fp8.triton import quantize_rows_kernel  # noqa: E402
+from runner.engine.layers.ops import triton as fused  # noqa: E402
 from scripts.bench_gemm import graph_ms  # noqa: E402
 
 INTER = 14336

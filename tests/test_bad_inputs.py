@@ -22,11 +22,11 @@ import pytest
 
 from jobs.lease import LeaseHeld, TaskLease
 from jobs.run import JobFailed, run_job
-from jobs.spec import SpecError, load_spec
-from runner.model_resolve import ModelError
+from jobs.spec.job import SpecError, load_spec
+from runner.io.retry import StorageError
+from runner.io.sources import InputError
+from runner.models.resolve import ModelError
 from runner.prompts import PromptTooLong
-from runner.retry import StorageError
-from runner.sources import InputError
 from runner.store import FingerprintMismatch, OutputStore
 from tests.conftest import read_output, write_spec
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from jobs.run import run_job
-from jobs.spec import load_spec
+from jobs.spec.job import load_spec
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 
 REPO = Path(__file__).resolve().parents[1]

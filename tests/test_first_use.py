@@ -21,14 +21,14 @@ from click.testing import CliRunner
 
 from jobs.cli import main
 from jobs.report import load_series, y_limit
-from jobs.spec import load_spec
+from jobs.spec.job import load_spec
 from runner.cpu_threads import busy_cpus, cgroup_cpu_quota, configure_cpu_threads, cpu_threads, usable_cpus
-from runner.engine.layers.attention import reference_attention
-from runner.engine.layers.cpu_attention import batched_attention
+from runner.engine.layers.attention.cpu import batched_attention
+from runner.engine.layers.attention.torch import reference_attention
 from runner.store.checkpoint import OutputStore
 from tests.conftest import committed_rows, read_output, write_spec
-from tests.engine.layers.paged_cases import CASES as PAGED_CASES
-from tests.engine.layers.paged_cases import random_batch
+from tests.engine.layers.attention.triton_cases import CASES as PAGED_CASES
+from tests.engine.layers.attention.triton_cases import random_batch
 from tests.test_kill_resume import batchrun
 
 HOST = socket.gethostname()

@@ -99,3 +99,26 @@ def test_lint_imports_keeps_the_contracts():
         pytest.skip("import-linter is not installed")
     run = subprocess.run([str(exe), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_folders_stay_small_enough_to_read_as_a_picture():
+    """No folder of jobs/ or runner/ holds more than 12 Python modules directly (issue 39); the engine's
+    top holds at most 6 (engine, config, types: the rest lives in folders named after their concern)."""
+    crowded = {
+        str(folder.relative_to(REPO)): n
+        for top in ("jobs", "runner")
+        for folder in [REPO / top, *(p for p in (REPO / top).rglob("*") if p.is_dir())]
+        if (n := len(list(folder.glob("*.py")))) > 12
+    }
+    assert not crowded, crowded
+    assert len(list((REPO / "runner" / "engine").glob("*.py"))) <= 6
+
+
+def test_no_source_file_over_400_lines():
+    long = {
+        str(p.relative_to(REPO)): n
+        for top in ("jobs", "runner")
+        for p in (REPO / top).rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 400
+    }
+    assert not long, long

@@ -6,7 +6,7 @@ files are real Parquet objects. Injected: S3 error responses (503 SlowDown, 500 
 botocore's own retries are switched off in the spec's storage options
 (`config_kwargs.retries.total_max_attempts: 1`); s3fs retries SlowDown 5 times by itself (not
 configurable), so the proxy answers it 5 times for one failure to reach batchrun. The retries
-asserted are batchrun's (runner/retry.py), in the words it logs.
+asserted are batchrun's (runner/io/retry.py), in the words it logs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from jobs.run import run_job
-from jobs.spec import load_spec
+from jobs.spec.job import load_spec
 from tests.conftest import read_output, write_inputs, write_spec
 from tests.s3_proxy import FaultProxy, Rule
 from tests.test_kill_resume import batchrun

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.run import run_job
-from jobs.spec import load_spec
+from jobs.spec.job import load_spec
 from tests.conftest import prompt_text, read_output, write_inputs, write_spec
 from tests.test_kill_resume import REPO, batchrun
 
@@ -95,7 +95,7 @@ def test_s3_to_s3_job_equals_the_local_run(s3, tmp_path: Path, tiny_model_dir: P
     run_job(load_spec(write_spec(tmp_path / "local.yaml", tiny_model_dir)), show_progress=False)
     spec = load_spec(s3_spec(tmp_path / "s3.yaml", tiny_model_dir, bucket, options))
 
-    with caplog.at_level(logging.INFO, logger="runner.model_fetch"):
+    with caplog.at_level(logging.INFO, logger="runner.models.fetch"):
         summary = run_job(spec, show_progress=False)
     assert summary.status == "finished" and summary.rows_ok == sum(map(len, prompts.values()))
     assert read_s3_output(fs, f"{bucket}/out") == read_output(tmp_path / "out")
@@ -287,7 +287,7 @@ def test_a_large_shard_streams_with_bounded_memory(
     travel to the output: at most `runtime.max_held_bytes` (32 MiB here) of them are held between
     reader and writer, and compaction streams the parts into the final file a window at a time.
     Measured on the 2-core dev box: dropped +55-90 MB; kept +210-255 MB (+1.5 GB before streaming
-    compaction, the byte bound, page-wise reads and runner/memory.py).
+    compaction, the byte bound, page-wise reads and runner/io/memory.py).
     """
     fs, bucket, options = s3
     assert write_payload_shard(tmp_path / "big.parquet", rows, payload_bytes) >= rows * payload_bytes

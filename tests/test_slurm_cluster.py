@@ -3,7 +3,8 @@
 The session fixture starts Slurm if it is not running (needs root and apt or the packages) and stops
 it afterwards; where it can't, these tests skip and say why (`pytest -rs` lists the reason). They take
 about a minute each (task start-up and generation on CPU), so they are marked slow; `make test-slurm`
-(run by .ci/run) runs them, and tests/jobs/test_slurm.py checks the script's signal path without Slurm.
+(run by .ci/run) runs them, and tests/jobs/executors/test_slurm.py checks the script's signal path
+without Slurm.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from jobs.executors.slurm import ACTIVE_STATES, TaskState, array_state
 from jobs.run import run_job
-from jobs.slurm import ACTIVE_STATES, TaskState, array_state
-from jobs.spec import load_spec
+from jobs.spec.job import load_spec
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 from tests.test_kill_resume import REPO, batchrun
 

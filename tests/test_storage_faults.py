@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import runner.retry
+import runner.io.retry
 from jobs.run import run_job
-from jobs.spec import load_spec
-from runner.retry import Backoff, StorageError
+from jobs.spec.job import load_spec
+from runner.io.retry import Backoff, StorageError
 from tests import faults_fs
 from tests.conftest import read_output, write_inputs, write_spec
 from tests.faults_fs import Fault
@@ -20,7 +20,7 @@ from tests.faults_fs import Fault
 @pytest.fixture
 def faulty(tmp_path: Path, tiny_model_dir: Path, monkeypatch):
     """(spec over a faulty output, the uninterrupted reference output) with fast backoff."""
-    monkeypatch.setattr(runner.retry, "BACKOFF", Backoff(attempts=4, first_s=0.001, max_s=0.01))
+    monkeypatch.setattr(runner.io.retry, "BACKOFF", Backoff(attempts=4, first_s=0.001, max_s=0.01))
     write_inputs(tmp_path / "in", parquet=1, jsonl=1, rows=7)
     ref = write_spec(tmp_path / "ref.yaml", tiny_model_dir, output={"flush_rows": 3, "path": "ref"})
     run_job(load_spec(ref), show_progress=False)

@@ -12,7 +12,7 @@ _HOMES = {
     "EngineConfig": "runner.engine.config",
     "Request": "runner.engine.types",
     "SamplingParams": "runner.engine.types",
-    "UnsupportedModel": "runner.engine.config",
+    "UnsupportedModel": "runner.engine.types",
 }
 
 __all__ = sorted(_HOMES)

@@ -1,4 +1,4 @@
-"""Engine settings (`EngineConfig`) and the error that sends a model to the fallback backend."""
+"""Engine settings (`EngineConfig`): device, dtype, sizes, parallelism, quantization."""
 
 from __future__ import annotations
 
@@ -15,19 +15,12 @@ if TYPE_CHECKING:  # torch loads when a device is resolved: the job spec reads t
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-class UnsupportedModel(Exception):
-    """The fast path cannot run this model; the caller falls back to the transformers backend.
-
-    The message says why (architecture, rope type, ...), so the caller can log it.
-    """
-
-
 @dataclass(slots=True)
 class EngineConfig:
     """How the engine runs.
 
     These fields, their defaults and their bounds (the annotations) are the only declaration of the
-    engine's settings: the job spec's `engine:` section is generated from them (jobs/spec.py).
+    engine's settings: the job spec's `engine:` section is generated from them (jobs/spec/job.py).
     """
 
     dtype: DType = "auto"  # auto: bf16 on CUDA, fp32 on CPU
@@ -84,7 +77,7 @@ class EngineConfig:
         on a CUDA GPU that cannot convert fp8 (compute capability below 8.9: the Triton kernels' e4m3)."""
         import torch
 
-        from runner.engine.layers.fp8_format import FP8
+        from runner.engine.layers.fp8.format import FP8
 
         if self.kv_cache_dtype == "auto":
             return dtype

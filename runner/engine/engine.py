@@ -11,20 +11,21 @@ from pathlib import Path
 
 import torch
 
-from runner.engine.build import build_runner, follow
 from runner.engine.config import EngineConfig
-from runner.engine.eos import eos_token_ids
-from runner.engine.grammar import GrammarError
-from runner.engine.grammar_worker import Grammars
-from runner.engine.group import Group, ModelSource, rank_device, start_group
-from runner.engine.model_runner import LaunchedStep
+from runner.engine.core.scheduler import ScheduledBatch, Scheduler
+from runner.engine.core.sequence import Sequence
+from runner.engine.core.stops import StopChecker
+from runner.engine.loading.source import ModelSource
 from runner.engine.models import model_shape
-from runner.engine.scheduler import ScheduledBatch, Scheduler
-from runner.engine.sequence import Sequence
-from runner.engine.shard import check_split
-from runner.engine.stops import StopChecker
-from runner.engine.tokenizer import load_tokenizer
+from runner.engine.parallel.group import Group, rank_device, start_group
+from runner.engine.parallel.weight_split import check_split
+from runner.engine.sample.grammar import GrammarError
+from runner.engine.sample.grammar_worker import Grammars
+from runner.engine.text.eos import eos_token_ids
+from runner.engine.text.tokenizer import load_tokenizer
 from runner.engine.types import Completion, Request
+from runner.engine.worker.build import build_runner, follow
+from runner.engine.worker.model_runner import LaunchedStep
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Engine:
         self._host_wait_s = 0.0
         self._grammar_s = 0.0  # host time the loop spends on grammars: matcher updates, waits for bitmasks
         self._rng = random.Random()
-        # start-up phases, as {phase: time.monotonic() at its end} (runner/phases.py reads them)
+        # start-up phases, as {phase: time.monotonic() at its end} (runner/telemetry/phases.py reads them)
         self.startup: dict[str, float] = {"engine_build": time.monotonic()}
         if self.model_runner.capture_graphs():
             self.startup["graph_capture"] = time.monotonic()
@@ -103,9 +104,9 @@ class Engine:
         `tokenizer`: one the caller already loaded (else it is loaded from `path` too).
 
         fp8 checkpoints (`quantization_config`), and any safetensors folder with `quantization="fp8"`,
-        load tensor by tensor straight to the device (`loader.py`); others load with transformers.
+        load tensor by tensor straight to the device (`loading/loader.py`); others load with transformers.
         """
-        from runner.engine.loader import load_config, load_hf_model
+        from runner.engine.loading.loader import load_config, load_hf_model
 
         config = config or EngineConfig()
         hf_config = load_config(path, revision)
@@ -135,7 +136,7 @@ class Engine:
         the model from `source` and following this process's steps, which runs rank 0."""
         device = config.resolve_device()
         if source.path is not None:  # a factory's model is checked as each rank cuts it
-            from runner.engine.loader import load_config
+            from runner.engine.loading.loader import load_config
 
             check_split(load_config(source.path, source.revision), config.tensor_parallel)
         if device.type == "cuda" and torch.cuda.device_count() < config.tensor_parallel:

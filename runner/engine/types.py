@@ -1,4 +1,5 @@
-"""Plain values that cross the engine boundary: what to generate, how, and what came out."""
+"""Plain values that cross the engine boundary: what to generate, how, what came out, and the error
+that sends a model to the fallback backend (`UnsupportedModel`)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,19 @@ Positive = Annotated[int, Gt(0)]
 NonNegative = Annotated[int, Ge(0)]
 
 
+class UnsupportedModel(Exception):
+    """The fast path cannot run this model; the caller falls back to the transformers backend.
+
+    The message says why (architecture, rope type, ...), so the caller can log it.
+    """
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
     """How one request samples. `temperature == 0` means greedy (top-k/top-p/min-p then ignored).
 
     The bounds in the annotations are the only declaration of the valid values: the job spec's
-    `sampling:` section is generated from these fields (jobs/spec.py) and per-row overrides are
+    `sampling:` section is generated from these fields (jobs/spec/job.py) and per-row overrides are
     validated against them (runner/prompts.py); the engine itself does not check them per request.
     """
 
@@ -38,7 +46,7 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
     n: Positive = 1  # samples per prompt, sharing the prompt's KV pages
     logprobs: bool = False  # return the log-probability of each sampled token
-    # structured output, at most one of the three (runner/engine/grammar.py); EOS only where it may end
+    # structured output, at most one of the three (runner/engine/sample/grammar.py); EOS only where it may end
     json_schema: str | None = None  # a JSON schema, as JSON text
     regex: str | None = None  # the output matches this regular expression
     choice: tuple[str, ...] = ()  # the output is exactly one of these strings

@@ -19,7 +19,7 @@ import fsspec
 from fsspec.spec import AbstractBufferedFile
 
 from runner.faults import kill_point
-from runner.storage import is_local
+from runner.io.storage import is_local
 
 TEMP_PREFIX = ".tmp-"  # local temp siblings; never a committed file
 

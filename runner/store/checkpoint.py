@@ -30,10 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from runner.faults import kill_point
-from runner.parquet_files import READ_THREADS, open_parquet
-from runner.retry import StorageError, retry
-from runner.sources import shard_stem
-from runner.storage import is_local
+from runner.io.parquet_files import READ_THREADS, open_parquet
+from runner.io.retry import StorageError, retry
+from runner.io.sources import shard_stem
+from runner.io.storage import is_local
 from runner.store.atomic import TEMP_PREFIX
 from runner.store.compaction import PartIndex, ShardCompaction, TornPart
 from runner.store.state import STATE_DIR, CheckpointError, StateStore

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from runner.parquet_files import READ_THREADS, open_parquet
-from runner.retry import StorageError, is_transient
+from runner.io.parquet_files import READ_THREADS, open_parquet
+from runner.io.retry import StorageError, is_transient
 from runner.store.tables import conform_table, unified_schema
 
 WINDOW_BYTES = 8 * 2**20  # uncompressed output bytes per window (the parts' average row size)

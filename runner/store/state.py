@@ -11,8 +11,8 @@ import logging
 import posixpath
 
 from runner.faults import kill_point
-from runner.retry import retry
-from runner.storage import is_local, url_to_fs
+from runner.io.retry import retry
+from runner.io.storage import is_local, url_to_fs
 from runner.store.atomic import TEMP_PREFIX, remove_temps, write_bytes_atomic
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from runner.openai_response import output_line
+from runner.openai.response import output_line
 from runner.store.atomic import write_atomic
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from transformers import (
     Qwen3Config,
 )
 
-from runner.engine.inputs import unpack
-from runner.engine.piece_graphs import PieceGraphs, token_buckets
+from runner.engine.worker.inputs import unpack
+from runner.engine.worker.piece_graphs import PieceGraphs, token_buckets
 
 VOCAB = 256
 COMMON = dict(

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from runner.engine import Engine, EngineConfig, Request, SamplingParams, UnsupportedModel
-from runner.engine.layers.fp8 import FP8, Fp8Experts, Fp8Linear, quantize_weight
+from runner.engine.layers.fp8.torch import FP8, Fp8Experts, Fp8Linear, quantize_weight
 from tests.engine.conftest import COMMON, random_prompts, tiny_model
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

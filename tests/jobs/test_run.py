@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs.run import run_job
-from jobs.spec import load_spec
+from jobs.spec.job import load_spec
 from runner.prompts import PromptTooLong
 from runner.store import FingerprintMismatch
 from tests.conftest import read_output, write_inputs, write_spec

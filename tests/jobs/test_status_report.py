@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from jobs.run import run_job
-from jobs.spec import load_spec
+from jobs.spec.job import load_spec
 from jobs.status import error_reason, job_status
 from tests.conftest import committed_rows, write_inputs, write_spec
 from tests.test_kill_resume import REPO, batchrun
@@ -153,9 +153,9 @@ def test_regression_a_kill_during_the_last_heartbeat_leaves_its_temp_file(
 
 THREADS_STARTED = """
 import collections, json, os, sys
-from jobs.spec import load_spec
+from jobs.spec.job import load_spec
 from jobs.status import job_status
-from runner.sources import list_shards, read_shard
+from runner.io.sources import list_shards, read_shard
 
 def threads():
     names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import read_output, write_spec
-from tests.engine.test_grammar import SCHEMA
+from tests.engine.sample.test_grammar import SCHEMA
 from tests.test_first_use import cli, jsonl
 
 pytest.importorskip("xgrammar")

@@ -8,7 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 from jobs.cli import main
-from jobs.spec import parse_spec
+from jobs.spec.job import parse_spec
 from tests.conftest import read_output, write_inputs, write_spec
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from jobs.run import run_job
-from jobs.spec import load_spec
+from jobs.spec.job import load_spec
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 from tests.test_kill_resume import _visible_count, batchrun
 

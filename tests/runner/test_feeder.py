@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import time
 
-from runner.budget import HeldBytes
 from runner.engine.types import SamplingParams
 from runner.feeder import Feeder, ShardEnd, ShardWork
+from runner.held_bytes import HeldBytes
+from runner.io.sources import list_shards
 from runner.prompts import PreparedRow, PromptBuilder, PromptConfig
-from runner.sources import list_shards
 from tests.helpers import tiny_tokenizer
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.run import prompt_builder
-from jobs.spec import PromptSpec, SamplingSpec, SpecError
+from jobs.spec.job import PromptSpec, SamplingSpec, SpecError
 from runner.prompts import PromptBuilder, row_seed
 from tests.helpers import tiny_tokenizer
 

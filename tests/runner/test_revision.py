@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from jobs.run import run_job
-from jobs.spec import load_spec
+from jobs.spec.job import load_spec
 from tests.conftest import read_output, write_inputs, write_spec
 
 HUB_ID = "someorg/tiny-llama"

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from runner.budget import HeldBytes
+from runner.held_bytes import HeldBytes
 from runner.store import OutputStore
 from runner.writer import PartWriter
 

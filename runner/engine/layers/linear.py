@@ -3,7 +3,7 @@
 `fused_linear` builds one linear for one or several projections of the same input (q/k/v, gate/up),
 in the model dtype (`DenseLinear`) or in fp8 (`fp8.Fp8Linear`):
 
-- modules whose weights are fp8 (a stored fp8 checkpoint, `loader.py`, or weights quantized as they
+- modules whose weights are fp8 (a stored fp8 checkpoint, `loading/loader.py`, or weights quantized as they
   loaded) give an `Fp8Linear` as they are;
 - with `fp8=True`, high-precision weights are quantized per output channel (`Fp8Linear.quantize`);
 - otherwise a `DenseLinear` in the model dtype.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.engine.layers.fp8 import FP8, Fp8Activations, Fp8Linear, fp8_experts_supported
+from runner.engine.layers.fp8.torch import FP8, Fp8Activations, Fp8Linear, fp8_experts_supported
 
 _STACKED_EXPERTS = (".experts.gate_up_proj", ".experts.down_proj")  # transformers 5's stacked MoE experts
 

@@ -1,7 +1,7 @@
 """Rotary position embeddings: the cos/sin tables and their application in plain torch.
 
 Tables come from the model's own transformers rotary module, so every rope type that transformers
-implements is honoured (a model loaded without transformers, `model_config.py`, gets the same module
+implements is honoured (a model loaded without transformers, `loading/hf_config.py`, gets the same module
 from `rotary_of`, for the types in `ROPE_TYPES`): the static ones (default, linear, yarn, llama3)
 through its `inv_freq` and `attention_scaling`; `dynamic` equals the default up to
 `max_position_embeddings`; `longrope` takes its short factors up to

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import torch
 
-from runner.engine.config import UnsupportedModel
-from runner.engine.layers.parallel import SINGLE, TensorParallel
 from runner.engine.models.base import ModelShape, PagedModel
 from runner.engine.models.gemma2 import PagedGemma2
 from runner.engine.models.gemma3 import PagedGemma3, PagedGemma3Tower
 from runner.engine.models.granite import PagedGranite
 from runner.engine.models.llama import PagedLlama
-from runner.engine.models.mixtral import PagedMixtral
+from runner.engine.models.moe.mixtral import PagedMixtral
+from runner.engine.models.moe.olmoe import PagedOlmoe
+from runner.engine.models.moe.qwen2_moe import PagedQwen2Moe
+from runner.engine.models.moe.qwen3_moe import PagedQwen3Moe
 from runner.engine.models.olmo2 import PagedOlmo2
-from runner.engine.models.olmoe import PagedOlmoe
 from runner.engine.models.phi3 import PagedPhi3
-from runner.engine.models.qwen2_moe import PagedQwen2Moe
-from runner.engine.models.qwen3_moe import PagedQwen3Moe
+from runner.engine.parallel.layers import SINGLE, TensorParallel
+from runner.engine.types import UnsupportedModel
 
 FAMILIES: dict[str, type[PagedModel]] = {
     "llama": PagedLlama,  # also SmolLM
@@ -68,7 +68,7 @@ def build_model(
 ) -> PagedModel:
     """Our forward for a loaded transformers model, its weights copied to `device` / `dtype` (`fp8`: the
     decoder's linear weights quantized to fp8; weights stored in fp8 stay fp8 either way). `tp`: the
-    rank's group; `hf_model`'s decoder layers are then its slice (`shard.py`)."""
+    rank's group; `hf_model`'s decoder layers are then its slice (`parallel/weight_split.py`)."""
     return family(hf_model.config)(hf_model, device, dtype, fp8, tp)
 
 

@@ -7,8 +7,8 @@ from typing import Protocol
 
 import torch
 
-from runner.engine.layers.attention import AttentionBatch, AttentionFn
-from runner.engine.layers.parallel import TensorParallel
+from runner.engine.layers.attention.torch import AttentionBatch, AttentionFn
+from runner.engine.parallel.layers import TensorParallel
 
 
 @dataclass(slots=True, frozen=True)
@@ -26,7 +26,7 @@ class ModelShape:
 
 def local_shape(shape: ModelShape, tp: TensorParallel) -> ModelShape:
     """The shape one rank of `tp` runs: its share of the q heads and of the KV heads (one KV head each
-    when the ranks outnumber them: `shard.py` gives ranks copies) and of the MLP width."""
+    when the ranks outnumber them: `parallel/weight_split.py` gives ranks copies) and of the MLP width."""
     if tp.size == 1:
         return shape
     return replace(

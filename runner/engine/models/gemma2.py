@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from runner.engine.config import UnsupportedModel
 from runner.engine.layers.linear import ACTIVATIONS, GatedMLP, fused_linear, load
 from runner.engine.models.base import ModelShape
 from runner.engine.models.sandwich import PagedSandwich, SandwichLayer
+from runner.engine.types import UnsupportedModel
 
 
 def gemma_shape(config) -> ModelShape:

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from runner.engine.config import UnsupportedModel
-from runner.engine.layers.attention import AttentionBatch, AttentionFn
-from runner.engine.layers.fp8 import Fp8Activations, Fp8Linear
+from runner.engine.layers.attention.torch import AttentionBatch, AttentionFn
+from runner.engine.layers.fp8.torch import Fp8Activations, Fp8Linear
 from runner.engine.layers.linear import DenseLinear, GatedMLP, fused_linear, load
-from runner.engine.layers.ops import ops_for
-from runner.engine.layers.parallel import SINGLE, TensorParallel, VocabSlice
+from runner.engine.layers.ops.torch import ops_for
 from runner.engine.layers.rope import rope_max_len, rope_tables
 from runner.engine.models.base import MLP, ModelShape, local_shape
+from runner.engine.parallel.layers import SINGLE, TensorParallel, VocabSlice
+from runner.engine.types import UnsupportedModel
 
 
 def llama_shape(config) -> ModelShape:
@@ -73,7 +73,8 @@ class PagedLlama:
         tp: TensorParallel = SINGLE,
     ) -> None:
         """Copy `hf_model`'s weights; `fp8`: quantize the decoder's linear weights (fp8 ones stay).
-        `tp`: this rank's group, `hf_model`'s decoder layers already cut to its slice (`shard.py`)."""
+        `tp`: this rank's group, `hf_model`'s decoder layers already cut to its slice
+        (`parallel/weight_split.py`)."""
         config = hf_model.config
         self.fp8 = fp8
         self.shape = local_shape(self.shape_of(config), tp)

@@ -11,9 +11,9 @@ import torch
 
 from runner.engine.layers.linear import GatedMLP, fused_linear, load
 from runner.engine.layers.norm import rms_norm
-from runner.engine.layers.parallel import SINGLE, TensorParallel
 from runner.engine.models.llama import llama_shape
 from runner.engine.models.sandwich import PagedSandwich, SandwichLayer
+from runner.engine.parallel.layers import SINGLE, TensorParallel
 
 
 class PagedOlmo2(PagedSandwich):

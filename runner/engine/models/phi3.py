@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from runner.engine.layers.fp8 import Fp8Linear
+from runner.engine.layers.fp8.torch import Fp8Linear
 from runner.engine.layers.linear import DenseLinear, GatedMLP, fused_linear
 from runner.engine.layers.rope import partial_rotary_order, rope_max_len
 from runner.engine.models.base import ModelShape

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from runner.engine.layers.attention import AttentionBatch, AttentionFn, soft_cap
-from runner.engine.layers.fp8 import Fp8Linear
+from runner.engine.layers.attention.torch import AttentionBatch, AttentionFn, soft_cap
+from runner.engine.layers.fp8.torch import Fp8Linear
 from runner.engine.layers.linear import DenseLinear, load
-from runner.engine.layers.ops import ops_for
-from runner.engine.layers.parallel import SINGLE, TensorParallel, VocabSlice
+from runner.engine.layers.ops.torch import ops_for
 from runner.engine.layers.rope import rope_tables
 from runner.engine.models.base import MLP, local_shape
+from runner.engine.parallel.layers import SINGLE, TensorParallel, VocabSlice
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ import pytest
 from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from runner.engine import EngineConfig
-from runner.engine.layers.moe import SparseMoE
+from runner.engine.layers.moe.torch import SparseMoE
 from tests.engine.conftest import COMMON, hf_greedy, random_prompts, tiny_model
 from tests.engine.models.parity import (  # noqa: F401 (collected here, on this module's `case`)
     test_cuda_fp32_roomy_and_tiny,

@@ -18,7 +18,7 @@ def test_llama_family_types_map_to_the_llama_file():
 
 
 def test_moe_types_map_to_their_files():
-    from runner.engine.models import mixtral, olmoe, qwen2_moe, qwen3_moe
+    from runner.engine.models.moe import mixtral, olmoe, qwen2_moe, qwen3_moe
 
     expected = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "mixtral": mixtral, "olmoe": olmoe}
     for kind, module in expected.items():

@@ -1,7 +1,0 @@
-"""The paged KV cache's host side: page pool with prefix cache, page table, and the KV manager over both."""
-
-from runner.engine.kv.manager import KVManager
-from runner.engine.kv.page_table import PageTable
-from runner.engine.kv.pages import PagePool, page_hash
-
-__all__ = ["KVManager", "PagePool", "PageTable", "page_hash"]

@@ -1,0 +1,1 @@
+"""The mixture-of-experts families: `PagedLlama` with its MLP replaced by `layers.moe`'s `SparseMoE`."""
