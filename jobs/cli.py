@@ -12,7 +12,7 @@ import click
 from click.core import ParameterSource
 
 from jobs.spec.job import JobSpec, RuntimeSpec, SpecError, load_spec
-from jobs.task import EXIT_BAD_SPEC, EXIT_FAILED, EXIT_INTERRUPTED
+from jobs.task import EXIT_BAD_SPEC, EXIT_FAILED, with_tasks
 
 EXIT_CODES = (
     "Exit codes: 0 done; 1 failed (unreadable shards, too many error rows, a dead worker; what finished "
@@ -29,15 +29,13 @@ def _load(path: str, task_index: int | None, num_tasks: int | None) -> JobSpec:
         sys.exit(EXIT_BAD_SPEC)
     if task_index is None and num_tasks is None:
         return spec
-    runtime = spec.runtime.model_copy(
-        update={k: v for k, v in (("task_index", task_index), ("num_tasks", num_tasks)) if v is not None}
-    )
-    if runtime.task_index >= runtime.num_tasks:
-        source = click.get_current_context().get_parameter_source("task_index")
-        given = "JOB_COMPLETION_INDEX" if source is ParameterSource.ENVIRONMENT else "--task-index"
-        click.echo(f"{given} {runtime.task_index} must be < --num-tasks {runtime.num_tasks}", err=True)
+    source = click.get_current_context().get_parameter_source("task_index")
+    given = "JOB_COMPLETION_INDEX" if source is ParameterSource.ENVIRONMENT else "--task-index"
+    try:
+        return with_tasks(spec, task_index, num_tasks, given)
+    except SpecError as e:
+        click.echo(str(e), err=True)
         sys.exit(EXIT_BAD_SPEC)
-    return spec.model_copy(update={"runtime": runtime})
 
 
 def _version() -> str:
@@ -79,21 +77,17 @@ def validate(spec_path: str) -> None:
 
 
 def _preflight(spec: JobSpec, spec_path: str) -> None:
-    from jobs.task import preflight_message
+    from jobs.executors.base import preflight
 
-    problems = preflight_message(spec, spec_path)
-    if problems:
-        click.echo(problems, err=True)
-        sys.exit(EXIT_BAD_SPEC)
+    if code := preflight(spec, spec_path):
+        sys.exit(code)
 
 
 def _check_output_path(spec: JobSpec, spec_path: str) -> None:
-    from jobs.preflight import output_path_problem
+    from jobs.executors.base import check_output_path
 
-    problem = output_path_problem(spec)
-    if problem:
-        click.echo(f"{spec_path}: {problem}", err=True)
-        sys.exit(EXIT_BAD_SPEC)
+    if code := check_output_path(spec, spec_path):
+        sys.exit(code)
 
 
 def _run(
@@ -152,97 +146,25 @@ def submit(
 ) -> None:
     """Run the job described by SPEC: here in the foreground, as a Slurm array, or as Ray tasks (waited
     for); again to resume."""
-    from jobs.executors import ray as ray_executor
-    from jobs.executors.slurm import SlurmError, refuse_if_active
-    from runner.store import OutputStore
+    from jobs.executors import executor as executor_named
+    from jobs.executors.base import SubmitOptions
 
     spec = _load(spec_path, None, None)
-    executor = executor or spec.runtime.executor
-    if executor != "local" and (task_index is not None or num_tasks is not None or force_new_run):
-        name = {"slurm": "Slurm", "ray": "Ray"}[executor]
+    name = executor or spec.runtime.executor
+    chosen = executor_named(name)
+    if not chosen.TASK_OPTIONS and (task_index is not None or num_tasks is not None or force_new_run):
         click.echo(
-            f"--task-index, --num-tasks and --force-new-run apply to local runs; for {name} set "
-            f"runtime.{executor}.tasks (and use a new output.path to start over)",
+            f"--task-index, --num-tasks and --force-new-run apply to local runs; for {chosen.TITLE} set "
+            f"runtime.{name}.tasks (and use a new output.path to start over)",
             err=True,
         )
         sys.exit(EXIT_BAD_SPEC)
-    if executor == "slurm":
-        if not dry_run:
-            _preflight(spec, spec_path)
-        _submit_slurm(spec, spec_path, dry_run)
-        return
-    if dry_run:
+    if dry_run and not chosen.DRY_RUN:
         click.echo("--dry-run prints the sbatch script: add --executor slurm", err=True)
         sys.exit(EXIT_BAD_SPEC)
-    if executor == "ray":
-        _preflight(spec, spec_path)
-        _submit_ray(spec, spec_path)
-        return
-    _check_output_path(spec, spec_path)
-    try:
-        refuse_if_active(OutputStore.for_output(spec.output))
-        ray_executor.refuse_if_active(spec)
-    except (SlurmError, ray_executor.RayError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_FAILED)
-    _run(spec_path, task_index, num_tasks, force_new_run, progress)
-
-
-def _submit_slurm(spec: JobSpec, spec_path: str, dry_run: bool) -> None:
-    from jobs.executors import slurm
-    from runner.store import OutputStore
-
-    if dry_run:
-        click.echo(slurm.render_script(spec, spec_path))
-        return
-    store = OutputStore.for_output(spec.output)
-    if slurm.all_done(spec, store):
-        click.echo(f"nothing to do: every shard of {spec.output.path} is done", err=True)
-        return
-    try:
-        job_id = slurm.submit(spec, spec_path, store)
-    except slurm.SlurmError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_FAILED)
-    click.echo(job_id)
-    click.echo(
-        f"Submitted Slurm array job {job_id} ({spec.runtime.slurm.tasks} tasks). Watch it with "
-        f"`squeue -j {job_id}` and `batchrun status {spec_path}`; logs: {spec.runtime.slurm.log}",
-        err=True,
-    )
-
-
-def _submit_ray(spec: JobSpec, spec_path: str) -> None:
-    from jobs.executors import ray as ray_executor
-    from jobs.executors.slurm import SlurmError, all_done, refuse_if_active
-    from runner.store import OutputStore
-
-    store = OutputStore.for_output(spec.output)
-    if all_done(spec, store):
-        click.echo(f"nothing to do: every shard of {spec.output.path} is done", err=True)
-        return
-    try:
-        refuse_if_active(store)
-        ray_executor.refuse_if_active(spec)
-        submission = ray_executor.submit(spec, spec_path, store)
-    except (ray_executor.RayError, SlurmError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_FAILED)
-    except KeyboardInterrupt:
-        click.echo(
-            "Left the Ray tasks at once; every row they committed is safe. Run "
-            f"`batchrun submit {spec_path}` again to finish the rest.",
-            err=True,
-        )
-        sys.exit(EXIT_INTERRUPTED)
-    click.echo("\n".join(submission.lines()), err=True)
-    if submission.exit_code:
-        click.echo(
-            f"Every row the tasks committed is kept: run `batchrun submit {spec_path}` again to finish "
-            "the rest.",
-            err=True,
-        )
-        sys.exit(submission.exit_code)
+    options = SubmitOptions(task_index, num_tasks, force_new_run, progress, dry_run)
+    if code := chosen.submit(spec, spec_path, options):
+        sys.exit(code)
 
 
 @main.command(epilog=EXIT_CODES)
@@ -287,20 +209,18 @@ def run(spec_path: str, task_index, num_tasks, force_new_run: bool, progress: bo
 def status(spec_path: str, as_json: bool) -> None:
     """Show each shard's state (done / partial / pending) and error rows, read from the output; and the
     Slurm array's or Ray tasks' state where the job was submitted there."""
-    from jobs.executors.ray import ray_status
-    from jobs.executors.slurm import slurm_status
+    from jobs.executors import RECORDING, executor
     from jobs.status import job_status
 
     spec = _load(spec_path, None, None)
     _check_output_path(spec, spec_path)
     report = job_status(spec)
-    slurm = slurm_status(spec)
-    ray = ray_status(spec)
+    clusters = {name: executor(name).status(spec) for name in RECORDING}
     if as_json:
-        clusters = {"slurm": slurm and slurm.as_dict(), "ray": ray and ray.as_dict()}
-        click.echo(json.dumps({**report.as_dict(), **clusters}, indent=2))
+        as_dicts = {name: s and s.as_dict() for name, s in clusters.items()}
+        click.echo(json.dumps({**report.as_dict(), **as_dicts}, indent=2))
         return
-    click.echo("\n".join(report.lines() + (slurm.lines() if slurm else []) + (ray.lines() if ray else [])))
+    click.echo("\n".join(report.lines() + [line for s in clusters.values() if s for line in s.lines()]))
 
 
 @main.command()

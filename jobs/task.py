@@ -32,6 +32,19 @@ class TaskResult:
     summary: Summary | None = None
 
 
+def with_tasks(spec: JobSpec, task_index: int | None, num_tasks: int | None, given: str) -> JobSpec:
+    """SPEC with --task-index / --num-tasks applied (`given`: how the index was given, for the message);
+    SpecError when the index is out of range."""
+    if task_index is None and num_tasks is None:
+        return spec
+    runtime = spec.runtime.model_copy(
+        update={k: v for k, v in (("task_index", task_index), ("num_tasks", num_tasks)) if v is not None}
+    )
+    if runtime.task_index >= runtime.num_tasks:
+        raise SpecError(f"{given} {runtime.task_index} must be < --num-tasks {runtime.num_tasks}")
+    return spec.model_copy(update={"runtime": runtime})
+
+
 def preflight_message(spec: JobSpec, spec_path: str) -> str | None:
     """Every preflight problem of SPEC, one per line, for the user; None when there is none."""
     from jobs.preflight import format_problems, preflight

@@ -22,6 +22,9 @@ import time
 from dataclasses import asdict, dataclass
 from types import ModuleType
 
+import click
+
+from jobs.executors.base import ExecutorError, SubmitOptions, preflight
 from jobs.spec.job import JobSpec
 from jobs.task import EXIT_BAD_SPEC, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED, TaskResult, run_task
 from runner.store import OutputStore
@@ -29,13 +32,12 @@ from runner.telemetry.progress import Summary
 
 log = logging.getLogger(__name__)
 
+TITLE = "Ray"
+TASK_OPTIONS = False  # tasks are Ray tasks: runtime.ray.tasks
+DRY_RUN = False
 RECORD = "ray.json"
 INSTALL_HINT = "pip install 'batchrun-llm[ray]'"
 ENDED_STATES = frozenset({"FINISHED", "FAILED"})  # of a task in Ray's state API; the others are alive
-
-
-class RayError(Exception):
-    """Ray can't run the job: not installed here, no cluster address, or the cluster can't be reached."""
 
 
 class TaskStopped(Exception):
@@ -84,39 +86,75 @@ class RaySubmission:
 
 
 def import_ray() -> ModuleType:
-    """The `ray` module (imported to show every task's lines, not one of lines alike), or RayError
+    """The `ray` module (imported to show every task's lines, not one of lines alike), or ExecutorError
     saying how to install it."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read when ray is imported: show every task's own lines
     try:
         import ray
     except ImportError:
-        raise RayError(f"runtime.executor is ray but Ray is not installed here: {INSTALL_HINT}") from None
+        message = f"runtime.executor is ray but Ray is not installed here: {INSTALL_HINT}"
+        raise ExecutorError(message) from None
     return ray
 
 
 def cluster_address(spec: JobSpec) -> str:
-    """runtime.ray.address, else the RAY_ADDRESS environment variable; RayError if neither is set."""
+    """runtime.ray.address, else the RAY_ADDRESS environment variable; ExecutorError if neither is set."""
     address = spec.runtime.ray.address or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise RayError(
+        raise ExecutorError(
             "runtime.executor is ray but no cluster is named: set runtime.ray.address (ray://head:10001, "
             "head:6379, or auto for the cluster started on this machine) or the RAY_ADDRESS variable"
         )
     return address
 
 
-def submit(spec: JobSpec, spec_path: str, store: OutputStore) -> RaySubmission:
+def submit(spec: JobSpec, spec_path: str, options: SubmitOptions) -> int:
+    """`batchrun submit` on Ray: the preflight, then the tasks run on the cluster and waited for (Ctrl-C
+    leaves them); how each ended goes to stderr. Returns the exit code."""
+    from jobs.executors import refuse_if_any_active, slurm
+
+    code = preflight(spec, spec_path)
+    if code:
+        return code
+    store = OutputStore.for_output(spec.output)
+    if slurm.all_done(spec, store):
+        click.echo(f"nothing to do: every shard of {spec.output.path} is done", err=True)
+        return 0
+    try:
+        refuse_if_any_active(spec, store)
+        submission = run_tasks(spec, spec_path, store)
+    except ExecutorError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        click.echo(
+            "Left the Ray tasks at once; every row they committed is safe. Run "
+            f"`batchrun submit {spec_path}` again to finish the rest.",
+            err=True,
+        )
+        return EXIT_INTERRUPTED
+    click.echo("\n".join(submission.lines()), err=True)
+    if submission.exit_code:
+        click.echo(
+            f"Every row the tasks committed is kept: run `batchrun submit {spec_path}` again to finish "
+            "the rest.",
+            err=True,
+        )
+    return submission.exit_code
+
+
+def run_tasks(spec: JobSpec, spec_path: str, store: OutputStore) -> RaySubmission:
     """Run SPEC's `runtime.ray.tasks` tasks on the Ray cluster, record their ids in the output, and wait
-    for them. Raises RayError if Ray is missing here or the cluster can't be reached."""
+    for them. Raises ExecutorError if Ray is missing here or the cluster can't be reached."""
     ray = import_ray()
     address = cluster_address(spec)
     problem = _unreachable(address)
     if problem:
-        raise RayError(f"cannot reach the Ray cluster at {address}: {problem} (is it running?)")
+        raise ExecutorError(f"cannot reach the Ray cluster at {address}: {problem} (is it running?)")
     try:
         ray.init(address=address)
     except (ConnectionError, RuntimeError) as e:
-        raise RayError(f"cannot connect to the Ray cluster at {address}: {e}") from None
+        raise ExecutorError(f"cannot connect to the Ray cluster at {address}: {e}") from None
     try:
         settings = spec.runtime.ray
         remote = ray.remote(max_calls=1)(_ray_task)  # a worker per task: its (GPU) memory goes with it
@@ -271,7 +309,7 @@ class RayStatus:
         return out
 
 
-def ray_status(spec: JobSpec) -> RayStatus | None:
+def status(spec: JobSpec) -> RayStatus | None:
     """The Ray side of `batchrun status`; None if this output was never submitted to Ray."""
     record = OutputStore.for_output(spec.output).read_json(RECORD)
     if record is None:
@@ -279,7 +317,7 @@ def ray_status(spec: JobSpec) -> RayStatus | None:
     status = RayStatus(record["job_id"], record["address"], record["tasks"], None)
     try:
         import_ray()
-    except RayError:
+    except ExecutorError:
         status.unknown = f"Ray is not installed here: {INSTALL_HINT}"
         return status
     problem = _unreachable(record["gcs_address"])
@@ -293,13 +331,13 @@ def ray_status(spec: JobSpec) -> RayStatus | None:
     return status
 
 
-def refuse_if_active(spec: JobSpec) -> None:
-    """Raise RayError if a Ray job recorded in this output still has a task queued or running (as far as
-    Ray can tell from here)."""
-    status = ray_status(spec)
-    if status and status.states and any(t.state not in ENDED_STATES for t in status.states):
-        raise RayError(
-            f"Ray job {status.job_id} at {status.address} is still running on this output "
+def refuse_if_active(spec: JobSpec, store: OutputStore) -> None:
+    """Raise ExecutorError if a Ray job recorded in this output still has a task queued or running (as far
+    as Ray can tell from here)."""
+    ray = status(spec)
+    if ray and ray.states and any(t.state not in ENDED_STATES for t in ray.states):
+        raise ExecutorError(
+            f"Ray job {ray.job_id} at {ray.address} is still running on this output "
             f"({spec.output.path}); a second submit would write the same shards. Watch it with `batchrun "
             "status SPEC`; stop it with Ctrl-C on its `batchrun submit` first if you mean to restart."
         )

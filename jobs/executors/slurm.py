@@ -22,20 +22,23 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import click
+
+from jobs.executors.base import ExecutorError, SubmitOptions, preflight
 from jobs.spec.job import JobSpec
+from jobs.task import EXIT_FAILED
 from runner.io.sources import list_shards
 from runner.store import OutputStore
 
+TITLE = "Slurm"
+TASK_OPTIONS = False  # tasks are the array's elements: runtime.slurm.tasks
+DRY_RUN = True  # --dry-run prints the sbatch script
 RECORD = "slurm.json"
 # JobState values of an element that still runs or will run again (squeue's "active" states)
 ACTIVE_STATES = frozenset(
     {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
      "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 )  # fmt: skip
-
-
-class SlurmError(Exception):
-    """Slurm can't take the job (no sbatch, sbatch refused it, or the job is already queued)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -157,7 +160,7 @@ def _first_index(task: str) -> int:
     return int(head) if head.isdigit() else -1
 
 
-def slurm_status(spec: JobSpec) -> SlurmStatus | None:
+def status(spec: JobSpec) -> SlurmStatus | None:
     """The Slurm side of `batchrun status`; None if this output was never submitted to Slurm."""
     record = job_record(OutputStore.for_output(spec.output))
     if record is None:
@@ -180,25 +183,52 @@ def all_done(spec: JobSpec, store: OutputStore) -> bool:
     return all(store.scan(shard.id, repair=False).done for shard in shards)
 
 
-def refuse_if_active(store: OutputStore) -> None:
-    """Raise SlurmError if a Slurm array recorded in this output is still queued or running."""
+def refuse_if_active(spec: JobSpec, store: OutputStore) -> None:
+    """Raise ExecutorError if a Slurm array recorded in this output is still queued or running."""
     job_id = active_job(store)
     if job_id is not None:
-        raise SlurmError(
+        raise ExecutorError(
             f"Slurm job {job_id} is still queued or running on this output ({store.url}); a second "
             f"submit would write the same shards. Watch it with `squeue -j {job_id}` or "
             f"`batchrun status SPEC`; stop it with `scancel {job_id}` first if you mean to restart."
         )
 
 
-def submit(spec: JobSpec, spec_path: str | Path, store: OutputStore) -> str:
+def submit(spec: JobSpec, spec_path: str, options: SubmitOptions) -> int:
+    """`batchrun submit` on Slurm: the preflight, then the array submitted (its job id on stdout); with
+    --dry-run the sbatch script is printed instead. Returns the exit code."""
+    if options.dry_run:
+        click.echo(render_script(spec, spec_path))
+        return 0
+    code = preflight(spec, spec_path)
+    if code:
+        return code
+    store = OutputStore.for_output(spec.output)
+    if all_done(spec, store):
+        click.echo(f"nothing to do: every shard of {spec.output.path} is done", err=True)
+        return 0
+    try:
+        job_id = submit_array(spec, spec_path, store)
+    except ExecutorError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_FAILED
+    click.echo(job_id)
+    click.echo(
+        f"Submitted Slurm array job {job_id} ({spec.runtime.slurm.tasks} tasks). Watch it with "
+        f"`squeue -j {job_id}` and `batchrun status {spec_path}`; logs: {spec.runtime.slurm.log}",
+        err=True,
+    )
+    return 0
+
+
+def submit_array(spec: JobSpec, spec_path: str | Path, store: OutputStore) -> str:
     """Submit SPEC's array with sbatch, record the job id in the output, return it.
 
-    Raises SlurmError if sbatch is missing or refuses, or if this output's array is still alive.
+    Raises ExecutorError if sbatch is missing or refuses, or if this output's array is still alive.
     """
-    refuse_if_active(store)
+    refuse_if_active(spec, store)
     if shutil.which("sbatch") is None:
-        raise SlurmError(
+        raise ExecutorError(
             "runtime.executor is slurm but `sbatch` is not on PATH: run `batchrun submit` on a Slurm "
             "login node, or pass --executor local to run here"
         )
@@ -207,7 +237,7 @@ def submit(spec: JobSpec, spec_path: str | Path, store: OutputStore) -> str:
         ["sbatch", "--parsable"], input=render_script(spec, spec_path), capture_output=True, text=True
     )
     if proc.returncode != 0:
-        raise SlurmError(f"sbatch refused the job: {proc.stderr.strip()} (see the script with --dry-run)")
+        raise ExecutorError(f"sbatch refused the job: {proc.stderr.strip()} (see the script with --dry-run)")
     job_id = proc.stdout.strip().split(";")[0]
     store.write_json(
         RECORD, {"job_id": job_id, "tasks": spec.runtime.slurm.tasks, "submitted_at": time.time()}

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import main
-from jobs.executors.ray import RECORD, RayError, RaySubmission, TaskOutcome, cluster_address
+from jobs.executors.base import ExecutorError
+from jobs.executors.ray import RECORD, RaySubmission, TaskOutcome, cluster_address
 from jobs.spec.job import SpecError, load_spec
 from runner.store import OutputStore
 from tests.conftest import write_inputs, write_spec
@@ -62,7 +63,9 @@ def test_submit_without_ray_installed_says_which_extra_to_install(ray_spec, monk
 
 def test_the_address_comes_from_the_spec_else_ray_address(ray_spec, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(RayError, match=r"no cluster is named: set runtime.ray.address .* or the RAY_ADDRESS"):
+    with pytest.raises(
+        ExecutorError, match=r"no cluster is named: set runtime.ray.address .* or the RAY_ADDRESS"
+    ):
         cluster_address(load_spec(ray_spec()))
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")
     assert cluster_address(load_spec(ray_spec())) == "head:6379"
