@@ -16,11 +16,10 @@ from typing import Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from runner.engine.sample.grammar import GrammarError, check_grammar
-from runner.engine.types import GRAMMAR_KEYS, SamplingParams
+from runner.engine.types import GRAMMAR_KEYS, PER_ROW, SamplingParams
 
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
-# a row's grammar replaces the job's
-OVERRIDABLE = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", *GRAMMAR_KEYS}
+OVERRIDABLE = PER_ROW  # the sampling fields a row may set (SamplingParams says which)
 
 
 class PromptTooLong(Exception):
@@ -193,20 +192,9 @@ class PromptBuilder:
                 f"field '{self.overrides_column}': max_new_tokens {checked.max_new_tokens} is over the "
                 f"job's sampling.max_new_tokens {self.base_sampling.max_new_tokens}"
             )
-        stop = tuple(checked.stop)
-        return replace(
-            params,
-            max_new_tokens=checked.max_new_tokens,
-            temperature=checked.temperature,
-            top_p=checked.top_p,
-            top_k=checked.top_k,
-            min_p=checked.min_p,
-            seed=seed if "seed" not in over else checked.seed,
-            stop=stop,
-            json_schema=checked.json_schema,
-            regex=checked.regex,
-            choice=tuple(checked.choice),
-        )
+        row = {name: getattr(checked, name) for name in OVERRIDABLE}  # validated: tuples are tuples
+        row["seed"] = seed if "seed" not in over else checked.seed
+        return replace(params, **row)
 
     def _row_grammar(self, over: dict[str, Any]) -> dict[str, Any]:
         """Overrides with a row's grammar checked and in the engine's form (the schema as JSON text),

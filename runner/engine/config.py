@@ -72,6 +72,11 @@ class EngineConfig:
         """The weight/activation dtype: `auto` is bf16 on CUDA, fp32 on CPU."""
         return resolve_dtype(self.dtype, device)
 
+    def resolve_max_model_len(self, model_max: int) -> int:
+        """The longest sequence (prompt + generated): the model's own `model_max`, capped by
+        `max_model_len`."""
+        return min(model_max, self.max_model_len or model_max)
+
     def resolve_kv_dtype(self, device: torch.device, dtype: torch.dtype) -> torch.dtype:
         """The KV cache's dtype: `auto` is `dtype` (the model's), `fp8` float8_e4m3fn. Raises ValueError
         on a CUDA GPU that cannot convert fp8 (compute capability below 8.9: the Triton kernels' e4m3)."""

@@ -56,7 +56,7 @@ class Engine:
             )
         shape = model_shape(model.config)  # raises UnsupportedModel first, before any copying
         self.tokenizer = tokenizer
-        self.max_model_len = min(shape.max_model_len, config.max_model_len or shape.max_model_len)
+        self.max_model_len = config.resolve_max_model_len(shape.max_model_len)
         self.model, self.kv, self.model_runner = build_runner(model, config, group)
         device, dtype, num_pages = self.model.device, self.model.dtype, self.kv.num_pages
         self._eos_ids = eos_token_ids(model, tokenizer)

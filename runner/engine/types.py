@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import typing
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
 
@@ -26,6 +26,11 @@ class UnsupportedModel(Exception):
     """
 
 
+def _per_row(default: object) -> Any:
+    """A SamplingParams field that a row may override (`sampling.overrides_column`, runner/prompts.py)."""
+    return field(default=default, metadata={"per_row": True})
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
     """How one request samples. `temperature == 0` means greedy (top-k/top-p/min-p then ignored).
@@ -35,21 +40,21 @@ class SamplingParams:
     validated against them (runner/prompts.py); the engine itself does not check them per request.
     """
 
-    max_new_tokens: Positive = 256
-    temperature: Annotated[float, Ge(0)] = 0.0
-    top_k: NonNegative = 0  # 0 = off
-    top_p: Annotated[float, Gt(0), Le(1)] = 1.0  # 1.0 = off
-    min_p: Annotated[float, Ge(0), Lt(1)] = 0.0  # 0.0 = off
-    seed: int | None = None  # same seed + same prompt -> same tokens, whatever else is in the batch
+    max_new_tokens: Positive = _per_row(256)
+    temperature: Annotated[float, Ge(0)] = _per_row(0.0)
+    top_k: NonNegative = _per_row(0)  # 0 = off
+    top_p: Annotated[float, Gt(0), Le(1)] = _per_row(1.0)  # 1.0 = off
+    min_p: Annotated[float, Ge(0), Lt(1)] = _per_row(0.0)  # 0.0 = off
+    seed: int | None = _per_row(None)  # same seed + same prompt -> same tokens, whatever else is in the batch
     stop_token_ids: tuple[int, ...] = ()  # finish when one is sampled (it is kept in token_ids)
-    stop: tuple[str, ...] = ()  # finish when the decoded text contains one (text is cut before it)
+    stop: tuple[str, ...] = _per_row(())  # finish when the decoded text contains one (text is cut before it)
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
     n: Positive = 1  # samples per prompt, sharing the prompt's KV pages
     logprobs: bool = False  # return the log-probability of each sampled token
     # structured output, at most one of the three (runner/engine/sample/grammar.py); EOS only where it may end
-    json_schema: str | None = None  # a JSON schema, as JSON text
-    regex: str | None = None  # the output matches this regular expression
-    choice: tuple[str, ...] = ()  # the output is exactly one of these strings
+    json_schema: str | None = _per_row(None)  # a JSON schema, as JSON text
+    regex: str | None = _per_row(None)  # the output matches this regular expression
+    choice: tuple[str, ...] = _per_row(())  # the output is exactly one of these strings
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +68,12 @@ class SamplingParams:
         if self.regex is not None:
             return "regex", self.regex
         return ("choice", self.choice) if self.choice else None
+
+
+# the fields a row may override (a row's grammar replaces the job's)
+PER_ROW: frozenset[str] = frozenset(
+    f.name for f in dataclasses.fields(SamplingParams) if f.metadata.get("per_row")
+)
 
 
 @dataclass(slots=True)

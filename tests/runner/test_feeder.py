@@ -49,14 +49,21 @@ def test_rows_come_in_shard_order_without_the_committed_ones(tmp_path):
     assert all(i.prompt_ids and i.nbytes > 0 for i in items if isinstance(i, PreparedRow))
 
 
+def _wait_for(check, timeout: float = 10.0) -> None:
+    """Until `check()` holds (the feeder thread got there), failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
 def test_the_feeder_waits_for_room_in_the_budget(tmp_path):
     [a, _] = _shards(tmp_path, rows=8)
     budget = HeldBytes(1)  # one batch fits only while nothing else is held
     feeder = Feeder([ShardWork(a, set(), 8)], _builder(), {}, ["text"], budget, batch_rows=2)
     first = feeder.get(timeout=5.0)
     assert isinstance(first, PreparedRow)
-    time.sleep(0.3)
-    assert budget.waiting  # the second batch waits: the first one's bytes are still held
+    _wait_for(lambda: budget.waiting)  # the second batch waits: the first one's bytes are still held
     held = budget.held
     assert feeder.get(timeout=0) is not None  # the rest of the first batch
     assert feeder.get(timeout=0.2) is None  # nothing more until bytes are given back
@@ -70,7 +77,7 @@ def test_stop_ends_reading_even_while_waiting_for_room(tmp_path):
     budget = HeldBytes(1)
     feeder = Feeder([ShardWork(a, set(), 8)], _builder(), {}, ["text"], budget, batch_rows=2)
     assert feeder.get(timeout=5.0) is not None
-    time.sleep(0.2)
+    _wait_for(lambda: budget.waiting)  # stopped while it waits for room
     feeder.stop()
     feeder._thread.join(timeout=5.0)
     assert not feeder._thread.is_alive()

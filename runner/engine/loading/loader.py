@@ -38,7 +38,7 @@ from runner.engine.loading.hf_config import read_light_config
 from runner.engine.loading.quantization import UNUSED_SUFFIXES, read_quantization
 from runner.engine.loading.skeleton import Skeleton
 from runner.engine.parallel.layers import SINGLE, TensorParallel
-from runner.engine.parallel.weight_split import HeadSplit, cut, shard_decoder
+from runner.engine.parallel.weight_split import HeadSplit, cut, split_decoder
 from runner.engine.types import UnsupportedModel
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ STACKED = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj
 
 
 def safetensors_files(path: str | Path) -> list[Path] | None:
-    """The checkpoint's safetensors files (sharded or not), None when the folder has none."""
+    """The checkpoint's safetensors files (one or several), None when the folder has none."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -92,7 +92,7 @@ def load_hf_model(
 
     # fp8: the engine quantizes as it copies the weights
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
-    shard_decoder(model, tp)
+    split_decoder(model, tp)
     return model
 
 

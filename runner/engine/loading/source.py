@@ -22,11 +22,11 @@ class ModelSource:
 
     def load(self, dtype: torch.dtype, device: torch.device, fp8: bool, tp: TensorParallel):
         """The transformers model with its decoder layers cut to rank `tp.rank`'s slice."""
-        from runner.engine.parallel.weight_split import shard_decoder
+        from runner.engine.parallel.weight_split import split_decoder
 
         if self.factory is not None:
             model = self.factory()
-            shard_decoder(model, tp)
+            split_decoder(model, tp)
             return model
         from runner.engine.loading.loader import load_hf_model
 

@@ -6,7 +6,7 @@ and up (also fused `gate_up_proj`, Phi-3's fused `qkv_proj`, and the stacked exp
 MLP width. Row-parallel (each rank keeps its columns; `layers.parallel.Reduced` sums the outputs):
 o and down; their biases stay on rank 0 only. Norms, routers and the rest are whole on every rank.
 `cut` applies to one named tensor, so the safetensors loader can cut each tensor as it reads it;
-`shard_decoder` cuts a model already in memory. Embeddings and the LM head are split by the families
+`split_decoder` cuts a model already in memory. Embeddings and the LM head are split by the families
 (`layers.parallel.VocabSlice`).
 """
 
@@ -107,7 +107,7 @@ def check_split(config, size: int) -> None:
     HeadSplit.of(config, TensorParallel(0, size))
 
 
-def shard_decoder(model: nn.Module, tp: TensorParallel) -> None:
+def split_decoder(model: nn.Module, tp: TensorParallel) -> None:
     """Replace every decoder-layer tensor of a transformers model in memory by this rank's part."""
     if tp.size == 1:
         return

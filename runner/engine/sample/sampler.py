@@ -8,12 +8,27 @@ position, never on what else is in the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # < 2**31: products of 32-bit values stay inside int64
+
+
+# a step's per-row sampling parameters as the host gathers them by slot: name -> (dtype, the value of
+# the padding rows' slot: greedy, no filtering); `position` is computed per step
+ROW_PARAMS: dict[str, tuple[type, float]] = {
+    "top_k": (np.int64, 0),
+    "seed": (np.int64, 0),
+    "sample_index": (np.int64, 0),
+    "temperature": (np.float32, 0.0),
+    "top_p": (np.float32, 1.0),
+    "min_p": (np.float32, 0.0),
+}
+PER_SEQUENCE = ("seed", "sample_index")  # read off the sequence (a sample's own seed), not its params
 
 
 @dataclass(slots=True)
@@ -29,6 +44,16 @@ class SamplingTensors:
     position: torch.Tensor  # [B] int64: index of the token being drawn among the generated ones
     all_greedy: bool  # decided on the host: skip the random path entirely
     want_logprobs: bool
+
+    @classmethod
+    def from_step(
+        cls, v: Mapping[str, torch.Tensor], all_greedy: bool, want_logprobs: bool
+    ) -> SamplingTensors:
+        """The tensors of a step's unpacked inputs `v`, which name them as these fields."""
+        return cls(**{name: v[name] for name in _TENSORS}, all_greedy=all_greedy, want_logprobs=want_logprobs)
+
+
+_TENSORS = tuple(f.name for f in fields(SamplingTensors) if f.name not in ("all_greedy", "want_logprobs"))
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ def build_runner(
     shape = model_shape(model.config)
     device = rank_device(config.resolve_device(), tp.rank)
     dtype = config.resolve_dtype(device)
-    max_model_len = min(shape.max_model_len, config.max_model_len or shape.max_model_len)
+    max_model_len = config.resolve_max_model_len(shape.max_model_len)
     fp8 = config.quantization == "fp8"
     weights, to_copy = engine_weight_bytes(model, device, dtype, fp8)
     memory = _device_memory(device)

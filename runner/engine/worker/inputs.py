@@ -19,6 +19,7 @@ from runner.engine.core.kv import PageTable
 from runner.engine.core.scheduler import ScheduledBatch
 from runner.engine.core.sequence import Sequence
 from runner.engine.layers.attention.torch import decode_order, prefill_blocks
+from runner.engine.sample.sampler import PER_SEQUENCE, ROW_PARAMS
 
 TABLE_UPDATES = ("table_index", "table_page")  # PageTable.drain's arrays, packed last
 # a piece-graphed step's arrays that its graphs read, packed first (`build_inputs`' pad_tokens)
@@ -53,12 +54,9 @@ class SlotSampling:
         n = num_slots + 1
         self._owner: list[Sequence | None] = [None] * n
         self.prompt_len = np.zeros(n, dtype=np.int64)
-        self.top_k = np.zeros(n, dtype=np.int64)
-        self.seed = np.zeros(n, dtype=np.int64)
-        self.sample_index = np.zeros(n, dtype=np.int64)
-        self.temperature = np.zeros(n, dtype=np.float32)
-        self.top_p = np.ones(n, dtype=np.float32)
-        self.min_p = np.zeros(n, dtype=np.float32)
+        self.params = {
+            name: np.full(n, neutral, dtype=dtype) for name, (dtype, neutral) in ROW_PARAMS.items()
+        }
         self.logprobs = np.zeros(n, dtype=bool)
 
     def update(self, seqs: list[Sequence]) -> None:
@@ -72,12 +70,8 @@ class SlotSampling:
     def _write(self, seq: Sequence) -> None:
         i, p = seq.slot, seq.params
         self.prompt_len[i] = seq.prompt_len
-        self.top_k[i] = p.top_k
-        self.seed[i] = seq.seed
-        self.sample_index[i] = seq.sample_index
-        self.temperature[i] = p.temperature
-        self.top_p[i] = p.top_p
-        self.min_p[i] = p.min_p
+        for name, column in self.params.items():
+            column[i] = getattr(seq if name in PER_SEQUENCE else p, name)
         self.logprobs[i] = p.logprobs
 
 
@@ -135,7 +129,8 @@ def build_inputs(
     sampling.update(seqs)
     sample_rows = np.array(batch.sample_rows + list(range(len(seqs), num_rows)), dtype=np.int64)  # + padding
     sample_slot = row_slot[sample_rows]
-    temperature = sampling.temperature[sample_slot]
+    row_params = {name: column[sample_slot] for name, column in sampling.params.items()}
+    temperature = row_params["temperature"]
     tokens = {
         "ids": np.array(ids, dtype=np.int64),
         "positions": positions,
@@ -153,14 +148,9 @@ def build_inputs(
         "block_seq": block_seq,
         "block_start": block_start,
         "sample_slot": sample_slot,
-        "top_k": sampling.top_k[sample_slot],
-        "seed": sampling.seed[sample_slot],
-        "sample_index": sampling.sample_index[sample_slot],
+        **row_params,
         # index of the drawn token among the generated ones
         "position": kv_lens[sample_rows] - sampling.prompt_len[sample_slot],
-        "temperature": temperature,
-        "top_p": sampling.top_p[sample_slot],
-        "min_p": sampling.min_p[sample_slot],
     }
     if table_updates is not None:
         arrays.update(zip(TABLE_UPDATES, table_updates, strict=True))

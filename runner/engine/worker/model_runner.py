@@ -314,18 +314,7 @@ class ModelRunner:
         self, logits: torch.Tensor, v: dict[str, torch.Tensor], all_greedy: bool, want_logprobs: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sample from logits [R, V] with the step's parameters; the tokens also go to the token buffer."""
-        st = SamplingTensors(
-            temperature=v["temperature"],
-            top_k=v["top_k"],
-            top_p=v["top_p"],
-            min_p=v["min_p"],
-            seed=v["seed"],
-            sample_index=v["sample_index"],
-            position=v["position"],
-            all_greedy=all_greedy,
-            want_logprobs=want_logprobs,
-        )
-        tokens, logprobs = sample(logits, st)  # [S]
+        tokens, logprobs = sample(logits, SamplingTensors.from_step(v, all_greedy, want_logprobs))  # [S]
         self.token_buf.index_copy_(0, v["sample_slot"], tokens)
         return tokens, logprobs
 
