@@ -56,7 +56,7 @@ def test_throttling_and_server_errors_are_retried_and_the_output_is_exact(proxie
     assert code == 0, err[-3000:]
     assert len(slow.hits) == 5 and len(broken.hits) == 1
     assert read_s3_output(fs, f"{bucket}/out") == reference
-    retried = re.findall(r"WARNING runner\.retry: (.*)", err)
+    retried = re.findall(r"WARNING runner\.io\.retry: (.*)", err)
     assert len(retried) == 2, retried
     part = r"\w+\.parquet failed \(OSError: "
     retrying = r"\); retrying in [\d.]+ s \(attempt 2 of 6\)"
