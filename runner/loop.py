@@ -95,8 +95,7 @@ class OutputRows:
                 row["generated_token_ids"] = completion.token_ids
         if self.parse_json:
             ok = completion is not None and not error and prep.sampling.json_schema is not None
-            # strict=False: xgrammar lets a string with maxLength carry raw control characters
-            row["generated_json"] = json.loads(completion.text, strict=False) if ok else None
+            row["generated_json"] = json.loads(completion.text) if ok else None
         return row
 
 

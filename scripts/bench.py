@@ -11,7 +11,7 @@ other, as the engine runs them), both from the copy and matmul rates measured at
     python scripts/bench.py --workloads W2,W3 --backends batchrun,batchrun-fp8   # bf16 vs fp8 weights
     python scripts/bench.py --workloads W2,W3 --backends batchrun,batchrun-fp8,batchrun-fp8kv   # + fp8 KV
     python scripts/bench.py --workloads W70 --backends batchrun   # Llama-3.1-70B shape, fp8, one GPU
-    python scripts/bench.py --workloads W1 --backends batchrun,batchrun-json   # structured output
+    python scripts/bench.py --workloads W1 --backends batchrun,batchrun-json --temperature 0,1   # JSON schema
     python scripts/bench.py --workloads W2 --backends batchrun-tp1,batchrun-tp2   # tensor parallel, 2 GPUs
     python scripts/bench.py --workloads W70B --backends batchrun-tp2   # Llama-3.1-70B shape, bf16, 2 GPUs
     python scripts/bench.py --workloads L1 --backends batchrun,hf-sync   # 16 prompts of 15-16k tokens
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import itertools
 import json
 import random
 import sys
@@ -130,6 +131,7 @@ class Result:
     serial_fraction: float  # of t_serial: the best of kernels one after the other
     t_serial_s: float
     peak_mem_gib: float
+    temperature: float = 0.0  # 0: greedy; else seeded top-p 0.95 sampling
     stats: dict | None = None
 
 
@@ -496,14 +498,16 @@ def bench(
         tok_s=round(generated / wall, 1), gpu_busy_pct=busy.mean,
         roofline_fraction=round(floor / wall, 4), t_min_s=round(floor, 3),
         serial_fraction=round(serial / wall, 4), t_serial_s=round(serial, 3),
-        peak_mem_gib=peak_gib, stats=stats,
+        peak_mem_gib=peak_gib, temperature=temperature, stats=stats,
     )  # fmt: skip
 
 
 def compared_with(backend: str) -> list[str]:
     """The backends whose tok/s a run is divided by in the summary: fp8 KV (with fp8 weights) by fp8
-    weights alone and by bf16; fp8 weights by bf16."""
+    weights alone and by bf16; fp8 weights by bf16; structured output by free output."""
     parts = backend.split("-")
+    if "json" in parts:
+        return ["-".join(p for p in parts if p != "json")]
     if "fp8kv" in parts:
         return [
             "-".join("fp8" if p == "fp8kv" else p for p in parts),
@@ -528,7 +532,10 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, default=None, help="engine.max_seqs (default: EngineConfig's)")
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine.max_batch_tokens")
     ap.add_argument("--page-size", type=int, default=None, help="engine.page_size")
-    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: seeded top-p sampling, as jobs do")
+    ap.add_argument(
+        "--temperature", default="0",
+        help="comma list, each backend runs at each (0: greedy; > 0: seeded top-p 0.95 sampling, as jobs do)",
+    )  # fmt: skip
     ap.add_argument(
         "--positions",
         type=int,
@@ -553,11 +560,11 @@ def main() -> None:
         model = build_model(name, positions=positions) if in_process else None
         prompts = make_prompts(name, args.prompts)
         new = args.new or WORKLOADS[name].new
-        for backend in backends:
+        for temperature, backend in itertools.product(map(float, args.temperature.split(",")), backends):
             if WORKLOADS[name].fp8_only and not backend.startswith("batchrun"):
                 print(f"{name}: {backend} skipped (its bf16 weights would not fit; only batchrun runs fp8)")
                 continue
-            r = bench(name, backend, model, prompts, new, engine, rates, args.temperature, positions)
+            r = bench(name, backend, model, prompts, new, engine, rates, temperature, positions)
             print(json.dumps(asdict(r)), flush=True)
             results.append(r)
         del model
@@ -567,20 +574,22 @@ def main() -> None:
     for r in results:
         if r.backend.startswith("hf"):
             best_hf[r.workload] = max(best_hf.get(r.workload, 0.0), r.tok_s)
-    cols = ("tok/s", "wall s", "busy %", "roofline", "serial", "vs hf", "wait ms/step")
+    cols = ("temp", "tok/s", "wall s", "busy %", "roofline", "serial", "vs hf", "wait ms/step")
     print(f"\n{'workload':8} {'backend':14} " + " ".join(f"{c:>9}" for c in cols))
     for r in results:
         speedup = f"{r.tok_s / best_hf[r.workload]:.2f}x" if r.workload in best_hf else "-"
         wait = f"{r.stats['host_wait_ms_per_step']:.2f}" if r.stats else "-"
         print(
-            f"{r.workload:8} {r.backend:14} {r.tok_s:9.0f} {r.wall_s:9.2f} {r.gpu_busy_pct or 0:9.1f} "
-            f"{r.roofline_fraction:9.3f} {r.serial_fraction:9.3f} {speedup:>9} {wait:>12}"
+            f"{r.workload:8} {r.backend:14} {r.temperature:9.2g} {r.tok_s:9.0f} {r.wall_s:9.2f} "
+            f"{r.gpu_busy_pct or 0:9.1f} {r.roofline_fraction:9.3f} {r.serial_fraction:9.3f} {speedup:>9} "
+            f"{wait:>12}"
         )
-    by_key = {(r.workload, r.backend): r.tok_s for r in results}
-    for (workload, backend), tok_s in by_key.items():
+    by_key = {(r.workload, r.temperature, r.backend): r.tok_s for r in results}
+    for (workload, temperature, backend), tok_s in by_key.items():
         for base in compared_with(backend):
-            if (workload, base) in by_key:
-                print(f"{workload}: {backend} / {base} = {tok_s / by_key[workload, base]:.2f}x")
+            if (workload, temperature, base) in by_key:
+                ratio = tok_s / by_key[workload, temperature, base]
+                print(f"{workload} at temperature {temperature:g}: {backend} / {base} = {ratio:.2f}x")
     if args.out:
         device = torch.cuda.get_device_name()
         doc = {"command": " ".join(sys.argv), "device": device, "torch": torch.__version__,

@@ -13,6 +13,8 @@ import yaml
 
 from tests.conftest import read_output, write_spec
 from tests.engine.sample.test_grammar import SCHEMA
+from tests.engine.sample.test_grammar_sampled import EXTRACTION
+from tests.helpers import demo_model_path, tiny_llama
 from tests.test_first_use import cli, jsonl
 
 pytest.importorskip("xgrammar")
@@ -57,8 +59,8 @@ def test_job_with_a_schema_rows_with_their_own_grammar_and_error_rows(tmp_path: 
     rows = read_output(tmp_path / "out")["x"]
     assert [r["finish_reason"] for r in rows] == ["stop"] * 8 + ["error"] * 3
     for r in rows[:4]:
-        jsonschema.validate(json.loads(r["generated_text"], strict=False), SCHEMA)
-        assert _present(r["generated_json"]) == json.loads(r["generated_text"], strict=False)
+        jsonschema.validate(json.loads(r["generated_text"]), SCHEMA)
+        assert _present(r["generated_json"]) == json.loads(r["generated_text"])
     assert all(re.fullmatch(REGEX, r["generated_text"]) for r in rows[4:5])
     assert rows[5]["generated_text"] in CHOICES
     for r in rows[6:8]:  # the row's own schema wins over the job's
@@ -103,3 +105,39 @@ def test_schema_file_beside_the_spec_and_bad_grammars_are_spec_errors(tmp_path: 
         code == 2
         and f"{spec}: sampling.json_schema: cannot read a JSON schema from '{tmp_path}/missing.json'" in err
     )
+
+
+def test_sampled_schema_job_with_the_demo_tokenizer_writes_strict_json(tmp_path: Path):
+    """Issue 47's job: the demo model's vocabulary, temperature 1.0, top-p 0.95, seed 5. It stopped with
+    "tokens sampled outside their grammar", and rows that ended held raw control characters."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
+    tiny_llama(tokenizer).save_pretrained(tmp_path / "model")  # a random model: near-uniform draws
+    tokenizer.save_pretrained(tmp_path / "model")
+    jsonl(
+        tmp_path / "in/x.jsonl", *[{"id": i, "text": "Extract the fields. " * (1 + i % 7)} for i in range(24)]
+    )
+    spec = write_spec(
+        tmp_path / "spec.yaml",
+        tmp_path / "model",
+        prompt={"chat_template": True},
+        sampling={
+            "max_new_tokens": 120,
+            "temperature": 1.0,
+            "top_p": 0.95,
+            "seed": 5,
+            "json_schema": EXTRACTION,
+        },
+        output={"parse_json": True, "keep_columns": ["id"], "include_token_ids": False},
+        runtime={"max_error_fraction": 1.0},  # a row cut at max_new_tokens is an error row
+    )
+    code, _, err = cli("submit", str(spec), "--no-progress")
+    assert code == 0, err[-3000:]
+    rows = read_output(tmp_path / "out")["x"]
+    ok = [r for r in rows if r["finish_reason"] == "stop"]
+    assert len(rows) == 24 and len(ok) >= 12
+    for r in ok:
+        parsed = json.loads(r["generated_text"])  # strict: no raw control characters
+        jsonschema.validate(parsed, EXTRACTION)
+        assert r["generated_json"] == parsed

@@ -14,6 +14,12 @@ import re
 from runner.engine.types import Grammar
 
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[13:53:20] /project/cpp/x.cc:94: " on every message
+# The characters xgrammar 0.2 lets into a JSON string, as EBNF text: one class for strings with minLength or
+# maxLength (no escapes there), one for the others. The first takes raw control characters, which JSON
+# forbids (RFC 8259, section 7); both take the UTF-8 bytes of a surrogate (U+D800-U+DFFF), which is not
+# UTF-8 at all: decoded, each of its three bytes becomes a U+FFFD, past a maxLength the grammar counted.
+_STRING_CHARS = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
+_STRICT_STRING_CHAR = r"[^\0-\x1f\"\\\uD800-\uDFFF]"
 
 
 class GrammarError(ValueError):
@@ -37,12 +43,22 @@ def xgrammar_grammar(g: Grammar):
     try:
         if kind == "json_schema":
             # compact JSON: free whitespace lets a model pad its output with blanks up to the length limit
-            return xgr.Grammar.from_json_schema(source, any_whitespace=False, separators=(",", ":"))
+            grammar = xgr.Grammar.from_json_schema(source, any_whitespace=False, separators=(",", ":"))
+            return _strict_strings(xgr, grammar)
         if kind == "regex":
             return xgr.Grammar.from_regex(source)
         return xgr.Grammar.from_ebnf(_ebnf_of_choice(source))
     except RuntimeError as e:
         raise GrammarError(_XGR_PREFIX.sub("", str(e).strip().splitlines()[0])) from None
+
+
+def _strict_strings(xgr, grammar):
+    """`grammar` (of a JSON schema) with the characters of its strings valid in strict JSON: no raw
+    control characters, no surrogates (see _STRING_CHARS)."""
+    text = str(grammar)
+    for chars in _STRING_CHARS:
+        text = text.replace(chars, _STRICT_STRING_CHAR)
+    return xgr.Grammar.from_ebnf(text)
 
 
 @functools.lru_cache(maxsize=256)

@@ -31,6 +31,8 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import sys
+import types
 import weakref
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -171,7 +173,8 @@ class Grammars:
             name="batchrun-grammar",
             daemon=True,
         )
-        self._worker.start()
+        with _bare_main_module():
+            self._worker.start()
         theirs.close()
         self._stop = weakref.finalize(self, _stop, self._conn, self._worker)  # also if never closed
         self._eos_ids = eos_ids
@@ -257,6 +260,20 @@ class Grammars:
         self._send(("buffer", self._buffer.name, self._buffer.rows, self._words))
         if old is not None:  # every copy from it has completed: its step's tokens were waited for
             old.close()
+
+
+@contextlib.contextmanager
+def _bare_main_module():
+    """A bare module stands in for `__main__` while the worker starts. multiprocessing runs the main
+    script (or module) again in a child it starts from a fork server, so a script without an
+    `if __name__ == "__main__":` guard would build another engine there, and code read from standard
+    input cannot run again at all; the worker needs nothing of `__main__`."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _stop(conn: Connection, worker: multiprocessing.Process) -> None:

@@ -67,7 +67,16 @@ def uniform(seed: torch.Tensor, sample_index: torch.Tensor, position: torch.Tens
     """Uniform numbers in (0, 1), one per (row, token). seed/sample_index/position: [B]; token_ids: [B, K]."""
     key = _mix32(seed & _M32 ^ _mix32((seed >> 32) & _M32 ^ _mix32(sample_index ^ _mix32(position & _M32))))
     bits = _mix32(key[:, None] ^ _mix32(token_ids))  # [B, K]
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return unit_interval(bits >> 8)
+
+
+def unit_interval(k: torch.Tensor) -> torch.Tensor:
+    """Integers k in [0, 2**24) -> float32 (k + 0.5) / 2**24, strictly inside (0, 1).
+
+    The top value, 1 - 2**-25, rounds to 1.0 in float32, whose variate -log(1.0) = 0 would turn a
+    forbidden token's 0 / 0 into NaN, which argmax takes as the largest: it is clamped to the float32
+    just below 1."""
+    return ((k.float() + 0.5) * (1.0 / (1 << 24))).clamp_max(1.0 - 2.0**-24)
 
 
 def filtered_probs(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
