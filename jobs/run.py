@@ -157,6 +157,7 @@ def loop_settings(spec: JobSpec, tokenizer) -> LoopSettings:
         storage_options=spec.input.storage_options,
         columns=input_columns(spec),
         max_error_fraction=rt.max_error_fraction,
+        max_input_error_fraction=rt.max_input_error_fraction,
         error_window_rows=rt.error_window_rows,
         rows=row_builder(spec, tokenizer),
     )

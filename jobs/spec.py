@@ -222,8 +222,14 @@ class RuntimeSpec(Section):
     max_error_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         0.1,
         description="the job stops (exit 1, nothing committed lost, not marked done) once more than this "
-        "fraction of its rows are error rows, over the first `error_window_rows` rows and over all rows "
-        "since, or when a job shorter than that window has only error rows; 1 never stops",
+        "fraction of the rows that reached the model are error rows (generation failed), over the first "
+        "`error_window_rows` rows and over all rows since; 1 never stops",
+    )
+    max_input_error_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.5,
+        description="the same for rows that could not become a prompt (empty or missing prompt, template "
+        "error, too long under on_too_long: skip), as a fraction of the rows read: dirty data runs to the "
+        "end with its bad rows as error rows, a job whose prompts all fail stops early; 1 never stops",
     )
     error_window_rows: PositiveInt = Field(100, description="rows judged together at the start")
 

@@ -112,7 +112,8 @@ class LoopSettings:
     storage_options: dict  # for reading the input
     columns: list[str] | None  # input columns to read (None: all)
     rows: RowBuilder
-    max_error_fraction: float  # the error budget (runner/error_budget.py)
+    max_error_fraction: float  # the error budget (runner/error_budget.py): rows that reached the model
+    max_input_error_fraction: float  # rows that could not become a prompt
     error_window_rows: int
 
 
@@ -145,7 +146,10 @@ class GenerationLoop:
         self.budget = HeldBytes(settings.max_held_bytes)
         self.engine_error: str | None = None  # what the engine raised; the loop stopped there
         self.errors = ErrorBudget(
-            settings.max_error_fraction, settings.error_window_rows, counters.rows_total
+            settings.max_error_fraction,
+            settings.max_input_error_fraction,
+            settings.error_window_rows,
+            counters.rows_total,
         )
         self.error_shards: set[str] = set()
         self.writer: PartWriter
@@ -214,13 +218,14 @@ class GenerationLoop:
                 self.counters.rows_total -= self._rows_of(item.shard)
                 self.failed[item.shard] = item.reason
             elif item.error is not None:
-                self._emit(item, self.settings.rows.error_rows(item, item.error), is_error=True)
+                self._input_error(item, item.error)
             else:
                 try:
                     self.backend.add(Request((item.shard, item.row), item.prompt_ids, item.sampling))
                 except ValueError as e:  # a request this backend can never run: this row's error
-                    self._emit(item, self.settings.rows.error_rows(item, str(e)), is_error=True)
+                    self._input_error(item, str(e))
                     continue
+                self.errors.sent()
                 self.inflight[(item.shard, item.row)] = _PendingSamples(item)
         self.counters.inflight = self.backend.num_unfinished
 
@@ -235,10 +240,15 @@ class GenerationLoop:
         errors = [_grammar_unfinished(prep, s) for s in samples]
         rows = self.settings.rows.sample_rows(prep, samples, errors)
         self._emit(prep, rows, is_error=any(errors))
+        error = next((r["error"] for r in rows if r["error"]), None)
+        self.errors.finished(prep.shard, error if any(errors) else None)  # may raise: the row is counted
+
+    def _input_error(self, prep: PreparedRow, error: str) -> None:
+        """A row that never reached the model: its error row, counted against the input budget."""
+        self._emit(prep, self.settings.rows.error_rows(prep, error), is_error=True)
+        self.errors.input_error(prep.shard, error)  # may raise: the row is counted
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
-        error = next((r["error"] for r in rows if r["error"]), None)
-        self.errors.add(prep.shard, error if is_error else None)  # raises before a commit
         if is_error:
             self.error_shards.add(prep.shard)
         self.writer.add(prep.shard, rows, nbytes=prep.nbytes)

@@ -189,7 +189,7 @@ def _spec(folder: Path, model: Path, case: Case, inputs: Path) -> Path:
     sections = {
         "input": {"path": str(inputs)},
         "output": {"keep_columns": []},
-        "runtime": {"max_error_fraction": 1},
+        "runtime": {"max_error_fraction": 1, "max_input_error_fraction": 1},
     }
     for key, value in case.spec.items():
         sections[key] = {**sections.get(key, {}), **value}

@@ -34,7 +34,7 @@ from tests.test_kill_resume import batchrun
 HOST = socket.gethostname()
 ADVICE = (
     "Every committed row is kept and the job is not done: fix the cause and run again (a changed spec "
-    "needs --force-new-run), or raise runtime.max_error_fraction if these errors are expected."
+    "needs --force-new-run), or raise runtime.max_input_error_fraction if these errors are expected."
 )
 
 
@@ -148,23 +148,64 @@ def error_budget_stops_a_job_of_errors(tmp: Path, model: Path) -> None:
     code, _, err = batchrun("submit", str(spec), "--no-progress")
     assert code == 1, err[-2000:]
     lines = err.splitlines()
-    assert "failed: 0/1 shards done, 0 rows ok, 10 error rows, 30 rows remaining" in lines
+    # the message, the summary, status and report.json give one count: 21 error rows, all committed
+    assert "failed: 0/1 shards done, 0 rows ok, 21 error rows, 19 rows remaining" in lines
     assert (
-        "stopped: 11 of the 11 rows finished are error rows, over runtime.max_error_fraction 0.1 (judged over "
-        "the first 100 rows and all rows since). Most common (11 rows): row has no field 'text' (fields: id, txt); "
+        "stopped: 21 of the 22 rows read are input errors (no prompt could be made), over "
+        "runtime.max_input_error_fraction 0.5 (judged over the first 100 rows and all rows since); 21 error "
+        "rows in all. Most common (21 rows): row has no field 'text' (fields: id, txt); "
         f"e.g. shard x.jsonl: {tmp}/in/x.jsonl line 2: row has no field 'text' (fields: id, txt). {ADVICE}"
     ) in lines
-    assert committed_rows(tmp / "out") == {"x": list(range(1, 11))}  # committed and kept; not done
+    assert committed_rows(tmp / "out") == {"x": list(range(1, 22))}  # committed and kept; not done
     assert not (tmp / "out/x.parquet").exists()
     report = json.loads((tmp / "out/_batchrun/report.json").read_text())
-    assert (report["status"], report["rows_ok"], report["rows_error"]) == ("failed", 0, 10)
+    assert (report["status"], report["rows_ok"], report["rows_error"]) == ("failed", 0, 21)
+    code, out, _ = cli("status", str(spec))
+    assert "  21 x row has no field 'text' (fields: id, txt)" in out.splitlines()
     # raising the budget (not part of the run's fingerprint) finishes the rest, every row exactly once
-    write_spec(tmp / "spec.yaml", model, runtime={"max_error_fraction": 1})
+    write_spec(tmp / "spec.yaml", model, runtime={"max_input_error_fraction": 1})
     code, _, err = batchrun("submit", str(spec), "--no-progress")
     assert code == 0, err[-2000:]
     rows = read_output(tmp / "out")["x"]
     assert [r["_row"] for r in rows] == list(range(40))
     assert [r["finish_reason"] == "error" for r in rows] == [False] + [True] * 39
+
+
+def dirty_rows_do_not_stop_a_job(tmp: Path, model: Path) -> None:
+    """100 rows, 20 of them with an empty or missing prompt: the error rows finish at once while the good
+    ones generate, and the job still runs to the end under the default budget."""
+    rows = [
+        {"id": i, "text": ""} if i % 10 == 3 else {"id": i} if i % 10 == 7 else {"id": i, "text": "red green"}
+        for i in range(100)
+    ]
+    jsonl(tmp / "in/x.jsonl", *rows)
+    spec = write_spec(tmp / "spec.yaml", model, sampling={"max_new_tokens": 8, "ignore_eos": True})
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 0, err[-2000:]
+    assert "finished: 1/1 shards done, 80 rows ok, 20 error rows, 0 rows remaining" in err.splitlines()
+    out = read_output(tmp / "out")["x"]
+    assert sum(r["finish_reason"] == "error" for r in out) == 20
+    code, status, _ = cli("status", str(spec))
+    assert "1 shards: 1 done, 0 partial, 0 pending; 100/100 rows committed, 20 error rows" in status
+
+
+def every_generation_failing_stops_the_job(tmp: Path, model: Path) -> None:
+    """Rows that reach the model and all fail there (a grammar that cannot end in 2 tokens) stop the job
+    under runtime.max_error_fraction, before it could report success."""
+    jsonl(tmp / "in/x.jsonl", *good(60))
+    spec = write_spec(
+        tmp / "spec.yaml", model, sampling={"max_new_tokens": 2, "choice": ["a long answer", "another one"]}
+    )
+    code, _, err = batchrun("submit", str(spec), "--no-progress")
+    assert code == 1, err[-2000:]
+    assert (
+        "stopped: 7 of the 7 rows generated are error rows, over runtime.max_error_fraction 0.1 (judged over "
+        "the first 100 rows and all rows since); 7 error rows in all. Most common (7 rows): reached "
+        "max_new_tokens (N) before a choice could end: the output is incomplete; e.g. shard x.jsonl: reached "
+        "max_new_tokens (2) before a choice could end: the output is incomplete."
+    ) in err
+    report = json.loads((tmp / "out/_batchrun/report.json").read_text())
+    assert report["status"] == "failed" and report["rows_ok"] == 0
 
 
 def one_bad_row_does_not_stop_a_job(tmp: Path, model: Path) -> None:
@@ -373,6 +414,8 @@ CASES = [
     ("2-typo-refused-before-the-model", submit_with_a_typo_is_refused_before_anything_is_written),
     ("2-error-budget-stops-a-job-of-errors", error_budget_stops_a_job_of_errors),
     ("2-one-bad-row-does-not-stop-a-job", one_bad_row_does_not_stop_a_job),
+    ("2-dirty-rows-do-not-stop-a-job", dirty_rows_do_not_stop_a_job),
+    ("2-every-generation-failing-stops", every_generation_failing_stops_the_job),
     ("3-output-path-is-a-file", output_path_that_is_a_file),
     ("4-missing-local-model-path", missing_local_model_path),
     ("5-6-kill-status-resume-noop", kill_status_resume_and_noop_report),
