@@ -6,6 +6,7 @@ field path and a hint, before any data is touched (`load_spec` raises `SpecError
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -320,18 +321,30 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
 
 
 def _check_output_outside_input(spec: JobSpec, source: str) -> None:
-    """An output inside an input directory would be read back as input by the next run."""
+    """An output that an input path or glob covers would be read back as input by the next run."""
     out = spec.output.path.rstrip("/")
     for path in spec.input.path:
-        parts = path.rstrip("/").split("/")
-        root = "/".join(
-            p for p in parts[: next((i for i, p in enumerate(parts) if set(p) & set("*?[")), None)]
-        )
-        if out == root or out.startswith(root + "/"):
+        if _may_read_under(path.rstrip("/"), out):
             raise SpecError(
                 f"{source}: output.path {spec.output.path!r} is inside input.path {path!r}: the next run "
                 "would read the job's own output as input; write the output outside the input directory"
             )
+
+
+def _may_read_under(path: str, out: str) -> bool:
+    """Whether input `path` (a file, a directory: everything below it, or a glob) can match a file under
+    folder `out`: `data/in-*.parquet` or `data/*` never match `data/out/x`, `data/*/x` and `data/**` may."""
+    parts, out_parts = path.split("/"), out.split("/")
+    if not any(set(p) & set("*?[") for p in parts):
+        return out_parts[: len(parts)] == parts
+    for i, name in enumerate(out_parts):
+        if i == len(parts):
+            return False  # the glob matches shallower paths only (a folder it matches is not listed)
+        if parts[i] == "**":
+            return True
+        if not fnmatch.fnmatchcase(name, parts[i]):
+            return False
+    return len(parts) > len(out_parts)  # the glob goes deeper than `out`: files under it may match
 
 
 def load_spec(path: str | Path) -> JobSpec:

@@ -79,16 +79,10 @@ def run_task(
         reason = e.reason if isinstance(e, EngineFailed) else None
         _echo(e.summary.lines() + _failure_hints(e.summary, reason, spec_path))
         return TaskResult(EXIT_FAILED, e.summary)
-    except (
-        FingerprintMismatch,
-        CheckpointError,
-        InputError,
-        LeaseHeld,
-        ModelError,
-        PromptTooLong,
-        SpecError,
-        StorageError,
-    ) as e:
+    except (ModelError, SpecError) as e:  # found once the model resolved: a spec problem all the same
+        _echo([f"error: {e}"])
+        return TaskResult(EXIT_BAD_SPEC)
+    except (FingerprintMismatch, CheckpointError, InputError, LeaseHeld, PromptTooLong, StorageError) as e:
         _echo([f"error: {e}"])
         return TaskResult(EXIT_FAILED)
     _echo(summary.lines())

