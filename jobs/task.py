@@ -71,6 +71,11 @@ def run_task(
                 return TaskResult(EXIT_BAD_SPEC)
             phases = Phases(origin=started)
             summary = run_node(spec, force_new_run=force_new_run, show_progress=progress, phases=phases)
+    except KeyboardInterrupt:  # Ctrl-C while the model loads, or twice while finished rows are committed
+        _echo(
+            [f"Stopped at once; every row committed so far is kept. Run `batchrun submit {spec_path}` again."]
+        )
+        return TaskResult(EXIT_INTERRUPTED)
     except JobInterrupted as e:
         again = f"Run `batchrun submit {spec_path}` again to finish the rest."
         _echo([*e.summary.lines(), f"Stopped early; every finished row is committed. {again}"])

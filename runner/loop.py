@@ -2,8 +2,9 @@
 
     feed prompts (thread) → admit them to the backend → step it → hand rows to the writer (thread)
 
-The job (jobs/run.py) plans the work and drives this loop. A stop signal ends admission; rows still
-generating get `DRAIN_SHARE` of the grace period to finish, and the writer commits the rest.
+The job (jobs/run.py) plans the work and drives this loop. A stop signal ends admission; after SIGTERM
+or SIGUSR1 rows still generating get `DRAIN_SHARE` of the grace period to finish, after Ctrl-C they
+stop at the next step (runner/signals.py); the writer commits every finished row.
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ class GenerationLoop:
         self.bar = ProgressBar(self.counters, show_progress)
         try:
             self._loop(feeder, stop)
+        except KeyboardInterrupt:  # a second Ctrl-C: out now, with what is finished
+            log.warning("stopped at once: %d rows in flight are left for the next run", len(self.inflight))
         finally:
             feeder.stop()
             self.bar.close()
@@ -178,7 +181,11 @@ class GenerationLoop:
         while True:
             if stop.requested and drain_until is None:
                 feeder.stop()
-                drain_until = stop.at + DRAIN_SHARE * self.settings.grace_seconds
+                drain_until = stop.at + (DRAIN_SHARE * self.settings.grace_seconds if stop.drains else 0.0)
+            if drain_until is not None and time.monotonic() > drain_until:
+                if self.inflight:
+                    log.warning("%d rows still generating are left for the next run", len(self.inflight))
+                return
             if drain_until is None:
                 self._admit(feeder)
             if self.backend.has_unfinished():
@@ -196,11 +203,6 @@ class GenerationLoop:
             elif self.budget.waiting:
                 self.writer.flush()  # nothing generating and the reader waits for room: commit the rows
             self.writer.poll()
-            if drain_until is not None and time.monotonic() > drain_until:
-                log.warning(
-                    "grace period: %d rows still generating are left for the next run", len(self.inflight)
-                )
-                return
 
     def _step(self) -> list[Completion]:
         fault_point("engine_step")

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from runner.cpu_threads import busy_cpus, cgroup_cpu_quota, configure_cpu_thread
 from runner.engine.layers.attention import reference_attention
 from runner.engine.layers.cpu_attention import batched_attention
 from runner.store.checkpoint import OutputStore
-from tests.conftest import committed_rows, moto_server, read_output, write_spec
+from tests.conftest import committed_rows, moto_server, read_output, write_inputs, write_spec
 from tests.engine.layers.paged_cases import CASES as PAGED_CASES
 from tests.engine.layers.paged_cases import random_batch
 from tests.helpers import demo_model_path
@@ -545,6 +546,54 @@ def output_beside_a_glob_is_not_inside_it(tmp: Path, model: Path) -> None:
     assert code == 2 and f"output.path '{tmp}/data/out' is inside input.path '{tmp}/data/*/x.parquet'" in err
 
 
+# ---- 12. issue 40: Ctrl-C stops at the next step (rows in flight left for the next run), a second one at
+# once; both commit every finished row, exit 75 without a traceback, and a resume gives each row once
+
+
+def interrupted_mid_job(tmp: Path, model: Path, signals: int) -> tuple[float, str]:
+    """Start a job whose rows keep 8 in flight, send SIGINT `signals` times once a part is committed;
+    returns (seconds from the first signal to the exit, stderr)."""
+    parts = tmp / "out/a0.parts"
+    before = len(list(parts.glob("part-*.parquet")))
+    proc = batchrun("submit", str(tmp / "spec.yaml"), "--no-progress", wait=False)
+    while len(list(parts.glob("part-*.parquet"))) <= before:  # this run committed rows; 8 more in flight
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    sent = time.monotonic()
+    for _ in range(signals):
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 75, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return took, err
+
+
+def ctrl_c_stops_at_the_next_step(tmp: Path, model: Path) -> None:
+    write_inputs(tmp / "in", parquet=1, jsonl=0, rows=200)
+    sections = {
+        "sampling": {"max_new_tokens": 150, "ignore_eos": True},  # ~30 s of steps: the signal lands mid-job
+        "output": {"flush_rows": 2, "keep_columns": ["id"]},
+        "engine": {"max_seqs": 8},
+    }
+    write_spec(tmp / "spec.yaml", model, **sections)
+    took, err = interrupted_mid_job(tmp, model, signals=1)
+    assert took < 5, took  # was 33 s: the rows in flight generated to their end first
+    assert "SIGINT received: admitting no more rows; committing finished ones" in err
+    assert "rows still generating are left for the next run" in err
+    report = json.loads((tmp / "out/_batchrun/report.json").read_text())
+    assert report["status"] == "interrupted"
+    assert sum(len(v) for v in committed_rows(tmp / "out").values()) == report["rows_ok"] > 0
+
+    took, err = interrupted_mid_job(tmp, model, signals=2)  # the second one lands while it stops
+    assert took < 5, took
+    code, _, err = batchrun("submit", str(tmp / "spec.yaml"), "--no-progress")
+    assert code == 0, err[-3000:]
+    assert [r["_row"] for r in read_output(tmp / "out")["a0"]] == list(range(200))
+    report = json.loads((tmp / "out/_batchrun/report.json").read_text())
+    assert [a["status"] for a in report["attempts"]][-1] == "finished"
+
+
 CASES = [
     ("1-validate-lists-every-problem", validate_lists_every_problem),
     ("1-validate-template-and-messages", validate_checks_template_fields_and_messages),
@@ -570,6 +619,7 @@ CASES = [
     ("11-models-any-model-string", models_takes_any_model_string),
     ("11-models-list-without-torch", models_lists_the_fast_path_without_torch),
     ("11-output-beside-a-glob", output_beside_a_glob_is_not_inside_it),
+    ("12-ctrl-c-stops-at-the-next-step", ctrl_c_stops_at_the_next_step),
 ]
 
 
