@@ -63,7 +63,7 @@ GOOD = {"id": "g", "text": "red green blue"}
 CASES = [
     # ---- JSONL rows (one job for them all)
     Case("malformed_jsonl_line", {"x.jsonl": jsonl(GOOD, b'{"text": "red', GOOD)},
-         rows=["ok", "<in>/x.jsonl line 2: invalid JSON (Unterminated string starting at at column 10)", "ok"]),
+         rows=["ok", "<in>/x.jsonl line 2: invalid JSON (Unterminated string starting at column 10)", "ok"]),
     Case("json_array_not_object", {"x.jsonl": jsonl([1, 2])},
          rows=["<in>/x.jsonl line 1: not a JSON object (got list)"]),
     Case("json_string_not_object", {"x.jsonl": jsonl("text")},

@@ -339,15 +339,15 @@ def report_plot_breaks_at_gaps_and_ignores_short_intervals(tmp: Path, model: Pat
 
 
 def jsonl_errors_name_the_editor_line(tmp: Path, model: Path) -> None:
-    jsonl(tmp / "in/x.jsonl", *good(2), "", *good(1, 2), "{oops", *good(20, 3))
+    jsonl(tmp / "in/x.jsonl", *good(2), "", *good(1, 2), "{oops", *good(20, 3), '{"text": "red')
     spec = write_spec(tmp / "spec.yaml", model)
     code, _, err = batchrun("submit", str(spec), "--no-progress")
     assert code == 0, err[-2000:]
-    [error] = [r["error"] for r in read_output(tmp / "out")["x"] if r["error"]]
-    assert (
-        error
-        == f"{tmp}/in/x.jsonl line 5: invalid JSON (Expecting property name enclosed in double quotes at column 2)"
-    )
+    errors = [r["error"] for r in read_output(tmp / "out")["x"] if r["error"]]
+    assert errors == [
+        f"{tmp}/in/x.jsonl line 5: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{tmp}/in/x.jsonl line 26: invalid JSON (Unterminated string starting at column 10)",  # not "at at"
+    ]
 
 
 # ---- 9. --version, exit codes in --help, -v / -q
