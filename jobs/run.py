@@ -281,7 +281,7 @@ def _summarize(
 ) -> Summary:
     """This attempt's summary with every earlier attempt added in, written to report.json (not for a
     run with nothing to do: `history` None)."""
-    wall = time.monotonic() - started
+    wall, now = time.monotonic() - started, time.time()
     summary = Summary(
         status=status,
         shards=c.shards_owned,
@@ -292,7 +292,8 @@ def _summarize(
         prompt_tokens=c.prompt_tokens,
         generated_tokens=c.generated_tokens,
         wall_seconds=round(wall, 3),
-        generated_tokens_per_s=round(c.generated_tokens / max(wall, 1e-9), 1),
+        generated_tokens_per_s=c.tokens_per_s(now),
+        generation_seconds=round(c.generation_seconds(now), 3),
         gpu_busy_percent=gpu_busy,
         failed_shards=failed,
         engine=engine_stats,

@@ -38,6 +38,10 @@ class Backend(Protocol):
 
     def has_unfinished(self) -> bool: ...
 
+    def progress(self) -> float:
+        """Work done on the requests in flight, in requests (a long prompt's prefill moves it)."""
+        ...
+
     def stats(self) -> dict:
         """Plain counters for the heartbeat and the summary."""
         ...

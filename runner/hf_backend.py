@@ -167,6 +167,10 @@ class TransformersBackend:
         """Requests added and not yet fully completed (all their samples)."""
         return len(self._remaining)
 
+    def progress(self) -> float:
+        """transformers' batching does not say how far its requests are: rows count when they finish."""
+        return 0.0
+
     def stats(self) -> dict:
         return {
             "backend": "transformers",

@@ -166,14 +166,16 @@ class GenerationLoop:
             self.writer.open_shard(w.shard.id, len(w.done_rows))
         feeder = Feeder(self.work, builder, s.storage_options, s.columns, self.budget)
         self.bar = ProgressBar(self.counters, show_progress)
+        self.counters.generating_since = time.time()
         try:
             self._loop(feeder, stop)
         except KeyboardInterrupt:  # a second Ctrl-C: out now, with what is finished
             log.warning("stopped at once: %d rows in flight are left for the next run", len(self.inflight))
         finally:
             feeder.stop()
-            self.bar.close()
             self.writer.close()
+            self.counters.generating_until = time.time()
+            self.bar.close()
             self.counters.shards_done += self.writer.shards_compacted
 
     def _loop(self, feeder: Feeder, stop: StopRequested) -> None:
@@ -198,6 +200,8 @@ class GenerationLoop:
                     return
                 for completion in done:
                     self._finish_sample(completion)
+                self.counters.inflight_progress = self.backend.progress()
+                self.bar.update()
             elif feeder.exhausted:
                 return
             elif self.budget.waiting:

@@ -163,6 +163,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._in_flight)
 
+    def progress(self) -> float:
+        """Work done on the requests in flight, in requests: each sample's computed tokens (prompt chunks,
+        then generated ones) over its prompt + max_new_tokens, over its request's samples."""
+        seqs = (*self.scheduler.running, *self.scheduler.waiting)
+        return sum(s.num_computed / ((s.prompt_len + s.params.max_new_tokens) * s.params.n) for s in seqs)
+
     def add(self, request: Request) -> None:
         """Queue a request; raises ValueError when it can never run (too long, stop strings, no tokenizer)."""
         sp = request.sampling

@@ -66,6 +66,7 @@ def test_two_tasks_one_finished_one_stale_and_the_json_schema(tmp_path: Path, ti
         "pid",
         "heartbeat_age_s",
         "rows_done",
+        "rows_inflight",
         "rows_total",
         "rows_error",
         "tokens_per_s",
