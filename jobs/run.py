@@ -204,19 +204,19 @@ def _run_leased(
             store, spec, "finished", counters, started, None, {}, {}, history=None, phases=phases.seconds
         )
 
-    backend = load_backend(
-        model.local_path, spec.engine.backend, spec.engine.config(), spec.model.revision, tokenizer
-    )
-    loop = GenerationLoop(loop_settings(spec, backend.tokenizer), backend, work, failed, counters)
     monitor = Monitor(
-        store,
-        rt.task_index,
-        rt.num_tasks,
-        [sh.id for sh in shards],
-        counters,
-        backend.stats,
-        rt.heartbeat_seconds,
+        store, rt.task_index, rt.num_tasks, [sh.id for sh in shards], counters, dict, rt.heartbeat_seconds
     )
+    monitor.starting()  # before the model loads: `status` shows this attempt, and a kill now is recorded
+    try:
+        backend = load_backend(
+            model.local_path, spec.engine.backend, spec.engine.config(), spec.model.revision, tokenizer
+        )
+    except BaseException:
+        monitor.finish("failed")
+        raise
+    monitor.engine_stats = backend.stats
+    loop = GenerationLoop(loop_settings(spec, backend.tokenizer), backend, work, failed, counters)
     state, over_budget = "failed", None
     try:
         with StopRequested() as stop, monitor:
@@ -304,7 +304,7 @@ def _summarize(
         return summary
     previous = history.previous or {}
     shards = set(previous.get("error_files", {})) | (error_shards or set())
-    summary = with_history(summary, attempt_of(summary, started_at), previous, history.killed)
+    summary = with_history(summary, attempt_of(summary, started_at), previous)
     summary.error_files = {s: error_location(store, s) for s in sorted(shards)}
     store.write_json(history.name, summary.as_dict())
     return summary

@@ -229,7 +229,7 @@ class _Node:
             previous = self.store.read_json("report.json")
             if not attempts and previous and not (failed or dead):
                 return summary_from_report(previous)  # nothing to do: the report of earlier runs stays
-            summary = with_history(summary, attempt_of(summary, self.started_at), previous, None)
+            summary = with_history(summary, attempt_of(summary, self.started_at), previous)
             self.store.write_json("report.json", summary.as_dict())
         if failed or dead or stopped:
             raise JobFailed(summary)

@@ -81,10 +81,17 @@ def killed_attempt(
     )
 
 
-def with_history(summary: Summary, this: Attempt, previous: dict | None, killed: Attempt | None) -> Summary:
+def with_killed(previous: dict | None, killed: Attempt, shards: int) -> dict:
+    """The report `previous` with the `killed` attempt added: written as soon as the next attempt starts,
+    whose heartbeat replaces the killed one's (a second kill would otherwise lose the first)."""
+    empty = Summary("killed", shards, 0, 0, 0, 0, 0, 0, 0.0, 0.0, None, {}, {})
+    base = summary_from_report(previous) if previous else empty
+    return with_history(replace(base, status="killed"), killed, previous).as_dict()
+
+
+def with_history(summary: Summary, this: Attempt, previous: dict | None) -> Summary:
     """`summary` (this attempt's) with rows, tokens and time added up over every attempt so far."""
-    attempts = [a for a in (previous or {}).get("attempts", [])]
-    attempts += [asdict(a) for a in (killed, this) if a is not None]
+    attempts = [*(previous or {}).get("attempts", []), asdict(this)]
     # reports from before generation_seconds: their wall time stands for it
     totals = {k: sum(a.get(k, a["wall_seconds"]) for a in attempts) for k in _SUMMED}
     totals["wall_seconds"] = round(totals["wall_seconds"], 3)

@@ -147,6 +147,10 @@ class Monitor:
         if self._thread.ident is not None:
             self._thread.join()
 
+    def starting(self) -> None:
+        """The first heartbeat, before the model loads (the block's start writes the next)."""
+        self._write("running")
+
     def gpu_busy_mean(self) -> float | None:
         return round(sum(self._busy) / len(self._busy), 1) if self._busy else None
 

@@ -68,9 +68,13 @@ class Summary:
         return out
 
 
+# tqdm's default with the rows done to a tenth: the rows in flight count by the work done on them
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} rows [{elapsed}<{remaining}{postfix}]"
+
+
 class ProgressBar:
     """Rows done out of the rows this run has to do, with the work done on the rows in flight (a long
-    prompt's prefill moves the bar before its row finishes) and the generated tok/s (Counters.tokens_per_s)."""
+    prompt's prefill moves the bar before its row finishes), and the tok/s of Counters.tokens_per_s."""
 
     def __init__(self, counters: Counters, enabled: bool):
         self.counters = counters
@@ -81,7 +85,7 @@ class ProgressBar:
             dynamic_ncols=True,
             desc="batchrun",
             smoothing=0.05,
-            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} rows [{elapsed}<{remaining}{postfix}]",
+            bar_format=_BAR,
         )
         self._last_postfix = 0.0
 

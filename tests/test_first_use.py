@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -594,6 +595,59 @@ def ctrl_c_stops_at_the_next_step(tmp: Path, model: Path) -> None:
     assert [a["status"] for a in report["attempts"]][-1] == "finished"
 
 
+# ---- 13. issue 40: status tells the running attempt (rows, tok/s, ETA), every killed attempt is recorded,
+# and the bar, status, the summary and report.json give the same tok/s
+
+
+def status_tells_the_running_attempt_and_every_kill_is_recorded(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(24))
+    spec = write_spec(
+        tmp / "spec.yaml",
+        model,
+        sampling={"max_new_tokens": 100, "ignore_eos": True},
+        engine={"max_seqs": 1},
+        runtime={"heartbeat_seconds": 0.2},
+    )
+    for _ in range(2):  # killed twice in a row: the second attempt's heartbeat replaces the first's
+        code, _, _ = batchrun("submit", str(spec), "--no-progress", kill_at="part_committed:2")
+        assert code == -9
+    proc = batchrun("submit", str(spec), "--no-progress", wait=False)
+    while True:
+        out = cli("status", str(spec))[1]
+        task = next(line for line in out.splitlines() if "task-0-of-1:" in line)
+        if "running" in task and " 0 tok/s" not in task and "ETA " in out:
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    assert "/8 rows this attempt" in task  # the 8 rows left
+    assert out.splitlines()[-1].startswith("earlier attempts: killed, ")  # not "last run", as if this one
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads((tmp / "out/_batchrun/report.json").read_text())
+    assert [(a["status"], a["rows_ok"]) for a in report["attempts"]] == [
+        ("killed", 8),
+        ("killed", 8),
+        ("finished", 8),
+    ]
+    assert "finished: 1/1 shards done, 24 rows ok, 0 error rows, 0 rows remaining over 3 attempts" in err
+
+
+def one_tokens_per_second_everywhere(tmp: Path, model: Path) -> None:
+    jsonl(tmp / "in/x.jsonl", *good(32))
+    spec = write_spec(
+        tmp / "spec.yaml", model, sampling={"max_new_tokens": 48, "ignore_eos": True}, engine={"max_seqs": 8}
+    )
+    code, _, err = batchrun("submit", str(spec), "--progress")
+    assert code == 0, err[-3000:]
+    bar = float(re.findall(r"(\d+) tok/s, 0 errors", err)[-1])
+    summary = float(re.search(r"= ([\d.]+) generated tok/s", err).group(1))
+    report = json.loads((tmp / "out/_batchrun/report.json").read_text())["generated_tokens_per_s"]
+    code, out, _ = cli("status", str(spec))
+    status = float(re.search(r"task-0-of-1: finished .* (\d+) tok/s", out).group(1))
+    assert summary == report > 0
+    assert abs(bar - report) <= 1 and abs(status - report) <= 1, (bar, status, report)  # shown as whole tok/s
+
+
 CASES = [
     ("1-validate-lists-every-problem", validate_lists_every_problem),
     ("1-validate-template-and-messages", validate_checks_template_fields_and_messages),
@@ -620,6 +674,8 @@ CASES = [
     ("11-models-list-without-torch", models_lists_the_fast_path_without_torch),
     ("11-output-beside-a-glob", output_beside_a_glob_is_not_inside_it),
     ("12-ctrl-c-stops-at-the-next-step", ctrl_c_stops_at_the_next_step),
+    ("13-status-of-the-running-attempt", status_tells_the_running_attempt_and_every_kill_is_recorded),
+    ("13-one-tokens-per-second", one_tokens_per_second_everywhere),
 ]
 
 
