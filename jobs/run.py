@@ -131,7 +131,7 @@ def prompt_builder(
         column=prompt.column,
         template=prompt.template,
         messages_column=prompt.messages_column,
-        uses_chat_template=prompt.uses_chat_template,
+        uses_chat_template=prompt.uses_chat_template(bool(getattr(tokenizer, "chat_template", None))),
         system=prompt.system,
         max_tokens=prompt.max_tokens,
         on_too_long=prompt.on_too_long,

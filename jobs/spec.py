@@ -69,7 +69,9 @@ class PromptSpec(Section):
     template: str | None = Field(None, description="a Python format string over row fields: '{title}'")
     messages_column: str | None = Field(None, description="a column of chat messages [{role, content}]")
     chat_template: bool | None = Field(
-        None, description="apply the tokenizer's chat template (default: on for messages, off otherwise)"
+        None,
+        description="wrap the column's or template's text as a user turn in the tokenizer's chat template "
+        "(default: on when the model has a chat template, as a chat API would; always on for messages)",
     )
     system: str | None = Field(None, description="system prompt (chat template only)")
     max_tokens: PositiveInt | None = Field(None, description="longest prompt in tokens (default: model)")
@@ -82,8 +84,8 @@ class PromptSpec(Section):
             raise ValueError(f"{_ONE_SOURCE} (got {', '.join(given)})")
         if self.messages_column and self.chat_template is False:
             raise ValueError("prompt.messages_column needs chat_template: true")
-        if self.system and not self.uses_chat_template:
-            raise ValueError("prompt.system needs the chat template (set chat_template: true)")
+        if self.system and self.chat_template is False:
+            raise ValueError("prompt.system needs the chat template (remove chat_template: false)")
         return self
 
     @property
@@ -91,9 +93,11 @@ class PromptSpec(Section):
         """The prompt sources set (column, template, messages_column)."""
         return [k for k in ("column", "template", "messages_column") if getattr(self, k)]
 
-    @property
-    def uses_chat_template(self) -> bool:
-        return bool(self.messages_column) if self.chat_template is None else self.chat_template
+    def uses_chat_template(self, model_has_one: bool) -> bool:
+        """Whether prompts go through the chat template, for a model whose tokenizer has one or not."""
+        if self.chat_template is not None:
+            return self.chat_template
+        return bool(self.messages_column) or model_has_one
 
 
 class ModelSpec(Section):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from runner.engine.config import resolve_device, resolve_dtype
 from runner.engine.eos import eos_token_ids
-from runner.engine.stops import find_stop
+from runner.engine.stops import find_stop, whole_characters
 from runner.engine.types import Completion, Request, SamplingParams
 
 _POLL_S = 0.05  # how long step() waits for the first finished request before returning []
@@ -277,6 +277,7 @@ class TransformersBackend:
                 self._manager.cancel_request(output.request_id)
         else:
             reason = "stop" if tokens and tokens[-1] in sample.stop_ids else "length"
+            text = whole_characters(self.tokenizer, tokens) if reason == "length" else text
         del self._samples[output.request_id]
         logprobs = list(output.logprobs) if sample.request.sampling.logprobs else None
         completions = [

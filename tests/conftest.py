@@ -92,6 +92,9 @@ def write_spec(path: Path, model_dir: Path, **sections) -> Path:
     }
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value}
+    prompt = spec["prompt"]
+    if "chat_template" not in prompt and not prompt.get("messages_column"):
+        prompt["chat_template"] = False  # on by default for a model with one; the tests' references are raw
     path.write_text(yaml.safe_dump(spec))
     return path
 

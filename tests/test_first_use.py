@@ -29,10 +29,13 @@ from jobs.cli import main
 from jobs.report import load_series, y_limit
 from jobs.spec import load_spec
 from runner.cpu_threads import busy_cpus, cgroup_cpu_quota, configure_cpu_threads, cpu_threads, usable_cpus
+from runner.engine import Engine, EngineConfig, Request, SamplingParams
 from runner.engine.layers.attention import reference_attention
 from runner.engine.layers.cpu_attention import batched_attention
+from runner.engine.stops import whole_characters
 from runner.store.checkpoint import OutputStore
 from tests.conftest import committed_rows, moto_server, read_output, write_inputs, write_spec
+from tests.engine.conftest import random_prompts, tiny_model
 from tests.engine.layers.paged_cases import CASES as PAGED_CASES
 from tests.engine.layers.paged_cases import random_batch
 from tests.helpers import demo_model_path
@@ -648,6 +651,61 @@ def one_tokens_per_second_everywhere(tmp: Path, model: Path) -> None:
     assert abs(bar - report) <= 1 and abs(status - report) <= 1, (bar, status, report)  # shown as whole tok/s
 
 
+# ---- 14. issue 40, smaller: a long prefill moves the bar; no U+FFFD at a length cut; the chat template's
+# default follows the model
+
+
+def a_long_prefill_moves_the_bar(tmp: Path, model: Path) -> None:
+    engine = Engine(tiny_model("llama"), EngineConfig(device="cpu", max_batch_tokens=16, page_size=8))
+    engine.add(Request("long", random_prompts(1, 200, 200)[0], SamplingParams(max_new_tokens=56)))
+    seen = []
+    while not (done := engine.step()):
+        seen.append(engine.progress())
+    # 16 prompt tokens a step over 200 + 56: the bar moves by 1/16 of a row each step before any row ends
+    assert seen[:3] == [16 / 256, 32 / 256, 48 / 256] and seen == sorted(seen) and seen[-1] < 1
+    assert done[0].id == "long" and engine.progress() == 0.0
+
+
+class ByteTokenizer:
+    """Token i is byte i: one character may take up to 4 tokens, as in a byte-level BPE."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def a_length_cut_holds_back_a_split_character(tmp: Path, model: Path) -> None:
+    ids = list("café 🍰".encode())
+    cut = ids[:-2]  # the limit fell inside the 4 bytes of 🍰
+    assert ByteTokenizer().decode(cut).endswith("\ufffd")
+    assert whole_characters(ByteTokenizer(), cut) == "café "
+    assert whole_characters(ByteTokenizer(), ids) == "café 🍰"
+
+
+def chat_template_is_on_for_a_model_that_has_one(tmp: Path, model: Path) -> None:
+    from runner.engine.tokenizer import load_tokenizer
+
+    jsonl(tmp / "in/x.jsonl", *good(1))
+    tokenizer = load_tokenizer(str(model))
+    templated = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "red green blue"}], tokenize=False, add_generation_prompt=True
+    )
+    expected = {
+        None: len(
+            tokenizer([templated], add_special_tokens=False)["input_ids"][0]
+        ),  # the default: as a chat API
+        False: len(tokenizer(["red green blue"])["input_ids"][0]),
+    }
+    for setting, prompt_tokens in expected.items():
+        out = tmp / f"out-{setting}"
+        spec = write_spec(
+            tmp / "spec.yaml", model, prompt={"chat_template": setting}, output={"path": str(out)}
+        )
+        code, _, err = batchrun("submit", str(spec), "--no-progress")
+        assert code == 0, err[-2000:]
+        assert read_output(out)["x"][0]["prompt_tokens"] == prompt_tokens, setting
+    assert expected[None] > expected[False]
+
+
 CASES = [
     ("1-validate-lists-every-problem", validate_lists_every_problem),
     ("1-validate-template-and-messages", validate_checks_template_fields_and_messages),
@@ -676,6 +734,9 @@ CASES = [
     ("12-ctrl-c-stops-at-the-next-step", ctrl_c_stops_at_the_next_step),
     ("13-status-of-the-running-attempt", status_tells_the_running_attempt_and_every_kill_is_recorded),
     ("13-one-tokens-per-second", one_tokens_per_second_everywhere),
+    ("14-a-long-prefill-moves-the-bar", a_long_prefill_moves_the_bar),
+    ("14-no-split-character-at-a-length-cut", a_length_cut_holds_back_a_split_character),
+    ("14-chat-template-on-for-a-chat-model", chat_template_is_on_for_a_model_that_has_one),
 ]
 
 
