@@ -212,8 +212,8 @@ def _run_leased(
         backend = load_backend(
             model.local_path, spec.engine.backend, spec.engine.config(), spec.model.revision, tokenizer
         )
-    except BaseException:
-        monitor.finish("failed")
+    except BaseException as e:
+        monitor.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
     monitor.engine_stats = backend.stats
     loop = GenerationLoop(loop_settings(spec, backend.tokenizer), backend, work, failed, counters)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from runner.engine.config import resolve_device, resolve_dtype
 from runner.engine.eos import eos_token_ids
 from runner.engine.stops import find_stop, whole_characters
-from runner.engine.types import Completion, Request, SamplingParams
+from runner.engine.types import Completion, InFlight, Request, SamplingParams
 
 _POLL_S = 0.05  # how long step() waits for the first finished request before returning []
 # On the CPU transformers would size the KV cache from host RAM; bigger batches only cost memory there
@@ -167,9 +167,9 @@ class TransformersBackend:
         """Requests added and not yet fully completed (all their samples)."""
         return len(self._remaining)
 
-    def progress(self) -> float:
+    def progress(self) -> InFlight:
         """transformers' batching does not say how far its requests are: rows count when they finish."""
-        return 0.0
+        return InFlight(0.0, 0)
 
     def stats(self) -> dict:
         return {

@@ -174,7 +174,12 @@ class GenerationLoop:
         finally:
             feeder.stop()
             self.writer.close()
-            self.counters.generating_until = time.time()
+            c = self.counters
+            c.generating_until, c.inflight_progress, c.inflight_tokens = (
+                time.time(),
+                0.0,
+                0,
+            )  # left for the next run
             self.bar.close()
             self.counters.shards_done += self.writer.shards_compacted
 
@@ -200,13 +205,15 @@ class GenerationLoop:
                     return
                 for completion in done:
                     self._finish_sample(completion)
-                self.counters.inflight_progress = self.backend.progress()
-                self.bar.update()
+                inflight = self.backend.progress()
+                self.counters.inflight_progress = inflight.requests
+                self.counters.inflight_tokens = inflight.generated_tokens
             elif feeder.exhausted:
                 return
             elif self.budget.waiting:
                 self.writer.flush()  # nothing generating and the reader waits for room: commit the rows
             self.writer.poll()
+            self.bar.update()  # here, not per row: the work on the rows in flight is as of the last step
 
     def _step(self) -> list[Completion]:
         fault_point("engine_step")
@@ -264,7 +271,6 @@ class GenerationLoop:
         c.rows_error += is_error
         c.prompt_tokens += rows[0]["prompt_tokens"]
         c.generated_tokens += sum(r["generated_tokens"] for r in rows)
-        self.bar.update()
 
     def _rows_of(self, shard: str) -> int:
         return next(w.total_rows - len(w.done_rows) for w in self.work if w.shard.id == shard)

@@ -33,6 +33,7 @@ class Counters:
     generated_tokens: int = 0
     inflight: int = 0  # requests in the engine
     inflight_progress: float = 0.0  # of those, the work done, in rows (Backend.progress)
+    inflight_tokens: int = 0  # and the tokens they generated so far
     shards_owned: int = 0
     shards_done: int = 0
     generating_since: float = 0.0  # time.time() when this attempt sent its first row (0: not yet)
@@ -46,9 +47,10 @@ class Counters:
 
     def tokens_per_s(self, now: float) -> float:
         """batchrun's tok/s, the same in the bar, `status`, the summary and report.json: tokens generated
-        by the rows finished so far over `generation_seconds`."""
+        (by the rows finished, and so far by the rows in flight) over `generation_seconds`. Once the
+        attempt ends, the rows it left in flight are dropped: the figure is its finished rows'."""
         seconds = self.generation_seconds(now)
-        return round(self.generated_tokens / seconds, 1) if seconds else 0.0
+        return round((self.generated_tokens + self.inflight_tokens) / seconds, 1) if seconds else 0.0
 
     def rows_per_s(self, now: float) -> float:
         """Rows finished (with the work done on the rows in flight) per second of generation."""

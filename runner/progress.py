@@ -92,7 +92,7 @@ class ProgressBar:
     def update(self) -> None:
         """Catch up with the counters (rows finished, or work done on the rows in flight)."""
         c = self.counters
-        self._bar.update(c.rows_done + c.inflight_progress - self._bar.n)
+        self._bar.update(min(c.rows_done + c.inflight_progress, c.rows_total) - self._bar.n)
         now = time.monotonic()
         if now - self._last_postfix > 1.0:
             self._last_postfix = now

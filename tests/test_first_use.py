@@ -33,6 +33,7 @@ from runner.engine import Engine, EngineConfig, Request, SamplingParams
 from runner.engine.layers.attention import reference_attention
 from runner.engine.layers.cpu_attention import batched_attention
 from runner.engine.stops import whole_characters
+from runner.engine.types import InFlight
 from runner.store.checkpoint import OutputStore
 from tests.conftest import committed_rows, moto_server, read_output, write_inputs, write_spec
 from tests.engine.conftest import random_prompts, tiny_model
@@ -662,8 +663,10 @@ def a_long_prefill_moves_the_bar(tmp: Path, model: Path) -> None:
     while not (done := engine.step()):
         seen.append(engine.progress())
     # 16 prompt tokens a step over 200 + 56: the bar moves by 1/16 of a row each step before any row ends
-    assert seen[:3] == [16 / 256, 32 / 256, 48 / 256] and seen == sorted(seen) and seen[-1] < 1
-    assert done[0].id == "long" and engine.progress() == 0.0
+    rows = [p.requests for p in seen]
+    assert rows[:3] == [16 / 256, 32 / 256, 48 / 256] and rows == sorted(rows) and rows[-1] < 1
+    assert seen[0].generated_tokens == 0 and 0 < seen[-2].generated_tokens < 56  # tok/s counts them live
+    assert done[0].id == "long" and engine.progress() == InFlight(0.0, 0)
 
 
 class ByteTokenizer:

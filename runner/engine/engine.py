@@ -24,7 +24,7 @@ from runner.engine.sequence import Sequence
 from runner.engine.shard import check_split
 from runner.engine.stops import StopChecker
 from runner.engine.tokenizer import load_tokenizer
-from runner.engine.types import Completion, Request
+from runner.engine.types import Completion, InFlight, Request
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +163,14 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._in_flight)
 
-    def progress(self) -> float:
-        """Work done on the requests in flight, in requests: each sample's computed tokens (prompt chunks,
-        then generated ones) over its prompt + max_new_tokens, over its request's samples."""
+    def progress(self) -> InFlight:
+        """How far the requests in flight are: each sample's computed tokens (prompt chunks, then generated
+        ones) over its prompt + max_new_tokens, over its request's samples; and the tokens generated."""
         seqs = (*self.scheduler.running, *self.scheduler.waiting)
-        return sum(s.num_computed / ((s.prompt_len + s.params.max_new_tokens) * s.params.n) for s in seqs)
+        return InFlight(
+            sum(s.num_computed / ((s.prompt_len + s.params.max_new_tokens) * s.params.n) for s in seqs),
+            sum(s.num_generated for s in seqs),
+        )
 
     def add(self, request: Request) -> None:
         """Queue a request; raises ValueError when it can never run (too long, stop strings, no tokenizer)."""
