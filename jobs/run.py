@@ -233,6 +233,9 @@ def _run_leased(
             "interrupted" if stop.requested else "failed" if loop.failed or loop.engine_error else "finished"
         )
         state = "failed" if over_budget else state
+    except KeyboardInterrupt:  # a second Ctrl-C while finished rows were committed
+        state = "interrupted"
+        raise
     finally:
         monitor.finish(state)
         _close_backend(backend, loop.engine_error)

@@ -175,11 +175,8 @@ class GenerationLoop:
             feeder.stop()
             self.writer.close()
             c = self.counters
-            c.generating_until, c.inflight_progress, c.inflight_tokens = (
-                time.time(),
-                0.0,
-                0,
-            )  # left for the next run
+            c.generating_until = time.time()
+            c.inflight_progress, c.inflight_tokens = 0.0, 0  # the rows in flight are left for the next run
             self.bar.close()
             self.counters.shards_done += self.writer.shards_compacted
 
