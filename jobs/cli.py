@@ -258,18 +258,30 @@ def report(spec_path: str, out_path: str | None) -> None:
 @click.option("--revision", default=None, help="The model's revision (with MODEL).")
 def models(model: str | None, revision: str | None) -> None:
     """List the `model_type`s the engine's fast path runs (the rest run on transformers' continuous
-    batching); with MODEL (a Hugging Face id or folder: only its config is read), say which path it takes
-    and why."""
-    from runner.engine.models import FAMILIES, fast_path_reason
-
+    batching); with MODEL (any model.path a spec takes: builtin:NAME, a folder, a .gguf file, a hub id or
+    a folder URL; only its config is read), say which path it takes and why."""
     if model is None:
-        for kind, cls in FAMILIES.items():
-            click.echo(f"{kind:<12} fast path ({cls.__module__.rsplit('.', 1)[-1]}.py)")
+        from runner.engine.families import FAMILY_CLASSES
+
+        for kind, (module, _) in FAMILY_CLASSES.items():
+            click.echo(f"{kind:<12} fast path ({module.rsplit('.', 1)[-1]}.py)")
         click.echo("anything else: the transformers backend")
         return
-    from transformers import AutoConfig
+    from runner.models.resolve import ModelError, resolve_model
 
-    config = AutoConfig.from_pretrained(model, revision=revision)
+    try:
+        resolved = resolve_model(model, revision)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolved.local_path, revision=revision)
+    except ModelError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    except (OSError, ValueError) as e:  # transformers' messages span lines: one line here
+        click.echo(f"error: cannot read the config of {model!r}: {' '.join(str(e).split())}", err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    from runner.engine.models import fast_path_reason
+
     reason = fast_path_reason(config)
     kind = getattr(config, "model_type", None)
     click.echo(f"{kind}: fast path" if reason is None else f"{kind}: transformers backend ({reason})")

@@ -17,6 +17,7 @@ from jobs.history import report_name
 from jobs.lease import lease_path
 from jobs.plan import assign_shards, spec_fingerprint
 from jobs.spec.job import JobSpec
+from runner.io.retry import StorageError
 from runner.io.sources import InputError, list_shards
 from runner.models.resolve import ModelError, resolve_model
 from runner.store import OutputStore
@@ -39,7 +40,7 @@ def finished_summary(spec: JobSpec) -> Summary | None:
         shards = assign_shards(listing, rt.task_index, rt.num_tasks)
         if not all(_cleanly_done(store, s.id) for s in shards) or not _same_run(spec, store):
             return None
-    except (InputError, ModelError):  # the full run's preflight reports these, with the fix
+    except (InputError, ModelError, StorageError):  # the full run's preflight reports these, with the fix
         return None
     log.info("all %d shards of this task are done already; nothing to do", len(shards))
     report = store.read_json(report_name(rt.task_index, rt.num_tasks))

@@ -29,6 +29,8 @@ def run_fingerprint(spec: JobSpec, model_fingerprint: dict[str, Any], tokenizer)
         "vocab_size": len(tokenizer),
         "eos_token": tokenizer.eos_token,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16] if template else None,
+        # on by default for a model with a chat template: what applied, not only the spec's setting
+        "chat_template_applied": spec.prompt.uses_chat_template(bool(template)),
     }
     return {**spec_fingerprint(spec, model_fingerprint), "tokenizer": tokenizer_part}
 

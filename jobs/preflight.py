@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import os
 import posixpath
 import string
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.spec.job import JobSpec
+from runner.io.retry import StorageError, missing_credentials
 from runner.io.sources import InputError, Shard, list_shards, read_shard
 from runner.io.storage import is_local, url_to_fs
 from runner.models.fetch import is_url
+from runner.models.gguf import gguf_cache_folder, gguf_context_length
 from runner.models.resolve import BUILTIN_PREFIX, ModelError, builtin_gguf, looks_local, missing_model_message
 from runner.openai.batch import RequestError, parse_request
 
@@ -56,7 +59,7 @@ def check_inputs(spec: JobSpec) -> list[Problem]:
     """The shards exist, and the first rows of each kind of shard carry the fields the prompt uses."""
     try:
         shards = list_shards(spec.input.path, spec.input.storage_options, spec.input.shard_format)
-    except InputError as e:
+    except (InputError, StorageError) as e:
         return [Problem("input.path", str(e))]
     kinds: dict[tuple[str, str | None], Shard] = {}
     for shard in shards:
@@ -65,7 +68,7 @@ def check_inputs(spec: JobSpec) -> list[Problem]:
     for shard in kinds.values():
         try:
             rows = _first_rows(shard, spec.input.storage_options)
-        except InputError as e:
+        except (InputError, StorageError) as e:
             problems.append(Problem("input.path", str(e)))
             continue
         problems += _check_rows(spec, shard, rows)
@@ -159,7 +162,9 @@ def check_output(spec: JobSpec) -> list[Problem]:
         fs.makedirs(posixpath.dirname(probe), exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm(probe)
-    except OSError as e:
+    except Exception as e:
+        if not isinstance(e, OSError) and not missing_credentials(e):
+            raise
         return [Problem("output.path", f"{spec.output.path!r} is not writable ({type(e).__name__}: {e})")]
     finally:
         for d in created:
@@ -200,16 +205,18 @@ def _missing_dirs(root: str) -> list[str]:
 
 
 def check_model(spec: JobSpec) -> list[Problem]:
-    """A builtin model's package is installed; a local-looking path exists. Nothing goes to the network."""
+    """A builtin model's package is installed; a local-looking path exists, and a local folder has weights
+    and a tokenizer; `sampling.max_new_tokens` leaves room for a prompt in the model's context. Nothing
+    goes to the network."""
     path = spec.model.path
     if is_url(path):
         return []
     if path.startswith(BUILTIN_PREFIX):
         try:
-            builtin_gguf(path[len(BUILTIN_PREFIX) :])
+            gguf_path, _, _ = builtin_gguf(path[len(BUILTIN_PREFIX) :])
         except ModelError as e:
             return [Problem("model.path", str(e).removeprefix("model.path: "))]
-        return []
+        return _check_context(spec, gguf_path)
     local = Path(path).expanduser()
     if not local.exists():
         if looks_local(path):
@@ -219,4 +226,62 @@ def check_model(spec: JobSpec) -> list[Problem]:
         return [Problem("model.path", f"{path!r} has no config.json (expected a Hugging Face model folder)")]
     if local.is_file() and local.suffix != ".gguf":
         return [Problem("model.path", f"{path!r} is a file but not a .gguf file (pass a folder or a .gguf)")]
-    return []
+    if local.is_dir():
+        has = {what: any(next(local.glob(n), None) for n in names) for what, names in _FOLDER_PARTS.items()}
+        missing = [what for what, found in has.items() if not found]
+        if missing:
+            return [
+                Problem(
+                    "model.path",
+                    f"{path!r} has config.json but no {' and no '.join(missing)}: point it at a complete "
+                    "Hugging Face model folder (as save_pretrained or a hub download writes it)",
+                )
+            ]
+    return _check_context(spec, local)
+
+
+# what a local model folder needs besides config.json, and the files that provide it
+_FOLDER_PARTS = {
+    "weights (*.safetensors or *.bin)": ("*.safetensors", "*.bin", "*.pt", "*.pth"),
+    "tokenizer (tokenizer.json, tokenizer.model or vocab.json)": (
+        "tokenizer.json",
+        "tokenizer.model",
+        "vocab.json",
+    ),
+}
+
+
+def _check_context(spec: JobSpec, model: Path) -> list[Problem]:
+    """max_new_tokens below the context (the model's, capped by engine.max_model_len), which is read from a
+    folder's config.json or a GGUF file's header; an OpenAI request sets its own max_tokens (checked per
+    line)."""
+    context = _context_length(model)
+    if context is None or spec.openai_batch:
+        return []
+    context = min(context, spec.engine.max_model_len or context)
+    n = spec.sampling.max_new_tokens
+    if n < context:
+        return []
+    return [
+        Problem(
+            "sampling.max_new_tokens",
+            f"{n} leaves no room for a prompt in the model's context of {context} tokens; lower it",
+        )
+    ]
+
+
+def _context_length(model: Path) -> int | None:
+    if model.is_file():
+        cached = gguf_cache_folder(model) / "config.json"
+        return _config_context(cached) if cached.is_file() else gguf_context_length(model)
+    return _config_context(model / "config.json")
+
+
+def _config_context(path: Path) -> int | None:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # the job's own loading says what is wrong with it
+    text = config.get("text_config") or config
+    value = text.get("max_position_embeddings")
+    return value if isinstance(value, int) else None

@@ -131,7 +131,7 @@ def prompt_builder(
         column=prompt.column,
         template=prompt.template,
         messages_column=prompt.messages_column,
-        uses_chat_template=prompt.uses_chat_template,
+        uses_chat_template=prompt.uses_chat_template(bool(getattr(tokenizer, "chat_template", None))),
         system=prompt.system,
         max_tokens=prompt.max_tokens,
         on_too_long=prompt.on_too_long,
@@ -157,6 +157,7 @@ def loop_settings(spec: JobSpec, tokenizer) -> LoopSettings:
         storage_options=spec.input.storage_options,
         columns=input_columns(spec),
         max_error_fraction=rt.max_error_fraction,
+        max_input_error_fraction=rt.max_input_error_fraction,
         error_window_rows=rt.error_window_rows,
         rows=row_builder(spec, tokenizer),
     )
@@ -203,19 +204,19 @@ def _run_leased(
             store, spec, "finished", counters, started, None, {}, {}, history=None, phases=phases.seconds
         )
 
-    backend = load_backend(
-        model.local_path, spec.engine.backend, spec.engine.config(), spec.model.revision, tokenizer
-    )
-    loop = GenerationLoop(loop_settings(spec, backend.tokenizer), backend, work, failed, counters)
     monitor = Monitor(
-        store,
-        rt.task_index,
-        rt.num_tasks,
-        [sh.id for sh in shards],
-        counters,
-        backend.stats,
-        rt.heartbeat_seconds,
+        store, rt.task_index, rt.num_tasks, [sh.id for sh in shards], counters, dict, rt.heartbeat_seconds
     )
+    monitor.starting()  # before the model loads: `status` shows this attempt, and a kill now is recorded
+    try:
+        backend = load_backend(
+            model.local_path, spec.engine.backend, spec.engine.config(), spec.model.revision, tokenizer
+        )
+    except BaseException as e:
+        monitor.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        raise
+    monitor.engine_stats = backend.stats
+    loop = GenerationLoop(loop_settings(spec, backend.tokenizer), backend, work, failed, counters)
     state, over_budget = "failed", None
     try:
         with StopRequested() as stop, monitor:
@@ -232,6 +233,9 @@ def _run_leased(
             "interrupted" if stop.requested else "failed" if loop.failed or loop.engine_error else "finished"
         )
         state = "failed" if over_budget else state
+    except KeyboardInterrupt:  # a second Ctrl-C while finished rows were committed
+        state = "interrupted"
+        raise
     finally:
         monitor.finish(state)
         _close_backend(backend, loop.engine_error)
@@ -280,7 +284,7 @@ def _summarize(
 ) -> Summary:
     """This attempt's summary with every earlier attempt added in, written to report.json (not for a
     run with nothing to do: `history` None)."""
-    wall = time.monotonic() - started
+    wall, now = time.monotonic() - started, time.time()
     summary = Summary(
         status=status,
         shards=c.shards_owned,
@@ -291,7 +295,8 @@ def _summarize(
         prompt_tokens=c.prompt_tokens,
         generated_tokens=c.generated_tokens,
         wall_seconds=round(wall, 3),
-        generated_tokens_per_s=round(c.generated_tokens / max(wall, 1e-9), 1),
+        generated_tokens_per_s=c.tokens_per_s(now),
+        generation_seconds=round(c.generation_seconds(now), 3),
         gpu_busy_percent=gpu_busy,
         failed_shards=failed,
         engine=engine_stats,
@@ -302,7 +307,7 @@ def _summarize(
         return summary
     previous = history.previous or {}
     shards = set(previous.get("error_files", {})) | (error_shards or set())
-    summary = with_history(summary, attempt_of(summary, started_at), previous, history.killed)
+    summary = with_history(summary, attempt_of(summary, started_at), previous)
     summary.error_files = {s: error_location(store, s) for s in sorted(shards)}
     store.write_json(history.name, summary.as_dict())
     return summary

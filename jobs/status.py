@@ -32,9 +32,10 @@ class TaskStatus:
     pid: int
     heartbeat_age_s: float
     rows_done: int
+    rows_inflight: float  # the work done on the rows in flight, in rows
     rows_total: int
     rows_error: int
-    tokens_per_s: float
+    tokens_per_s: float  # Counters.tokens_per_s: generated tokens per second of generation
     rows_per_s: float
     gpu_busy_percent: float | None
 
@@ -65,9 +66,12 @@ class JobStatus:
             out.append(f"  {s.state:<8} {s.shard}  {detail}")
         for t in self.tasks:
             busy = "" if t.gpu_busy_percent is None else f", GPU {t.gpu_busy_percent:.0f}%"
+            inflight = (
+                f" (+{t.rows_inflight:.1f} in flight)" if t.state == "running" and t.rows_inflight else ""
+            )
             out.append(
                 f"  {t.task}: {t.state} on {t.host} (pid {t.pid}), heartbeat {t.heartbeat_age_s:.0f} s ago, "
-                f"{t.rows_done}/{t.rows_total} rows this attempt, {t.tokens_per_s:.0f} tok/s{busy}"
+                f"{t.rows_done}/{t.rows_total} rows this attempt{inflight}, {t.tokens_per_s:.0f} tok/s{busy}"
             )
         out.append(
             f"{len(self.shards)} shards: {counts['done']} done, {counts['partial']} partial, "
@@ -77,9 +81,10 @@ class JobStatus:
             out.append(f"ETA {_duration(self.eta_seconds)} at the running tasks' current rate")
         for reason, n in sorted(self.errors_by_reason.items(), key=lambda kv: -kv[1]):
             out.append(f"  {n} x {reason}")
-        if self.last_report:
+        if self.last_report:  # while a task runs, the report is of the attempts before it
             r = self.last_report
-            out.append(f"last run: {r.get('status')}, {r.get('generated_tokens_per_s')} generated tok/s")
+            last = "earlier attempts" if any(t.state == "running" for t in self.tasks) else "last run"
+            out.append(f"{last}: {r.get('status')}, {r.get('generated_tokens_per_s')} generated tok/s")
         return out
 
 
@@ -124,6 +129,7 @@ def _task_status(store: OutputStore, name: str) -> TaskStatus:
         beat["pid"],
         round(age, 1),
         c["rows_done"],
+        round(c.get("inflight_progress", 0.0), 2),  # heartbeats before it had none
         c["rows_total"],
         c["rows_error"],
         beat["tokens_per_s"],

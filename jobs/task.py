@@ -84,6 +84,11 @@ def run_task(
                 return TaskResult(EXIT_BAD_SPEC)
             phases = Phases(origin=started)
             summary = run_node(spec, force_new_run=force_new_run, show_progress=progress, phases=phases)
+    except KeyboardInterrupt:  # Ctrl-C while the model loads, or twice while finished rows are committed
+        _echo(
+            [f"Stopped at once; every row committed so far is kept. Run `batchrun submit {spec_path}` again."]
+        )
+        return TaskResult(EXIT_INTERRUPTED)
     except JobInterrupted as e:
         again = f"Run `batchrun submit {spec_path}` again to finish the rest."
         _echo([*e.summary.lines(), f"Stopped early; every finished row is committed. {again}"])
@@ -92,16 +97,10 @@ def run_task(
         reason = e.reason if isinstance(e, EngineFailed) else None
         _echo(e.summary.lines() + _failure_hints(e.summary, reason, spec_path))
         return TaskResult(EXIT_FAILED, e.summary)
-    except (
-        FingerprintMismatch,
-        CheckpointError,
-        InputError,
-        LeaseHeld,
-        ModelError,
-        PromptTooLong,
-        SpecError,
-        StorageError,
-    ) as e:
+    except (ModelError, SpecError) as e:  # found once the model resolved: a spec problem all the same
+        _echo([f"error: {e}"])
+        return TaskResult(EXIT_BAD_SPEC)
+    except (FingerprintMismatch, CheckpointError, InputError, LeaseHeld, PromptTooLong, StorageError) as e:
         _echo([f"error: {e}"])
         return TaskResult(EXIT_FAILED)
     _echo(summary.lines())

@@ -7,7 +7,7 @@ import logging
 from typing import Literal, Protocol, runtime_checkable
 
 from runner.engine.config import EngineConfig
-from runner.engine.types import Completion, Request
+from runner.engine.types import Completion, InFlight, Request
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class Backend(Protocol):
         ...
 
     def has_unfinished(self) -> bool: ...
+
+    def progress(self) -> InFlight:
+        """How far the requests in flight are (a long prompt's prefill moves it)."""
+        ...
 
     def stats(self) -> dict:
         """Plain counters for the heartbeat and the summary."""

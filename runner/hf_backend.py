@@ -28,9 +28,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from runner.engine.config import resolve_device, resolve_dtype
-from runner.engine.core.stops import find_stop
+from runner.engine.core.stops import find_stop, whole_characters
 from runner.engine.text.eos import eos_token_ids
-from runner.engine.types import Completion, Request, SamplingParams
+from runner.engine.types import Completion, InFlight, Request, SamplingParams
 
 _POLL_S = 0.05  # how long step() waits for the first finished request before returning []
 # On the CPU transformers would size the KV cache from host RAM; bigger batches only cost memory there
@@ -167,6 +167,10 @@ class TransformersBackend:
         """Requests added and not yet fully completed (all their samples)."""
         return len(self._remaining)
 
+    def progress(self) -> InFlight:
+        """transformers' batching does not say how far its requests are: rows count when they finish."""
+        return InFlight(0.0, 0)
+
     def stats(self) -> dict:
         return {
             "backend": "transformers",
@@ -273,6 +277,7 @@ class TransformersBackend:
                 self._manager.cancel_request(output.request_id)
         else:
             reason = "stop" if tokens and tokens[-1] in sample.stop_ids else "length"
+            text = whole_characters(self.tokenizer, tokens) if reason == "length" else text
         del self._samples[output.request_id]
         logprobs = list(output.logprobs) if sample.request.sampling.logprobs else None
         completions = [

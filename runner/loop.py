@@ -2,8 +2,9 @@
 
     feed prompts (thread) → admit them to the backend → step it → hand rows to the writer (thread)
 
-The job (jobs/run.py) plans the work and drives this loop. A stop signal ends admission; rows still
-generating get `DRAIN_SHARE` of the grace period to finish, and the writer commits the rest.
+The job (jobs/run.py) plans the work and drives this loop. A stop signal ends admission; after SIGTERM
+or SIGUSR1 rows still generating get `DRAIN_SHARE` of the grace period to finish, after Ctrl-C they
+stop at the next step (runner/signals.py); the writer commits every finished row.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class LoopSettings:
     storage_options: dict  # for reading the input
     columns: list[str] | None  # input columns to read (None: all)
     rows: RowBuilder
-    max_error_fraction: float  # the error budget (runner/errors/budget.py)
+    max_error_fraction: float  # the error budget (runner/errors/budget.py): rows that reached the model
+    max_input_error_fraction: float  # rows that could not become a prompt
     error_window_rows: int
 
 
@@ -144,7 +146,10 @@ class GenerationLoop:
         self.budget = HeldBytes(settings.max_held_bytes)
         self.engine_error: str | None = None  # what the engine raised; the loop stopped there
         self.errors = ErrorBudget(
-            settings.max_error_fraction, settings.error_window_rows, counters.rows_total
+            settings.max_error_fraction,
+            settings.max_input_error_fraction,
+            settings.error_window_rows,
+            counters.rows_total,
         )
         self.error_shards: set[str] = set()
         self.writer: PartWriter
@@ -160,12 +165,18 @@ class GenerationLoop:
             self.writer.open_shard(w.shard.id, len(w.done_rows))
         feeder = Feeder(self.work, builder, s.storage_options, s.columns, self.budget)
         self.bar = ProgressBar(self.counters, show_progress)
+        self.counters.generating_since = time.time()
         try:
             self._loop(feeder, stop)
+        except KeyboardInterrupt:  # a second Ctrl-C: out now, with what is finished
+            log.warning("stopped at once: %d rows in flight are left for the next run", len(self.inflight))
         finally:
             feeder.stop()
-            self.bar.close()
             self.writer.close()
+            c = self.counters
+            c.generating_until = time.time()
+            c.inflight_progress, c.inflight_tokens = 0.0, 0  # the rows in flight are left for the next run
+            self.bar.close()
             self.counters.shards_done += self.writer.shards_compacted
 
     def _loop(self, feeder: Feeder, stop: StopRequested) -> None:
@@ -173,7 +184,11 @@ class GenerationLoop:
         while True:
             if stop.requested and drain_until is None:
                 feeder.stop()
-                drain_until = stop.at + DRAIN_SHARE * self.settings.grace_seconds
+                drain_until = stop.at + (DRAIN_SHARE * self.settings.grace_seconds if stop.drains else 0.0)
+            if drain_until is not None and time.monotonic() > drain_until:
+                if self.inflight:
+                    log.warning("%d rows still generating are left for the next run", len(self.inflight))
+                return
             if drain_until is None:
                 self._admit(feeder)
             if self.backend.has_unfinished():
@@ -186,16 +201,15 @@ class GenerationLoop:
                     return
                 for completion in done:
                     self._finish_sample(completion)
+                inflight = self.backend.progress()
+                self.counters.inflight_progress = inflight.requests
+                self.counters.inflight_tokens = inflight.generated_tokens
             elif feeder.exhausted:
                 return
             elif self.budget.waiting:
                 self.writer.flush()  # nothing generating and the reader waits for room: commit the rows
             self.writer.poll()
-            if drain_until is not None and time.monotonic() > drain_until:
-                log.warning(
-                    "grace period: %d rows still generating are left for the next run", len(self.inflight)
-                )
-                return
+            self.bar.update()  # here, not per row: the work on the rows in flight is as of the last step
 
     def _step(self) -> list[Completion]:
         fault_point("engine_step")
@@ -213,13 +227,14 @@ class GenerationLoop:
                 self.counters.rows_total -= self._rows_of(item.shard)
                 self.failed[item.shard] = item.reason
             elif item.error is not None:
-                self._emit(item, self.settings.rows.error_rows(item, item.error), is_error=True)
+                self._input_error(item, item.error)
             else:
                 try:
                     self.backend.add(Request((item.shard, item.row), item.prompt_ids, item.sampling))
                 except ValueError as e:  # a request this backend can never run: this row's error
-                    self._emit(item, self.settings.rows.error_rows(item, str(e)), is_error=True)
+                    self._input_error(item, str(e))
                     continue
+                self.errors.sent()
                 self.inflight[(item.shard, item.row)] = _PendingSamples(item)
         self.counters.inflight = self.backend.num_unfinished
 
@@ -234,10 +249,15 @@ class GenerationLoop:
         errors = [_grammar_unfinished(prep, s) for s in samples]
         rows = self.settings.rows.sample_rows(prep, samples, errors)
         self._emit(prep, rows, is_error=any(errors))
+        error = next((r["error"] for r in rows if r["error"]), None)
+        self.errors.finished(prep.shard, error if any(errors) else None)  # may raise: the row is counted
+
+    def _input_error(self, prep: PreparedRow, error: str) -> None:
+        """A row that never reached the model: its error row, counted against the input budget."""
+        self._emit(prep, self.settings.rows.error_rows(prep, error), is_error=True)
+        self.errors.input_error(prep.shard, error)  # may raise: the row is counted
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
-        error = next((r["error"] for r in rows if r["error"]), None)
-        self.errors.add(prep.shard, error if is_error else None)  # raises before a commit
         if is_error:
             self.error_shards.add(prep.shard)
         self.writer.add(prep.shard, rows, nbytes=prep.nbytes)
@@ -247,7 +267,6 @@ class GenerationLoop:
         c.rows_error += is_error
         c.prompt_tokens += rows[0]["prompt_tokens"]
         c.generated_tokens += sum(r["generated_tokens"] for r in rows)
-        self.bar.update()
 
     def _rows_of(self, shard: str) -> int:
         return next(w.total_rows - len(w.done_rows) for w in self.work if w.shard.id == shard)

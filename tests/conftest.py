@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -90,6 +92,9 @@ def write_spec(path: Path, model_dir: Path, **sections) -> Path:
     }
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value}
+    prompt = spec["prompt"]
+    if "chat_template" not in prompt and not prompt.get("messages_column"):
+        prompt["chat_template"] = False  # on by default for a model with one; the tests' references are raw
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -123,16 +128,25 @@ def committed_rows(out: Path) -> dict[str, list[int]]:
 S3_BUCKET = "batchrun-test"
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> str:
-    """A real S3 API over HTTP on 127.0.0.1 (moto's server), shared by the session; yields its URL."""
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """A real S3 API over HTTP on 127.0.0.1 (moto's server) while the block runs; yields its URL."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server, shared by the session; yields its URL."""
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ GOOD = {"id": "g", "text": "red green blue"}
 CASES = [
     # ---- JSONL rows (one job for them all)
     Case("malformed_jsonl_line", {"x.jsonl": jsonl(GOOD, b'{"text": "red', GOOD)},
-         rows=["ok", "<in>/x.jsonl line 2: invalid JSON (Unterminated string starting at at column 10)", "ok"]),
+         rows=["ok", "<in>/x.jsonl line 2: invalid JSON (Unterminated string starting at column 10)", "ok"]),
     Case("json_array_not_object", {"x.jsonl": jsonl([1, 2])},
          rows=["<in>/x.jsonl line 1: not a JSON object (got list)"]),
     Case("json_string_not_object", {"x.jsonl": jsonl("text")},
@@ -189,7 +189,7 @@ def _spec(folder: Path, model: Path, case: Case, inputs: Path) -> Path:
     sections = {
         "input": {"path": str(inputs)},
         "output": {"keep_columns": []},
-        "runtime": {"max_error_fraction": 1},
+        "runtime": {"max_error_fraction": 1, "max_input_error_fraction": 1},
     }
     for key, value in case.spec.items():
         sections[key] = {**sections.get(key, {}), **value}

@@ -195,6 +195,7 @@ class _Node:
         # this run's own figures: each worker's latest attempt, if it started now (else it had nothing to do)
         attempts = [a for s in summaries for a in s["attempts"][-1:] if a["started_at"] >= self.started_at]
         generated = sum(a["generated_tokens"] for a in attempts)
+        generating = max((a.get("generation_seconds", 0.0) for a in attempts), default=0.0)  # side by side
         busy = [s["gpu_busy_percent"] for s in summaries if s["gpu_busy_percent"] is not None]
         states = {state for state, _ in outcomes.values()}
         stopped = [s["stopped"] for s in summaries if s.get("stopped")]
@@ -210,7 +211,8 @@ class _Node:
             prompt_tokens=sum(a["prompt_tokens"] for a in attempts),
             generated_tokens=generated,
             wall_seconds=round(wall, 3),
-            generated_tokens_per_s=round(generated / max(wall, 1e-9), 1),
+            generated_tokens_per_s=round(generated / generating, 1) if generating else 0.0,
+            generation_seconds=round(generating, 3),
             gpu_busy_percent=round(sum(busy) / len(busy), 1) if busy else None,
             failed_shards=failed,
             failed_workers=dead,
@@ -227,7 +229,7 @@ class _Node:
             previous = self.store.read_json("report.json")
             if not attempts and previous and not (failed or dead):
                 return summary_from_report(previous)  # nothing to do: the report of earlier runs stays
-            summary = with_history(summary, attempt_of(summary, self.started_at), previous, None)
+            summary = with_history(summary, attempt_of(summary, self.started_at), previous)
             self.store.write_json("report.json", summary.as_dict())
         if failed or dead or stopped:
             raise JobFailed(summary)

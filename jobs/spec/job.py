@@ -6,6 +6,7 @@ field path and a hint, before any data is touched (`load_spec` raises `SpecError
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -68,7 +69,9 @@ class PromptSpec(Section):
     template: str | None = Field(None, description="a Python format string over row fields: '{title}'")
     messages_column: str | None = Field(None, description="a column of chat messages [{role, content}]")
     chat_template: bool | None = Field(
-        None, description="apply the tokenizer's chat template (default: on for messages, off otherwise)"
+        None,
+        description="wrap the column's or template's text as a user turn in the tokenizer's chat template "
+        "(default: on when the model has a chat template, as a chat API would; always on for messages)",
     )
     system: str | None = Field(None, description="system prompt (chat template only)")
     max_tokens: PositiveInt | None = Field(None, description="longest prompt in tokens (default: model)")
@@ -81,8 +84,8 @@ class PromptSpec(Section):
             raise ValueError(f"{_ONE_SOURCE} (got {', '.join(given)})")
         if self.messages_column and self.chat_template is False:
             raise ValueError("prompt.messages_column needs chat_template: true")
-        if self.system and not self.uses_chat_template:
-            raise ValueError("prompt.system needs the chat template (set chat_template: true)")
+        if self.system and self.chat_template is False:
+            raise ValueError("prompt.system needs the chat template (remove chat_template: false)")
         return self
 
     @property
@@ -90,9 +93,11 @@ class PromptSpec(Section):
         """The prompt sources set (column, template, messages_column)."""
         return [k for k in ("column", "template", "messages_column") if getattr(self, k)]
 
-    @property
-    def uses_chat_template(self) -> bool:
-        return bool(self.messages_column) if self.chat_template is None else self.chat_template
+    def uses_chat_template(self, model_has_one: bool) -> bool:
+        """Whether prompts go through the chat template, for a model whose tokenizer has one or not."""
+        if self.chat_template is not None:
+            return self.chat_template
+        return bool(self.messages_column) or model_has_one
 
 
 class ModelSpec(Section):
@@ -222,8 +227,14 @@ class RuntimeSpec(Section):
     max_error_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         0.1,
         description="the job stops (exit 1, nothing committed lost, not marked done) once more than this "
-        "fraction of its rows are error rows, over the first `error_window_rows` rows and over all rows "
-        "since, or when a job shorter than that window has only error rows; 1 never stops",
+        "fraction of the rows that reached the model are error rows (generation failed), over the first "
+        "`error_window_rows` rows and over all rows since; 1 never stops",
+    )
+    max_input_error_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.5,
+        description="the same for rows that could not become a prompt (empty or missing prompt, template "
+        "error, too long under on_too_long: skip), as a fraction of the rows read: dirty data runs to the "
+        "end with its bad rows as error rows, a job whose prompts all fail stops early; 1 never stops",
     )
     error_window_rows: PositiveInt = Field(100, description="rows judged together at the start")
 
@@ -314,18 +325,30 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None) 
 
 
 def _check_output_outside_input(spec: JobSpec, source: str) -> None:
-    """An output inside an input directory would be read back as input by the next run."""
+    """An output that an input path or glob covers would be read back as input by the next run."""
     out = spec.output.path.rstrip("/")
     for path in spec.input.path:
-        parts = path.rstrip("/").split("/")
-        root = "/".join(
-            p for p in parts[: next((i for i, p in enumerate(parts) if set(p) & set("*?[")), None)]
-        )
-        if out == root or out.startswith(root + "/"):
+        if _may_read_under(path.rstrip("/"), out):
             raise SpecError(
                 f"{source}: output.path {spec.output.path!r} is inside input.path {path!r}: the next run "
                 "would read the job's own output as input; write the output outside the input directory"
             )
+
+
+def _may_read_under(path: str, out: str) -> bool:
+    """Whether input `path` (a file, a directory: everything below it, or a glob) can match a file under
+    folder `out`: `data/in-*.parquet` or `data/*` never match `data/out/x`, `data/*/x` and `data/**` may."""
+    parts, out_parts = path.split("/"), out.split("/")
+    if not any(set(p) & set("*?[") for p in parts):
+        return out_parts[: len(parts)] == parts
+    for i, name in enumerate(out_parts):
+        if i == len(parts):
+            return False  # the glob matches shallower paths only (a folder it matches is not listed)
+        if parts[i] == "**":
+            return True
+        if not fnmatch.fnmatchcase(name, parts[i]):
+            return False
+    return len(parts) > len(out_parts)  # the glob goes deeper than `out`: files under it may match
 
 
 def load_spec(path: str | Path) -> JobSpec:

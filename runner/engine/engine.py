@@ -23,7 +23,7 @@ from runner.engine.sample.grammar import GrammarError
 from runner.engine.sample.grammar_worker import Grammars
 from runner.engine.text.eos import eos_token_ids
 from runner.engine.text.tokenizer import load_tokenizer
-from runner.engine.types import Completion, Request
+from runner.engine.types import Completion, InFlight, Request
 from runner.engine.worker.build import build_runner, follow
 from runner.engine.worker.model_runner import LaunchedStep
 
@@ -163,6 +163,15 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._in_flight)
+
+    def progress(self) -> InFlight:
+        """How far the requests in flight are: each sample's computed tokens (prompt chunks, then generated
+        ones) over its prompt + max_new_tokens, over its request's samples; and the tokens generated."""
+        seqs = (*self.scheduler.running, *self.scheduler.waiting)
+        return InFlight(
+            sum(s.num_computed / ((s.prompt_len + s.params.max_new_tokens) * s.params.n) for s in seqs),
+            sum(s.num_generated for s in seqs),
+        )
 
     def add(self, request: Request) -> None:
         """Queue a request; raises ValueError when it can never run (too long, stop strings, no tokenizer)."""

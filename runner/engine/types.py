@@ -102,6 +102,14 @@ class Completion:
         return len(self.token_ids)
 
 
+@dataclass(slots=True, frozen=True)
+class InFlight:
+    """How far the requests in flight are, for a progress display before they finish."""
+
+    requests: float  # the work done, in requests: each sample's computed tokens over prompt + max_new_tokens
+    generated_tokens: int  # tokens their samples generated so far
+
+
 _OPS = {Gt: ("gt", ">"), Ge: ("ge", ">="), Lt: ("lt", "<"), Le: ("le", "<=")}
 
 

@@ -63,6 +63,14 @@ _HINTS = {
 }
 
 
+# botocore's NoCredentialsError / PartialCredentialsError, google-auth's DefaultCredentialsError
+_NO_CREDENTIALS = (
+    "no credentials for this storage: set them in the environment (S3: AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; GCS: GOOGLE_APPLICATION_CREDENTIALS) or in the path's "
+    "storage_options, or use storage_options {anon: true} for a public bucket"
+)
+
+
 class StorageError(OSError):
     """A storage call failed for good (permanently, or transiently past every retry)."""
 
@@ -100,7 +108,11 @@ def retry(what: str, call: Callable[[], T], backoff: Backoff | None = None) -> T
     for attempt in range(1, backoff.attempts + 1):
         try:
             return call()
-        except OSError as e:
+        except Exception as e:
+            if not isinstance(e, OSError):
+                if missing_credentials(e):
+                    raise StorageError(f"{what} failed: {_describe(e)} — {_NO_CREDENTIALS}") from e
+                raise
             if isinstance(e, (StorageError, FileNotFoundError, FileExistsError)):
                 raise
             if not is_transient(e):
@@ -122,6 +134,12 @@ def retry(what: str, call: Callable[[], T], backoff: Backoff | None = None) -> T
             )
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def missing_credentials(error: BaseException) -> bool:
+    """Whether `error` says the storage found no credentials (raised by botocore or google-auth, not as an
+    OSError)."""
+    return any("Credentials" in cls.__name__ for cls in type(error).__mro__)
 
 
 def _describe(error: BaseException) -> str:

@@ -319,7 +319,9 @@ def _parse_line(shard: Shard, row: int, lineno: int, line: bytes, columns: list[
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        return SourceRow(row, None, f"{where}: invalid JSON ({e.msg} at column {e.colno})", lineno)
+        return SourceRow(
+            row, None, f"{where}: invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})", lineno
+        )
     if not isinstance(value, dict):
         return SourceRow(row, None, f"{where}: not a JSON object (got {type(value).__name__})", lineno)
     if columns is not None:

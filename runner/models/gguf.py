@@ -11,13 +11,29 @@ import hashlib
 import json
 import logging
 import re
+import struct
 from pathlib import Path
+from typing import BinaryIO
 
 from runner.engine.text.eos import turn_end_token
 from runner.models.cache import ModelError, cache_dir
 from runner.models.fetch import build_folder_once
 
 SOURCE_FILE = "batchrun_source.json"  # written into every converted folder: what it was made from
+# GGUF metadata value types with a fixed size (8 is a string, 9 an array)
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +123,39 @@ def _patch_tokenizer_config(folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     # a copy of the whole GGUF that the fast tokenizer never reads
     (folder / "tokenizer.model").unlink(missing_ok=True)
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """`<architecture>.context_length` from a GGUF file's header, read without loading the file (transformers'
+    and gguf's readers take seconds); None when the header has none."""
+    with open(path, "rb") as f:
+        magic, _version, _tensors, count = struct.unpack("<4sIQQ", f.read(24))
+        if magic != b"GGUF":
+            return None
+        arch = None
+        for _ in range(count):
+            key = _gguf_string(f)
+            value = _gguf_value(f, struct.unpack("<I", f.read(4))[0])
+            if key == "general.architecture":
+                arch = value
+            elif arch is not None and key == f"{arch}.context_length":
+                return int(value)
+    return None
+
+
+def _gguf_string(f: BinaryIO) -> str:
+    (n,) = struct.unpack("<Q", f.read(8))
+    return f.read(n).decode("utf-8", "replace")
+
+
+def _gguf_value(f: BinaryIO, kind: int):
+    if kind == 8:
+        return _gguf_string(f)
+    if kind == 9:
+        item, n = struct.unpack("<IQ", f.read(12))
+        return [_gguf_value(f, item) for _ in range(n)]
+    fmt = _SCALARS[kind]
+    return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
 
 def _check_gguf_magic(path: Path) -> None:

@@ -129,7 +129,7 @@ def load_tokenizer(local_path: str, revision: str | None = None):
     transformers where runner/engine/text/tokenizer.py reproduces it, else transformers' AutoTokenizer."""
     try:
         return engine_tokenizer.load_tokenizer(local_path, revision)
-    except OSError as e:  # a hub id that is not there, or no network: a message, not a traceback
+    except (OSError, ValueError) as e:  # a hub id that is not there, no network, broken files: a message
         raise ModelError(f"model.path: cannot load the tokenizer of {local_path!r}: {e}") from None
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from runner.telemetry.phases import summed
 from runner.telemetry.progress import Summary
 
-_SUMMED = ("rows_ok", "rows_error", "prompt_tokens", "generated_tokens", "wall_seconds")
+_SUMMED = ("rows_ok", "rows_error", "prompt_tokens", "generated_tokens", "wall_seconds", "generation_seconds")
 
 
 @dataclass(slots=True)
@@ -28,7 +28,8 @@ class Attempt:
     prompt_tokens: int
     generated_tokens: int
     wall_seconds: float
-    generated_tokens_per_s: float
+    generated_tokens_per_s: float  # generated_tokens / generation_seconds (Counters.tokens_per_s)
+    generation_seconds: float = 0.0  # since its first row was sent
     phases: dict[str, float] = field(default_factory=dict)  # start-up seconds by phase (none if killed)
 
 
@@ -43,6 +44,7 @@ def attempt_of(summary: Summary, started_at: float) -> Attempt:
         summary.generated_tokens,
         summary.wall_seconds,
         summary.generated_tokens_per_s,
+        summary.generation_seconds,
         summary.phases,
     )
 
@@ -61,6 +63,8 @@ def killed_attempt(
         return None
     c = heartbeat["counters"]
     wall = max(0.0, heartbeat["updated_at"] - heartbeat["started_at"])
+    since = c.get("generating_since") or 0.0  # heartbeats before it had none
+    generating = max(0.0, heartbeat["updated_at"] - since) if since else wall
     rows, errors = committed()
     errors -= sum(a["rows_error"] for a in known)
     rows -= sum(a["rows_ok"] + a["rows_error"] for a in known)
@@ -72,17 +76,27 @@ def killed_attempt(
         c["prompt_tokens"],
         c["generated_tokens"],
         round(wall, 3),
-        round(c["generated_tokens"] / wall, 1) if wall else 0.0,
+        round(c["generated_tokens"] / generating, 1) if generating else 0.0,
+        round(generating, 3),
     )
 
 
-def with_history(summary: Summary, this: Attempt, previous: dict | None, killed: Attempt | None) -> Summary:
+def with_killed(previous: dict | None, killed: Attempt, shards: int) -> dict:
+    """The report `previous` with the `killed` attempt added: written as soon as the next attempt starts,
+    whose heartbeat replaces the killed one's (a second kill would otherwise lose the first)."""
+    empty = Summary("killed", shards, 0, 0, 0, 0, 0, 0, 0.0, 0.0, None, {}, {})
+    base = summary_from_report(previous) if previous else empty
+    return with_history(replace(base, status="killed"), killed, previous).as_dict()
+
+
+def with_history(summary: Summary, this: Attempt, previous: dict | None) -> Summary:
     """`summary` (this attempt's) with rows, tokens and time added up over every attempt so far."""
-    attempts = [a for a in (previous or {}).get("attempts", [])]
-    attempts += [asdict(a) for a in (killed, this) if a is not None]
-    totals = {k: sum(a[k] for a in attempts) for k in _SUMMED}
+    attempts = [*(previous or {}).get("attempts", []), asdict(this)]
+    # reports from before generation_seconds: their wall time stands for it
+    totals = {k: sum(a.get(k, a["wall_seconds"]) for a in attempts) for k in _SUMMED}
     totals["wall_seconds"] = round(totals["wall_seconds"], 3)
-    rate = round(totals["generated_tokens"] / max(totals["wall_seconds"], 1e-9), 1)
+    totals["generation_seconds"] = round(totals["generation_seconds"], 3)
+    rate = round(totals["generated_tokens"] / max(totals["generation_seconds"], 1e-9), 1)
     phases = summed([a.get("phases", {}) for a in attempts])  # reports before phases have none
     return replace(summary, **totals, generated_tokens_per_s=rate, phases=phases, attempts=attempts)
 

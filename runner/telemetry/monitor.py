@@ -32,8 +32,30 @@ class Counters:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     inflight: int = 0  # requests in the engine
+    inflight_progress: float = 0.0  # of those, the work done, in rows (Backend.progress)
+    inflight_tokens: int = 0  # and the tokens they generated so far
     shards_owned: int = 0
     shards_done: int = 0
+    generating_since: float = 0.0  # time.time() when this attempt sent its first row (0: not yet)
+    generating_until: float = 0.0  # time.time() when its last finished row was committed (0: not yet)
+
+    def generation_seconds(self, now: float) -> float:
+        """Seconds this attempt has been generating: its start-up (model load, ...) is not counted."""
+        if not self.generating_since:
+            return 0.0
+        return max((self.generating_until or now) - self.generating_since, 0.0)
+
+    def tokens_per_s(self, now: float) -> float:
+        """batchrun's tok/s, the same in the bar, `status`, the summary and report.json: tokens generated
+        (by the rows finished, and so far by the rows in flight) over `generation_seconds`. Once the
+        attempt ends, the rows it left in flight are dropped: the figure is its finished rows'."""
+        seconds = self.generation_seconds(now)
+        return round((self.generated_tokens + self.inflight_tokens) / seconds, 1) if seconds else 0.0
+
+    def rows_per_s(self, now: float) -> float:
+        """Rows finished (with the work done on the rows in flight) per second of generation."""
+        seconds = self.generation_seconds(now)
+        return round((self.rows_done + self.inflight_progress) / seconds, 3) if seconds else 0.0
 
 
 @dataclass(slots=True)
@@ -48,8 +70,8 @@ class Heartbeat:
     updated_at: float
     counters: dict
     shards: list[str]  # the shards this task owns
-    tokens_per_s: float  # over the last interval
-    rows_per_s: float
+    tokens_per_s: float  # Counters.tokens_per_s: since the attempt began generating
+    rows_per_s: float  # Counters.rows_per_s
     gpu_busy_percent: float | None
     gpu_memory_gb: float | None
     engine: dict = field(default_factory=dict)
@@ -114,7 +136,7 @@ class Monitor:
         self._thread = threading.Thread(target=self._run, name="batchrun-monitor", daemon=True)
         previous = store.read_state(f"metrics/{self.name}.jsonl") or b""
         self._metrics = previous.decode().splitlines()  # earlier attempts' lines are kept
-        self._last = (time.monotonic(), 0, 0, {})  # (t, generated, rows, engine stats)
+        self._last = (time.monotonic(), 0, {})  # (t, generated, engine stats)
         self._window: list[float] = []
 
     def __enter__(self) -> Monitor:
@@ -126,6 +148,10 @@ class Monitor:
         self._stop.set()
         if self._thread.ident is not None:
             self._thread.join()
+
+    def starting(self) -> None:
+        """The first heartbeat, before the model loads (the block's start writes the next)."""
+        self._write("running")
 
     def gpu_busy_mean(self) -> float | None:
         return round(sum(self._busy) / len(self._busy), 1) if self._busy else None
@@ -153,12 +179,13 @@ class Monitor:
         now = time.monotonic()
         c = self.counters
         stats = self.engine_stats()
-        t0, gen0, rows0, stats0 = self._last
+        t0, gen0, stats0 = self._last
         dt = max(now - t0, 1e-9)
-        tok_s, rows_s = (c.generated_tokens - gen0) / dt, (c.rows_done - rows0) / dt
-        self._last = (now, c.generated_tokens, c.rows_done, stats)
+        tok_s = (c.generated_tokens - gen0) / dt
+        self._last = (now, c.generated_tokens, stats)
         busy = round(sum(self._window) / len(self._window), 1) if self._window else None
         self._window = []
+        wall = time.time()
         beat = Heartbeat(
             *self.task,
             socket.gethostname(),
@@ -166,11 +193,11 @@ class Monitor:
             state,
             self.interval_s,
             self.started,
-            time.time(),
+            wall,
             asdict(c),
             self.shards,
-            round(tok_s, 1),
-            round(rows_s, 2),
+            c.tokens_per_s(wall),
+            c.rows_per_s(wall),
             busy,
             None if self._memory is None else round(self._memory, 2),
             stats,
@@ -184,7 +211,7 @@ class Monitor:
                     "time": round(beat.updated_at, 2),
                     "task": self.task[0],
                     "state": state,
-                    "tokens_per_s": beat.tokens_per_s,
+                    "tokens_per_s": round(tok_s, 1),  # the same definition, over the last interval
                     "interval_s": round(dt, 3),  # what tokens_per_s is measured over
                     "heartbeat_s": self.interval_s,
                     "rows_done": c.rows_done,

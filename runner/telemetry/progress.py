@@ -28,6 +28,8 @@ class Summary:
     gpu_busy_percent: float | None
     failed_shards: dict[str, str]
     engine: dict
+    # seconds since the first row was sent (start-up excluded): generated_tokens_per_s is over these
+    generation_seconds: float = 0.0
     failed_workers: dict[str, str] = field(default_factory=dict)  # worker processes that died
     stopped: str | None = None  # why the job stopped early on its own (the error budget)
     error_files: dict[str, str] = field(default_factory=dict)  # shard -> where its error rows are
@@ -46,7 +48,8 @@ class Summary:
             f"{self.status}: {self.shards_done}/{self.shards} shards done, {self.rows_ok} rows ok, "
             f"{self.rows_error} error rows, {self.rows_remaining} rows remaining{over}",
             f"tokens{over}: {self.prompt_tokens} prompt, {self.generated_tokens} generated in "
-            f"{self.wall_seconds:.1f} s = {self.generated_tokens_per_s:.1f} generated tok/s; GPU busy {busy}",
+            f"{self.generation_seconds:.1f} s of generation ({self.wall_seconds:.1f} s in all) = "
+            f"{self.generated_tokens_per_s:.1f} generated tok/s; GPU busy {busy}",
         ]
         if len(self.attempts) > 1:
             a = self.attempts[-1]
@@ -65,12 +68,16 @@ class Summary:
         return out
 
 
+# tqdm's default with the rows done to a tenth: the rows in flight count by the work done on them
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} rows [{elapsed}<{remaining}{postfix}]"
+
+
 class ProgressBar:
-    """Rows done out of the rows this run has to do, with the generated tokens/s."""
+    """Rows done out of the rows this run has to do, with the work done on the rows in flight (a long
+    prompt's prefill moves the bar before its row finishes), and the tok/s of Counters.tokens_per_s."""
 
     def __init__(self, counters: Counters, enabled: bool):
         self.counters = counters
-        self.start = time.monotonic()
         self._bar = tqdm(
             total=counters.rows_total,
             unit="row",
@@ -78,17 +85,25 @@ class ProgressBar:
             dynamic_ncols=True,
             desc="batchrun",
             smoothing=0.05,
+            bar_format=_BAR,
         )
         self._last_postfix = 0.0
 
     def update(self) -> None:
-        """Catch up with the counters (one row finished, or more)."""
-        self._bar.update(self.counters.rows_done - self._bar.n)
+        """Catch up with the counters (rows finished, or work done on the rows in flight)."""
+        c = self.counters
+        self._bar.update(min(c.rows_done + c.inflight_progress, c.rows_total) - self._bar.n)
         now = time.monotonic()
         if now - self._last_postfix > 1.0:
             self._last_postfix = now
-            tok_s = self.counters.generated_tokens / max(now - self.start, 1e-9)
-            self._bar.set_postfix_str(f"{tok_s:.0f} tok/s, {self.counters.rows_error} errors", refresh=False)
+            self._postfix()
 
     def close(self) -> None:
+        self._postfix()
         self._bar.close()
+
+    def _postfix(self) -> None:
+        c = self.counters
+        self._bar.set_postfix_str(
+            f"{c.tokens_per_s(time.time()):.0f} tok/s, {c.rows_error} errors", refresh=False
+        )

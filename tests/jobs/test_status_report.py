@@ -66,6 +66,7 @@ def test_two_tasks_one_finished_one_stale_and_the_json_schema(tmp_path: Path, ti
         "pid",
         "heartbeat_age_s",
         "rows_done",
+        "rows_inflight",
         "rows_total",
         "rows_error",
         "tokens_per_s",
@@ -97,7 +98,10 @@ def test_status_of_a_killed_then_resumed_run_counts_errors_by_reason(tmp_path: P
     inp.mkdir()
     (inp / "x.jsonl").write_text('{"text": "red"}\nnope\n{"text": "blue"}\n{oops\n{"other": 1}\n')
     spec_path = write_spec(
-        tmp_path / "spec.yaml", tiny_model_dir, output={"flush_rows": 1}, runtime={"max_error_fraction": 1}
+        tmp_path / "spec.yaml",
+        tiny_model_dir,
+        output={"flush_rows": 1},
+        runtime={"max_error_fraction": 1, "max_input_error_fraction": 1},
     )
     code, _, _ = batchrun("submit", str(spec_path), "--no-progress", kill_at="part_committed:3")
     assert code == -9

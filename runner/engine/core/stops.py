@@ -53,7 +53,22 @@ class StopChecker:
         return num_tokens - seq.prompt_len >= seq.params.max_new_tokens or num_tokens >= self.max_model_len
 
     def text(self, seq: Sequence) -> str:
-        """The decoded generated text, cut before a matched stop string."""
+        """The decoded generated text, cut before a matched stop string; at a length limit, without the
+        bytes of a character the limit cut in two (decoded as U+FFFD)."""
         assert self.tokenizer is not None
+        if seq.finish_reason == "length":
+            return whole_characters(self.tokenizer, seq.generated)
         text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         return text if seq.stop_cut is None else text[: seq.stop_cut]
+
+
+def whole_characters(tokenizer, ids: list[int]) -> str:
+    """`ids` decoded, holding back the last tokens (up to 3) while the text ends in U+FFFD: a byte-level
+    tokenizer spreads a character over up to 4 tokens, and a length limit may fall inside one (as a
+    streaming detokenizer does, a U+FFFD the model meant to write at the very end is held back too)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    held = 0
+    while text.endswith("\ufffd") and held < min(3, len(ids)):
+        held += 1
+        text = tokenizer.decode(ids[:-held], skip_special_tokens=True)
+    return text if not text.endswith("\ufffd") else tokenizer.decode(ids, skip_special_tokens=True)

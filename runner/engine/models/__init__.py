@@ -1,43 +1,25 @@
 """The model families of the fast path, one file each on the shared layers, picked by `model_type`.
 
-A new family is a new file here (a class following `base.PagedModel`) and a line in `FAMILIES`.
-A model whose `model_type` is not listed, or whose config asks for something its family does not
-implement, raises `UnsupportedModel` with the reason; the caller falls back to transformers.
+A new family is a new file here (a class following `base.PagedModel`) and a line in `FAMILY_CLASSES`
+(runner/engine/families.py). A model whose `model_type` is not listed, or whose config asks for
+something its family does not implement, raises `UnsupportedModel` with the reason; the caller falls
+back to transformers.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
+from runner.engine.families import FAMILY_CLASSES
 from runner.engine.models.base import ModelShape, PagedModel
-from runner.engine.models.gemma2 import PagedGemma2
-from runner.engine.models.gemma3 import PagedGemma3, PagedGemma3Tower
-from runner.engine.models.granite import PagedGranite
-from runner.engine.models.llama import PagedLlama
-from runner.engine.models.moe.mixtral import PagedMixtral
-from runner.engine.models.moe.olmoe import PagedOlmoe
-from runner.engine.models.moe.qwen2_moe import PagedQwen2Moe
-from runner.engine.models.moe.qwen3_moe import PagedQwen3Moe
-from runner.engine.models.olmo2 import PagedOlmo2
-from runner.engine.models.phi3 import PagedPhi3
 from runner.engine.parallel.layers import SINGLE, TensorParallel
 from runner.engine.types import UnsupportedModel
 
 FAMILIES: dict[str, type[PagedModel]] = {
-    "llama": PagedLlama,  # also SmolLM
-    "mistral": PagedLlama,
-    "qwen2": PagedLlama,
-    "qwen3": PagedLlama,
-    "gemma2": PagedGemma2,
-    "gemma3_text": PagedGemma3,
-    "gemma3": PagedGemma3Tower,  # the text tower of an image-text checkpoint
-    "phi3": PagedPhi3,  # Phi-3, Phi-3.5, Phi-4-mini
-    "olmo2": PagedOlmo2,
-    "granite": PagedGranite,
-    "qwen2_moe": PagedQwen2Moe,  # routed experts + a shared expert
-    "qwen3_moe": PagedQwen3Moe,
-    "mixtral": PagedMixtral,
-    "olmoe": PagedOlmoe,
+    kind: getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    for kind, (module, name) in FAMILY_CLASSES.items()
 }
 
 

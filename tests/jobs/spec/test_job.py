@@ -70,7 +70,7 @@ def test_yaml_syntax_and_missing_file_errors_name_the_file(tmp_path: Path):
 @pytest.mark.parametrize(
     "patch, expected",
     [
-        ({"prompt": {"column": "t", "system": "s"}}, "prompt.system needs the chat template"),
+        ({"prompt": {"column": "t", "system": "s", "chat_template": False}}, "prompt.system needs the chat"),
         ({"output": {"path": "o", "compression": "gzip"}}, "output.compression applies to jsonl"),
         ({"runtime": {"task_index": 3, "num_tasks": 2}}, "runtime.task_index 3 must be < num_tasks 2"),
         ({"output": {"path": "o", "flush_rows": 0}}, "output.flush_rows: Input should be greater than 0"),
@@ -83,7 +83,7 @@ def test_cross_field_rules(patch, expected):
 
 def test_demo_spec_is_valid():
     spec = load_spec(Path(__file__).parents[3] / "specs" / "demo.yaml")
-    assert spec.prompt.uses_chat_template and spec.model.path == "builtin:smollm2-135m-instruct"
+    assert spec.prompt.uses_chat_template(True) and spec.model.path == "builtin:smollm2-135m-instruct"
 
 
 def test_regression_output_inside_input_is_read_back_as_input_on_the_next_run(tmp_path: Path):
