@@ -1,7 +1,7 @@
 """One task of a job: lease, fingerprint check, plan, drive the generation loop, summary.
 
-    lease the task → resolve the model, check the fingerprint → plan the shards → run the loop
-    (runner/loop.py) under a monitor and the stop signals → write the summary (report.json)
+    lease the task → resolve the model, check the fingerprint → plan the shards → run the pipeline
+    (runner/pipeline.py: the loop under a monitor and the stop signals) → write the summary (report.json)
 
 A stop signal ends admission; finished rows are committed within `runtime.grace_seconds` and the
 job exits with `JobInterrupted`; running the same command again finishes exactly what is missing.
@@ -9,7 +9,6 @@ job exits with `JobInterrupted`; running the same command again finishes exactly
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 
@@ -17,22 +16,22 @@ from jobs.history import TaskHistory, error_location, report_name
 from jobs.lease import TaskLease
 from jobs.plan import assign_shards, input_columns, plan_work, run_fingerprint
 from jobs.spec.job import JobSpec, PromptSpec, SamplingSpec, SpecError
-from runner.backends import load_backend
-from runner.cpu_threads import configure_cpu_threads, cuda_available
-from runner.errors.budget import ErrorBudgetExceeded
-from runner.io.memory import return_freed_buffers_to_os
 from runner.io.sources import list_shards
-from runner.loop import GenerationLoop, LoopSettings, OutputRows, RowBuilder
-from runner.models.cache import use_kernel_cache
-from runner.models.resolve import ResolvedModel, load_tokenizer, resolve_model
-from runner.openai.prompts import BatchRequestBuilder, ModelMismatch
-from runner.openai.response import BatchOutputRows
-from runner.prompts import PromptBuilder, PromptConfig, PromptSetupError
-from runner.signals import StopRequested
+from runner.models.resolve import ResolvedModel
+from runner.pipeline import (
+    LoopSettings,
+    OutputRows,
+    PipelineSettings,
+    PromptConfig,
+    PromptSetupError,
+    clear_stale_temps,
+    open_model,
+    run_pipeline,
+    start_process,
+)
 from runner.store import OutputStore
-from runner.store.uploads import sweep_stale_uploads
 from runner.telemetry.attempts import attempt_of, summary_from_report, with_history
-from runner.telemetry.monitor import Counters, Monitor, clear_heartbeat_temps
+from runner.telemetry.monitor import Counters
 from runner.telemetry.phases import Phases
 from runner.telemetry.progress import Summary
 
@@ -82,12 +81,7 @@ def run_job(
     if phases is None:
         phases = Phases()
         phases.done("launch")
-    log.debug("compiled kernels are kept in %s", use_kernel_cache())  # before any kernel compiles
-    importlib.import_module("torch")  # here, where its time shows as a phase of its own
-    phases.done("imports")
-    return_freed_buffers_to_os()
-    if spec.engine.device == "cpu" or not cuda_available():
-        configure_cpu_threads()
+    start_process(spec.engine.device, phases)
     store = OutputStore.for_output(spec.output)
     rt = spec.runtime
     # Ray runs a task again as soon as its node died, maybe on another node: wait out the dead lease
@@ -101,33 +95,49 @@ def check_run(
     """Resolve the model and record (or check) the run's fingerprint in the output; returns the model
     and its tokenizer (loaded once, at `model.revision`, for the fingerprint and the backend). Marks
     the phases resolve_model, tokenizer (transformers' import included) and fingerprint."""
-    model = resolve_model(spec.model.path, spec.model.revision, spec.model.storage_options)
-    phases.done("resolve_model")
-    tokenizer = load_tokenizer(model.local_path, spec.model.revision)
-    phases.done("tokenizer")
+    model, tokenizer = open_model(spec.model.path, spec.model.revision, spec.model.storage_options, phases)
     store.check_fingerprint(run_fingerprint(spec, model.fingerprint, tokenizer), force_new_run)
     phases.done("fingerprint")
     return model, tokenizer
 
 
-def job_prompt_builder(spec: JobSpec, tokenizer, max_model_len: int) -> PromptBuilder:
-    """The job's prompt builder: over OpenAI request lines for openai-batch input."""
-    if not spec.openai_batch:
-        return prompt_builder(spec.prompt, spec.sampling, tokenizer, max_model_len)
-    mismatch = spec.input.model_mismatch
-    return prompt_builder(spec.prompt, spec.sampling, tokenizer, max_model_len, (spec.model.path, mismatch))
+def pipeline_settings(spec: JobSpec, model: ResolvedModel, tokenizer) -> PipelineSettings:
+    """What the task's pipeline needs from the spec, as plain values; settings that cannot work with
+    this model are spec errors (raised when the pipeline starts)."""
+    out, rt = spec.output, spec.runtime
+    return PipelineSettings(
+        model=spec.model.path,
+        local_path=model.local_path,
+        revision=spec.model.revision,
+        backend=spec.engine.backend,
+        engine=spec.engine.config(),
+        prompt=prompt_config(spec.prompt, spec.sampling, tokenizer),
+        sampling=spec.sampling.params(),
+        output=OutputRows(
+            out.keep_columns, spec.input.id_column, spec.sampling.n, out.include_token_ids, out.parse_json
+        ),
+        openai_batch=spec.input.model_mismatch if spec.openai_batch else None,
+        loop=LoopSettings(
+            max_inflight=spec.engine.max_inflight or 4 * spec.engine.max_seqs,
+            grace_seconds=rt.grace_seconds,
+            flush_rows=out.flush_rows,
+            flush_seconds=out.flush_seconds,
+            max_held_bytes=int(rt.max_held_bytes),
+            storage_options=spec.input.storage_options,
+            columns=input_columns(spec),
+            max_error_fraction=rt.max_error_fraction,
+            max_input_error_fraction=rt.max_input_error_fraction,
+            error_window_rows=rt.error_window_rows,
+        ),
+        task_index=rt.task_index,
+        num_tasks=rt.num_tasks,
+        heartbeat_seconds=rt.heartbeat_seconds,
+    )
 
 
-def prompt_builder(
-    prompt: PromptSpec,
-    sampling: SamplingSpec,
-    tokenizer,
-    max_model_len: int,
-    requests: tuple[str, ModelMismatch] | None = None,
-) -> PromptBuilder:
-    """The prompt builder of these sections (`requests`: over OpenAI request lines, with the model.path
-    and the model mismatch policy); settings that cannot work with this model are spec errors."""
-    config = PromptConfig(
+def prompt_config(prompt: PromptSpec, sampling: SamplingSpec, tokenizer) -> PromptConfig:
+    """The prompt section as the prompt builder takes it, for this model's tokenizer."""
+    return PromptConfig(
         column=prompt.column,
         template=prompt.template,
         messages_column=prompt.messages_column,
@@ -136,40 +146,6 @@ def prompt_builder(
         max_tokens=prompt.max_tokens,
         on_too_long=prompt.on_too_long,
         overrides_column=sampling.overrides_column,
-    )
-    try:
-        if requests:
-            return BatchRequestBuilder(config, sampling.params(), tokenizer, max_model_len, *requests)
-        return PromptBuilder(config, sampling.params(), tokenizer, max_model_len)
-    except PromptSetupError as e:
-        raise SpecError(str(e)) from None
-
-
-def loop_settings(spec: JobSpec, tokenizer) -> LoopSettings:
-    """What the generation loop needs from the spec, as plain values."""
-    out, rt = spec.output, spec.runtime
-    return LoopSettings(
-        max_inflight=spec.engine.max_inflight or 4 * spec.engine.max_seqs,
-        grace_seconds=rt.grace_seconds,
-        flush_rows=out.flush_rows,
-        flush_seconds=out.flush_seconds,
-        max_held_bytes=int(rt.max_held_bytes),
-        storage_options=spec.input.storage_options,
-        columns=input_columns(spec),
-        max_error_fraction=rt.max_error_fraction,
-        max_input_error_fraction=rt.max_input_error_fraction,
-        error_window_rows=rt.error_window_rows,
-        rows=row_builder(spec, tokenizer),
-    )
-
-
-def row_builder(spec: JobSpec, tokenizer) -> RowBuilder:
-    """How the job's output rows are made: the spec's columns, or OpenAI output lines."""
-    if spec.openai_batch:
-        return BatchOutputRows(spec.model.path, lambda token_id: tokenizer.decode([token_id]))
-    out = spec.output
-    return OutputRows(
-        out.keep_columns, spec.input.id_column, spec.sampling.n, out.include_token_ids, out.parse_json
     )
 
 
@@ -184,10 +160,10 @@ def _run_leased(
         rt.task_index,
         rt.num_tasks,
     )
-    sweep_stale_uploads(store, [s.id for s in shards], rt.task_index, rt.num_tasks)
-    clear_heartbeat_temps(store, rt.task_index, rt.num_tasks)
-    # a report killed mid-write: a run with nothing to do writes none to replace its temp file
-    store.clear_state_temps(report_name(rt.task_index, rt.num_tasks))
+    # a report killed mid-write too: a run with nothing to do writes none to replace its temp file
+    clear_stale_temps(
+        store, [s.id for s in shards], rt.task_index, rt.num_tasks, report_name(rt.task_index, rt.num_tasks)
+    )
     work, done_shards, failed = plan_work(store, shards, spec.input.storage_options)
     history = TaskHistory(store, spec, shards)
     phases.done("plan")
@@ -204,66 +180,34 @@ def _run_leased(
             store, spec, "finished", counters, started, None, {}, {}, history=None, phases=phases.seconds
         )
 
-    monitor = Monitor(
-        store, rt.task_index, rt.num_tasks, [sh.id for sh in shards], counters, dict, rt.heartbeat_seconds
-    )
-    monitor.starting()  # before the model loads: `status` shows this attempt, and a kill now is recorded
     try:
-        backend = load_backend(
-            model.local_path, spec.engine.backend, spec.engine.config(), spec.model.revision, tokenizer
+        result = run_pipeline(
+            pipeline_settings(spec, model, tokenizer),
+            tokenizer,
+            store,
+            work,
+            failed,
+            counters,
+            [sh.id for sh in shards],
+            show_progress,
         )
-    except BaseException as e:
-        monitor.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
-        raise
-    monitor.engine_stats = backend.stats
-    loop = GenerationLoop(loop_settings(spec, backend.tokenizer), backend, work, failed, counters)
-    state, over_budget = "failed", None
-    try:
-        with StopRequested() as stop, monitor:
-            builder = job_prompt_builder(spec, backend.tokenizer, backend.max_model_len)
-            try:
-                loop.run(store, builder, stop, show_progress)
-            except ErrorBudgetExceeded as e:
-                over_budget = str(e)
-            if isinstance(builder, BatchRequestBuilder):
-                for line in builder.report():
-                    log.warning("%s", line)
-        engine_stats = backend.stats()
-        state = (
-            "interrupted" if stop.requested else "failed" if loop.failed or loop.engine_error else "finished"
-        )
-        state = "failed" if over_budget else state
-    except KeyboardInterrupt:  # a second Ctrl-C while finished rows were committed
-        state = "interrupted"
-        raise
-    finally:
-        monitor.finish(state)
-        _close_backend(backend, loop.engine_error)
-    phases.add_marks(backend.startup)
+    except PromptSetupError as e:
+        raise SpecError(str(e)) from None
+    phases.add_marks(result.startup)
     summary = _summarize(
-        store, spec, state, counters, started, monitor.gpu_busy_mean(), loop.failed, engine_stats,
-        history=history, started_at=monitor.started, stopped=over_budget, error_shards=loop.error_shards,
-        phases=phases.seconds,
+        store, spec, result.state, counters, started, result.gpu_busy, result.failed, result.engine_stats,
+        history=history, started_at=result.started_at, stopped=result.over_budget,
+        error_shards=result.error_shards, phases=phases.seconds,
     )  # fmt: skip
-    if loop.engine_error:
-        raise EngineFailed(summary, loop.engine_error)
-    if over_budget:
+    if result.engine_error:
+        raise EngineFailed(summary, result.engine_error)
+    if result.over_budget:
         raise JobFailed(summary)
-    if stop.requested:
-        raise JobInterrupted(stop.signum, summary)
-    if loop.failed:
+    if result.signum is not None:
+        raise JobInterrupted(result.signum, summary)
+    if result.failed:
         raise JobFailed(summary)
     return summary
-
-
-def _close_backend(backend, engine_error: str | None) -> None:
-    """Close the backend; after an engine failure a device error may raise again here: log it only."""
-    try:
-        backend.close()
-    except Exception as e:
-        if engine_error is None:
-            raise
-        log.warning("closing the engine after its failure: %s: %s", type(e).__name__, e)
 
 
 def _summarize(

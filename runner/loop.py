@@ -2,9 +2,10 @@
 
     feed prompts (thread) → admit them to the backend → step it → hand rows to the writer (thread)
 
-The job (jobs/run.py) plans the work and drives this loop. A stop signal ends admission; after SIGTERM
-or SIGUSR1 rows still generating get `DRAIN_SHARE` of the grace period to finish, after Ctrl-C they
-stop at the next step (runner/signals.py); the writer commits every finished row.
+The job (jobs/run.py) plans the work; runner/pipeline.py wires this loop and drives it. A stop signal
+ends admission; after SIGTERM or SIGUSR1 rows still generating get `DRAIN_SHARE` of the grace period to
+finish, after Ctrl-C they stop at the next step (runner/signals.py); the writer commits every finished
+row.
 """
 
 from __future__ import annotations
@@ -111,7 +112,6 @@ class LoopSettings:
     max_held_bytes: int  # input values held between reading and committing
     storage_options: dict  # for reading the input
     columns: list[str] | None  # input columns to read (None: all)
-    rows: RowBuilder
     max_error_fraction: float  # the error budget (runner/errors/budget.py): rows that reached the model
     max_input_error_fraction: float  # rows that could not become a prompt
     error_window_rows: int
@@ -131,12 +131,14 @@ class GenerationLoop:
     def __init__(
         self,
         settings: LoopSettings,
+        rows: RowBuilder,
         backend: Backend,
         work: list[ShardWork],
         failed: dict[str, str],
         counters: Counters,
     ):
         self.settings = settings
+        self.rows = rows
         self.backend = backend
         self.work = work
         self.inflight: dict[tuple[str, int], _PendingSamples] = {}
@@ -247,14 +249,14 @@ class GenerationLoop:
         prep = entry.prep
         samples = [entry.samples[i] for i in range(prep.sampling.n)]
         errors = [_grammar_unfinished(prep, s) for s in samples]
-        rows = self.settings.rows.sample_rows(prep, samples, errors)
+        rows = self.rows.sample_rows(prep, samples, errors)
         self._emit(prep, rows, is_error=any(errors))
         error = next((r["error"] for r in rows if r["error"]), None)
         self.errors.finished(prep.shard, error if any(errors) else None)  # may raise: the row is counted
 
     def _input_error(self, prep: PreparedRow, error: str) -> None:
         """A row that never reached the model: its error row, counted against the input budget."""
-        self._emit(prep, self.settings.rows.error_rows(prep, error), is_error=True)
+        self._emit(prep, self.rows.error_rows(prep, error), is_error=True)
         self.errors.input_error(prep.shard, error)  # may raise: the row is counted
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:
