@@ -2,7 +2,7 @@
 
     feed prompts (thread) → admit them to the backend → step it → hand rows to the writer (thread)
 
-The job (jobs/run.py) plans the work; runner/pipeline.py wires this loop and drives it. A stop signal
+The job (jobs/worker.py) plans the work; runner/pipeline.py wires this loop and drives it. A stop signal
 ends admission; after SIGTERM or SIGUSR1 rows still generating get `DRAIN_SHARE` of the grace period to
 finish, after Ctrl-C they stop at the next step (runner/signals.py); the writer commits every finished
 row.
@@ -103,7 +103,7 @@ class OutputRows:
 
 @dataclass(slots=True, frozen=True)
 class LoopSettings:
-    """The loop's knobs, as plain values (jobs/run.py takes them from the spec)."""
+    """The loop's knobs, as plain values (jobs/worker.py takes them from the spec)."""
 
     max_inflight: int  # requests kept in the backend at once
     grace_seconds: float  # after a stop signal: time to finish rows and commit them
@@ -145,7 +145,7 @@ class GenerationLoop:
         self.max_inflight = settings.max_inflight
         self.failed = failed  # shard -> why it could not be read; grows as the feeder finds more
         self.counters = counters
-        self.budget = HeldBytes(settings.max_held_bytes)
+        self.held_bytes = HeldBytes(settings.max_held_bytes)
         self.engine_error: str | None = None  # what the engine raised; the loop stopped there
         self.errors = ErrorBudget(
             settings.max_error_fraction,
@@ -162,10 +162,10 @@ class GenerationLoop:
     ) -> None:
         """Generate every row of the work (until `stop`); returns once finished rows are committed."""
         s = self.settings
-        self.writer = PartWriter(store, s.flush_rows, s.flush_seconds, self.budget)
+        self.writer = PartWriter(store, s.flush_rows, s.flush_seconds, self.held_bytes)
         for w in self.work:
             self.writer.open_shard(w.shard.id, len(w.done_rows))
-        feeder = Feeder(self.work, builder, s.storage_options, s.columns, self.budget)
+        feeder = Feeder(self.work, builder, s.storage_options, s.columns, self.held_bytes)
         self.bar = ProgressBar(self.counters, show_progress)
         self.counters.generating_since = time.time()
         try:
@@ -208,7 +208,7 @@ class GenerationLoop:
                 self.counters.inflight_tokens = inflight.generated_tokens
             elif feeder.exhausted:
                 return
-            elif self.budget.waiting:
+            elif self.held_bytes.waiting:
                 self.writer.flush()  # nothing generating and the reader waits for room: commit the rows
             self.writer.poll()
             self.bar.update()  # here, not per row: the work on the rows in flight is as of the last step

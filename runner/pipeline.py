@@ -3,7 +3,7 @@
     start_process → open_model → clear_stale_temps → run_pipeline: load the backend → prompt builder
     and output rows → the generation loop (runner/loop.py) under a monitor and the stop signals → close
 
-The job (jobs/run.py) fills `PipelineSettings` from its spec and plans the work; nothing here reads
+The job (jobs/worker.py) fills `PipelineSettings` from its spec and plans the work; nothing here reads
 the spec. A prompt setting that cannot work with this model raises `PromptSetupError` (the job's
 spec error).
 """
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class PipelineSettings:
-    """What a task's pipeline needs from the job's spec, as plain values (jobs/run.py fills it)."""
+    """What a task's pipeline needs from the job's spec, as plain values (jobs/worker.py fills it)."""
 
     model: (
         str  # the job's model.path: OpenAI output lines name it, requests' body.model is checked against it

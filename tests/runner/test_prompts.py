@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.run import prompt_config
 from jobs.spec.job import PromptSpec, SamplingSpec
+from jobs.worker import prompt_config
 from runner.prompts import PromptBuilder, PromptSetupError, row_seed
 from tests.helpers import tiny_tokenizer
 

@@ -1,4 +1,5 @@
-"""One task of a job: lease, fingerprint check, plan, drive the generation loop, summary.
+"""One worker: the task (or, on a node of several GPU groups, its share of the task, executors/node.py)
+that one engine generates in this process: lease, fingerprint check, plan, the pipeline, summary.
 
     lease the task → resolve the model, check the fingerprint → plan the shards → run the pipeline
     (runner/pipeline.py: the loop under a monitor and the stop signals) → write the summary (report.json)
@@ -68,10 +69,11 @@ class EngineFailed(JobFailed):
         self.reason = reason
 
 
-def run_job(
+def run_worker(
     spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True, phases: Phases | None = None
 ) -> Summary:
-    """Run (or resume) this task's share of the job; returns the summary, also in report.json.
+    """Run (or resume) task `runtime.task_index` of `runtime.num_tasks` with one engine in this process;
+    returns the summary, also in report.json.
 
     `phases`: the start-up phases this process went through already (default: from its start to now,
     as "launch"); the job adds its own. Raises JobInterrupted after a stop signal, JobFailed if a
@@ -89,7 +91,7 @@ def run_job(
         return _run_leased(spec, store, force_new_run, show_progress, phases)
 
 
-def check_run(
+def open_checked_model(
     spec: JobSpec, store: OutputStore, force_new_run: bool, phases: Phases
 ) -> tuple[ResolvedModel, object]:
     """Resolve the model and record (or check) the run's fingerprint in the output; returns the model
@@ -154,7 +156,7 @@ def _run_leased(
 ) -> Summary:
     started = time.monotonic()
     rt = spec.runtime
-    model, tokenizer = check_run(spec, store, force_new_run, phases)
+    model, tokenizer = open_checked_model(spec, store, force_new_run, phases)
     shards = assign_shards(
         list_shards(spec.input.path, spec.input.storage_options, spec.input.shard_format),
         rt.task_index,
