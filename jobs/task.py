@@ -64,10 +64,10 @@ def run_task(
     """Run (or resume) task `runtime.task_index` of `runtime.num_tasks` of SPEC in this process and its
     workers; print the summary and what to do next (naming SPEC_PATH); exit codes: module docstring.
     `started`: when the task began, on the time.monotonic() clock (default: when this process did)."""
-    from jobs.executors.node import run_node
+    from jobs.executors.node import run_workers
     from jobs.finished import finished_summary
     from jobs.lease import LeaseHeld
-    from jobs.run import EngineFailed, JobFailed, JobInterrupted
+    from jobs.worker import EngineFailed, JobFailed, JobInterrupted
     from runner.io.retry import StorageError
     from runner.io.sources import InputError
     from runner.models.resolve import ModelError
@@ -83,7 +83,7 @@ def run_task(
                 _echo([problems])
                 return TaskResult(EXIT_BAD_SPEC)
             phases = Phases(origin=started)
-            summary = run_node(spec, force_new_run=force_new_run, show_progress=progress, phases=phases)
+            summary = run_workers(spec, force_new_run=force_new_run, show_progress=progress, phases=phases)
     except KeyboardInterrupt:  # Ctrl-C while the model loads, or twice while finished rows are committed
         _echo(
             [f"Stopped at once; every row committed so far is kept. Run `batchrun submit {spec_path}` again."]

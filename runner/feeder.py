@@ -57,12 +57,12 @@ class Feeder:
         builder: PromptBuilder,
         storage_options: dict,
         columns: list[str] | None,
-        budget: HeldBytes,
+        held_bytes: HeldBytes,
         batch_rows: int = 256,
         max_batches: int = 8,
     ):
         self._work = work
-        self._budget = budget
+        self._held_bytes = held_bytes
         self._builder = builder
         self._storage_options = storage_options
         self._columns = columns
@@ -121,7 +121,7 @@ class Feeder:
     def _feed_shard(self, w: ShardWork) -> bool:
         try:
             for batch in self._batches(w):
-                if not self._budget.acquire(sum(p.nbytes for p in batch), self._stop):
+                if not self._held_bytes.acquire(sum(p.nbytes for p in batch), self._stop):
                     return False
                 if not self._put(batch):
                     return False

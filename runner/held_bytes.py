@@ -3,7 +3,7 @@
 Kept input columns travel with their row from the feeder's queue through the engine's in-flight
 rows to the writer's buffer and pending commits. Counts bound each of those stages; `HeldBytes`
 bounds all of them together by the size of the values: the feeder acquires a batch's bytes before
-queueing it (waiting while the budget is spent) and the writer releases a row's bytes once its
+queueing it (waiting while the bound is reached) and the writer releases a row's bytes once its
 part is committed.
 """
 

@@ -2,9 +2,10 @@
 
     feed prompts (thread) → admit them to the backend → step it → hand rows to the writer (thread)
 
-The job (jobs/run.py) plans the work and drives this loop. A stop signal ends admission; after SIGTERM
-or SIGUSR1 rows still generating get `DRAIN_SHARE` of the grace period to finish, after Ctrl-C they
-stop at the next step (runner/signals.py); the writer commits every finished row.
+The job (jobs/worker.py) plans the work; runner/pipeline.py wires this loop and drives it. A stop signal
+ends admission; after SIGTERM or SIGUSR1 rows still generating get `DRAIN_SHARE` of the grace period to
+finish, after Ctrl-C they stop at the next step (runner/signals.py); the writer commits every finished
+row.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class OutputRows:
 
 @dataclass(slots=True, frozen=True)
 class LoopSettings:
-    """The loop's knobs, as plain values (jobs/run.py takes them from the spec)."""
+    """The loop's knobs, as plain values (jobs/worker.py takes them from the spec)."""
 
     max_inflight: int  # requests kept in the backend at once
     grace_seconds: float  # after a stop signal: time to finish rows and commit them
@@ -111,7 +112,6 @@ class LoopSettings:
     max_held_bytes: int  # input values held between reading and committing
     storage_options: dict  # for reading the input
     columns: list[str] | None  # input columns to read (None: all)
-    rows: RowBuilder
     max_error_fraction: float  # the error budget (runner/errors/budget.py): rows that reached the model
     max_input_error_fraction: float  # rows that could not become a prompt
     error_window_rows: int
@@ -131,19 +131,21 @@ class GenerationLoop:
     def __init__(
         self,
         settings: LoopSettings,
+        rows: RowBuilder,
         backend: Backend,
         work: list[ShardWork],
         failed: dict[str, str],
         counters: Counters,
     ):
         self.settings = settings
+        self.rows = rows
         self.backend = backend
         self.work = work
         self.inflight: dict[tuple[str, int], _PendingSamples] = {}
         self.max_inflight = settings.max_inflight
         self.failed = failed  # shard -> why it could not be read; grows as the feeder finds more
         self.counters = counters
-        self.budget = HeldBytes(settings.max_held_bytes)
+        self.held_bytes = HeldBytes(settings.max_held_bytes)
         self.engine_error: str | None = None  # what the engine raised; the loop stopped there
         self.errors = ErrorBudget(
             settings.max_error_fraction,
@@ -160,10 +162,10 @@ class GenerationLoop:
     ) -> None:
         """Generate every row of the work (until `stop`); returns once finished rows are committed."""
         s = self.settings
-        self.writer = PartWriter(store, s.flush_rows, s.flush_seconds, self.budget)
+        self.writer = PartWriter(store, s.flush_rows, s.flush_seconds, self.held_bytes)
         for w in self.work:
             self.writer.open_shard(w.shard.id, len(w.done_rows))
-        feeder = Feeder(self.work, builder, s.storage_options, s.columns, self.budget)
+        feeder = Feeder(self.work, builder, s.storage_options, s.columns, self.held_bytes)
         self.bar = ProgressBar(self.counters, show_progress)
         self.counters.generating_since = time.time()
         try:
@@ -206,7 +208,7 @@ class GenerationLoop:
                 self.counters.inflight_tokens = inflight.generated_tokens
             elif feeder.exhausted:
                 return
-            elif self.budget.waiting:
+            elif self.held_bytes.waiting:
                 self.writer.flush()  # nothing generating and the reader waits for room: commit the rows
             self.writer.poll()
             self.bar.update()  # here, not per row: the work on the rows in flight is as of the last step
@@ -247,14 +249,14 @@ class GenerationLoop:
         prep = entry.prep
         samples = [entry.samples[i] for i in range(prep.sampling.n)]
         errors = [_grammar_unfinished(prep, s) for s in samples]
-        rows = self.settings.rows.sample_rows(prep, samples, errors)
+        rows = self.rows.sample_rows(prep, samples, errors)
         self._emit(prep, rows, is_error=any(errors))
         error = next((r["error"] for r in rows if r["error"]), None)
         self.errors.finished(prep.shard, error if any(errors) else None)  # may raise: the row is counted
 
     def _input_error(self, prep: PreparedRow, error: str) -> None:
         """A row that never reached the model: its error row, counted against the input budget."""
-        self._emit(prep, self.settings.rows.error_rows(prep, error), is_error=True)
+        self._emit(prep, self.rows.error_rows(prep, error), is_error=True)
         self.errors.input_error(prep.shard, error)  # may raise: the row is counted
 
     def _emit(self, prep: PreparedRow, rows: list[dict], is_error: bool) -> None:

@@ -57,7 +57,7 @@ class PreparedRow:
     prompt_ids: list[int] | None = None
     sampling: SamplingParams | None = None
     error: str | None = None
-    nbytes: int = 0  # size of `values`, held against the job's HeldBytes budget (runner/held_bytes.py)
+    nbytes: int = 0  # size of `values`, held against the job's HeldBytes bound (runner/held_bytes.py)
 
 
 class PromptBuilder:

@@ -2,7 +2,7 @@
 
 Rows are buffered per shard and committed as one part per shard every `flush_rows` rows or
 `flush_seconds`, whichever comes first, or once the buffer holds half of the job's `HeldBytes`
-budget of row values (the budget is given back as parts are committed). Once every row of a shard
+bound on row values (a part's bytes are released as it is committed). Once every row of a shard
 is committed, the shard is compacted into its final file. Commits and compactions run in
 submission order on one thread, so a compaction always sees every part committed before it.
 """
@@ -35,9 +35,9 @@ class _ShardLedger:
 class PartWriter:
     """Buffers output rows per shard and commits them through an `OutputStore` off the main thread."""
 
-    def __init__(self, store: OutputStore, flush_rows: int, flush_seconds: float, budget: HeldBytes):
+    def __init__(self, store: OutputStore, flush_rows: int, flush_seconds: float, held_bytes: HeldBytes):
         self.store = store
-        self.budget = budget
+        self.held_bytes = held_bytes
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self.shards_compacted = 0  # by this writer (read once it is closed)
@@ -54,7 +54,7 @@ class PartWriter:
         self._ledgers[shard] = _ShardLedger(already_done)
 
     def add(self, shard: str, rows: list[dict], nbytes: int = 0) -> None:
-        """The output rows of one input row (one per sample); `nbytes` of the budget are released
+        """The output rows of one input row (one per sample); `nbytes` of the held bytes are released
         once they are committed."""
         ledger = self._ledgers[shard]
         ledger.buffer.extend(rows)
@@ -76,7 +76,7 @@ class PartWriter:
         if self._error is not None:
             raise self._error
         aged = time.monotonic() - self._last_flush >= self.flush_seconds
-        big = self._buffered_bytes >= self.budget.limit // 2  # else a full budget would wait for age
+        big = self._buffered_bytes >= self.held_bytes.limit // 2  # else a full bound would wait for age
         if self._buffered_rows >= self.flush_rows or big or (aged and self._buffered_rows):
             self.flush()
 
@@ -120,7 +120,7 @@ class PartWriter:
 
     def _commit(self, shard: str, rows: list[dict], nbytes: int) -> None:
         name = self.store.commit_part(shard, rows)
-        self.budget.release(nbytes)
+        self.held_bytes.release(nbytes)
         log.debug("committed %s (%d rows)", name, len(rows))
 
     def _compact(self, shard: str, total: int) -> None:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402, F401
 
 import jobs.cli  # noqa: E402
-import jobs.run  # noqa: E402, F401
+import jobs.worker  # noqa: E402, F401
 import runner.engine  # noqa: E402, F401
 from runner import faults  # noqa: E402
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec  # noqa: E402

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.lease import LeaseHeld, TaskLease
-from jobs.run import JobFailed, run_job
 from jobs.spec.job import SpecError, load_spec
+from jobs.worker import JobFailed, run_worker
 from runner.io.retry import StorageError
 from runner.io.sources import InputError
 from runner.models.resolve import ModelError
@@ -217,7 +217,7 @@ def row_jobs(models, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
                 (inputs / case.id).mkdir(parents=True, exist_ok=True)
                 (inputs / case.id / name).write_bytes(data)
         spec = _spec(folder, models[kind], cases[0], inputs)
-        summary = run_job(load_spec(spec), show_progress=False)
+        summary = run_worker(load_spec(spec), show_progress=False)
         assert summary.status == "finished"
         results |= {c.id: (folder / "out", inputs) for c in cases}
     return results
@@ -235,13 +235,13 @@ def _run(case: Case, folder: Path, models: dict[str, Path]) -> str:
     try:
         spec = load_spec(spec_path)
         if case.setup == "fingerprint":
-            run_job(load_spec(_spec(folder, model, Case("first"), inputs)), show_progress=False)
+            run_worker(load_spec(_spec(folder, model, Case("first"), inputs)), show_progress=False)
         if case.setup == "lease":
             store = OutputStore.for_output(spec.output)
             with TaskLease(store.fs, store.root, 0, 1):
-                run_job(spec, show_progress=False)
+                run_worker(spec, show_progress=False)
         else:
-            run_job(spec, show_progress=False)
+            run_worker(spec, show_progress=False)
     except JobFailed as e:
         assert read_output(out).keys() == {"ok"}  # the good shard is committed
         [(shard, reason)] = e.summary.failed_shards.items()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from jobs.run import run_job
 from jobs.spec.job import load_spec
+from jobs.worker import run_worker
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_a_device_error_mid_run_commits_every_finished_row_and_a_rerun_finishes_
     )
     spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, **sections)
     ref = write_spec(tmp_path / "ref.yaml", tiny_model_dir, **{**sections, "output": {"path": "ref"}})
-    run_job(load_spec(ref), show_progress=False)
+    run_worker(load_spec(ref), show_progress=False)
     reference = read_output(tmp_path / "ref")
     by_row = {(stem, r["_row"]): r for stem, rows in reference.items() for r in rows}
 

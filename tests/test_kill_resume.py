@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.run import run_job
 from jobs.spec.job import load_spec
+from jobs.worker import run_worker
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def job(tmp_path: Path, tiny_model_dir: Path):
     reference_spec = write_spec(
         tmp_path / "ref.yaml", tiny_model_dir, output={"flush_rows": 3, "path": "ref"}
     )
-    run_job(load_spec(reference_spec), show_progress=False)
+    run_worker(load_spec(reference_spec), show_progress=False)
     return spec, read_output(tmp_path / "ref")
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.run import run_job
 from jobs.spec.job import load_spec
+from jobs.worker import run_worker
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 from tests.test_kill_resume import REPO, batchrun
 
@@ -70,7 +70,7 @@ def test_3_ray_tasks_over_6_shards_equal_a_local_run_and_cron_resubmits_are_refu
 ):
     write_inputs(tmp_path / "in", parquet=4, jsonl=2, rows=5)
     ref = write_spec(tmp_path / "ref.yaml", tiny_model_dir, output={"path": "ref"})
-    run_job(load_spec(ref), show_progress=False)
+    run_worker(load_spec(ref), show_progress=False)
     spec = write_spec(
         tmp_path / "spec.yaml",
         tiny_model_dir,
@@ -139,7 +139,7 @@ def test_a_sigkilled_ray_task_is_run_again_by_ray_and_the_output_is_exact(
 ):
     write_inputs(tmp_path / "in", parquet=2, jsonl=0, rows=12)
     ref = write_spec(tmp_path / "ref.yaml", tiny_model_dir, **SLOW_JOB | {"output": {"path": "ref"}})
-    run_job(load_spec(ref), show_progress=False)
+    run_worker(load_spec(ref), show_progress=False)
     runtime = {"executor": "ray", "ray": {"tasks": 1, "max_retries": 1}}
     spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, runtime=runtime, **SLOW_JOB)
     monkeypatch.setenv("RAY_ADDRESS", local_ray)  # no runtime.ray.address: the variable names the cluster

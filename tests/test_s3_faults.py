@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.run import run_job
 from jobs.spec.job import load_spec
+from jobs.worker import run_worker
 from tests.conftest import read_output, write_inputs, write_spec
 from tests.s3_proxy import FaultProxy, Rule
 from tests.test_kill_resume import batchrun
@@ -31,7 +31,7 @@ def proxied(s3, tmp_path: Path, tiny_model_dir: Path):
     write_inputs(tmp_path / "in", parquet=2, jsonl=0, rows=7)
     upload(fs, tmp_path / "in", f"{bucket}/in")
     ref = write_spec(tmp_path / "ref.yaml", tiny_model_dir, output={"flush_rows": 3, "path": "ref"})
-    run_job(load_spec(ref), show_progress=False)
+    run_worker(load_spec(ref), show_progress=False)
     with FaultProxy(options["client_kwargs"]["endpoint_url"]) as proxy:
         opts = {
             "client_kwargs": {"endpoint_url": proxy.url},

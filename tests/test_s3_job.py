@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.run import run_job
 from jobs.spec.job import load_spec
+from jobs.worker import run_worker
 from tests.conftest import prompt_text, read_output, write_inputs, write_spec
 from tests.test_kill_resume import REPO, batchrun
 
@@ -92,11 +92,11 @@ def test_s3_to_s3_job_equals_the_local_run(s3, tmp_path: Path, tiny_model_dir: P
     assert sorted(prompts) == ["a0.parquet", "a1.parquet", "a2.parquet", "b0.jsonl.gz", "b1.jsonl"]
     upload(fs, tmp_path / "in", f"{bucket}/in")
     upload(fs, tiny_model_dir, f"{bucket}/models/tiny")
-    run_job(load_spec(write_spec(tmp_path / "local.yaml", tiny_model_dir)), show_progress=False)
+    run_worker(load_spec(write_spec(tmp_path / "local.yaml", tiny_model_dir)), show_progress=False)
     spec = load_spec(s3_spec(tmp_path / "s3.yaml", tiny_model_dir, bucket, options))
 
     with caplog.at_level(logging.INFO, logger="runner.models.fetch"):
-        summary = run_job(spec, show_progress=False)
+        summary = run_worker(spec, show_progress=False)
     assert summary.status == "finished" and summary.rows_ok == sum(map(len, prompts.values()))
     assert read_s3_output(fs, f"{bucket}/out") == read_output(tmp_path / "out")
     assert sorted(p[len(bucket) + 5 :] for p in fs.find(f"{bucket}/out")) == [
@@ -114,7 +114,7 @@ def test_s3_to_s3_job_equals_the_local_run(s3, tmp_path: Path, tiny_model_dir: P
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        again = run_job(spec, show_progress=False)
+        again = run_worker(spec, show_progress=False)
     assert again.status == "finished" and again.rows_ok == summary.rows_ok  # the last report, kept
     assert "all 5 shards of this task are done already; nothing to do" in caplog.text
     assert "downloading" not in caplog.text  # the cached copy is reused
@@ -165,7 +165,9 @@ def _kill_and_resume(s3, tmp_path: Path, tiny_model_dir: Path, monkeypatch, kill
     upload(fs, tmp_path / "in", f"{bucket}/in")
     upload(fs, tiny_model_dir, f"{bucket}/models/tiny")
     output = {"flush_rows": 3, "keep_columns": "all"}
-    run_job(load_spec(write_spec(tmp_path / "ref.yaml", tiny_model_dir, output=output)), show_progress=False)
+    run_worker(
+        load_spec(write_spec(tmp_path / "ref.yaml", tiny_model_dir, output=output)), show_progress=False
+    )
     reference = read_output(tmp_path / "out")
     spec = s3_spec(tmp_path / "s3.yaml", tiny_model_dir, bucket, options, output=output)
     out = f"{bucket}/out"

@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 ALLOWED = {"runner/engine/types.py", "runner/engine/sample/sampler.py"}
 # names that are someone else's, not a copy of ours: transformers' GenerationConfig arguments (the
-# fallback backend), and the OpenAI Batch API's body fields with OpenAI's own bounds
-THEIRS = {("runner/hf_backend.py", "GenerationConfig"), ("runner/openai/batch.py", "_COMMON")}
+# fallback backend), and OpenAI's documented ranges of its Batch API's body fields (their names, their
+# limits: the accepted bounds are derived from them and SamplingParams, runner/openai/batch.py)
+THEIRS = {("runner/hf_backend.py", "GenerationConfig"), ("runner/openai/batch.py", "OPENAI_NUMBERS")}
 AT_MOST = 3  # a few names together are a use; more are a list
 
 
@@ -42,8 +43,12 @@ def lists_of_sampling_fields(source: str, path: str) -> list[str]:
     theirs = {
         id(inner)
         for node in ast.walk(tree)
-        if isinstance(node, ast.Assign)
-        and any(isinstance(t, ast.Name) and (path, t.id) in THEIRS for t in node.targets)
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        and node.value is not None
+        and any(
+            isinstance(t, ast.Name) and (path, t.id) in THEIRS
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        )
         for inner in ast.walk(node.value)
     }
     found = []

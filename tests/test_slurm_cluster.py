@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from jobs.executors.slurm import ACTIVE_STATES, TaskState, array_state
-from jobs.run import run_job
 from jobs.spec.job import load_spec
+from jobs.worker import run_worker
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 from tests.test_kill_resume import REPO, batchrun
 
@@ -77,7 +77,7 @@ def test_a_3_task_array_over_6_shards_equals_a_local_run_and_cron_resubmits_are_
 ):
     write_inputs(tmp_path / "in", parquet=4, jsonl=2, rows=5)
     ref = write_spec(tmp_path / "ref.yaml", tiny_model_dir, output={"path": "ref"})
-    run_job(load_spec(ref), show_progress=False)
+    run_worker(load_spec(ref), show_progress=False)
     spec = write_spec(
         tmp_path / "spec.yaml", tiny_model_dir, runtime={"executor": "slurm", "slurm": {"tasks": 3}}
     )

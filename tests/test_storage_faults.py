@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import runner.io.retry
-from jobs.run import run_job
 from jobs.spec.job import load_spec
+from jobs.worker import run_worker
 from runner.io.retry import Backoff, StorageError
 from tests import faults_fs
 from tests.conftest import read_output, write_inputs, write_spec
@@ -23,7 +23,7 @@ def faulty(tmp_path: Path, tiny_model_dir: Path, monkeypatch):
     monkeypatch.setattr(runner.io.retry, "BACKOFF", Backoff(attempts=4, first_s=0.001, max_s=0.01))
     write_inputs(tmp_path / "in", parquet=1, jsonl=1, rows=7)
     ref = write_spec(tmp_path / "ref.yaml", tiny_model_dir, output={"flush_rows": 3, "path": "ref"})
-    run_job(load_spec(ref), show_progress=False)
+    run_worker(load_spec(ref), show_progress=False)
     spec = write_spec(
         tmp_path / "spec.yaml", tiny_model_dir, output={"flush_rows": 3, "path": f"faulty://{tmp_path}/out"}
     )
@@ -49,7 +49,7 @@ def _reset() -> ConnectionResetError:
 def test_transient_faults_are_retried_logged_and_the_output_is_exact(faulty, tmp_path, caplog, fault):
     spec, reference = faulty
     faults_fs.FAULTS.append(fault)
-    summary = run_job(spec, show_progress=False)
+    summary = run_worker(spec, show_progress=False)
     assert fault.hits, "the fault never struck"
     assert summary.status == "finished"
     assert read_output(tmp_path / "out") == reference
@@ -65,7 +65,7 @@ def test_a_permanent_fault_stops_the_job_clearly_and_loses_nothing_committed(fau
     full = Fault("write", no_space, path="a0.parts/part-000001-", times=None)  # a0's second part
     faults_fs.FAULTS.append(full)
     with pytest.raises(StorageError) as e:
-        run_job(spec, show_progress=False)
+        run_worker(spec, show_progress=False)
     assert str(e.value) == (
         f"writing part faulty://{full.hits[0]} failed: OSError: No space left on device — the disk is "
         "full: free some space, or point output.path at a larger disk"
@@ -73,7 +73,7 @@ def test_a_permanent_fault_stops_the_job_clearly_and_loses_nothing_committed(fau
     committed = sorted(p.name for p in (tmp_path / "out/a0.parts").glob("part-*.parquet"))
     assert [p[:12] for p in committed] == ["part-000000-"]  # committed before the disk filled up: kept
     faults_fs.FAULTS.clear()
-    summary = run_job(spec, show_progress=False)
+    summary = run_worker(spec, show_progress=False)
     assert summary.status == "finished" and summary.rows_ok < 15
     assert read_output(tmp_path / "out") == reference
 
@@ -87,5 +87,5 @@ def test_a_transient_fault_that_never_ends_gives_up_with_a_clear_message(faulty,
         match=r"still failed after 4 attempts: ConnectionResetError: Connection "
         r"reset by peer — the storage seems unavailable; run the job again later",
     ):
-        run_job(spec, show_progress=False)
+        run_worker(spec, show_progress=False)
     assert len(set(down.hits)) == 1 and len(down.hits) >= 4

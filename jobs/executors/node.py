@@ -22,8 +22,8 @@ from multiprocessing.connection import wait
 
 from tqdm import tqdm
 
-from jobs.run import JobFailed, JobInterrupted, check_run, run_job
 from jobs.spec.job import JobSpec, SpecError
+from jobs.worker import JobFailed, JobInterrupted, open_checked_model, run_worker
 from runner.store import OutputStore
 from runner.telemetry.attempts import attempt_of, summary_from_report, with_history
 from runner.telemetry.phases import Phases
@@ -79,11 +79,12 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def run_node(
+def run_workers(
     spec: JobSpec, *, force_new_run: bool = False, show_progress: bool = True, phases: Phases | None = None
 ) -> Summary:
-    """Run this task on every worker of the node (see the module docstring); same errors as run_job.
-    `phases`: as run_job's (default: from this process's start)."""
+    """Run this task's workers, one per GPU group of the node (see the module docstring; one, in this
+    process, when there is one group); same errors as run_worker.
+    `phases`: as run_worker's (default: from this process's start)."""
     if phases is None:
         phases = Phases()
     phases.done("launch")
@@ -96,10 +97,10 @@ def run_node(
     if len(devices) == 1:
         if devices[0] is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]
-        return run_job(spec, force_new_run=force_new_run, show_progress=show_progress, phases=phases)
+        return run_worker(spec, force_new_run=force_new_run, show_progress=show_progress, phases=phases)
     store = OutputStore.for_output(spec.output)
     if force_new_run:  # once, before the workers: they must not discard each other's new progress
-        check_run(spec, store, force_new_run, phases)
+        open_checked_model(spec, store, force_new_run, phases)
     # else each worker checks the fingerprint itself, all at once (the first to find none records it)
     return _Node(spec, store, devices, phases).run(show_progress)
 
@@ -264,7 +265,7 @@ def _worker(spec_data: dict, device: str, results: mp.Queue) -> None:
         force=True,
     )
     try:
-        summary = run_job(spec, show_progress=False)
+        summary = run_worker(spec, show_progress=False)
         results.put((task, "finished", summary.as_dict()))
     except JobInterrupted as e:
         results.put((task, "interrupted", e.summary.as_dict()))

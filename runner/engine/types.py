@@ -127,6 +127,11 @@ def _bounds(cls: type) -> dict[str, list]:
     return out
 
 
+def field_bounds(cls: type, name: str) -> list:
+    """The annotated_types bounds (Gt, Ge, Lt, Le) of the field `name` of the dataclass `cls`."""
+    return _bounds(cls)[name]
+
+
 def check_bounds(value: object, prefix: str) -> None:
     """Raise ValueError naming `<prefix>.<field>` if a field of the dataclass `value` is out of its bounds."""
     for name, bounds in _bounds(type(value)).items():

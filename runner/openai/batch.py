@@ -10,9 +10,15 @@ the field, and becomes that request's error line. Body fields that change nothin
 
 from __future__ import annotations
 
+import functools
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from annotated_types import Ge, Gt, Le, Lt
+
+from runner.engine.types import SamplingParams, field_bounds
 
 Endpoint = Literal["chat", "completion"]
 URLS: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
@@ -23,7 +29,19 @@ UNSUPPORTED = frozenset(
         "prediction", "logit_bias", "best_of", "echo", "suffix", "web_search_options", "stream_options",
     }
 )  # fmt: skip
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs", "response_format"}
+# OpenAI's body fields that set a number of SamplingParams, with OpenAI's own documented range, stated once
+# (platform.openai.com/docs/api-reference/chat/create): body field -> (the SamplingParams field it sets,
+# OpenAI's lowest value, its highest; None where it documents none). A request's value is accepted in the
+# intersection of this range and the field's bounds on SamplingParams (`accepted_range`).
+OPENAI_NUMBERS: dict[str, tuple[str, float | None, float | None]] = {
+    "max_tokens": ("max_new_tokens", None, None),
+    "max_completion_tokens": ("max_new_tokens", None, None),  # chat: the newer name of max_tokens
+    "temperature": ("temperature", 0, 2),
+    "top_p": ("top_p", 0, 1),
+    "n": ("n", None, None),
+    "seed": ("seed", None, None),
+}
+_COMMON = {"model", "stop", "logprobs", "response_format"} | (set(OPENAI_NUMBERS) - {"max_completion_tokens"})
 _KNOWN = {
     "chat": _COMMON | {"messages", "max_completion_tokens", "top_logprobs"},
     "completion": _COMMON | {"prompt"},
@@ -31,6 +49,40 @@ _KNOWN = {
 _ZERO_OK = {"stream": False, "presence_penalty": 0, "frequency_penalty": 0}  # the default value is fine
 _ROLES = {"system", "user", "assistant", "developer"}
 PERMISSIVE_OBJECT = {"type": "object"}  # response_format json_object: any JSON object
+
+
+@dataclass(slots=True, frozen=True)
+class Range:
+    """The values accepted between `low` and `high` (None: unbounded), each end included unless open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __and__(self, other: Range) -> Range:
+        """The values both ranges accept."""
+        low, low_open = max(
+            ((r.low, r.low_open) for r in (self, other) if r.low is not None), default=(None, False)
+        )
+        high, high_open = min(
+            ((r.high, not r.high_open) for r in (self, other) if r.high is not None), default=(None, True)
+        )
+        return Range(low, high, low_open, not high_open)
+
+
+@functools.cache
+def accepted_range(body_field: str) -> Range:
+    """The values a request may give `body_field` (OPENAI_NUMBERS): OpenAI's documented range within
+    the bounds of the SamplingParams field it sets."""
+    name, low, high = OPENAI_NUMBERS[body_field]
+    ours = Range()
+    for b in field_bounds(SamplingParams, name):
+        if isinstance(b, Gt | Ge):
+            ours &= Range(low=b.gt if isinstance(b, Gt) else b.ge, low_open=isinstance(b, Gt))
+        elif isinstance(b, Lt | Le):
+            ours &= Range(high=b.lt if isinstance(b, Lt) else b.le, high_open=isinstance(b, Lt))
+    return ours & Range(low, high)
 
 
 class RequestError(ValueError):
@@ -148,19 +200,10 @@ def _overrides(body: dict[str, Any], endpoint: Endpoint) -> dict[str, Any]:
     out: dict[str, Any] = {}
     newer = endpoint == "chat" and body.get("max_completion_tokens") is not None
     key = "max_completion_tokens" if newer else "max_tokens"
-    limit = body.get(key)
-    if limit is not None:
-        out["max_new_tokens"] = _int(limit, f"body.{key}", 1)
-    if body.get("temperature") is not None:
-        out["temperature"] = _number(body["temperature"], "body.temperature", 0.0, 2.0)
-    if body.get("top_p") is not None:
-        out["top_p"] = _number(body["top_p"], "body.top_p", 0.0, 1.0)
-        if out["top_p"] == 0:
-            raise RequestError("body.top_p: must be > 0")
-    if body.get("n") is not None:
-        out["n"] = _int(body["n"], "body.n", 1)
-    if body.get("seed") is not None:
-        out["seed"] = _int(body["seed"], "body.seed", None)
+    skipped = {"max_tokens", "max_completion_tokens"} - {key}
+    for name, (field, _, _) in OPENAI_NUMBERS.items():
+        if name not in skipped and body.get(name) is not None:
+            out[field] = _checked_number(body[name], name)
     stop = body.get("stop")
     if stop is not None:
         stop = [stop] if isinstance(stop, str) else stop
@@ -187,7 +230,7 @@ def _wants_logprobs(body: dict[str, Any], endpoint: Endpoint) -> bool:
         return bool(value)
     if value is None:
         return False
-    if _int(value, "body.logprobs", 0) != 0:
+    if _int(value, "body.logprobs", Range(low=0)) != 0:
         raise RequestError("body.logprobs: only 0 is supported (the sampled token's logprob)")
     return True
 
@@ -210,7 +253,19 @@ def _response_format(value: Any) -> dict[str, Any] | None:
     raise RequestError(f"body.response_format.type: must be text, json_object or json_schema (got {kind!r})")
 
 
-def _int(value: Any, where: str, low: int | None) -> int:
+def _checked_number(value: Any, body_field: str) -> int | float:
+    """The value of a body field of OPENAI_NUMBERS, checked against its accepted range."""
+    hint = _HINTS[OPENAI_NUMBERS[body_field][0]]
+    check = _int if int in (hint, *typing.get_args(hint)) else _number
+    return check(value, f"body.{body_field}", accepted_range(body_field))
+
+
+_HINTS = typing.get_type_hints(SamplingParams)  # without the bounds: int, float, int | None
+
+
+def _int(value: Any, where: str, accepted: Range) -> int:
+    assert accepted.high is None, "an integer field with a highest value: say so in the message"
+    low = None if accepted.low is None else int(accepted.low) + accepted.low_open  # lowest integer
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
         raise RequestError(
             f"{where}: must be an integer" + (f" >= {low}" if low is not None else "") + f" (got {value!r})"
@@ -218,7 +273,13 @@ def _int(value: Any, where: str, low: int | None) -> int:
     return value
 
 
-def _number(value: Any, where: str, low: float, high: float) -> float:
+def _number(value: Any, where: str, accepted: Range) -> float:
+    low, high = accepted.low, accepted.high
+    assert low is not None and high is not None, "a number field without both ends: say so in the message"
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         raise RequestError(f"{where}: must be a number from {low:g} to {high:g} (got {value!r})")
+    if accepted.low_open and value == low:
+        raise RequestError(f"{where}: must be > {low:g}")
+    if accepted.high_open and value == high:
+        raise RequestError(f"{where}: must be < {high:g}")
     return float(value)

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from jobs.finished import finished_summary
-from jobs.run import run_job
 from jobs.spec.job import load_spec
+from jobs.worker import run_worker
 from tests.conftest import write_inputs, write_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def _batchrun_importtime(*args: str) -> tuple[subprocess.CompletedProcess, set[s
 def _finished_job(tmp_path: Path, model_dir: Path):
     write_inputs(tmp_path / "in", parquet=2, jsonl=0, rows=2)
     spec_path = write_spec(tmp_path / "spec.yaml", model_dir)
-    summary = run_job(load_spec(spec_path), show_progress=False)
+    summary = run_worker(load_spec(spec_path), show_progress=False)
     return spec_path, summary
 
 

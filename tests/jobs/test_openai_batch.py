@@ -14,8 +14,8 @@ import yaml
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from jobs.run import run_job
 from jobs.spec.job import SpecError, load_spec, parse_spec
+from jobs.worker import run_worker
 from tests.helpers import tiny_tokenizer
 
 CHAT = "/v1/chat/completions"
@@ -130,7 +130,7 @@ def test_every_output_body_validates_with_the_openai_types(tmp_path: Path, tiny_
         )
 
     caplog.set_level(logging.WARNING)
-    summary = run_job(load_spec(batch_spec(tmp_path, tiny_model_dir)), show_progress=False)
+    summary = run_worker(load_spec(batch_spec(tmp_path, tiny_model_dir)), show_progress=False)
     assert (summary.rows_ok, summary.rows_error) == (7, 6)
 
     out = read_lines(tmp_path / "out/requests.jsonl") + read_lines(tmp_path / "out/more.jsonl")
@@ -204,7 +204,7 @@ def test_response_format_constrains_the_content(tmp_path: Path, tiny_model_dir: 
     write_requests(
         tmp_path / "in/r.jsonl", [request(f"r{i}", max_tokens=40, response_format=fmt) for i in range(3)]
     )
-    run_job(
+    run_worker(
         load_spec(batch_spec(tmp_path, tiny_model_dir, sampling={"max_new_tokens": 40})), show_progress=False
     )
     for line in read_lines(tmp_path / "out/r.jsonl"):
@@ -234,7 +234,7 @@ def test_model_mismatch_error_policy_makes_error_lines(tmp_path: Path, tiny_mode
     data = yaml.safe_load(spec.read_text())
     data["input"]["model_mismatch"] = "error"
     spec.write_text(yaml.safe_dump(data))
-    run_job(load_spec(spec), show_progress=False)
+    run_worker(load_spec(spec), show_progress=False)
     a, b = read_lines(tmp_path / "out/r.jsonl")
     assert (
         a["error"]["message"]
@@ -289,14 +289,14 @@ def test_batch_files_on_s3_give_the_local_run_s_responses(s3, tmp_path: Path, ti
     lines = [*GOOD, *(b for b, _ in BAD)]
     write_requests(tmp_path / "in/requests.jsonl.gz", lines)
     fs.put_file(str(tmp_path / "in/requests.jsonl.gz"), f"{bucket}/in/requests.jsonl.gz")
-    local = run_job(load_spec(batch_spec(tmp_path, tiny_model_dir)), show_progress=False)
+    local = run_worker(load_spec(batch_spec(tmp_path, tiny_model_dir)), show_progress=False)
     spec = {
         "input": {"path": f"s3://{bucket}/in/*", "format": "openai-batch", "storage_options": options},
         "model": {"path": str(tiny_model_dir)},
         "sampling": {"max_new_tokens": 8},
         "output": {"path": f"s3://{bucket}/out", "format": "openai-batch", "storage_options": options},
     }
-    remote = run_job(parse_spec(spec), show_progress=False)
+    remote = run_worker(parse_spec(spec), show_progress=False)
     assert (remote.rows_ok, remote.rows_error) == (local.rows_ok, local.rows_error) == (len(GOOD), len(BAD))
 
     def rounded(x):
@@ -338,10 +338,10 @@ def test_two_tasks_share_the_files_and_answer_as_one(tmp_path: Path, tiny_model_
     one = tmp_path / "one"
     one.mkdir()
     (one / "in").symlink_to(tmp_path / "in")
-    run_job(load_spec(batch_spec(one, tiny_model_dir)), show_progress=False)
+    run_worker(load_spec(batch_spec(one, tiny_model_dir)), show_progress=False)
     for task in (0, 1):
         spec = batch_spec(tmp_path, tiny_model_dir, runtime={"task_index": task, "num_tasks": 2})
-        assert run_job(load_spec(spec), show_progress=False).rows_ok == 3
+        assert run_worker(load_spec(spec), show_progress=False).rows_ok == 3
 
     def texts(out: list[dict]) -> list[tuple]:  # (logprobs differ in the last bits with the batch)
         return [

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.run import run_job
 from jobs.spec.job import load_spec
 from jobs.status import error_reason, job_status
+from jobs.worker import run_worker
 from tests.conftest import committed_rows, write_inputs, write_spec
 from tests.test_kill_resume import REPO, batchrun
 
@@ -24,7 +24,7 @@ def test_two_tasks_one_finished_one_stale_and_the_json_schema(tmp_path: Path, ti
     spec_path = write_spec(
         tmp_path / "spec.yaml", tiny_model_dir, runtime={"num_tasks": 2, "heartbeat_seconds": 0.2}
     )
-    run_job(load_spec(spec_path), show_progress=False)  # task 0: a0, b0 (round-robin of a0 a1 b0 b1)
+    run_worker(load_spec(spec_path), show_progress=False)  # task 0: a0, b0 (round-robin of a0 a1 b0 b1)
     # task 1 is killed mid-run: its heartbeat stays "running"; its process is gone from this host
     code, _, err = batchrun(
         "run", str(spec_path), "--task-index", "1", "--no-progress", kill_at="part_committed:1"
@@ -107,7 +107,7 @@ def test_status_of_a_killed_then_resumed_run_counts_errors_by_reason(tmp_path: P
     assert code == -9
     mid = job_status(load_spec(spec_path))
     assert [(s.state, s.rows_committed) for s in mid.shards] == [("partial", 3)]
-    run_job(load_spec(spec_path), show_progress=False)
+    run_worker(load_spec(spec_path), show_progress=False)
     done = job_status(load_spec(spec_path))
     assert [(s.state, s.rows_committed, s.error_rows) for s in done.shards] == [("done", 5, 3)]
     assert done.errors_by_reason == {
@@ -127,7 +127,7 @@ def test_report_png_from_a_real_run(tmp_path: Path, tiny_model_dir: Path):
         sampling={"max_new_tokens": 16, "ignore_eos": True},
         engine={"max_seqs": 2},
     )
-    run_job(load_spec(spec_path), show_progress=False)
+    run_worker(load_spec(spec_path), show_progress=False)
     metrics = (tmp_path / "out/_batchrun/metrics/task-0-of-1.jsonl").read_text().splitlines()
     assert len(metrics) >= 3 and json.loads(metrics[-1])["state"] == "finished"
     code, out, err = batchrun("report", str(spec_path), "-o", str(tmp_path / "r.png"))
@@ -147,11 +147,11 @@ def test_regression_a_kill_during_the_last_heartbeat_leaves_its_temp_file(
     ever replaced (and cleaned) it."""
     write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=2)
     spec_path = write_spec(tmp_path / "spec.yaml", tiny_model_dir)
-    run_job(load_spec(spec_path), show_progress=False)
+    run_worker(load_spec(spec_path), show_progress=False)
     progress = tmp_path / "out/_batchrun/progress"
     (progress / ".tmp-task-0-of-1.json-0123abcd").write_text('{"half')
     (tmp_path / "out/_batchrun/metrics/.tmp-task-0-of-1.jsonl-0123abcd").write_text("{")
-    assert run_job(load_spec(spec_path), show_progress=False).rows_ok == 2  # nothing to do: last report
+    assert run_worker(load_spec(spec_path), show_progress=False).rows_ok == 2  # nothing to do: last report
     assert not list((tmp_path / "out").rglob(".tmp-*"))
 
 

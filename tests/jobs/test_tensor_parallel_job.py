@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.run import run_job
 from jobs.spec.job import load_spec
+from jobs.worker import run_worker
 from tests.conftest import committed_rows, read_output, write_inputs, write_spec
 from tests.test_kill_resume import _visible_count, batchrun
 
@@ -38,7 +38,7 @@ def job(tmp_path_factory, tiny_model_dir: Path) -> tuple[Path, dict[str, list[di
     root = tmp_path_factory.mktemp("tp-job")
     write_inputs(root / "in", parquet=2, jsonl=0, rows=12)
     reference = _spec(root / "ref.yaml", tiny_model_dir, 1, "ref")
-    run_job(load_spec(reference), show_progress=False)
+    run_worker(load_spec(reference), show_progress=False)
     output = read_output(root / "ref")
     assert {k: [r["_row"] for r in v] for k, v in output.items()} == {
         k: list(range(n)) for k, n in ROWS.items()

@@ -1,4 +1,4 @@
-"""The feeder: rows in shard order, committed rows skipped, and reading paused while the budget is full."""
+"""The feeder: rows in shard order, committed rows skipped, and reading paused at the held-bytes bound."""
 
 from __future__ import annotations
 
@@ -57,27 +57,27 @@ def _wait_for(check, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def test_the_feeder_waits_for_room_in_the_budget(tmp_path):
+def test_the_feeder_waits_for_room_under_the_held_bytes_bound(tmp_path):
     [a, _] = _shards(tmp_path, rows=8)
-    budget = HeldBytes(1)  # one batch fits only while nothing else is held
-    feeder = Feeder([ShardWork(a, set(), 8)], _builder(), {}, ["text"], budget, batch_rows=2)
+    held_bytes = HeldBytes(1)  # one batch fits only while nothing else is held
+    feeder = Feeder([ShardWork(a, set(), 8)], _builder(), {}, ["text"], held_bytes, batch_rows=2)
     first = feeder.get(timeout=5.0)
     assert isinstance(first, PreparedRow)
-    _wait_for(lambda: budget.waiting)  # the second batch waits: the first one's bytes are still held
-    held = budget.held
+    _wait_for(lambda: held_bytes.waiting)  # the second batch waits: the first one's bytes are still held
+    held = held_bytes.held
     assert feeder.get(timeout=0) is not None  # the rest of the first batch
     assert feeder.get(timeout=0.2) is None  # nothing more until bytes are given back
-    budget.release(held)
+    held_bytes.release(held)
     assert isinstance(feeder.get(timeout=5.0), PreparedRow)
     feeder.stop()
 
 
 def test_stop_ends_reading_even_while_waiting_for_room(tmp_path):
     [a, _] = _shards(tmp_path, rows=8)
-    budget = HeldBytes(1)
-    feeder = Feeder([ShardWork(a, set(), 8)], _builder(), {}, ["text"], budget, batch_rows=2)
+    held_bytes = HeldBytes(1)
+    feeder = Feeder([ShardWork(a, set(), 8)], _builder(), {}, ["text"], held_bytes, batch_rows=2)
     assert feeder.get(timeout=5.0) is not None
-    _wait_for(lambda: budget.waiting)  # stopped while it waits for room
+    _wait_for(lambda: held_bytes.waiting)  # stopped while it waits for room
     feeder.stop()
     feeder._thread.join(timeout=5.0)
     assert not feeder._thread.is_alive()

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.run import prompt_builder
-from jobs.spec.job import PromptSpec, SamplingSpec, SpecError
-from runner.prompts import PromptBuilder, row_seed
+from jobs.spec.job import PromptSpec, SamplingSpec
+from jobs.worker import prompt_config
+from runner.prompts import PromptBuilder, PromptSetupError, row_seed
 from tests.helpers import tiny_tokenizer
+
+
+def prompt_builder(
+    prompt: PromptSpec, sampling: SamplingSpec, tokenizer, max_model_len: int
+) -> PromptBuilder:
+    """The prompt builder of these spec sections, as the job's pipeline makes it (runner/pipeline.py)."""
+    return PromptBuilder(
+        prompt_config(prompt, sampling, tokenizer), sampling.params(), tokenizer, max_model_len
+    )
 
 
 def builder(prompt: dict, sampling: dict | None = None, max_model_len: int = 256) -> PromptBuilder:
@@ -60,7 +69,9 @@ def test_a_chat_template_that_raises_is_a_row_error():
 def test_tokenizer_without_a_chat_template_is_refused_up_front():
     tok = tiny_tokenizer()
     plain = tok.__class__(tokenizer_object=tok.backend_tokenizer)
-    with pytest.raises(SpecError, match="the model's tokenizer has none; set prompt.chat_template: false"):
+    with pytest.raises(
+        PromptSetupError, match="the model's tokenizer has none; set prompt.chat_template: false"
+    ):
         prompt_builder(PromptSpec(messages_column="m"), SamplingSpec(max_new_tokens=8), plain, 256)
 
 
@@ -91,7 +102,7 @@ def test_per_row_overrides_and_seeds():
 
 def test_no_room_for_a_prompt_is_a_clear_error():
     with pytest.raises(
-        SpecError,
+        PromptSetupError,
         match="sampling.max_new_tokens 300 leaves no room for a prompt in the model's context of 256 tokens",
     ):
         builder({"column": "t"}, {"max_new_tokens": 300})

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import transformers
 
-from jobs.run import run_job
 from jobs.spec.job import load_spec
+from jobs.worker import run_worker
 from tests.conftest import read_output, write_inputs, write_spec
 
 HUB_ID = "someorg/tiny-llama"
@@ -43,7 +43,7 @@ def test_revision_reaches_every_load_and_the_tokenizer_loads_once(tmp_path: Path
         model={"path": HUB_ID, "revision": "v1.2"},
         engine={"backend": backend},
     )
-    run_job(load_spec(spec), show_progress=False)
+    run_worker(load_spec(spec), show_progress=False)
     assert sum(len(rows) for rows in read_output(tmp_path / "out").values()) == 3
     classes = [name for name, _ in loads]
     assert classes.count("AutoTokenizer") == 1

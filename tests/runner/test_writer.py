@@ -32,7 +32,7 @@ def _wait_for(check, timeout: float = 10.0) -> None:
 
 
 def test_rows_are_committed_every_flush_rows(store):
-    writer = PartWriter(store, flush_rows=3, flush_seconds=3600, budget=HeldBytes(10**9))
+    writer = PartWriter(store, flush_rows=3, flush_seconds=3600, held_bytes=HeldBytes(10**9))
     writer.open_shard("a.jsonl", already_done=0)
     for row in range(2):
         writer.add("a.jsonl", _rows("a.jsonl", row))
@@ -45,32 +45,32 @@ def test_rows_are_committed_every_flush_rows(store):
 
 
 def test_held_bytes_are_given_back_once_their_rows_are_committed(store):
-    budget = HeldBytes(1000)
-    assert budget.acquire(300, stop=_never())
-    writer = PartWriter(store, flush_rows=100, flush_seconds=3600, budget=budget)
+    held_bytes = HeldBytes(1000)
+    assert held_bytes.acquire(300, stop=_never())
+    writer = PartWriter(store, flush_rows=100, flush_seconds=3600, held_bytes=held_bytes)
     writer.open_shard("a.jsonl", already_done=0)
     writer.add("a.jsonl", _rows("a.jsonl", 0), nbytes=100)
     writer.add("a.jsonl", _rows("a.jsonl", 1), nbytes=200)
     time.sleep(0.2)
-    assert budget.held == 300  # buffered rows keep their input bytes
+    assert held_bytes.held == 300  # buffered rows keep their input bytes
     writer.flush()
-    _wait_for(lambda: budget.held == 0)
+    _wait_for(lambda: held_bytes.held == 0)
     assert _committed(store, "a.jsonl") == {0, 1}
     writer.close()
 
 
-def test_half_the_budget_in_buffered_rows_commits_them(store):
-    budget = HeldBytes(1000)
-    writer = PartWriter(store, flush_rows=100, flush_seconds=3600, budget=budget)
+def test_half_the_held_bytes_bound_in_buffered_rows_commits_them(store):
+    held_bytes = HeldBytes(1000)
+    writer = PartWriter(store, flush_rows=100, flush_seconds=3600, held_bytes=held_bytes)
     writer.open_shard("a.jsonl", already_done=0)
-    budget.acquire(600, stop=_never())
+    held_bytes.acquire(600, stop=_never())
     writer.add("a.jsonl", _rows("a.jsonl", 0), nbytes=600)  # over limit // 2: no waiting for age or rows
-    _wait_for(lambda: budget.held == 0)
+    _wait_for(lambda: held_bytes.held == 0)
     writer.close()
 
 
 def test_a_shard_is_compacted_once_every_row_is_in(store):
-    writer = PartWriter(store, flush_rows=100, flush_seconds=3600, budget=HeldBytes(10**9))
+    writer = PartWriter(store, flush_rows=100, flush_seconds=3600, held_bytes=HeldBytes(10**9))
     writer.open_shard("a.jsonl", already_done=0)
     writer.add("a.jsonl", _rows("a.jsonl", 0))
     writer.shard_total("a.jsonl", 2)  # the reader reached the end: 2 rows, one still generating
@@ -85,7 +85,7 @@ def test_a_failed_commit_is_raised_on_the_main_thread(store, monkeypatch):
         raise OSError("disk on fire")
 
     monkeypatch.setattr(store, "commit_part", broken)
-    writer = PartWriter(store, flush_rows=1, flush_seconds=3600, budget=HeldBytes(10**9))
+    writer = PartWriter(store, flush_rows=1, flush_seconds=3600, held_bytes=HeldBytes(10**9))
     writer.open_shard("a.jsonl", already_done=0)
     writer.add("a.jsonl", _rows("a.jsonl", 0))
     with pytest.raises(OSError, match="disk on fire"):

@@ -71,16 +71,16 @@ class Scheduler:
         """Pick the next forward's sequences and token counts, allocating their pages; commits them."""
         batch = ScheduledBatch([], [], [], 0, [])
         prefilling = self._put_decodes(batch)
-        budget = self.max_batch_tokens - batch.num_decodes
+        tokens_left = self.max_batch_tokens - batch.num_decodes
         for seq in prefilling:
-            if budget == 0:
+            if tokens_left == 0:
                 break
             if seq.pages:  # not preempted by a decode after it
-                budget -= self._put(batch, seq, min(seq.num_tokens - seq.num_computed, budget))
-        while self.waiting and budget > 0 and self._admit(self.waiting[0]):
+                tokens_left -= self._put(batch, seq, min(seq.num_tokens - seq.num_computed, tokens_left))
+        while self.waiting and tokens_left > 0 and self._admit(self.waiting[0]):
             seq = self.waiting.popleft()
             self.running.append(seq)
-            budget -= self._put(batch, seq, min(seq.num_tokens - seq.num_computed, budget))
+            tokens_left -= self._put(batch, seq, min(seq.num_tokens - seq.num_computed, tokens_left))
         if batch.seqs:
             st = self.stats
             st.steps += 1

@@ -75,7 +75,7 @@ class PagedModel(Protocol):
 
     def activation_width(self) -> int:
         """Activation elements per token live in a forward (its widest layer, MoE experts included):
-        `kv.budget` sizes the step workspace from it."""
+        the step workspace is sized from it (worker/build.py, core/kv/sizing.py)."""
         ...
 
     def forward(

@@ -25,7 +25,7 @@ def sequence(order: int, prompt_len: int, max_new_tokens: int = 8, n: int = 1) -
     return seqs[0]
 
 
-def test_decodes_come_first_then_prefill_chunks_under_the_token_budget():
+def test_decodes_come_first_then_prefill_chunks_under_max_batch_tokens():
     sched = scheduler(num_pages=32, max_batch_tokens=16)
     a, b = sequence(0, 5), sequence(1, 30)
     sched.add(a)
@@ -99,7 +99,7 @@ def test_a_prefill_listed_before_the_decode_that_preempts_it_is_not_scheduled():
     late, early = sequence(5, 10), sequence(0, 2)
     sched.add(late)  # admitted first, so listed first, though the newer request
     sched.add(early)
-    assert sched.schedule().seqs == [late]  # 4 of its 10 prompt tokens: the budget is spent
+    assert sched.schedule().seqs == [late]  # 4 of its 10 prompt tokens: max_batch_tokens is spent
     sched.max_batch_tokens = 8
     batch = sched.schedule()
     assert batch.seqs == [late, early] and batch.num_new == [6, 2]

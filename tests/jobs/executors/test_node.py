@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from jobs.executors.node import visible_gpus, worker_devices
-from jobs.run import run_job
 from jobs.spec.job import SpecError, load_spec
+from jobs.worker import run_worker
 from tests.conftest import read_output, write_inputs, write_spec
 from tests.test_kill_resume import batchrun
 
@@ -83,7 +83,7 @@ def test_three_cpu_workers_write_the_single_worker_output_each_shard_once(
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cuda_visible)
     write_inputs(tmp_path / "in", parquet=3, jsonl=2, rows=4)
     reference = write_spec(tmp_path / "ref.yaml", tiny_model_dir, output={"path": "ref"})
-    run_job(load_spec(reference), show_progress=False)
+    run_worker(load_spec(reference), show_progress=False)
     spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, runtime={"gpus": 3, "heartbeat_seconds": 0.5})
     code, _, err = batchrun("submit", str(spec), "--no-progress")
     assert code == 0, err[-3000:]

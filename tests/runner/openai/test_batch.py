@@ -10,7 +10,7 @@ from openai.types import Completion as OpenAICompletion
 from openai.types.chat import ChatCompletion
 
 from runner.engine.types import Completion, SamplingParams
-from runner.openai.batch import RequestError, parse_request
+from runner.openai.batch import Range, RequestError, accepted_range, parse_request
 from runner.openai.prompts import BatchRequestBuilder
 from runner.openai.response import BatchOutputRows, output_line
 from runner.prompts import PreparedRow, PromptConfig
@@ -109,6 +109,40 @@ def test_requests_batchrun_cannot_run_name_the_field(bad: dict, message: str):
     with pytest.raises(RequestError) as e:
         parse_request({**line(), **bad})
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"max_tokens": 0}, "body.max_tokens: must be an integer >= 1 (got 0)"),
+        (
+            {"max_completion_tokens": 0, "max_tokens": 0},
+            "body.max_completion_tokens: must be an integer >= 1 (got 0)",
+        ),
+        ({"temperature": -0.5}, "body.temperature: must be a number from 0 to 2 (got -0.5)"),
+        ({"temperature": 2.5}, "body.temperature: must be a number from 0 to 2 (got 2.5)"),
+        ({"top_p": 1.5}, "body.top_p: must be a number from 0 to 1 (got 1.5)"),
+        ({"top_p": 0}, "body.top_p: must be > 0"),
+        ({"seed": 1.5}, "body.seed: must be an integer (got 1.5)"),
+        ({"n": True}, "body.n: must be an integer >= 1 (got True)"),
+    ],
+)
+def test_numbers_out_of_the_accepted_range_name_it(body: dict, message: str):
+    with pytest.raises(RequestError) as e:
+        parse_request(line(**body))
+    assert str(e.value) == message
+
+
+def test_the_accepted_ranges_are_openais_within_ours():
+    """OpenAI's documented range where it is narrower (temperature <= 2), ours where ours is (top_p > 0,
+    max_tokens >= 1); the edges both accept pass."""
+    assert accepted_range("temperature") == Range(low=0, high=2)
+    assert accepted_range("top_p") == Range(low=0, high=1, low_open=True)
+    assert accepted_range("max_tokens") == Range(low=0, low_open=True)
+    assert accepted_range("seed") == Range()
+    req = parse_request(line(max_tokens=1, temperature=2, top_p=1, n=1, seed=-3))
+    assert req.overrides == {"max_new_tokens": 1, "temperature": 2.0, "top_p": 1.0, "n": 1, "seed": -3}
+    assert Range(low=0) & Range(low=0, low_open=True, high=1) == Range(low=0, high=1, low_open=True)
 
 
 def builder(mismatch: str = "ignore", max_new_tokens: int = 8) -> BatchRequestBuilder:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jobs.run import run_job
 from jobs.spec.job import load_spec
+from jobs.worker import run_worker
 from runner.prompts import PromptTooLong
 from runner.store import FingerprintMismatch
 from tests.conftest import read_output, write_inputs, write_spec
@@ -34,7 +34,7 @@ def _reference_tokens(model_dir: Path, prompts: list[str], max_new_tokens: int) 
 def test_job_output_equals_transformers_generate(tmp_path: Path, tiny_model_dir: Path, backend: str):
     prompts = write_inputs(tmp_path / "in")
     spec = load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir, engine={"backend": backend}))
-    summary = run_job(spec, show_progress=False)
+    summary = run_worker(spec, show_progress=False)
 
     total = sum(len(p) for p in prompts.values())
     assert (summary.status, summary.rows_ok, summary.rows_error, summary.shards_done) == (
@@ -62,10 +62,10 @@ def test_job_output_equals_transformers_generate(tmp_path: Path, tiny_model_dir:
 def test_second_submit_of_a_finished_job_does_nothing(tmp_path: Path, tiny_model_dir: Path, caplog):
     write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=3)
     spec = load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir))
-    first = run_job(spec, show_progress=False)
+    first = run_worker(spec, show_progress=False)
     before = (tmp_path / "out/a0.parquet").stat().st_mtime_ns
     caplog.set_level("INFO")
-    again = run_job(spec, show_progress=False)
+    again = run_worker(spec, show_progress=False)
     assert again == first  # the report of the run that did the work, not zeros
     assert "all 1 shards of this task are done already; nothing to do" in caplog.text
     assert (tmp_path / "out/a0.parquet").stat().st_mtime_ns == before
@@ -88,7 +88,7 @@ def test_too_long_prompt_policies(tmp_path: Path, tiny_model_dir: Path):
             output={"path": "out-t"},
         )
     )
-    run_job(spec, show_progress=False)
+    run_worker(spec, show_progress=False)
     rows = read_output(tmp_path / "out-t")["x"]
     assert [r["prompt_tokens"] for r in rows][1] == 12 and rows[1]["finish_reason"] != "error"
 
@@ -106,27 +106,27 @@ def test_too_long_prompt_policies(tmp_path: Path, tiny_model_dir: Path):
         match=r"in/x.jsonl line 2: prompt has \d+ tokens, over the limit of 12\. "
         r"The job stops because prompt.on_too_long is 'error'",
     ):
-        run_job(spec, show_progress=False)
+        run_worker(spec, show_progress=False)
 
 
 def test_resume_with_a_changed_spec_is_refused_naming_the_field(tmp_path: Path, tiny_model_dir: Path):
     write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=3)
-    run_job(load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir)), show_progress=False)
+    run_worker(load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir)), show_progress=False)
     changed = load_spec(
         write_spec(tmp_path / "spec.yaml", tiny_model_dir, sampling={"max_new_tokens": 8, "temperature": 0.7})
     )
     with pytest.raises(FingerprintMismatch) as e:
-        run_job(changed, show_progress=False)
+        run_worker(changed, show_progress=False)
     assert "sampling.temperature: 0.0 -> 0.7" in str(e.value)
     assert "--force-new-run" in str(e.value)
-    summary = run_job(changed, force_new_run=True, show_progress=False)
+    summary = run_worker(changed, force_new_run=True, show_progress=False)
     assert summary.rows_ok == 3
 
 
 def test_torn_part_is_quarantined_and_its_rows_redone(tmp_path: Path, tiny_model_dir: Path):
     write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=4)
     spec = load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir))
-    reference = run_job(spec, show_progress=False)
+    reference = run_worker(spec, show_progress=False)
     expected = read_output(tmp_path / "out")["a0"]
     # Recreate the state of a killed run: one committed part, one torn part (a writer killed mid-write
     # on a filesystem without atomic rename would leave such a thing).
@@ -140,7 +140,7 @@ def test_torn_part_is_quarantined_and_its_rows_redone(tmp_path: Path, tiny_model
     good = parts / "part-000001-bbbb.parquet"
     pq.write_table(pa.Table.from_pylist(rows[2:]), good)
     good.write_bytes(good.read_bytes()[:-20])
-    summary = run_job(spec, show_progress=False)
+    summary = run_worker(spec, show_progress=False)
     assert summary.attempts[-1]["rows_ok"] == 2 and reference.rows_ok == 4
     assert read_output(tmp_path / "out")["a0"] == expected
     assert (tmp_path / "out/_batchrun/quarantine/a0/part-000001-bbbb.parquet").exists()
@@ -162,7 +162,7 @@ def test_template_and_messages_prompts(tmp_path: Path, tiny_model_dir: Path):
         )
     )
     assert input_columns(spec) == ["title", "body"]
-    run_job(spec, show_progress=False)
+    run_worker(spec, show_progress=False)
     out = read_output(tmp_path / "out")["t"]
     assert out[0]["finish_reason"] != "error" and out[0]["title"] == "red"
     assert (
@@ -175,7 +175,7 @@ def test_start_up_phases_in_the_summary_and_summed_over_attempts_in_the_report(
 ):
     write_inputs(tmp_path / "in", parquet=1, jsonl=0, rows=2)
     spec = load_spec(write_spec(tmp_path / "spec.yaml", tiny_model_dir))
-    first = run_job(spec, show_progress=False)
+    first = run_worker(spec, show_progress=False)
     # the CPU path: no CUDA context, no graphs
     assert list(first.phases) == [
         "launch", "imports", "resolve_model", "tokenizer", "fingerprint", "plan",
@@ -186,7 +186,7 @@ def test_start_up_phases_in_the_summary_and_summed_over_attempts_in_the_report(
 
     write_inputs(tmp_path / "in2", parquet=1, jsonl=0, rows=3)
     (tmp_path / "in2/a0.parquet").rename(tmp_path / "in/a9.parquet")  # new work: a second attempt
-    second = run_job(spec, show_progress=False)
+    second = run_worker(spec, show_progress=False)
     report = json.loads((tmp_path / "out/_batchrun/report.json").read_text())
     mine, theirs = report["attempts"][1]["phases"], report["attempts"][0]["phases"]
     assert theirs == first.phases and mine.keys() == first.phases.keys()
