@@ -53,9 +53,8 @@ log = logging.getLogger(__name__)
 class PipelineSettings:
     """What a task's pipeline needs from the job's spec, as plain values (jobs/worker.py fills it)."""
 
-    model: (
-        str  # the job's model.path: OpenAI output lines name it, requests' body.model is checked against it
-    )
+    # the job's model.path: OpenAI output lines name it, requests' body.model is checked against it
+    model: str
     local_path: str  # where the model's files are (runner/models/resolve.py)
     revision: str | None
     backend: BackendName
