@@ -99,9 +99,14 @@ def smollm2_tokenizer():
 
 
 VOCABULARIES = {"smollm2": smollm2_tokenizer, "llama3-128k": llama3_style_tokenizer}
+# the 128k vocabulary costs a minute on 2 CPU cores (its tokenizer and steps): `make test-all` and -m gpu
+SLOW_ON_CPU = {"llama3-128k"}
 
 
-@pytest.fixture(scope="module", params=sorted(VOCABULARIES))
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(v, marks=pytest.mark.slow) if v in SLOW_ON_CPU else v for v in sorted(VOCABULARIES)],
+)
 def tok(request):
     return VOCABULARIES[request.param]()
 
@@ -240,6 +245,7 @@ def test_sampled_grammar_rows_stay_inside_their_grammars(tok):
     _run_on_cpu(tok, rows=16 if len(tok) > 100_000 else 64, max_new_tokens=64)
 
 
+@pytest.mark.slow  # the masked-step paths beside the default one: 40 s on 2 cores
 @pytest.mark.parametrize("mode", ["sync", "piece graphs"])
 def test_sampled_grammar_rows_in_sync_mode_and_through_piece_graphs(mode):
     _run_on_cpu(smollm2_tokenizer(), rows=16, max_new_tokens=48, mode=mode)
@@ -304,7 +310,7 @@ print("row:", json.loads(done.text))
 """
 
 
-@pytest.mark.parametrize("how", ["script", "stdin"])
+@pytest.mark.parametrize("how", ["script", pytest.param("stdin", marks=pytest.mark.slow)])
 def test_an_engine_with_a_grammar_runs_without_a_main_guard(how, tmp_path):
     """The grammar worker starts from a fork server: its child must not run the user's `__main__` again."""
     import subprocess
